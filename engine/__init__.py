@@ -1,0 +1,1 @@
+"""optiserve.engine: the model, KV cache, scheduler, sampling and speculative decoding."""

@@ -1,0 +1,147 @@
+"""Decode benchmark: our engine against HF transformers `generate`, same prompts, dtype and batch, one process.
+
+Both sides are timed per decode step (the prefill step is excluded): ours by timing each `LLMEngine.step`
+after the first (which prefills), HF by a stopping criterion that stamps the clock after every generated token.
+Figures use the median step time, so a neighbour briefly stealing a core does not skew them.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from itertools import islice, pairwise
+from pathlib import Path
+
+import torch
+
+from .config import EngineConfig, SamplingParams
+from .llm_engine import LLMEngine, run_to_completion
+
+INSTRUCTIONS_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval" / "instructions.jsonl"
+FALLBACK_INSTRUCTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis in two sentences.",
+    "List three prime numbers and say why they are prime.",
+    "How do I reverse a list in Python?",
+    "Give me a tip for staying focused while studying.",
+    "What is the difference between weather and climate?",
+    "Translate 'good morning' into Spanish and French.",
+]
+WARMUP_TOKENS = 8
+
+
+def load_instructions(n: int) -> list[str]:
+    """The first `n` alpaca_eval instructions if the shared data is present, else the built-in list (cycled)."""
+    pool = FALLBACK_INSTRUCTIONS
+    if INSTRUCTIONS_FILE.is_file():
+        with INSTRUCTIONS_FILE.open() as f:
+            pool = [json.loads(line)["instruction"] for line in islice(f, max(n, 1))] or pool
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def chat_prompt_ids(tokenizer, instructions: list[str]) -> list[list[int]]:
+    """Token ids of each instruction as a single-turn chat with the generation prompt appended."""
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": s}], tokenize=False, add_generation_prompt=True)
+        for s in instructions
+    ]
+    return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+
+
+def step_times(stamps: list[float]) -> list[float]:
+    """Durations between consecutive clock stamps."""
+    return [b - a for a, b in pairwise(stamps)]
+
+
+def time_ours(engine: LLMEngine, prompts: list[list[int]], tokens: int) -> list[float]:
+    """Durations of the decode-only engine steps (every step after the prefilling first one)."""
+    stamps: list[float] = []
+    step = engine.step
+
+    def timed_step() -> None:
+        if not stamps:
+            step()  # prefill + first decode: not counted
+            stamps.append(time.perf_counter())
+            return
+        step()
+        stamps.append(time.perf_counter())
+
+    engine.step = timed_step  # type: ignore[method-assign]
+    try:
+        run_to_completion(engine, prompts, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
+    finally:
+        del engine.step
+    return step_times(stamps)
+
+
+def time_hf(model, pad_id: int, prompts: list[list[int]], tokens: int) -> list[float]:
+    """Durations of HF `generate`'s decode steps (between consecutive generated tokens), left-padded batch."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    stamps: list[float] = []
+
+    class Stamp(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+            stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens,
+            pad_token_id=pad_id, stopping_criteria=StoppingCriteriaList([Stamp()]),
+        )  # fmt: skip
+    return step_times(stamps)
+
+
+def weight_bytes(engine: LLMEngine) -> int:
+    """Bytes of weights a decode step reads: every parameter (lm_head included) but the embedding table."""
+    return sum(p.nbytes for name, p in engine.runner.model.named_parameters() if not name.startswith("embed."))
+
+
+def summarize(times: list[float], batch: int, nbytes: int) -> dict:
+    """tok/s across the batch, ms per step and weight GB/s, all from the median decode step."""
+    step = statistics.median(times)
+    return {"tok_s": batch / step, "ms_per_step": 1e3 * step, "gb_s": nbytes / step / 1e9, "steps": len(times)}
+
+
+def bench_decode(
+    model: str = "default",
+    batch: int = 1,
+    tokens: int = 128,
+    dtype: str = "float32",
+    json_path: str | None = None,
+    compile: bool = False,
+) -> dict:
+    """Greedy decode throughput of our engine and of HF `generate` on the same chat prompts; print and return it."""
+    from transformers import AutoModelForCausalLM
+
+    if tokens < 3:
+        raise ValueError("tokens must be >= 3 (decode steps are timed after the first)")
+    engine = LLMEngine(EngineConfig(model=model, dtype=dtype, max_batch=batch, compile=compile))
+    prompts = chat_prompt_ids(engine.tokenizer, load_instructions(batch))
+    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=getattr(torch, dtype)).eval()
+    tok = engine.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    time_ours(engine, prompts, WARMUP_TOKENS)
+    ours = summarize(time_ours(engine, prompts, tokens), batch, weight_bytes(engine))
+    time_hf(hf, pad_id, prompts, WARMUP_TOKENS)
+    ref = summarize(time_hf(hf, pad_id, prompts, tokens), batch, weight_bytes(engine))
+    result = {
+        "model": engine.served_name, "dtype": dtype, "batch": batch, "tokens": tokens, "compile": compile,
+        "threads": torch.get_num_threads(), "prompt_lens": [len(p) for p in prompts],
+        "weight_bytes": weight_bytes(engine), "ours": ours, "hf": ref, "speedup": ours["tok_s"] / ref["tok_s"],
+    }  # fmt: skip
+    print(
+        f"{result['model']} {dtype} batch={batch} tokens={tokens}: "
+        f"ours {ours['tok_s']:.1f} tok/s ({ours['ms_per_step']:.1f} ms/step, {ours['gb_s']:.1f} GB/s) | "
+        f"HF {ref['tok_s']:.1f} tok/s ({ref['ms_per_step']:.1f} ms/step, {ref['gb_s']:.1f} GB/s) | "
+        f"{result['speedup']:.2f}x"
+    )
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -1,0 +1,48 @@
+"""Incremental detokenization and stop conditions for one sequence."""
+
+from __future__ import annotations
+
+from .sequence import Sequence
+
+REPLACEMENT_CHAR = "\ufffd"  # what a token that ends mid-UTF-8 character decodes to
+
+
+def finish_reason_for_token(seq: Sequence, token: int, eos_ids: set[int], max_len: int) -> str | None:
+    """`stop` on EOS / stop_token_ids, `length` on max_tokens or a full context, else None."""
+    p = seq.params
+    if (token in eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        return "stop"
+    if seq.num_generated >= seq.max_tokens or len(seq.token_ids) >= max_len:
+        return "length"
+    return None
+
+
+def update_text(seq: Sequence, tokenizer, token_finish: str | None) -> None:
+    """Re-decode the generated tokens, apply stop strings, and set `seq.finish_reason` when done."""
+    ids = seq.generated_ids
+    if token_finish == "stop":
+        ids = ids[:-1]  # the EOS / stop token itself is not part of the text
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    stops = seq.params.stop
+    if stops:
+        # Only the new tail can contain a new match; start a little before the text we had.
+        start = max(0, len(seq.text) - max(len(s) for s in stops))
+        hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+        if hits:
+            text, token_finish = text[: min(hits)], "stop"
+    seq.text = text
+    seq.finish_reason = token_finish
+
+
+def text_delta(seq: Sequence) -> str:
+    """The text not yet sent; while running, hold back an incomplete character and a possible stop prefix."""
+    end = len(seq.text)
+    if seq.finish_reason is None:
+        if seq.text.endswith(REPLACEMENT_CHAR):
+            end -= 1
+        if seq.params.stop:
+            end -= max(len(s) for s in seq.params.stop) - 1
+    end = max(end, seq.sent_text_len)
+    delta = seq.text[seq.sent_text_len : end]
+    seq.sent_text_len = end
+    return delta

@@ -1,0 +1,211 @@
+"""The engine: one thread owns the model and runs scheduler steps; callers submit requests and get outputs."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import EngineConfig, ModelConfig, SamplingParams
+from .detokenize import finish_reason_for_token, text_delta, update_text
+from .runner import ModelRunner
+from .sampler import make_generator, sample, token_logprobs
+from .scheduler import Scheduler
+from .sequence import Request, RequestOutput, SeqOutput, Sequence
+from .weights import default_served_name, load_model, resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the engine cannot run (e.g. longer than the context); the server answers 400."""
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+
+
+class LLMEngine:
+    """Loads a model and serves generation requests with continuous batching.
+
+    `add_request` and `abort` are thread-safe. Either call `start()` to run steps on a background thread,
+    or drive `step()` yourself (benchmarks and tests do).
+    """
+
+    def __init__(self, cfg: EngineConfig):
+        from transformers import AutoTokenizer
+
+        self.cfg = cfg
+        self.model_dir = resolve_model_dir(cfg.model)
+        self.served_name = default_served_name(cfg.model, self.model_dir)
+        self.model_config = ModelConfig.from_dir(self.model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.max_model_len = min(cfg.max_model_len, self.model_config.max_position_embeddings)
+        dtype = getattr(torch, cfg.dtype)
+        torch.manual_seed(cfg.seed)
+        model = load_model(self.model_dir, self.max_model_len, dtype, cfg.device)
+        self.runner = ModelRunner(model, cfg.max_batch, self.max_model_len, dtype)
+        self.scheduler = Scheduler(cfg.max_batch, self.runner.cache)
+        self.eos_ids = set(self.model_config.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- public API -------------------------------------------------------------------------------
+    def check_request(self, prompt_len: int, max_tokens: int | None) -> int:
+        """Validate lengths; return the effective max_tokens (default: the rest of the context)."""
+        if prompt_len == 0:
+            raise RequestError("the prompt is empty")
+        room = self.max_model_len - prompt_len
+        if room < 0 or (max_tokens is None and room == 0):
+            raise RequestError(
+                f"the prompt has {prompt_len} tokens, more than the model's context of {self.max_model_len}"
+            )
+        if max_tokens is not None and max_tokens > room:
+            raise RequestError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context of "
+                f"{self.max_model_len} tokens"
+            )
+        return room if max_tokens is None else max_tokens
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request (thread-safe). Its `emit` callback is called from the engine thread."""
+        self.check_request(len(request.prompt_ids), request.params.max_tokens)
+        self._inbox.put(("add", request))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV slots at the next step boundary (thread-safe)."""
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(len(s.running), len(s.waiting), s.kv_usage())
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="optiserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._drain_inbox()
+            if not self.scheduler.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception as e:  # never let one bad step kill the server: fail the batch, go on
+                log.exception("engine step failed")
+                self._fail_all(f"engine error: {e}")
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._enqueue(item)
+            else:
+                for seq in self.scheduler.sequences_of(item):
+                    self.scheduler.release(seq)
+
+    def _enqueue(self, request: Request) -> None:
+        p = request.params
+        max_tokens = self.check_request(len(request.prompt_ids), p.max_tokens)
+        for i in range(p.n):
+            gen = make_generator(p.seed, i)
+            self.scheduler.add(Sequence(request, i, list(request.prompt_ids), max_tokens, gen))
+
+    def _fail_all(self, message: str) -> None:
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            self.scheduler.release(seq)
+            req = seq.request
+            req.emit(RequestOutput(req.request_id, [], req.prompt_ids, finished=True, error=message))
+
+    def step(self) -> None:
+        """One scheduler step: prefill newly admitted sequences, then one decode for all running ones."""
+        self._drain_inbox()
+        for seq in self.scheduler.admit():
+            self._prefill(seq)
+        running = [s for s in self.scheduler.running if s.finish_reason is None and s.num_generated > 0]
+        if running:
+            logits = self.runner.decode([s.token_ids[-1] for s in running], [len(s.token_ids) - 1 for s in running])
+            self._append_tokens(running, logits)
+        for seq in [s for s in self.scheduler.running if s.finish_reason is not None]:
+            self.scheduler.release(seq)
+
+    def _prefill(self, seq: Sequence) -> None:
+        req = seq.request
+        if req.first_scheduled is None:
+            req.first_scheduled = time.monotonic()
+        want_prompt_lp = req.params.prompt_logprobs is not None and seq.index == 0
+        logits = self.runner.prefill(seq.slot, seq.token_ids, all_logits=want_prompt_lp)
+        if want_prompt_lp:
+            lps = token_logprobs(logits[:-1], req.prompt_ids[1:], req.params.prompt_logprobs or 0)
+            req.prompt_logprobs = [None, *lps]
+            logits = logits[-1]
+        if seq.max_tokens == 0:  # echo-only (scoring) requests generate nothing
+            seq.finish_reason = "length"
+            self._emit(req, [seq])
+            return
+        self._append_tokens([seq], logits.unsqueeze(0))
+
+    def _append_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample one token for each sequence from `logits` [B, V], update text and stops, report."""
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        for row, (seq, tok) in enumerate(zip(seqs, tokens, strict=True)):
+            seq.token_ids.append(tok)
+            if seq.params.logprobs is not None:
+                seq.pending_logprobs += token_logprobs(logits[row : row + 1], [tok], seq.params.logprobs)
+            update_text(seq, self.tokenizer, finish_reason_for_token(seq, tok, self.eos_ids, self.max_model_len))
+        by_request: dict[str, list[Sequence]] = {}
+        for seq in seqs:
+            by_request.setdefault(seq.request.request_id, []).append(seq)
+        for group in by_request.values():
+            self._emit(group[0].request, group)
+
+    def _emit(self, req: Request, seqs: list[Sequence]) -> None:
+        outs = []
+        for seq in seqs:
+            new_ids = seq.generated_ids[seq.sent_tokens :]
+            seq.sent_tokens = seq.num_generated
+            logprobs, seq.pending_logprobs = seq.pending_logprobs, []
+            outs.append(SeqOutput(seq.index, new_ids, text_delta(seq), logprobs, seq.finish_reason))
+            if seq.finish_reason is not None:
+                req.num_finished += 1
+        finished = req.num_finished == req.params.n
+        req.emit(RequestOutput(req.request_id, outs, req.prompt_ids, req.prompt_logprobs, finished))
+
+
+def run_to_completion(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """Generate for all prompts at once on the calling thread (benchmarks, tests); returns new token ids."""
+    results: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+
+    def collect(out: RequestOutput) -> None:
+        for o in out.outputs:
+            results[out.request_id] += o.token_ids
+
+    for i, ids in enumerate(prompts):
+        engine.add_request(Request(str(i), ids, params, collect))
+    engine.step()
+    while engine.scheduler.has_work():
+        engine.step()
+    return [results[str(i)] for i in range(len(prompts))]

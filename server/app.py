@@ -1,0 +1,88 @@
+"""The FastAPI application: routes, error shapes, /health and /metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from optiserve.engine.llm_engine import LLMEngine
+
+from .engine_client import EngineClient
+from .metrics import ServerMetrics
+from .openai_api import ApiError, error_response, router
+
+log = logging.getLogger(__name__)
+
+
+def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
+    """A one-line message and the offending parameter from pydantic's error list."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    return f"{param or 'body'}: {first.get('msg', 'invalid value')}", param
+
+
+def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastAPI:
+    """An app serving `engine`; start the engine thread with the app's lifespan."""
+    name = served_model_name or engine.served_name
+    metrics = ServerMetrics(name, engine.stats)
+    metrics.info.info({"model": name, "dtype": engine.cfg.dtype, "weight_format": "none", "kv_cache_format": "none"})
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="optiserve", version="0.1.0", lifespan=lifespan)
+    app.state.engine_client = EngineClient(engine, metrics)
+    app.state.served_model_name = name
+    app.state.metrics = metrics
+    app.state.started = int(time.time())
+    app.include_router(router)
+
+    def count_error(status: int) -> None:
+        metrics.request_errors.labels(name, str(status)).inc()
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation_error(exc)
+        count_error(400)
+        return error_response(400, message, param)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+        count_error(exc.status_code)
+        return error_response(exc.status_code, str(exc.detail), exc.param, exc.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        count_error(exc.status_code)
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        count_error(500)
+        return error_response(500, f"internal error: {type(exc).__name__}")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,57 @@
+"""The asyncio side of the engine: submit a request, iterate its outputs, abort it when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from optiserve.engine.config import SamplingParams
+from optiserve.engine.llm_engine import LLMEngine
+from optiserve.engine.sequence import Request, RequestOutput
+
+from .metrics import ServerMetrics
+
+
+class EngineClient:
+    """Bridges HTTP handlers (event loop) and the engine thread; records per-request latency metrics."""
+
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics):
+        self.engine = engine
+        self.metrics = metrics
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as the engine produces them; aborts it if the consumer stops early."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        rid = request_id or uuid.uuid4().hex
+        request = Request(rid, prompt_ids, params, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+        self.engine.add_request(request)  # raises RequestError for a request that cannot fit
+        m, name = self.metrics, self.metrics.model_name
+        start = last = time.monotonic()
+        generated, reason, finished = 0, "abort", False
+        try:
+            while not finished:
+                out = await outputs.get()
+                if out.error:
+                    raise RuntimeError(out.error)
+                now = time.monotonic()
+                new = sum(len(o.token_ids) for o in out.outputs)
+                if new:
+                    if generated == 0:
+                        m.ttft.labels(name).observe(now - start)
+                        if request.first_scheduled is not None:
+                            m.queue_time.labels(name).observe(max(0.0, request.first_scheduled - start))
+                    else:
+                        m.itl.labels(name).observe((now - last) / new)
+                    generated, last = generated + new, now
+                reason = next((o.finish_reason for o in out.outputs if o.finish_reason), reason)
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.engine.abort(rid)
+            m.observe_finished(reason, len(prompt_ids), generated, time.monotonic() - start)

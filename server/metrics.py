@@ -1,0 +1,50 @@
+"""Prometheus metrics with vLLM's names under the `optiserve:` prefix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+
+PREFIX = "optiserve:"
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+
+disable_created_metrics()  # no `_created` series, as vLLM does
+
+
+class ServerMetrics:
+    """All metrics of one server, in their own registry (so tests can start several servers)."""
+
+    def __init__(self, model_name: str, engine_stats: Callable[[], object]):
+        r = self.registry = CollectorRegistry()
+        label = ["model_name"]
+        self.model_name = model_name
+        self.ttft = Histogram(f"{PREFIX}time_to_first_token_seconds", "Time to first token.", label,
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram(f"{PREFIX}inter_token_latency_seconds", "Time between output tokens.", label,
+                             buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram(f"{PREFIX}e2e_request_latency_seconds", "End-to-end request latency.", label,
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram(f"{PREFIX}request_queue_time_seconds", "Time waiting for a KV slot.", label,
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prefill tokens processed.", label, registry=r)
+        self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "Tokens generated.", label, registry=r)
+        self.request_success = Counter(f"{PREFIX}request_success", "Finished requests by finish reason.",
+                                       [*label, "finished_reason"], registry=r)
+        self.request_errors = Counter(f"{PREFIX}request_errors", "Requests answered with an error, by status.",
+                                      [*label, "status"], registry=r)
+        self.running = Gauge(f"{PREFIX}num_requests_running", "Sequences in the running batch.", label, registry=r)
+        self.waiting = Gauge(f"{PREFIX}num_requests_waiting", "Sequences waiting for a slot.", label, registry=r)
+        self.kv_usage = Gauge(f"{PREFIX}kv_cache_usage_perc", "KV cache usage, 0-1.", label, registry=r)
+        self.running.labels(model_name).set_function(lambda: engine_stats().num_running)
+        self.waiting.labels(model_name).set_function(lambda: engine_stats().num_waiting)
+        self.kv_usage.labels(model_name).set_function(lambda: engine_stats().kv_cache_usage)
+        self.info = Info(f"{PREFIX}model", "The served model and its formats.", registry=r)
+
+    def observe_finished(self, reason: str, prompt_tokens: int, gen_tokens: int, e2e: float) -> None:
+        m = self.model_name
+        self.request_success.labels(m, reason).inc()
+        self.prompt_tokens.labels(m).inc(prompt_tokens)
+        self.generation_tokens.labels(m).inc(gen_tokens)
+        self.e2e.labels(m).observe(e2e)

@@ -1,0 +1,254 @@
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from functools import lru_cache
+
+from fastapi import APIRouter, HTTPException
+from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from optiserve.engine.config import SamplingParams
+from optiserve.engine.llm_engine import RequestError
+from optiserve.engine.sequence import RequestOutput, TokenLogprob
+
+from .engine_client import EngineClient
+from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body
+from .streams import collect_until_disconnect, merge_streams
+
+router = APIRouter()
+DISCONNECT_POLL_S = 0.5
+
+
+class ApiError(HTTPException):
+    """An error answered in OpenAI's shape; `param`/`code` fill the body's fields of those names."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(status, message)
+        self.param, self.code = param, code
+
+
+def client_of(raw: HttpRequest) -> EngineClient:
+    return raw.app.state.engine_client
+
+
+def check_model(raw: HttpRequest, name: str) -> None:
+    served = raw.app.state.served_model_name
+    if name != served:
+        raise ApiError(404, f"The model `{name}` does not exist; this server serves `{served}`.", "model",
+                       "model_not_found")
+
+
+def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
+            n=req.n, stop=req.stop, stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        )
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+
+
+def check_lengths(client: EngineClient, prompts: list[list[int]], max_tokens: int | None) -> None:
+    vocab = client.engine.model_config.vocab_size
+    for ids in prompts:
+        if any(not 0 <= t < vocab for t in ids):
+            raise ApiError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+        try:
+            client.engine.check_request(len(ids), max_tokens)
+        except RequestError as e:
+            raise ApiError(400, str(e), "max_tokens") from None
+
+
+def usage(prompts: list[list[int]], completion_tokens: int) -> dict:
+    prompt_tokens = sum(len(p) for p in prompts)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+# ---- /v1/completions --------------------------------------------------------------------------------------------
+def tokenize_prompts(tokenizer, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    return [p if isinstance(p, list) else tokenizer(p).input_ids for p in prompt]
+
+
+class LegacyLogprobs:
+    """Builds the /v1/completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset)."""
+
+    def __init__(self, tokenizer, offset: int = 0):
+        self.token_text = lru_cache(maxsize=65536)(lambda t: tokenizer.decode([t]))
+        self.offset = offset
+
+    def build(self, items: list[TokenLogprob | None], token_ids: list[int]) -> dict:
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for tok, item in zip(token_ids, items, strict=True):
+            text = self.token_text(tok)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(None if item is None else item.logprob)
+            out["top_logprobs"].append(None if item is None else {self.token_text(t): lp for t, lp in item.top.items()})
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+        return out
+
+
+def merge_logprobs(a: dict | None, b: dict) -> dict:
+    return b if a is None else {k: a[k] + b[k] for k in a}
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, raw: HttpRequest):
+    check_model(raw, req.model)
+    client = client_of(raw)
+    tok = client.engine.tokenizer
+    prompts = tokenize_prompts(tok, req.prompt)
+    if req.max_tokens == 0 and not req.echo:
+        raise ApiError(400, "max_tokens must be at least 1 unless echo is set", "max_tokens")
+    check_lengths(client, prompts, req.max_tokens)
+    params = sampling_params(req, req.max_tokens, req.logprobs, req.logprobs if req.echo else None)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    streams = [client.generate(ids, params) for ids in prompts]
+    if req.stream:
+        return StreamingResponse(stream_completion(req, rid, created, prompts, streams, tok),
+                                 media_type="text/event-stream")
+    results = await collect_until_disconnect(raw, streams, DISCONNECT_POLL_S)
+    choices, generated = [], 0
+    for p_idx, outs in enumerate(results):
+        for seq_idx in range(req.n):
+            text, ids, lps, reason = "", [], [], None
+            for out in outs:
+                for o in (o for o in out.outputs if o.index == seq_idx):
+                    text, ids, lps = text + o.text, ids + o.token_ids, lps + o.logprobs
+                    reason = o.finish_reason or reason
+            generated += len(ids)
+            logprobs = None
+            if req.echo:
+                text = tok.decode(prompts[p_idx], skip_special_tokens=False) + text
+            if req.logprobs is not None:
+                builder = LegacyLogprobs(tok)
+                if req.echo:
+                    logprobs = builder.build(outs[0].prompt_logprobs or [None] * len(prompts[p_idx]), prompts[p_idx])
+                logprobs = merge_logprobs(logprobs, builder.build(lps, [x.token_id for x in lps]))
+            choices.append({"index": p_idx * req.n + seq_idx, "text": text, "logprobs": logprobs,
+                            "finish_reason": reason})
+    return {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": choices,
+            "usage": usage(prompts, generated)}
+
+
+async def stream_completion(req: CompletionRequest, rid: str, created: int, prompts: list[list[int]],
+                            streams: list[AsyncIterator[RequestOutput]], tok) -> AsyncIterator[str]:
+    base = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
+    builders = {(p, s): LegacyLogprobs(tok) for p in range(len(prompts)) for s in range(req.n)}
+    generated = 0
+    echoed: set[tuple[int, int]] = set()
+    async for p_idx, out in merge_streams(streams):
+        for o in out.outputs:
+            generated += len(o.token_ids)
+            text, lp, key = o.text, None, (p_idx, o.index)
+            first_echo = req.echo and key not in echoed  # the first chunk of each choice carries the prompt
+            if first_echo:
+                echoed.add(key)
+                text = tok.decode(prompts[p_idx], skip_special_tokens=False) + text
+            if req.logprobs is not None:
+                if first_echo:
+                    lp = builders[key].build(out.prompt_logprobs or [None] * len(prompts[p_idx]), prompts[p_idx])
+                lp = merge_logprobs(lp, builders[key].build(o.logprobs, [x.token_id for x in o.logprobs]))
+            choice = {"index": p_idx * req.n + o.index, "text": text, "logprobs": lp,
+                      "finish_reason": o.finish_reason}
+            yield sse({**base, "choices": [choice]})
+    if req.stream_options and req.stream_options.include_usage:
+        yield sse({**base, "choices": [], "usage": usage(prompts, generated)})
+    yield "data: [DONE]\n\n"
+
+
+# ---- /v1/chat/completions ---------------------------------------------------------------------------------------
+def render_chat(tokenizer, req: ChatCompletionRequest) -> list[int]:
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
+                                             tokenize=False)
+    except Exception as e:  # a template may reject a message order (e.g. two system messages)
+        raise ApiError(400, f"the chat template rejected these messages: {e}", "messages") from None
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def chat_logprobs(tok, items: list[TokenLogprob]) -> dict:
+    def entry(t: int, lp: float) -> dict:
+        text = tok.decode([t])
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(i.token_id, i.logprob), "top_logprobs": [entry(t, lp) for t, lp in i.top.items()]}
+                        for i in items]}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, raw: HttpRequest):
+    check_model(raw, req.model)
+    client = client_of(raw)
+    tok = client.engine.tokenizer
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    if max_tokens == 0:
+        raise ApiError(400, "max_tokens must be at least 1", "max_tokens")
+    prompt = render_chat(tok, req)
+    check_lengths(client, [prompt], max_tokens)
+    params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    stream = client.generate(prompt, params)
+    if req.stream:
+        return StreamingResponse(stream_chat(req, rid, created, prompt, stream, tok), media_type="text/event-stream")
+    (outs,) = await collect_until_disconnect(raw, [stream], DISCONNECT_POLL_S)
+    choices, generated = [], 0
+    for idx in range(req.n):
+        parts = [o for out in outs for o in out.outputs if o.index == idx]
+        generated += sum(len(o.token_ids) for o in parts)
+        lps = [x for o in parts for x in o.logprobs]
+        reason = next((o.finish_reason for o in parts if o.finish_reason), None)
+        choices.append({"index": idx, "message": {"role": "assistant", "content": "".join(o.text for o in parts)},
+                        "logprobs": chat_logprobs(tok, lps) if req.logprobs else None, "finish_reason": reason})
+    return {"id": rid, "object": "chat.completion", "created": created, "model": req.model, "choices": choices,
+            "usage": usage([prompt], generated)}
+
+
+async def stream_chat(req: ChatCompletionRequest, rid: str, created: int, prompt: list[int],
+                      stream: AsyncIterator[RequestOutput], tok) -> AsyncIterator[str]:
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
+    for idx in range(req.n):
+        delta = {"role": "assistant", "content": ""}
+        yield sse({**base, "choices": [{"index": idx, "delta": delta, "logprobs": None, "finish_reason": None}]})
+    generated = 0
+    async for _, out in merge_streams([stream]):
+        for o in out.outputs:
+            generated += len(o.token_ids)
+            lp = chat_logprobs(tok, o.logprobs) if req.logprobs else None
+            choice = {"index": o.index, "delta": {"content": o.text} if o.text else {}, "logprobs": lp,
+                      "finish_reason": o.finish_reason}
+            yield sse({**base, "choices": [choice]})
+    if req.stream_options and req.stream_options.include_usage:
+        yield sse({**base, "choices": [], "usage": usage([prompt], generated)})
+    yield "data: [DONE]\n\n"
+
+
+@router.get("/v1/models")
+async def models(raw: HttpRequest):
+    name = raw.app.state.served_model_name
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": raw.app.state.started,
+                                        "owned_by": "optiserve", "max_model_len": client_of(raw).engine.max_model_len}]}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+            404: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
+    return JSONResponse(error_body(message, kind, param, code), status_code=status)
+

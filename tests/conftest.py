@@ -1,0 +1,82 @@
+"""Shared fixtures: the real default model (engine and HF reference) and a real server on a free port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from optiserve.engine.config import EngineConfig
+from optiserve.engine.llm_engine import LLMEngine
+
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis in two sentences.",
+    "List three prime numbers and say why they are prime.",
+    "How do I reverse a list in Python?",
+    "Give me a tip for staying focused while studying.",
+    "What is the difference between weather and climate?",
+    "Translate 'good morning' into Spanish and French.",
+]
+SERVER_START_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="session")
+def engine() -> LLMEngine:
+    return LLMEngine(EngineConfig(model="default", max_batch=8, max_model_len=1024))
+
+
+@pytest.fixture(scope="session")
+def hf_model(engine):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def chat_prompt_ids(engine) -> list[list[int]]:
+    tok = engine.tokenizer
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+             for p in CHAT_PROMPTS]
+    return [tok(t, add_special_tokens=False).input_ids for t in texts]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> str:
+    """`optiserve serve` in a subprocess on a free port; yields its base URL."""
+    port = free_port()
+    log = Path(tmp_path_factory.mktemp("server")) / "server.log"
+    cmd = [sys.executable, "-m", "optiserve.server.cli", "serve", "--model", "default", "--port", str(port),
+           "--max-batch", "8", "--max-model-len", "1024", "--log-level", "warning"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("server did not become healthy in time")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)

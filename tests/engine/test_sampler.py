@@ -1,0 +1,47 @@
+"""Sampling: filters, seeds, and that sampled frequencies follow the filtered distribution."""
+
+import torch
+
+from optiserve.engine.config import SamplingParams
+from optiserve.engine.sampler import filter_logits, make_generator, sample, token_logprobs
+
+LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+
+
+def test_top_k_keeps_k_best():
+    out = filter_logits(LOGITS, SamplingParams(top_k=2))
+    assert torch.isfinite(out).tolist() == [True, True, False, False, False]
+
+
+def test_top_p_keeps_smallest_prefix_reaching_p():
+    probs = LOGITS.softmax(-1)
+    p = float(probs[0] + probs[1]) - 1e-4  # needs exactly the two best tokens
+    out = filter_logits(LOGITS, SamplingParams(top_p=p))
+    assert torch.isfinite(out).tolist() == [True, True, False, False, False]
+    assert torch.isfinite(filter_logits(LOGITS, SamplingParams(top_p=1e-6))).sum() == 1
+
+
+def test_greedy_and_seeded_sampling():
+    logits = LOGITS.repeat(2, 1)
+    greedy = SamplingParams(temperature=0.0)
+    assert sample(logits, [greedy, greedy], [None, None]) == [0, 0]
+    p = SamplingParams(temperature=1.0, seed=3)
+    a = [sample(LOGITS[None], [p], [g])[0] for g in [make_generator(3, 0)] * 20]
+    b = [sample(LOGITS[None], [p], [g])[0] for g in [make_generator(3, 0)] * 20]
+    assert a == b
+
+
+def test_sampled_frequencies_match_softmax():
+    gen = make_generator(0, 0)
+    params = SamplingParams(temperature=0.7)
+    draws = torch.tensor([sample(LOGITS[None], [params], [gen])[0] for _ in range(4000)])
+    observed = torch.bincount(draws, minlength=5).float()
+    expected = (LOGITS / 0.7).softmax(-1) * len(draws)
+    chi2 = ((observed - expected) ** 2 / expected).sum().item()
+    assert chi2 < 18.5  # chi-square, 4 degrees of freedom, p = 0.001
+
+
+def test_token_logprobs_are_log_softmax():
+    (lp,) = token_logprobs(LOGITS[None], [1], top_n=2)
+    ref = torch.log_softmax(LOGITS, -1)
+    assert abs(lp.logprob - ref[1].item()) < 1e-6 and list(lp.top) == [0, 1]
