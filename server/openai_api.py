@@ -6,7 +6,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from functools import lru_cache
 
 from fastapi import APIRouter, HTTPException
 from fastapi import Request as HttpRequest
@@ -16,6 +15,7 @@ from optiserve.engine.config import SamplingParams
 from optiserve.engine.llm_engine import RequestError
 from optiserve.engine.sequence import RequestOutput, TokenLogprob
 
+from .completion_chunks import CompletionChunks, merge_choice
 from .engine_client import EngineClient
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body
 from .streams import collect_until_disconnect, merge_streams
@@ -85,29 +85,6 @@ def tokenize_prompts(tokenizer, prompt) -> list[list[int]]:
     return [p if isinstance(p, list) else tokenizer(p).input_ids for p in prompt]
 
 
-class LegacyLogprobs:
-    """Builds the /v1/completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset)."""
-
-    def __init__(self, tokenizer, offset: int = 0):
-        self.token_text = lru_cache(maxsize=65536)(lambda t: tokenizer.decode([t]))
-        self.offset = offset
-
-    def build(self, items: list[TokenLogprob | None], token_ids: list[int]) -> dict:
-        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for tok, item in zip(token_ids, items, strict=True):
-            text = self.token_text(tok)
-            out["tokens"].append(text)
-            out["token_logprobs"].append(None if item is None else item.logprob)
-            out["top_logprobs"].append(None if item is None else {self.token_text(t): lp for t, lp in item.top.items()})
-            out["text_offset"].append(self.offset)
-            self.offset += len(text)
-        return out
-
-
-def merge_logprobs(a: dict | None, b: dict) -> dict:
-    return b if a is None else {k: a[k] + b[k] for k in a}
-
-
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, raw: HttpRequest):
     check_model(raw, req.model)
@@ -124,52 +101,25 @@ async def completions(req: CompletionRequest, raw: HttpRequest):
         return StreamingResponse(stream_completion(req, rid, created, prompts, streams, tok),
                                  media_type="text/event-stream")
     results = await collect_until_disconnect(raw, streams, DISCONNECT_POLL_S)
-    choices, generated = [], 0
+    chunks = CompletionChunks(req, prompts, tok)
+    merged: dict[int, dict] = {}
     for p_idx, outs in enumerate(results):
-        for seq_idx in range(req.n):
-            text, ids, lps, reason = "", [], [], None
-            for out in outs:
-                for o in (o for o in out.outputs if o.index == seq_idx):
-                    text, ids, lps = text + o.text, ids + o.token_ids, lps + o.logprobs
-                    reason = o.finish_reason or reason
-            generated += len(ids)
-            logprobs = None
-            if req.echo:
-                text = tok.decode(prompts[p_idx], skip_special_tokens=False) + text
-            if req.logprobs is not None:
-                builder = LegacyLogprobs(tok)
-                if req.echo:
-                    logprobs = builder.build(outs[0].prompt_logprobs or [None] * len(prompts[p_idx]), prompts[p_idx])
-                logprobs = merge_logprobs(logprobs, builder.build(lps, [x.token_id for x in lps]))
-            choices.append({"index": p_idx * req.n + seq_idx, "text": text, "logprobs": logprobs,
-                            "finish_reason": reason})
-    return {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": choices,
-            "usage": usage(prompts, generated)}
+        for out in outs:
+            for choice in chunks.choices(p_idx, out):
+                merged[choice["index"]] = merge_choice(merged.get(choice["index"]), choice)
+    return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+            "choices": [merged[i] for i in sorted(merged)], "usage": usage(prompts, chunks.generated)}
 
 
 async def stream_completion(req: CompletionRequest, rid: str, created: int, prompts: list[list[int]],
                             streams: list[AsyncIterator[RequestOutput]], tok) -> AsyncIterator[str]:
     base = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
-    builders = {(p, s): LegacyLogprobs(tok) for p in range(len(prompts)) for s in range(req.n)}
-    generated = 0
-    echoed: set[tuple[int, int]] = set()
+    chunks = CompletionChunks(req, prompts, tok)
     async for p_idx, out in merge_streams(streams):
-        for o in out.outputs:
-            generated += len(o.token_ids)
-            text, lp, key = o.text, None, (p_idx, o.index)
-            first_echo = req.echo and key not in echoed  # the first chunk of each choice carries the prompt
-            if first_echo:
-                echoed.add(key)
-                text = tok.decode(prompts[p_idx], skip_special_tokens=False) + text
-            if req.logprobs is not None:
-                if first_echo:
-                    lp = builders[key].build(out.prompt_logprobs or [None] * len(prompts[p_idx]), prompts[p_idx])
-                lp = merge_logprobs(lp, builders[key].build(o.logprobs, [x.token_id for x in o.logprobs]))
-            choice = {"index": p_idx * req.n + o.index, "text": text, "logprobs": lp,
-                      "finish_reason": o.finish_reason}
+        for choice in chunks.choices(p_idx, out):
             yield sse({**base, "choices": [choice]})
     if req.stream_options and req.stream_options.include_usage:
-        yield sse({**base, "choices": [], "usage": usage(prompts, generated)})
+        yield sse({**base, "choices": [], "usage": usage(prompts, chunks.generated)})
     yield "data: [DONE]\n\n"
 
 
