@@ -54,7 +54,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, cfg.max_batch, self.max_model_len, dtype)
         self.scheduler = Scheduler(cfg.max_batch, self.runner.cache)
         self.eos_ids = set(self.model_config.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._new: queue.SimpleQueue[Request] = queue.SimpleQueue()  # filled by callers, drained by the loop
+        self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -79,17 +80,21 @@ class LLMEngine:
     def add_request(self, request: Request) -> None:
         """Queue a request (thread-safe). Its `emit` callback is called from the engine thread."""
         self.check_request(len(request.prompt_ids), request.params.max_tokens)
-        self._inbox.put(("add", request))
+        self._new.put(request)
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV slots at the next step boundary (thread-safe)."""
-        self._inbox.put(("abort", request_id))
+        self._aborts.put(request_id)
         self._wake.set()
+
+    def weight_bytes(self) -> int:
+        """Bytes of the model's parameters as held in memory (a tied LM head's transposed copy included)."""
+        return sum(p.nbytes for p in self.runner.model.parameters())
 
     def stats(self) -> EngineStats:
         s = self.scheduler
-        return EngineStats(len(s.running), len(s.waiting), s.kv_usage())
+        return EngineStats(len(s.running), len(s.waiting) + self._new.qsize(), s.kv_usage())
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="optiserve-engine", daemon=True)
@@ -116,16 +121,12 @@ class LLMEngine:
                 self._fail_all(f"engine error: {e}")
 
     def _drain_inbox(self) -> None:
-        while True:
-            try:
-                kind, item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "add":
-                self._enqueue(item)
-            else:
-                for seq in self.scheduler.sequences_of(item):
-                    self.scheduler.release(seq)
+        """Take in new requests, then apply aborts (so an abort that follows its add is never lost)."""
+        while not self._new.empty():
+            self._enqueue(self._new.get_nowait())
+        while not self._aborts.empty():
+            for seq in self.scheduler.sequences_of(self._aborts.get_nowait()):
+                self.scheduler.release(seq)
 
     def _enqueue(self, request: Request) -> None:
         p = request.params

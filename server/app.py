@@ -16,7 +16,9 @@ from optiserve.engine.llm_engine import LLMEngine
 
 from .engine_client import EngineClient
 from .metrics import ServerMetrics
-from .openai_api import ApiError, error_response, router
+from .openai_api import ApiError, router
+from .protocol import error_response
+from .security import GuardMiddleware, ServerOptions
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +36,15 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     return f"{param or 'body'}: {first.get('msg', 'invalid value')}", param
 
 
-def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastAPI:
+def create_app(
+    engine: LLMEngine, served_model_name: str | None = None, options: ServerOptions | None = None
+) -> FastAPI:
     """An app serving `engine`; start the engine thread with the app's lifespan."""
     name = served_model_name or engine.served_name
+    options = options or ServerOptions()
     metrics = ServerMetrics(name, engine.stats)
-    metrics.info.info({"model": name, "dtype": engine.cfg.dtype, "weight_format": "none", "kv_cache_format": "none"})
+    metrics.set_model_info(engine)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
@@ -46,7 +52,9 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastA
         engine.stop()
 
     app = FastAPI(title="optiserve", version="0.1.0", lifespan=lifespan)
-    app.state.engine_client = EngineClient(engine, metrics)
+    app.state.engine_client = EngineClient(engine, metrics, options.request_timeout_s)
+    app.state.options = options
+    app.state.draining = False
     app.state.served_model_name = name
     app.state.metrics = metrics
     app.state.started = int(time.time())
@@ -54,6 +62,8 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastA
 
     def count_error(status: int) -> None:
         metrics.request_errors.labels(name, str(status)).inc()
+
+    app.add_middleware(GuardMiddleware, options=options, state=app.state, on_error=count_error)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -64,7 +74,7 @@ def create_app(engine: LLMEngine, served_model_name: str | None = None) -> FastA
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
         count_error(exc.status_code)
-        return error_response(exc.status_code, str(exc.detail), exc.param, exc.code)
+        return error_response(exc.status_code, str(exc.detail), exc.param, exc.code, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from optiserve.engine.config import EngineConfig, ModelLoadError
@@ -26,6 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=2048, help="context length per sequence")
     serve.add_argument("--served-model-name", default=None, help="model id clients use (default: the dir name)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--api-key", default=os.environ.get("OPTISERVE_API_KEY"),
+                       help="require this Bearer token on /v1/* (env OPTISERVE_API_KEY)")
+    serve.add_argument("--admin-token", default=os.environ.get("OPTISERVE_ADMIN_TOKEN"),
+                       help="Bearer token for /admin/* (env OPTISERVE_ADMIN_TOKEN); without it /admin answers 403")
+    serve.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
+    serve.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cut short")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    serve.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the context length")
+    serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running requests")
 
     bench = sub.add_parser("bench", help="benchmarks that print and write JSON")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -40,14 +50,31 @@ def build_parser() -> argparse.ArgumentParser:
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT: refuse new requests (503) while uvicorn drains the running ones, then exit."""
+
+        def __init__(self, config: uvicorn.Config, app):
+            super().__init__(config)
+            self.app = app
+
+        def handle_exit(self, sig, frame) -> None:
+            self.app.state.draining = True
+            super().handle_exit(sig, frame)
+
     from optiserve.engine.llm_engine import LLMEngine
 
     from .app import create_app
+    from .security import ServerOptions
 
     cfg = EngineConfig(model=args.model, dtype=args.dtype, max_batch=args.max_batch, max_model_len=args.max_model_len)
+    options = ServerOptions(api_key=args.api_key, admin_token=args.admin_token, max_waiting=args.max_waiting,
+                            request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
+                            max_prompt_tokens=args.max_prompt_tokens)
     engine = LLMEngine(cfg)
-    app = create_app(engine, args.served_model_name)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(engine, args.served_model_name, options)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=int(args.drain_timeout))
+    DrainingServer(config, app).run()
 
 
 def main(argv: list[str] | None = None) -> None:

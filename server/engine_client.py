@@ -3,28 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 from optiserve.engine.config import SamplingParams
 from optiserve.engine.llm_engine import LLMEngine
-from optiserve.engine.sequence import Request, RequestOutput
+from optiserve.engine.sequence import Request, RequestOutput, SeqOutput
 
 from .metrics import ServerMetrics
+
+log = logging.getLogger("optiserve.requests")
 
 
 class EngineClient:
     """Bridges HTTP handlers (event loop) and the engine thread; records per-request latency metrics."""
 
-    def __init__(self, engine: LLMEngine, metrics: ServerMetrics):
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics, timeout_s: float = 600.0):
         self.engine = engine
         self.metrics = metrics
+        self.timeout_s = timeout_s
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs as the engine produces them; aborts it if the consumer stops early."""
+        """Yield the request's outputs as the engine produces them; aborts it if the consumer stops early.
+
+        Past the per-request timeout the request is aborted and ends like a `length` stop: the caller gets
+        what was generated so far, never a hang.
+        """
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         rid = request_id or uuid.uuid4().hex
@@ -32,10 +40,18 @@ class EngineClient:
         self.engine.add_request(request)  # raises RequestError for a request that cannot fit
         m, name = self.metrics, self.metrics.model_name
         start = last = time.monotonic()
+        deadline = start + self.timeout_s
         generated, reason, finished = 0, "abort", False
+        open_seqs = set(range(params.n))
         try:
             while not finished:
-                out = await outputs.get()
+                try:
+                    out = await asyncio.wait_for(outputs.get(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    self.engine.abort(rid)
+                    out = RequestOutput(rid, [SeqOutput(i, [], "", [], "length") for i in sorted(open_seqs)],
+                                        prompt_ids, finished=True)
+                    log.warning("request %s timed out after %.1fs", rid, self.timeout_s)
                 if out.error:
                     raise RuntimeError(out.error)
                 now = time.monotonic()
@@ -48,10 +64,13 @@ class EngineClient:
                     else:
                         m.itl.labels(name).observe((now - last) / new)
                     generated, last = generated + new, now
+                open_seqs -= {o.index for o in out.outputs if o.finish_reason}
                 reason = next((o.finish_reason for o in out.outputs if o.finish_reason), reason)
                 finished = out.finished
                 yield out
         finally:
             if not finished:
                 self.engine.abort(rid)
-            m.observe_finished(reason, len(prompt_ids), generated, time.monotonic() - start)
+            e2e = time.monotonic() - start
+            m.observe_finished(reason, len(prompt_ids), generated, e2e)
+            log.info("request %s %s: prompt=%d generated=%d e2e=%.3fs", rid, reason, len(prompt_ids), generated, e2e)

@@ -41,6 +41,30 @@ class ServerMetrics:
         self.waiting.labels(model_name).set_function(lambda: engine_stats().num_waiting)
         self.kv_usage.labels(model_name).set_function(lambda: engine_stats().kv_cache_usage)
         self.info = Info(f"{PREFIX}model", "The served model and its formats.", registry=r)
+        self.weight_bytes = Gauge(f"{PREFIX}model_weight_bytes", "Bytes of the active weight set.", label, registry=r)
+        self.kv_bytes_per_token = Gauge(f"{PREFIX}kv_cache_bytes_per_token", "KV cache bytes per token.", label,
+                                        registry=r)
+        self.format_swaps = Counter(f"{PREFIX}quantization_swaps", "Live quantization format swaps.", label,
+                                    registry=r)
+        self.swap_seconds = Histogram(f"{PREFIX}quantization_swap_seconds", "Duration of format swaps.", label,
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        # Speculative decoding (vLLM's names); they stay at 0 while no speculation is configured.
+        self.spec_drafts = Counter(f"{PREFIX}spec_decode_num_drafts", "Verification steps.", label, registry=r)
+        self.spec_draft_tokens = Counter(f"{PREFIX}spec_decode_num_draft_tokens", "Draft tokens proposed.", label,
+                                         registry=r)
+        self.spec_accepted_tokens = Counter(f"{PREFIX}spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                                            label, registry=r)
+        self.spec_accepted_per_pos = Counter(f"{PREFIX}spec_decode_num_accepted_tokens_per_pos",
+                                             "Accepted draft tokens by position.", [*label, "position"], registry=r)
+        for counter in (self.spec_drafts, self.spec_draft_tokens, self.spec_accepted_tokens, self.format_swaps):
+            counter.labels(model_name)  # export the series at 0 from the start
+
+    def set_model_info(self, engine) -> None:
+        """Publish the model, dtype, formats and sizes of what the engine serves now."""
+        self.info.info({"model": self.model_name, "dtype": engine.cfg.dtype, "weight_format": "none",
+                        "kv_cache_format": "none"})
+        self.weight_bytes.labels(self.model_name).set(engine.weight_bytes())
+        self.kv_bytes_per_token.labels(self.model_name).set(engine.runner.cache.bytes_per_token)
 
     def observe_finished(self, reason: str, prompt_tokens: int, gen_tokens: int, e2e: float) -> None:
         m = self.model_name

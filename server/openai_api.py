@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, HTTPException
 from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from optiserve.engine.config import SamplingParams
 from optiserve.engine.llm_engine import RequestError
@@ -17,7 +17,7 @@ from optiserve.engine.sequence import RequestOutput, TokenLogprob
 
 from .completion_chunks import CompletionChunks, merge_choice
 from .engine_client import EngineClient
-from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body
+from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .streams import collect_until_disconnect, merge_streams
 
 router = APIRouter()
@@ -27,8 +27,9 @@ DISCONNECT_POLL_S = 0.5
 class ApiError(HTTPException):
     """An error answered in OpenAI's shape; `param`/`code` fill the body's fields of those names."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(status, message)
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(status, message, headers)
         self.param, self.code = param, code
 
 
@@ -55,7 +56,17 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         raise ApiError(400, str(e)) from None
 
 
-def check_lengths(client: EngineClient, prompts: list[list[int]], max_tokens: int | None) -> None:
+def check_admission(raw: HttpRequest, client: EngineClient, prompts: list[list[int]], max_tokens: int | None) -> None:
+    """Token ids, lengths, and room in the waiting queue (429 with Retry-After when it is full)."""
+    options, engine = raw.app.state.options, client.engine
+    stats = engine.stats()
+    queued_after = stats.num_running + stats.num_waiting + len(prompts) - engine.cfg.max_batch
+    if queued_after > options.max_waiting:
+        raise ApiError(429, f"the server's waiting queue is full ({options.max_waiting} requests); retry later",
+                       code="queue_full", headers={"Retry-After": "1"})
+    limit = options.max_prompt_tokens
+    if limit is not None and any(len(ids) > limit for ids in prompts):
+        raise ApiError(400, f"prompts are limited to {limit} tokens on this server", "prompt")
     vocab = client.engine.model_config.vocab_size
     for ids in prompts:
         if any(not 0 <= t < vocab for t in ids):
@@ -93,10 +104,11 @@ async def completions(req: CompletionRequest, raw: HttpRequest):
     prompts = tokenize_prompts(tok, req.prompt)
     if req.max_tokens == 0 and not req.echo:
         raise ApiError(400, "max_tokens must be at least 1 unless echo is set", "max_tokens")
-    check_lengths(client, prompts, req.max_tokens)
+    check_admission(raw, client, prompts, req.max_tokens)
     params = sampling_params(req, req.max_tokens, req.logprobs, req.logprobs if req.echo else None)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    streams = [client.generate(ids, params) for ids in prompts]
+    rid_base = raw.state.request_id
+    streams = [client.generate(ids, params, f"{rid_base}-{i}") for i, ids in enumerate(prompts)]
     if req.stream:
         return StreamingResponse(stream_completion(req, rid, created, prompts, streams, tok),
                                  media_type="text/event-stream")
@@ -152,10 +164,10 @@ async def chat_completions(req: ChatCompletionRequest, raw: HttpRequest):
     if max_tokens == 0:
         raise ApiError(400, "max_tokens must be at least 1", "max_tokens")
     prompt = render_chat(tok, req)
-    check_lengths(client, [prompt], max_tokens)
+    check_admission(raw, client, [prompt], max_tokens)
     params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    stream = client.generate(prompt, params)
+    stream = client.generate(prompt, params, raw.state.request_id)
     if req.stream:
         return StreamingResponse(stream_chat(req, rid, created, prompt, stream, tok), media_type="text/event-stream")
     (outs,) = await collect_until_disconnect(raw, [stream], DISCONNECT_POLL_S)
@@ -195,10 +207,3 @@ async def models(raw: HttpRequest):
     name = raw.app.state.served_model_name
     return {"object": "list", "data": [{"id": name, "object": "model", "created": raw.app.state.started,
                                         "owned_by": "optiserve", "max_model_len": client_of(raw).engine.max_model_len}]}
-
-
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-            404: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
-    return JSONResponse(error_body(message, kind, param, code), status_code=status)
-

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 16
@@ -14,6 +15,18 @@ MAX_STOP_STRINGS = 16
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None, code: Any = None) -> dict:
     """OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "invalid_request_error", 408: "timeout_error", 409: "conflict_error",
+               413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: Any = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """An OpenAI-shaped error with the error type that goes with `status`."""
+    body = error_body(message, ERROR_TYPES.get(status, "server_error"), param, code)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class StreamOptions(BaseModel):

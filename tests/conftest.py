@@ -55,28 +55,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServerProcess:
+    """`optiserve serve` in a subprocess on a free port, healthy when constructed."""
+
+    def __init__(self, log_dir: Path, *extra_args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log_dir / f"server-{self.port}.log"
+        cmd = [sys.executable, "-m", "optiserve.server.cli", "serve", "--model", "default", "--port", str(self.port),
+               "--max-model-len", "1024", "--log-level", "warning", *extra_args]
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("server did not become healthy in time")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout=60)
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> str:
-    """`optiserve serve` in a subprocess on a free port; yields its base URL."""
-    port = free_port()
-    log = Path(tmp_path_factory.mktemp("server")) / "server.log"
-    cmd = [sys.executable, "-m", "optiserve.server.cli", "serve", "--model", "default", "--port", str(port),
-           "--max-batch", "8", "--max-model-len", "1024", "--log-level", "warning"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("server did not become healthy in time")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    """The default server (8 slots); yields its base URL."""
+    proc = ServerProcess(tmp_path_factory.mktemp("server"), "--max-batch", "8")
+    yield proc.url
+    proc.stop()

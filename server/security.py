@@ -1,0 +1,80 @@
+"""Auth (API key, admin token), request ids, body-size limit, and the draining switch for graceful shutdown."""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from dataclasses import dataclass
+
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .protocol import error_response
+
+OPEN_PATHS = ("/health", "/metrics")
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+@dataclass
+class ServerOptions:
+    """Server-side limits and secrets (the engine has its own config)."""
+
+    api_key: str | None = None
+    admin_token: str | None = None
+    max_waiting: int = 256
+    request_timeout_s: float = 600.0
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int | None = None  # None: the context length
+
+    def __post_init__(self) -> None:
+        if self.max_waiting < 0:
+            raise ValueError("max_waiting must be >= 0")
+        if self.request_timeout_s <= 0:
+            raise ValueError("request_timeout_s must be > 0")
+
+
+def bearer_matches(request: Request, secret: str) -> bool:
+    """Constant-time comparison of the request's Bearer token with `secret`."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), secret.encode())
+
+
+class GuardMiddleware(BaseHTTPMiddleware):
+    """Per request: assign an id, refuse while draining, check auth and body size."""
+
+    def __init__(self, app, options: ServerOptions, state, on_error):
+        super().__init__(app)
+        self.options, self.state, self.on_error = options, state, on_error
+
+    async def dispatch(self, request: Request, call_next) -> Response:
+        rid = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        request.state.request_id = rid
+        refusal = await self.check(request)
+        if refusal is not None:
+            self.on_error(refusal.status_code)
+        response = refusal or await call_next(request)
+        response.headers[REQUEST_ID_HEADER] = rid
+        return response
+
+    async def check(self, request: Request) -> Response | None:
+        path, opts = request.url.path, self.options
+        if path in OPEN_PATHS:
+            return None
+        if getattr(self.state, "draining", False):
+            return error_response(503, "the server is shutting down", headers={"Retry-After": "5"})
+        if path.startswith("/admin"):
+            if not opts.admin_token:
+                return error_response(403, "admin endpoints are disabled: start with --admin-token")
+            if not bearer_matches(request, opts.admin_token):
+                return error_response(401, "a valid admin Bearer token is required")
+        elif path.startswith("/v1") and opts.api_key and not bearer_matches(request, opts.api_key):
+            return error_response(401, "a valid API key is required (Authorization: Bearer ...)")
+        length = request.headers.get("content-length")
+        too_big = error_response(413, f"the request body exceeds {opts.max_body_bytes} bytes")
+        if length is not None:
+            return too_big if not length.isdigit() or int(length) > opts.max_body_bytes else None
+        if request.method in ("POST", "PUT") and len(await request.body()) > opts.max_body_bytes:
+            return too_big  # chunked upload without a length: read (starlette caches it) and measure
+        return None
