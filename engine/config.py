@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+GREEDY_TEMPERATURE = 1e-5
 
 
 class ModelLoadError(RuntimeError):
@@ -143,4 +144,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # Below ~1e-5, logits / temperature overflows to inf: such a temperature means greedy (as in vLLM).
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1

@@ -45,3 +45,10 @@ def test_token_logprobs_are_log_softmax():
     (lp,) = token_logprobs(LOGITS[None], [1], top_n=2)
     ref = torch.log_softmax(LOGITS, -1)
     assert abs(lp.logprob - ref[1].item()) < 1e-6 and list(lp.top) == [0, 1]
+
+
+def test_degenerate_parameters_still_sample_the_best_token():
+    tiny_p = SamplingParams(top_p=5e-324)  # rounds to 0 in fp32
+    assert torch.isfinite(filter_logits(LOGITS, tiny_p)).sum() == 1
+    assert SamplingParams(temperature=1e-300).greedy
+    assert sample(LOGITS[None], [tiny_p], [make_generator(0, 0)]) == [0]
