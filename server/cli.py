@@ -44,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--batch", type=int, default=1)
     decode.add_argument("--tokens", type=int, default=128)
     decode.add_argument("--json", default=None, help="write the results to this file")
+    load = bench_sub.add_parser("load", help="drive a running server's HTTP API with concurrent clients")
+    load.add_argument("--url", default="http://127.0.0.1:8000")
+    load.add_argument("--model", default=None, help="model id (default: the server's)")
+    load.add_argument("--concurrency", type=int, default=8)
+    load.add_argument("--duration", type=float, default=30.0, help="seconds")
+    load.add_argument("--max-tokens", type=int, default=32)
+    load.add_argument("--prompts", default=None, help="jsonl with `instruction`, or one prompt per line")
+    load.add_argument("--api-key", default=os.environ.get("OPTISERVE_API_KEY"))
+    load.add_argument("--json", default=None, help="write the results to this file")
     return parser
 
 
@@ -80,6 +89,7 @@ def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         if args.command == "serve":
             serve(args)
@@ -87,6 +97,12 @@ def main(argv: list[str] | None = None) -> None:
             from optiserve.engine.bench import bench_decode
 
             bench_decode(args.model, args.batch, args.tokens, args.dtype, args.json)
+        elif args.command == "bench" and args.bench_command == "load":
+            from .load_bench import LoadConfig, bench_load, load_prompts
+
+            cfg = LoadConfig(args.url, args.model, args.concurrency, args.duration, args.max_tokens, args.api_key,
+                             load_prompts(args.prompts))
+            bench_load(cfg, args.json)
     except (ModelLoadError, ValueError) as e:
         sys.exit(f"optiserve: error: {e}")
 

@@ -1,0 +1,136 @@
+"""`optiserve bench load`: drive a running server's HTTP API with C concurrent clients for S seconds.
+
+Half the clients stream (TTFT measured at the first content chunk), half do not; every request is a chat
+completion with a prompt from a small built-in list or `--prompts` (jsonl with `instruction`, or one per line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+DEFAULT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn.",
+    "Explain what a hash table is.",
+    "Give three tips for better sleep.",
+    "What is 17 times 23?",
+    "Summarize the plot of Romeo and Juliet in one sentence.",
+]
+
+
+@dataclass
+class LoadConfig:
+    url: str = "http://127.0.0.1:8000"
+    model: str | None = None  # None: the server's first model
+    concurrency: int = 8
+    duration_s: float = 30.0
+    max_tokens: int = 32
+    api_key: str | None = None
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.duration_s <= 0 or self.max_tokens < 1:
+            raise ValueError("concurrency, duration and max_tokens must be positive")
+
+
+@dataclass
+class Sample:
+    ok: bool
+    status: int
+    latency_s: float
+    ttft_s: float | None
+    tokens: int
+
+
+def load_prompts(path: str | None) -> list[str]:
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    if path.endswith(".jsonl"):
+        return [json.loads(line)["instruction"] for line in lines]
+    return lines
+
+
+async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, prompt: str, stream: bool) -> Sample:
+    body = {"model": cfg.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": cfg.max_tokens,
+            "stream": stream, "stream_options": {"include_usage": True} if stream else None}
+    start = time.perf_counter()
+    ttft, tokens = None, 0
+    try:
+        if not stream:
+            r = await client.post("/v1/chat/completions", json=body)
+            ok = r.status_code == 200
+            tokens = r.json()["usage"]["completion_tokens"] if ok else 0
+            return Sample(ok, r.status_code, time.perf_counter() - start, None, tokens)
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                elif ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    ttft = time.perf_counter() - start
+            return Sample(r.status_code == 200, r.status_code, time.perf_counter() - start, ttft, tokens)
+    except httpx.HTTPError:
+        return Sample(False, 0, time.perf_counter() - start, None, 0)
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None}
+    qs = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else values * 99
+    return {"p50": qs[49], "p95": qs[94], "p99": qs[98]}
+
+
+async def run_load(cfg: LoadConfig) -> dict:
+    """Run the load and return a summary (requests/s, tokens/s, TTFT and latency percentiles, failures)."""
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    samples: list[Sample] = []
+    async with httpx.AsyncClient(base_url=cfg.url, headers=headers, timeout=600) as client:
+        if cfg.model is None:
+            cfg.model = (await client.get("/v1/models")).json()["data"][0]["id"]
+        start = time.perf_counter()
+
+        async def worker(i: int) -> None:
+            n = 0
+            while time.perf_counter() - start < cfg.duration_s:
+                prompt = cfg.prompts[(i + n) % len(cfg.prompts)]
+                samples.append(await one_request(client, cfg, prompt, stream=(i + n) % 2 == 0))
+                n += 1
+
+        await asyncio.gather(*(worker(i) for i in range(cfg.concurrency)))
+        elapsed = time.perf_counter() - start
+    ok = [s for s in samples if s.ok]
+    failures: dict[str, int] = {}
+    for s in samples:
+        if not s.ok:
+            failures[str(s.status)] = failures.get(str(s.status), 0) + 1
+    return {
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("api_key", "prompts")},
+        "elapsed_s": elapsed, "requests": len(samples), "succeeded": len(ok), "failures": failures,
+        "requests_per_s": len(ok) / elapsed, "output_tokens_per_s": sum(s.tokens for s in ok) / elapsed,
+        "ttft_s": percentiles([s.ttft_s for s in ok if s.ttft_s is not None]),
+        "latency_s": percentiles([s.latency_s for s in ok]),
+    }
+
+
+def bench_load(cfg: LoadConfig, json_path: str | None = None) -> dict:
+    """Run, print a summary line, and write JSON when asked."""
+    result = asyncio.run(run_load(cfg))
+    ttft, lat = result["ttft_s"], result["latency_s"]
+    fmt = lambda v: "n/a" if v is None else f"{v * 1000:.0f}ms"  # noqa: E731
+    print(f"{result['requests']} requests in {result['elapsed_s']:.1f}s at concurrency {cfg.concurrency}: "
+          f"{result['requests_per_s']:.2f} req/s, {result['output_tokens_per_s']:.1f} tok/s out, "
+          f"TTFT p50 {fmt(ttft['p50'])} p99 {fmt(ttft['p99'])}, latency p50 {fmt(lat['p50'])} "
+          f"p99 {fmt(lat['p99'])}, failures {result['failures'] or 0}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    return result
