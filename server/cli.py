@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the context length")
     serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running requests")
 
+    ev = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against the unquantized model")
+    add_model_args(ev)
+    ev.add_argument("--data", required=True, help="text or jsonl file, e.g. ../shared/data/wikitext-2/test.txt")
+    ev.add_argument("--window", type=int, default=512, help="tokens per window")
+    ev.add_argument("--max-windows", type=int, default=40)
+    ev.add_argument("--json", default=None, help="write the results to this file")
+
     bench = sub.add_parser("bench", help="benchmarks that print and write JSON")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     decode = bench_sub.add_parser("decode", help="decode tok/s: our engine vs HF transformers generate")
@@ -86,6 +93,22 @@ def serve(args: argparse.Namespace) -> None:
     DrainingServer(config, app).run()
 
 
+def run_eval(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from optiserve.engine.weights import load_model, resolve_model_dir
+    from optiserve.optimize.data import read_texts, token_windows
+    from optiserve.optimize.evaluate import evaluate, write_result
+
+    model_dir = resolve_model_dir(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    windows = token_windows(tokenizer, read_texts(args.data, tokenizer), args.window, args.max_windows)
+    model = load_model(model_dir, args.window, getattr(torch, args.dtype))
+    result = evaluate(model, windows)
+    write_result(result, {"model": args.model, "data": args.data, "quant": "none"}, args.json)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -93,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "serve":
             serve(args)
+        elif args.command == "eval":
+            run_eval(args)
         elif args.command == "bench" and args.bench_command == "decode":
             from optiserve.engine.bench import bench_decode
 

@@ -1,0 +1,74 @@
+"""Quality of a (quantized, pruned, ...) model against the unquantized one: perplexity, KL, top-1 agreement."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from optiserve.engine.model import Transformer
+from optiserve.engine.runner import ModelRunner
+
+
+@dataclass
+class EvalResult:
+    perplexity: float
+    reference_perplexity: float | None
+    kl_divergence: float | None  # mean KL(reference || model) per next-token distribution
+    top1_agreement: float | None  # fraction of positions where both argmaxes agree
+    windows: int
+    tokens: int
+
+
+def window_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
+    """Logits [S, V] of one window, all positions, from a fresh pass through slot 0."""
+    return runner.prefill(0, ids, all_logits=True)
+
+
+def evaluate(
+    model: Transformer, windows: list[list[int]], reference: Transformer | None = None, progress: bool = True
+) -> EvalResult:
+    """Perplexity of `model` over `windows`; with a `reference`, also its perplexity, mean KL and top-1 agreement."""
+    window = max(len(w) for w in windows)
+    dtype = model.embed.weight.dtype
+    runner = ModelRunner(model, 1, window, dtype)
+    ref_runner = ModelRunner(reference, 1, window, dtype) if reference is not None else None
+    nll = ref_nll = kl = agree = 0.0
+    count = 0
+    for ids in tqdm(windows, desc="eval", unit="window", disable=not progress):
+        targets = torch.tensor(ids[1:])
+        logp = F.log_softmax(window_logits(runner, ids)[:-1], dim=-1)  # [S-1, V]
+        nll += F.nll_loss(logp, targets, reduction="sum").item()
+        count += len(targets)
+        if ref_runner is not None:
+            ref_logp = F.log_softmax(window_logits(ref_runner, ids)[:-1], dim=-1)
+            ref_nll += F.nll_loss(ref_logp, targets, reduction="sum").item()
+            kl += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
+            agree += (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
+    has_ref = ref_runner is not None
+    return EvalResult(
+        perplexity=math.exp(nll / count),
+        reference_perplexity=math.exp(ref_nll / count) if has_ref else None,
+        kl_divergence=kl / count if has_ref else None,
+        top1_agreement=agree / count if has_ref else None,
+        windows=len(windows),
+        tokens=count,
+    )
+
+
+def write_result(result: EvalResult, extra: dict, json_path: str | None) -> dict:
+    """Print a one-line summary and write the JSON report."""
+    out = {**extra, **asdict(result)}
+    line = f"perplexity {result.perplexity:.3f}"
+    if result.reference_perplexity is not None:
+        line += (f" (unquantized {result.reference_perplexity:.3f}), KL {result.kl_divergence:.4f}, "
+                 f"top-1 agreement {result.top1_agreement:.3f}")
+    print(f"{line} over {result.windows} windows / {result.tokens} tokens")
+    if json_path:
+        Path(json_path).write_text(json.dumps(out, indent=2))
+    return out
