@@ -1,0 +1,40 @@
+"""Helpers shared by the kernel tests."""
+
+from __future__ import annotations
+
+import torch
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit pattern of a tensor as an integer tensor (so -0.0 != 0.0 and NaN == NaN)."""
+    return t.contiguous().view(_INT_VIEW[t.element_size()])
+
+
+def assert_bits_equal(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Assert same dtype, shape and bit pattern, reporting the first mismatch."""
+    assert a.dtype == b.dtype, f"dtype {a.dtype} != {b.dtype}"
+    assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
+    diff = (bits(a) != bits(b)).nonzero()
+    if len(diff):
+        i = tuple(diff[0].tolist())
+        raise AssertionError(f"{len(diff)} of {a.numel()} differ; first at {i}: {a[i]!r} vs {b[i]!r}")
+
+
+def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of `y` against `x` in dB."""
+    x, y = x.double(), y.double()
+    return float(10 * torch.log10(x.pow(2).sum() / (x - y).pow(2).sum()))
+
+
+def wide_range(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Gaussian values times 2**U(-8, 8), with zeros, -0.0 and an all-zero 16-block sprinkled in."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-8, 9, shape, generator=g).float())
+    flat = x.view(-1)
+    flat[torch.randint(0, flat.numel(), (max(1, flat.numel() // 20),), generator=g)] = 0.0
+    flat[torch.randint(0, flat.numel(), (max(1, flat.numel() // 20),), generator=g)] = -0.0
+    if x.shape[-1] >= 32:
+        x[..., 16:32] = 0.0
+    return x.to(dtype)
