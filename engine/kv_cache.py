@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .quant import fake_quant_kv, kv_bytes_per_element
+
 
 @dataclass
 class CacheShape:
@@ -36,6 +38,14 @@ class KVCache:
         self.v = torch.zeros(dims, dtype=dtype, device=device)
         self._rows = slice(0, 1)
         self._attn_len = 1
+        self.kv_format, self.k_scales, self.v_scales = "none", None, None
+        self._index_of: torch.Tensor | None = None  # the `positions` that `_index` was built for
+        self._index = torch.empty(0, dtype=torch.long)
+        # Per layer, the cache viewed as rows [slots * kv_heads * max_len, D] (writes); per forward, all layers'
+        # windows [layers, B, KV, L, D] (reads). Views made once, so a layer's update is 2 copies and 2 selects.
+        self._k_rows = [t.view(-1, shape.head_dim) for t in self.k]
+        self._v_rows = [t.view(-1, shape.head_dim) for t in self.v]
+        self._k_window, self._v_window = self.k, self.v
 
     @property
     def nbytes(self) -> int:
@@ -45,22 +55,50 @@ class KVCache:
     def bytes_per_token(self) -> int:
         return self.shape.bytes_per_token * self.k.element_size()
 
+    def set_format(self, kv_format: str, k_scales: list | None, v_scales: list | None) -> None:
+        """Quantize K/V as they are written (`fp8`/`nvfp4`, one calibrated scale per layer) or not (`none`)."""
+        if kv_format != "none" and (k_scales is None or v_scales is None):
+            raise ValueError(f"a {kv_format} KV cache needs per-layer k/v scales from calibration")
+        self.kv_format, self.k_scales, self.v_scales = kv_format, k_scales, v_scales
+
+    def packed_bytes_per_token(self) -> float:
+        """Bytes per token of K and V in the cache's format (the fp32 compute copy is `bytes_per_token`)."""
+        if self.kv_format == "none":
+            return float(self.bytes_per_token)
+        return self.shape.bytes_per_token * kv_bytes_per_element(self.kv_format)
+
     def begin(self, first_slot: int, batch: int, attn_len: int) -> None:
         """Select the slots [first_slot, first_slot+batch) and attention length for the next forward."""
         assert first_slot >= 0 and first_slot + batch <= self.shape.num_slots, (first_slot, batch)
         assert 0 < attn_len <= self.shape.max_len, attn_len
         self._rows = slice(first_slot, first_slot + batch)
         self._attn_len = attn_len
+        self._index_of = None
+        self._k_window = self.k[:, self._rows, :, :attn_len]
+        self._v_window = self.v[:, self._rows, :, :attn_len]
+
+    def _flat_index(self, positions: torch.Tensor) -> torch.Tensor:
+        """Row indices into a layer's cache viewed as [slots * kv_heads * max_len, D] for `positions` [B, S],
+        ordered (b, s, head) like k.reshape(-1, D). Built once per forward: every layer writes the same places."""
+        if positions is not self._index_of:
+            slots = torch.arange(self._rows.start, self._rows.stop, device=positions.device)
+            heads = torch.arange(self.shape.num_kv_heads, device=positions.device)
+            base = (slots[:, None, None] * self.shape.num_kv_heads + heads) * self.shape.max_len  # [B, 1, KV]
+            self._index = (base + positions[:, :, None]).flatten()
+            self._index_of = positions
+        return self._index
 
     def update(
         self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v [B, S, KV, D] at `positions` [B, S]; return this layer's keys/values [B, KV, L, D]."""
-        k_rows, v_rows = self.k[layer, self._rows], self.v[layer, self._rows]  # [B, KV, max_len, D]
-        batch_idx = torch.arange(k.shape[0], device=k.device).unsqueeze(1)  # [B, 1]
-        k_rows[batch_idx, :, positions] = k  # advanced dims first: [B, S, KV, D]
-        v_rows[batch_idx, :, positions] = v
-        return k_rows[:, :, : self._attn_len], v_rows[:, :, : self._attn_len]
+        if self.kv_format != "none":  # store exactly what the quantized cache would hold
+            k = fake_quant_kv(self.kv_format, k, self.k_scales[layer])
+            v = fake_quant_kv(self.kv_format, v, self.v_scales[layer])
+        index, D = self._flat_index(positions), self.shape.head_dim
+        self._k_rows[layer].index_copy_(0, index, k.reshape(-1, D).to(self.k.dtype))
+        self._v_rows[layer].index_copy_(0, index, v.reshape(-1, D).to(self.v.dtype))
+        return self._k_window[layer], self._v_window[layer]
 
     def move(self, src_slot: int, dst_slot: int, length: int) -> None:
         """Copy the first `length` positions of one slot into another (slot compaction)."""

@@ -12,6 +12,7 @@ import torch
 
 from .config import EngineConfig, ModelConfig, SamplingParams
 from .detokenize import finish_reason_for_token, text_delta, update_text
+from .model import Transformer
 from .runner import ModelRunner
 from .sampler import make_generator, sample, token_logprobs
 from .scheduler import Scheduler
@@ -23,6 +24,17 @@ log = logging.getLogger(__name__)
 
 class RequestError(ValueError):
     """A request the engine cannot run (e.g. longer than the context); the server answers 400."""
+
+
+@dataclass
+class WeightSet:
+    """The model the engine serves and the formats it is in (KV scales: one per layer, for a quantized cache)."""
+
+    model: Transformer
+    weight_format: str
+    kv_format: str
+    k_scales: list[torch.Tensor] | None = None
+    v_scales: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -51,11 +63,14 @@ class LLMEngine:
         dtype = getattr(torch, cfg.dtype)
         torch.manual_seed(cfg.seed)
         model = load_model(self.model_dir, self.max_model_len, dtype, cfg.device)
+        self.master = model  # the unquantized weights, kept for format swaps
         self.runner = ModelRunner(model, cfg.max_batch, self.max_model_len, dtype)
         self.scheduler = Scheduler(cfg.max_batch, self.runner.cache)
         self.eos_ids = set(self.model_config.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}
         self._new: queue.SimpleQueue[Request] = queue.SimpleQueue()  # filled by callers, drained by the loop
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._swaps: queue.SimpleQueue[tuple[WeightSet, threading.Event]] = queue.SimpleQueue()
+        self.weights = WeightSet(model, "none", "none")
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -88,9 +103,32 @@ class LLMEngine:
         self._aborts.put(request_id)
         self._wake.set()
 
+    def use_weights(self, weights: WeightSet, timeout_s: float = 600.0) -> None:
+        """Serve from `weights` from the next step on; returns once they serve (thread-safe).
+
+        Sequences already running are re-prefilled on the new weights at the switch, so none is dropped and
+        every token after the switch comes from the new weight set.
+        """
+        if self._thread is None or not self._thread.is_alive():
+            self._apply_weights(weights)
+            return
+        done = threading.Event()
+        self._swaps.put((weights, done))
+        self._wake.set()
+        if not done.wait(timeout_s):
+            raise TimeoutError("the engine did not switch weights in time")
+
+    def _apply_weights(self, weights: WeightSet) -> None:
+        self.weights = weights
+        self.runner.model = weights.model
+        self.runner.cache.set_format(weights.kv_format, weights.k_scales, weights.v_scales)
+        for seq in self.scheduler.running:
+            if seq.finish_reason is None and seq.num_generated > 0:
+                self.runner.prefill(seq.slot, seq.token_ids[:-1])  # the last token is fed by the next decode
+
     def weight_bytes(self) -> int:
         """Bytes of the model's parameters as held in memory (a tied LM head's transposed copy included)."""
-        return sum(p.nbytes for p in self.runner.model.parameters())
+        return sum(p.nbytes for p in self.weights.model.parameters())
 
     def stats(self) -> EngineStats:
         s = self.scheduler
@@ -121,7 +159,11 @@ class LLMEngine:
                 self._fail_all(f"engine error: {e}")
 
     def _drain_inbox(self) -> None:
-        """Take in new requests, then apply aborts (so an abort that follows its add is never lost)."""
+        """Switch weights if asked, take in new requests, then apply aborts (an abort follows its add)."""
+        while not self._swaps.empty():
+            weights, done = self._swaps.get_nowait()
+            self._apply_weights(weights)
+            done.set()
         while not self._new.empty():
             self._enqueue(self._new.get_nowait())
         while not self._aborts.empty():

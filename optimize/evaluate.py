@@ -31,12 +31,17 @@ def window_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
 
 
 def evaluate(
-    model: Transformer, windows: list[list[int]], reference: Transformer | None = None, progress: bool = True
+    model: Transformer, windows: list[list[int]], reference: Transformer | None = None, progress: bool = True,
+    kv: tuple[str, list[torch.Tensor] | None, list[torch.Tensor] | None] = ("none", None, None),
 ) -> EvalResult:
-    """Perplexity of `model` over `windows`; with a `reference`, also its perplexity, mean KL and top-1 agreement."""
+    """Perplexity of `model` over `windows`; with a `reference`, also its perplexity, mean KL and top-1 agreement.
+
+    `kv` = (format, k_scales, v_scales) quantizes the evaluated model's KV cache (the reference keeps fp32).
+    """
     window = max(len(w) for w in windows)
     dtype = model.embed.weight.dtype
     runner = ModelRunner(model, 1, window, dtype)
+    runner.cache.set_format(*kv)
     ref_runner = ModelRunner(reference, 1, window, dtype) if reference is not None else None
     nll = ref_nll = kl = agree = 0.0
     count = 0

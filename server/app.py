@@ -13,7 +13,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from optiserve.engine.llm_engine import LLMEngine
+from optiserve.optimize.startup import QuantRequest
 
+from .admin import QuantAdmin
+from .admin import router as admin_router
 from .engine_client import EngineClient
 from .metrics import ServerMetrics
 from .openai_api import ApiError, router
@@ -37,9 +40,11 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
 
 
 def create_app(
-    engine: LLMEngine, served_model_name: str | None = None, options: ServerOptions | None = None
+    engine: LLMEngine, served_model_name: str | None = None, options: ServerOptions | None = None,
+    quant: QuantRequest | None = None,
 ) -> FastAPI:
-    """An app serving `engine`; start the engine thread with the app's lifespan."""
+    """An app serving `engine`; start the engine thread with the app's lifespan. `quant` holds the start-up
+    calibration settings that live format swaps reuse."""
     name = served_model_name or engine.served_name
     options = options or ServerOptions()
     metrics = ServerMetrics(name, engine.stats)
@@ -58,7 +63,9 @@ def create_app(
     app.state.served_model_name = name
     app.state.metrics = metrics
     app.state.started = int(time.time())
+    app.state.quant_admin = QuantAdmin(engine, quant or QuantRequest())
     app.include_router(router)
+    app.include_router(admin_router)
 
     def count_error(status: int) -> None:
         metrics.request_errors.labels(name, str(status)).inc()

@@ -15,12 +15,31 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
 
+def add_quant_args(p: argparse.ArgumentParser) -> None:
+    from optiserve.engine.quant import KV_FORMATS, WEIGHT_FORMATS
+
+    p.add_argument("--quant", default="none", choices=WEIGHT_FORMATS, help="weight (and activation) format")
+    p.add_argument("--kv-cache", default="none", choices=KV_FORMATS, help="KV cache format")
+    p.add_argument("--calib-data", default=None, help="text or jsonl (default: the slice shipped with optiserve)")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--smoothquant-alpha", type=float, default=0.5, help="SmoothQuant migration strength (int8)")
+
+
+def quant_request(args: argparse.Namespace):
+    from optiserve.optimize.startup import QuantRequest
+
+    return QuantRequest(args.quant, args.kv_cache, args.calib_data, args.calib_samples, args.calib_seq_len,
+                        args.smoothquant_alpha)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optiserve", description="LLM inference server with model optimization")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
     add_model_args(serve)
+    add_quant_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV slots)")
@@ -39,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against the unquantized model")
     add_model_args(ev)
+    add_quant_args(ev)
     ev.add_argument("--data", required=True, help="text or jsonl file, e.g. ../shared/data/wikitext-2/test.txt")
     ev.add_argument("--window", type=int, default=512, help="tokens per window")
     ev.add_argument("--max-windows", type=int, default=40)
@@ -86,8 +106,15 @@ def serve(args: argparse.Namespace) -> None:
     options = ServerOptions(api_key=args.api_key, admin_token=args.admin_token, max_waiting=args.max_waiting,
                             request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
                             max_prompt_tokens=args.max_prompt_tokens)
+    req = quant_request(args)
     engine = LLMEngine(cfg)
-    app = create_app(engine, args.served_model_name, options)
+    if req.quant != "none" or req.kv_cache != "none":
+        from optiserve.engine.llm_engine import WeightSet
+        from optiserve.optimize.startup import prepare_quantized
+
+        q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
+        engine.use_weights(WeightSet(q.model, req.quant, req.kv_cache, q.k_scales, q.v_scales))
+    app = create_app(engine, args.served_model_name, options, req)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=int(args.drain_timeout))
     DrainingServer(config, app).run()
@@ -105,8 +132,16 @@ def run_eval(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     windows = token_windows(tokenizer, read_texts(args.data, tokenizer), args.window, args.max_windows)
     model = load_model(model_dir, args.window, getattr(torch, args.dtype))
-    result = evaluate(model, windows)
-    write_result(result, {"model": args.model, "data": args.data, "quant": "none"}, args.json)
+    req = quant_request(args)
+    if req.quant == "none" and req.kv_cache == "none":
+        result = evaluate(model, windows)
+    else:
+        from optiserve.optimize.startup import prepare_quantized
+
+        q = prepare_quantized(model_dir, model, tokenizer, req)
+        result = evaluate(q.model, windows, reference=model, kv=(req.kv_cache, q.k_scales, q.v_scales))
+    write_result(result, {"model": args.model, "data": args.data, "quant": req.quant, "kv_cache": req.kv_cache},
+                 args.json)
 
 
 def main(argv: list[str] | None = None) -> None:

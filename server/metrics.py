@@ -61,10 +61,11 @@ class ServerMetrics:
 
     def set_model_info(self, engine) -> None:
         """Publish the model, dtype, formats and sizes of what the engine serves now."""
-        self.info.info({"model": self.model_name, "dtype": engine.cfg.dtype, "weight_format": "none",
-                        "kv_cache_format": "none"})
+        w = engine.weights
+        self.info.info({"model": self.model_name, "dtype": engine.cfg.dtype, "weight_format": w.weight_format,
+                        "kv_cache_format": w.kv_format})
         self.weight_bytes.labels(self.model_name).set(engine.weight_bytes())
-        self.kv_bytes_per_token.labels(self.model_name).set(engine.runner.cache.bytes_per_token)
+        self.kv_bytes_per_token.labels(self.model_name).set(engine.runner.cache.packed_bytes_per_token())
 
     def observe_finished(self, reason: str, prompt_tokens: int, gen_tokens: int, e2e: float) -> None:
         m = self.model_name

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+
+# Triton decides interpreter-or-compiler when it is first imported, and importing optiserve.engine imports it
+# (engine -> kernels). Set the interpreter here, before that, so tests/kernels can run the kernels on the CPU.
+# Servers started by the tests inherit it; on CPU tensors the engine uses the torch reference path regardless.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 import socket
 import subprocess
 import sys

@@ -1,0 +1,89 @@
+"""Max calibration: run calibration windows through the model and record what PTQ needs per linear layer.
+
+Per `Linear` (except the LM head): the input's per-tensor amax, its per-channel amax (SmoothQuant) and mean |x|
+(AWQ), plus a small sample of input rows for AWQ's scale search. Per layer: the amax of K and of V as written
+to the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from optiserve.engine.model import Linear, Transformer
+from optiserve.engine.runner import ModelRunner
+
+SAMPLE_ROWS = 256  # input rows kept per linear for the AWQ search
+
+
+@dataclass
+class InputStats:
+    amax: torch.Tensor  # [] per-tensor abs max
+    channel_amax: torch.Tensor  # [in]
+    channel_abs_sum: torch.Tensor  # [in]
+    rows: int = 0
+    sample: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def channel_mean(self) -> torch.Tensor:
+        return self.channel_abs_sum / max(self.rows, 1)
+
+    def sample_rows(self) -> torch.Tensor:
+        return torch.cat(self.sample)[:SAMPLE_ROWS]
+
+
+@dataclass
+class CalibStats:
+    linears: dict[str, InputStats]  # module name -> stats of its input
+    k_amax: list[torch.Tensor]  # per layer
+    v_amax: list[torch.Tensor]
+
+
+def quantizable_linears(model: Transformer) -> dict[str, Linear]:
+    """Every linear layer PTQ touches: all but the LM head (and embeddings, which are not linears)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, Linear) and n != "lm_head"}
+
+
+def _record_input(stats: dict[str, InputStats], name: str):
+    def hook(module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [rows, in]
+        s = stats.get(name)
+        if s is None:
+            zeros = torch.zeros(x.shape[-1])
+            s = stats[name] = InputStats(torch.zeros(()), zeros.clone(), zeros.clone())
+        s.amax = torch.maximum(s.amax, x.abs().amax())
+        s.channel_amax = torch.maximum(s.channel_amax, x.abs().amax(0))
+        s.channel_abs_sum += x.abs().sum(0)
+        s.rows += x.shape[0]
+        if sum(len(t) for t in s.sample) < SAMPLE_ROWS:  # spread the sample over windows: a few rows each
+            s.sample.append(x[torch.randperm(x.shape[0])[: SAMPLE_ROWS // 8]].clone())
+
+    return hook
+
+
+@torch.inference_mode()
+def calibrate(model: Transformer, windows: list[list[int]], progress: bool = True) -> CalibStats:
+    """Run `windows` through `model` and collect `CalibStats` (the model is left unchanged)."""
+    n_layers = model.cfg.num_layers
+    stats: dict[str, InputStats] = {}
+    k_amax = [torch.zeros(()) for _ in range(n_layers)]
+    v_amax = [torch.zeros(()) for _ in range(n_layers)]
+    handles = [m.register_forward_pre_hook(_record_input(stats, n)) for n, m in quantizable_linears(model).items()]
+    runner = ModelRunner(model, 1, max(len(w) for w in windows), model.embed.weight.dtype)
+    cache_update = runner.cache.update
+
+    def recording_update(layer, positions, k, v):
+        k_amax[layer] = torch.maximum(k_amax[layer], k.abs().amax().float())
+        v_amax[layer] = torch.maximum(v_amax[layer], v.abs().amax().float())
+        return cache_update(layer, positions, k, v)
+
+    runner.cache.update = recording_update
+    try:
+        for ids in tqdm(windows, desc="calibrate", unit="window", disable=not progress):
+            runner.prefill(0, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return CalibStats(stats, k_amax, v_amax)

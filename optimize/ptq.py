@@ -1,0 +1,111 @@
+"""Post-training quantization: from calibration statistics to a model whose linears are `QuantLinear`s.
+
+- fp8 / nvfp4 / nvfp4-w4a16: max calibration (weights from their own amax, activations from calibrated amax).
+- int8: SmoothQuant — per input channel s = amax_x^alpha / amax_w^(1-alpha); weights W*s, inputs x/s
+  (exported as `pre_quant_scale` = 1/s), then INT8 per-channel weights and a static per-tensor input scale.
+- int4: AWQ-lite — per layer, a grid search over alpha of s = mean|x|^alpha / mean|w|^(1-alpha) that minimises
+  the output error of the INT4-quantized layer on sampled calibration inputs (ModelOpt's awq_lite idea).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from optiserve.engine.model import Transformer
+from optiserve.engine.quant import FORMATS, QuantLinear, input_scale_for, quantize_weight
+from optiserve.kernels.formats import INT4_GROUP_SIZE
+
+from .calibrate import CalibStats, InputStats, quantizable_linears
+
+AWQ_ALPHAS = [i / 10 for i in range(11)]
+EPS = 1e-6
+
+
+@dataclass
+class LinearPlan:
+    """What PTQ decided for one (possibly fused) linear layer."""
+
+    shards: list[torch.Tensor]  # float weights [rows_i, in] as they will be quantized (smoothed if so)
+    input_amax: torch.Tensor
+    pre_quant_scale: torch.Tensor | None = None
+
+
+def shard_sizes(model: Transformer, name: str) -> list[int]:
+    """Row counts of the HF projections fused into module `name` (q/k/v, gate/up), else one shard."""
+    cfg = model.cfg
+    if name.endswith("attn.qkv"):
+        return [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
+    if name.endswith("mlp.gate_up"):
+        return [cfg.intermediate_size] * 2
+    return [dict(model.named_modules())[name].weight_t.shape[1]]
+
+
+def smooth_scale(stats: InputStats, w: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel s [in] (weights are multiplied by s, inputs divided)."""
+    w_amax = w.abs().amax(0).clamp_min(EPS)
+    s = stats.channel_amax.clamp_min(EPS).pow(alpha) / w_amax.pow(1 - alpha)
+    return s.clamp_min(EPS)
+
+
+def awq_scale(stats: InputStats, w: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """AWQ-lite: the scale s [in] from the alpha grid whose INT4 layer best reproduces the float outputs."""
+    x = stats.sample_rows()  # [R, in]
+    ref = x @ w.t()
+    groups = -(-w.shape[1] // INT4_GROUP_SIZE)
+    padded = torch.nn.functional.pad(w.abs(), (0, groups * INT4_GROUP_SIZE - w.shape[1]))
+    group_max = padded.view(w.shape[0], groups, INT4_GROUP_SIZE).amax(-1, keepdim=True).clamp_min(EPS)
+    w_mean = (padded.view(w.shape[0], groups, -1) / group_max).flatten(1)[:, : w.shape[1]].mean(0)
+    x_mean = stats.channel_mean
+    best, best_err = torch.ones_like(x_mean), float("inf")
+    for alpha in AWQ_ALPHAS:
+        s = x_mean.clamp_min(EPS).pow(alpha) / w_mean.clamp_min(EPS).pow(1 - alpha)
+        s = (s / (s.max() * s.min()).sqrt()).clamp_min(EPS)
+        wq = torch.cat([quantize_weight("int4", part).dequantize(torch.float32)
+                        for part in (w * s).split(sizes)])
+        err = ((x / s) @ wq.t() - ref).pow(2).mean().item()
+        if err < best_err:
+            best, best_err = s, err
+    return best
+
+
+def plan_linear(fmt: str, name: str, w: torch.Tensor, stats: InputStats, sizes: list[int],
+                smoothquant_alpha: float) -> LinearPlan:
+    """Decide smoothing and input range for one linear; `w` is [out, in] float32."""
+    if fmt == "int8":
+        s = smooth_scale(stats, w, smoothquant_alpha)
+    elif fmt == "int4":
+        s = awq_scale(stats, w, sizes)
+    else:
+        return LinearPlan(list(w.split(sizes)), stats.amax)
+    smoothed_amax = (stats.channel_amax / s).amax()
+    return LinearPlan(list((w * s).split(sizes)), smoothed_amax, pre_quant_scale=1.0 / s)
+
+
+def with_layers(model: Transformer, layers: dict[str, nn.Module]) -> Transformer:
+    """A copy of `model` with the named submodules replaced; every other tensor is shared, not copied."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    new = copy.deepcopy(model, memo=shared)
+    for name, layer in layers.items():
+        parent, child = name.rsplit(".", 1)
+        setattr(new.get_submodule(parent), child, layer)
+    return new
+
+
+def quantize_model(model: Transformer, fmt: str, stats: CalibStats, smoothquant_alpha: float = 0.5) -> Transformer:
+    """A new model whose linears (all but the LM head) are `fmt`; the input model and its tensors are untouched
+    (the two share embeddings, norms and the LM head)."""
+    spec = FORMATS[fmt]
+    dtype = model.embed.weight.dtype
+    layers = {}
+    for name, linear in quantizable_linears(model).items():
+        w = linear.weight.float()  # [out, in]
+        sizes = shard_sizes(model, name)
+        plan = plan_linear(fmt, name, w, stats.linears[name], sizes, smoothquant_alpha)
+        shards = [quantize_weight(fmt, part.contiguous()) for part in plan.shards]
+        input_scale = input_scale_for(fmt, plan.input_amax) if spec.quantizes_activations else None
+        layers[name] = QuantLinear(fmt, shards, linear.bias, input_scale, plan.pre_quant_scale, dtype)
+    return with_layers(model, layers)

@@ -1,0 +1,111 @@
+"""PTQ at server start-up: calibrate once, quantize, and cache the result so the next start skips calibration."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from optiserve.engine.model import Transformer
+from optiserve.engine.quant import (
+    KV_FORMATS,
+    PACKED_TYPES,
+    WEIGHT_FORMATS,
+    QuantLinear,
+    check_format,
+    kv_scale_for,
+)
+from optiserve.engine.weights import cache_root
+
+from .calibrate import calibrate, quantizable_linears
+from .data import default_calib_path, read_texts, token_windows
+from .ptq import quantize_model, with_layers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantRequest:
+    """What the user asked for: formats and calibration set-up."""
+
+    quant: str = "none"
+    kv_cache: str = "none"
+    calib_data: str | None = None  # None: the calibration slice shipped with the package
+    calib_samples: int = 32
+    calib_seq_len: int = 512
+    smoothquant_alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_format(self.quant, WEIGHT_FORMATS, "weight")
+        check_format(self.kv_cache, KV_FORMATS, "KV cache")
+        if self.calib_samples < 1 or self.calib_seq_len < 16:
+            raise ValueError("calib_samples must be >= 1 and calib_seq_len >= 16")
+        if not 0.0 <= self.smoothquant_alpha <= 1.0:
+            raise ValueError("smoothquant_alpha must be in [0, 1]")
+
+    @property
+    def calib_path(self) -> Path:
+        return Path(self.calib_data) if self.calib_data else default_calib_path()
+
+
+@dataclass
+class QuantResult:
+    model: Transformer
+    k_scales: list[torch.Tensor] | None
+    v_scales: list[torch.Tensor] | None
+
+
+def cache_key(model_dir: Path, req: QuantRequest) -> str:
+    """Changes when the model, the formats, or the calibration data or its settings change."""
+    calib = req.calib_path.resolve()
+    stat = calib.stat()
+    parts = {"model": str(model_dir.resolve()), **asdict(req), "calib": [str(calib), stat.st_size, stat.st_mtime]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_quantized(path: Path, result: QuantResult) -> None:
+    layers = {name: {"fmt": m.fmt, "shards": [asdict(s) for s in m.shards], "input_scale": m.input_scale,
+                     "pre_quant_scale": m.pre_quant_scale}
+              for name, m in result.model.named_modules() if isinstance(m, QuantLinear)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"layers": layers, "k_scales": result.k_scales, "v_scales": result.v_scales}, tmp)
+    tmp.rename(path)
+
+
+def load_quantized(path: Path, model: Transformer) -> QuantResult:
+    """Rebuild the quantized model from cached packed shards (no calibration, no search)."""
+    saved = torch.load(path, weights_only=False)  # our own cache file: it holds dtypes and dataclass fields
+    linears = quantizable_linears(model)
+    layers = {}
+    for name, entry in saved["layers"].items():
+        shards = [PACKED_TYPES[entry["fmt"]](**s) for s in entry["shards"]]
+        layers[name] = QuantLinear(entry["fmt"], shards, linears[name].bias, entry["input_scale"],
+                                   entry["pre_quant_scale"], model.embed.weight.dtype)
+    return QuantResult(with_layers(model, layers), saved["k_scales"], saved["v_scales"])
+
+
+def prepare_quantized(model_dir: Path, model: Transformer, tokenizer, req: QuantRequest) -> QuantResult:
+    """The model quantized as `req` asks (from the cache when the same request ran before)."""
+    if req.quant == "none" and req.kv_cache == "none":
+        return QuantResult(model, None, None)
+    path = cache_root() / "ptq" / f"{cache_key(model_dir, req)}.pt"
+    if path.is_file():
+        log.info("loading calibrated %s / KV %s from %s", req.quant, req.kv_cache, path)
+        return load_quantized(path, model)
+    texts = read_texts(req.calib_path, tokenizer)
+    windows = token_windows(tokenizer, texts, req.calib_seq_len, req.calib_samples)
+    log.info("calibrating on %d x %d tokens of %s", len(windows), req.calib_seq_len, req.calib_path)
+    stats = calibrate(model, windows)
+    qmodel = model if req.quant == "none" else quantize_model(model, req.quant, stats, req.smoothquant_alpha)
+    k_scales = v_scales = None
+    if req.kv_cache != "none":
+        k_scales = [kv_scale_for(req.kv_cache, a) for a in stats.k_amax]
+        v_scales = [kv_scale_for(req.kv_cache, a) for a in stats.v_amax]
+    result = QuantResult(qmodel, k_scales, v_scales)
+    save_quantized(path, result)
+    return result

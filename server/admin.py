@@ -1,0 +1,96 @@
+"""Admin routes: the active quantization formats, and a live swap between them (auth in `security.py`)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import asdict, replace
+
+from fastapi import APIRouter
+from fastapi import Request as HttpRequest
+from pydantic import BaseModel, ConfigDict
+
+from optiserve.engine.llm_engine import LLMEngine, WeightSet
+from optiserve.engine.quant import KV_FORMATS, WEIGHT_FORMATS, QuantLinear
+from optiserve.optimize.data import read_texts, token_windows
+from optiserve.optimize.evaluate import evaluate
+from optiserve.optimize.startup import QuantRequest, prepare_quantized
+
+from .openai_api import ApiError
+
+router = APIRouter()
+PROBE_WINDOWS, PROBE_LEN = 2, 128  # the fixed quality probe: ppl + KL on 2 x 128 calibration tokens
+
+
+class SwapRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    quant: str
+    kv_cache: str = "none"
+
+
+class QuantAdmin:
+    """Holds the start-up calibration settings, the last probe result, and serialises swaps."""
+
+    def __init__(self, engine: LLMEngine, base: QuantRequest):
+        self.engine, self.base = engine, base
+        self.lock = threading.Lock()
+        self.last_probe: dict | None = None
+        self.last_swap_s: float | None = None
+
+    def report(self) -> dict:
+        w, cache = self.engine.weights, self.engine.runner.cache
+        quant_layers = [m for m in w.model.modules() if isinstance(m, QuantLinear)]
+        linear_bytes = sum(m.weight_t.nbytes for m in quant_layers)
+        linear_bf16 = sum(m.weight_t.numel() * 2 for m in quant_layers)
+        return {
+            "quant": w.weight_format, "kv_cache": w.kv_format,
+            "linear_packed_bytes": sum(m.packed_bytes() for m in quant_layers) if quant_layers else None,
+            "linear_bf16_bytes": linear_bf16 or None,
+            "weight_bytes": self.engine.weight_bytes() - linear_bytes + sum(m.packed_bytes() for m in quant_layers),
+            "resident_weight_bytes": self.engine.weight_bytes(),
+            "master_weight_bytes": sum(p.nbytes for p in self.engine.master.parameters()),
+            "kv_bytes_per_token": cache.packed_bytes_per_token(),
+            "resident_kv_bytes_per_token": cache.bytes_per_token,
+            "last_quality_probe": self.last_probe, "last_swap_seconds": self.last_swap_s,
+        }
+
+    def swap(self, quant: str, kv_cache: str) -> float:
+        """Build the new weight set beside the old one, switch between steps, then probe quality."""
+        with self.lock:
+            start = time.monotonic()
+            req = replace(self.base, quant=quant, kv_cache=kv_cache)
+            engine = self.engine
+            q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
+            engine.use_weights(WeightSet(q.model, quant, kv_cache, q.k_scales, q.v_scales))
+            self.last_swap_s = time.monotonic() - start
+            windows = token_windows(engine.tokenizer, read_texts(req.calib_path), PROBE_LEN, PROBE_WINDOWS)
+            result = evaluate(q.model, windows, engine.master, progress=False, kv=(kv_cache, q.k_scales, q.v_scales))
+            self.last_probe = {"quant": quant, "kv_cache": kv_cache, **asdict(result)}
+            return self.last_swap_s
+
+
+def admin_of(raw: HttpRequest) -> QuantAdmin:
+    return raw.app.state.quant_admin
+
+
+@router.get("/admin/quantization")
+async def get_quantization(raw: HttpRequest) -> dict:
+    return admin_of(raw).report()
+
+
+@router.post("/admin/quantization")
+async def post_quantization(body: SwapRequest, raw: HttpRequest) -> dict:
+    if body.quant not in WEIGHT_FORMATS:
+        raise ApiError(400, f"unknown weight format {body.quant!r}; choose from {', '.join(WEIGHT_FORMATS)}", "quant")
+    if body.kv_cache not in KV_FORMATS:
+        raise ApiError(400, f"unknown KV cache format {body.kv_cache!r}; choose from {', '.join(KV_FORMATS)}",
+                       "kv_cache")
+    admin = admin_of(raw)
+    seconds = await asyncio.to_thread(admin.swap, body.quant, body.kv_cache)
+    metrics = raw.app.state.metrics
+    metrics.format_swaps.labels(metrics.model_name).inc()
+    metrics.swap_seconds.labels(metrics.model_name).observe(seconds)
+    metrics.set_model_info(admin.engine)
+    return {**admin.report(), "swap_seconds": seconds}
