@@ -13,6 +13,7 @@ import torch
 from .config import EngineConfig, ModelConfig, SamplingParams
 from .detokenize import finish_reason_for_token, text_delta, update_text
 from .model import Transformer
+from .quantized_checkpoint import is_modelopt_checkpoint, load_quantized_checkpoint
 from .runner import ModelRunner
 from .sampler import make_generator, sample, token_logprobs
 from .scheduler import Scheduler
@@ -62,8 +63,13 @@ class LLMEngine:
         self.max_model_len = min(cfg.max_model_len, self.model_config.max_position_embeddings)
         dtype = getattr(torch, cfg.dtype)
         torch.manual_seed(cfg.seed)
-        model = load_model(self.model_dir, self.max_model_len, dtype, cfg.device)
-        self.master = model  # the unquantized weights, kept for format swaps
+        quantized = None
+        if is_modelopt_checkpoint(self.model_dir):  # served as packed; no unquantized master copy exists
+            quantized = load_quantized_checkpoint(self.model_dir, self.max_model_len, dtype, cfg.device)
+            model = quantized.model
+        else:
+            model = load_model(self.model_dir, self.max_model_len, dtype, cfg.device)
+        self.master: Transformer | None = None if quantized else model  # unquantized weights, for format swaps
         self.runner = ModelRunner(model, cfg.max_batch, self.max_model_len, dtype)
         self.scheduler = Scheduler(cfg.max_batch, self.runner.cache)
         self.eos_ids = set(self.model_config.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}
@@ -71,6 +77,9 @@ class LLMEngine:
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._swaps: queue.SimpleQueue[tuple[WeightSet, threading.Event]] = queue.SimpleQueue()
         self.weights = WeightSet(model, "none", "none")
+        if quantized is not None:
+            self._apply_weights(WeightSet(model, quantized.weight_format, quantized.kv_format, quantized.k_scales,
+                                          quantized.v_scales))
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False

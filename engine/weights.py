@@ -146,14 +146,16 @@ def hf_to_ours(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
     return out
 
 
-def load_model(model_dir: Path, max_len: int, dtype: torch.dtype, device: str = "cpu") -> Transformer:
-    """Build our `Transformer` from a checkpoint dir, weights in `dtype` on `device`."""
+def load_model(model_dir: Path, max_len: int, dtype: torch.dtype, device: str = "cpu",
+               state: dict[str, torch.Tensor] | None = None) -> Transformer:
+    """Build our `Transformer` from a checkpoint dir, weights in `dtype` on `device` (`state`: the HF state dict
+    when the caller has already read and prepared it, e.g. a quantized checkpoint's dequantized projections)."""
     cfg = ModelConfig.from_dir(model_dir)
     inv_freq, scaling = rope_frequencies(model_dir)
     with torch.device("meta"):
         model = Transformer(cfg)
     try:
-        ours = hf_to_ours(read_state_dict(model_dir), cfg)
+        ours = hf_to_ours(read_state_dict(model_dir) if state is None else state, cfg)
     except KeyError as e:
         raise ModelLoadError(f"{model_dir}: weights lack {e.args[0]!r}") from None
     ours = {k: v.to(dtype).contiguous() for k, v in ours.items()}

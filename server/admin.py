@@ -50,7 +50,9 @@ class QuantAdmin:
             "linear_bf16_bytes": linear_bf16 or None,
             "weight_bytes": self.engine.weight_bytes() - linear_bytes + sum(m.packed_bytes() for m in quant_layers),
             "resident_weight_bytes": self.engine.weight_bytes(),
-            "master_weight_bytes": sum(p.nbytes for p in self.engine.master.parameters()),
+            "master_weight_bytes": (sum(p.nbytes for p in self.engine.master.parameters())
+                                    if self.engine.master is not None else None),
+            "swappable": self.engine.master is not None,
             "kv_bytes_per_token": cache.packed_bytes_per_token(),
             "resident_kv_bytes_per_token": cache.bytes_per_token,
             "last_quality_probe": self.last_probe, "last_swap_seconds": self.last_swap_s,
@@ -88,6 +90,9 @@ async def post_quantization(body: SwapRequest, raw: HttpRequest) -> dict:
         raise ApiError(400, f"unknown KV cache format {body.kv_cache!r}; choose from {', '.join(KV_FORMATS)}",
                        "kv_cache")
     admin = admin_of(raw)
+    if admin.engine.master is None:
+        raise ApiError(409, "this server loads a pre-quantized checkpoint and holds no unquantized weights to "
+                       "re-quantize from; restart it on the original model to change formats", "quant")
     seconds = await asyncio.to_thread(admin.swap, body.quant, body.kv_cache)
     metrics = raw.app.state.metrics
     metrics.format_swaps.labels(metrics.model_name).inc()

@@ -1,4 +1,4 @@
-"""`optiserve` command line: serve, bench."""
+"""`optiserve` command line: serve, eval, quantize, bench."""
 
 from __future__ import annotations
 
@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--window", type=int, default=512, help="tokens per window")
     ev.add_argument("--max-windows", type=int, default=40)
     ev.add_argument("--json", default=None, help="write the results to this file")
+
+    qz = sub.add_parser("quantize", help="calibrate, quantize and write a ModelOpt-layout Hugging Face checkpoint")
+    add_model_args(qz)
+    add_quant_args(qz)
+    qz.add_argument("--output", required=True, help="directory to write the checkpoint to")
 
     bench = sub.add_parser("bench", help="benchmarks that print and write JSON")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -144,6 +149,28 @@ def run_eval(args: argparse.Namespace) -> None:
                  args.json)
 
 
+def run_quantize(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from optiserve.engine.quantized_checkpoint import is_modelopt_checkpoint
+    from optiserve.engine.weights import load_model, resolve_model_dir
+    from optiserve.optimize.export import export_checkpoint
+    from optiserve.optimize.startup import prepare_quantized
+
+    req = quant_request(args)
+    if req.quant == "none" and req.kv_cache == "none":
+        raise ValueError("nothing to quantize: give --quant and/or --kv-cache")
+    model_dir = resolve_model_dir(args.model)
+    if is_modelopt_checkpoint(model_dir):
+        raise ValueError(f"{model_dir} is already a quantized (ModelOpt) checkpoint")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_model(model_dir, max(req.calib_seq_len, 16), getattr(torch, args.dtype))
+    q = prepare_quantized(model_dir, model, tokenizer, req)
+    out = export_checkpoint(model_dir, q, req.quant, req.kv_cache, args.output)
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -153,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
             serve(args)
         elif args.command == "eval":
             run_eval(args)
+        elif args.command == "quantize":
+            run_quantize(args)
         elif args.command == "bench" and args.bench_command == "decode":
             from optiserve.engine.bench import bench_decode
 

@@ -1,0 +1,267 @@
+"""Checkpoints in NVIDIA ModelOpt's unified Hugging Face export layout: the names, dtypes and layout conversions
+shared by export (`optiserve quantize`, in optimize/export.py) and by serving such a checkpoint directly.
+
+Layout (ModelOpt `modelopt/torch/export/unified_export_hf.py` `_export_quantized_weight` / `_write_hf_export_config`,
+`quant_utils.py` `process_layer_quant_config` / `postprocess_state_dict`, `convert_hf_config.py`
+`convert_hf_quant_config_format`), per HF projection `model.layers.{i}.self_attn.{q,k,v,o}_proj` and
+`model.layers.{i}.mlp.{gate,up,down}_proj`:
+  weight          nvfp4: uint8 [N, K/2] (two E2M1 codes, even index low nibble); fp8: float8_e4m3fn [N, K];
+                  int8: int8 [N, K]; int4: uint8 [N/2, K] (rows 2i / 2i+1 in the low / high nibble)
+  weight_scale    nvfp4: float8_e4m3fn [N, K/16]; fp8: fp32 []; int8: fp32 [N]; int4: fp32 [N, K/128]
+  weight_scale_2  nvfp4 only: fp32 []
+  input_scale     fp32 [] where activations are quantized (fp8, int8, nvfp4)
+  pre_quant_scale [K] where SmoothQuant (int8) / AWQ (int4) made one
+and per attention layer `model.layers.{i}.self_attn.k_proj.k_scale` / `v_proj.v_scale` (fp32 []) = amax / 448 for
+both FP8 and NVFP4 KV caches (our NVFP4 KV global scale is amax / (6 * 448), so it is x6 on disk).
+q/k rows are in HF's half-split RoPE order on disk and interleaved in our `Transformer`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from optiserve.kernels.formats import INT4_GROUP_SIZE, NVFP4_BLOCK_SIZE
+from optiserve.kernels.fp8 import FP8Tensor
+from optiserve.kernels.int4 import Int4Tensor, unpack_int4_reference
+from optiserve.kernels.int8 import Int8Tensor
+from optiserve.kernels.nvfp4 import NVFP4Tensor
+
+from .config import ModelConfig, ModelLoadError
+from .model import Transformer
+from .quant import FORMATS, PackedWeight, QuantLinear
+
+HF_QUANT_CONFIG = "hf_quant_config.json"
+# our weight format -> ModelOpt `quant_algo` (process_layer_quant_config)
+QUANT_ALGOS = {"fp8": "FP8", "nvfp4": "NVFP4", "nvfp4-w4a16": "W4A16_NVFP4", "int8": "W8A8_SQ_PER_CHANNEL",
+               "int4": "W4A16_AWQ"}
+KV_ALGOS = {"fp8": "FP8", "nvfp4": "NVFP4"}  # `kv_cache_quant_algo` (_compute_kv_cache_dtype)
+GROUP_SIZES = {"nvfp4": NVFP4_BLOCK_SIZE, "nvfp4-w4a16": NVFP4_BLOCK_SIZE, "int4": INT4_GROUP_SIZE}
+KV_MAX_BOUND = 448.0  # ModelOpt: "kv cache scale as amax / 448 for both FP8 and NVFP4"
+NVFP4_E2M1_MAX = 6.0
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj")
+MLP_PROJ = ("gate_proj", "up_proj")
+
+
+# ------------------------------------------------------------------------------------------------ detection ---
+def read_hf_quant_config(model_dir: Path) -> dict | None:
+    """The `quantization` section of a ModelOpt checkpoint (from hf_quant_config.json or config.json), else None."""
+    path = Path(model_dir) / HF_QUANT_CONFIG
+    if path.is_file():
+        return json.loads(path.read_text()).get("quantization", {})
+    cfg_path = Path(model_dir) / "config.json"
+    if cfg_path.is_file():
+        qc = json.loads(cfg_path.read_text()).get("quantization_config") or {}
+        if qc.get("quant_method") == "modelopt":
+            return {"quant_algo": qc.get("quant_algo"), "kv_cache_quant_algo": _kv_algo_of(qc.get("kv_cache_scheme")),
+                    "group_size": _group_size_of(qc), "exclude_modules": qc.get("ignore", [])}
+    return None
+
+
+def _kv_algo_of(scheme) -> str | None:
+    if isinstance(scheme, dict):  # convert_hf_quant_config_format writes FP8 as a compressed-tensors scheme
+        return "FP8" if scheme.get("num_bits") == 8 and scheme.get("type") == "float" else None
+    return scheme
+
+
+def _group_size_of(qc: dict) -> int | None:
+    for group in (qc.get("config_groups") or {}).values():
+        if "group_size" in group.get("weights", {}):
+            return group["weights"]["group_size"]
+    return None
+
+
+def is_modelopt_checkpoint(model_dir: Path) -> bool:
+    return read_hf_quant_config(model_dir) is not None
+
+
+def formats_of(quant: dict) -> tuple[str, str]:
+    """(our weight format, our KV format) for a ModelOpt `quantization` section."""
+    algo, kv_algo = quant.get("quant_algo"), quant.get("kv_cache_quant_algo")
+    fmt = {v: k for k, v in QUANT_ALGOS.items()}.get(algo) if algo else "none"
+    kv = {v: k for k, v in KV_ALGOS.items()}.get(kv_algo) if kv_algo else "none"
+    if fmt is None or kv is None:
+        raise ModelLoadError(f"unsupported ModelOpt checkpoint: quant_algo {algo!r}, kv_cache_quant_algo {kv_algo!r} "
+                             f"(supported: {', '.join(QUANT_ALGOS.values())}; KV {', '.join(KV_ALGOS.values())})")
+    if fmt in GROUP_SIZES and quant.get("group_size") not in (None, GROUP_SIZES[fmt]):
+        raise ModelLoadError(f"unsupported {algo} group_size {quant.get('group_size')} (need {GROUP_SIZES[fmt]})")
+    return fmt, kv
+
+
+# ------------------------------------------------------------------------------------- row permutations ---
+def rope_row_perm(n_heads: int, head_dim: int, to_hf: bool) -> torch.Tensor:
+    """Row order taking HF half-split q/k rows to our interleaved ones (or back, `to_hf`), as an index vector."""
+    half = torch.arange(head_dim // 2)
+    per_head = torch.stack([half, half + head_dim // 2], dim=1).flatten()  # interleave_rope_rows' order
+    if to_hf:
+        per_head = torch.argsort(per_head)
+    return (torch.arange(n_heads)[:, None] * head_dim + per_head[None, :]).flatten()
+
+
+def permute_rows(p: PackedWeight, perm: torch.Tensor) -> PackedWeight:
+    """The same packed weight with its output rows reordered: codes and per-row / per-block scales move together
+    (every per-tensor scale stays); int4 rows are unpacked from their byte pairs, reordered and repacked."""
+    if isinstance(p, NVFP4Tensor):
+        return NVFP4Tensor(p.qdata[perm].contiguous(), p.scale[perm].contiguous(), p.per_tensor_scale, p.shape,
+                           p.dtype, p.block_size)
+    if isinstance(p, FP8Tensor):
+        return FP8Tensor(p.qdata[perm].contiguous(), p.scale, p.dtype)
+    if isinstance(p, Int8Tensor):
+        scale = p.scale[perm].contiguous() if p.scale.dim() else p.scale
+        return Int8Tensor(p.qdata[perm].contiguous(), scale, p.dtype)
+    if isinstance(p, Int4Tensor):
+        nib = (unpack_int4_reference(p.qdata)[perm] & 0x0F).to(torch.uint8)
+        return Int4Tensor((nib[0::2] | (nib[1::2] << 4)).contiguous(), p.scale[perm].contiguous(), p.shape, p.dtype,
+                          p.group_size)
+    raise TypeError(f"unknown packed weight {type(p).__name__}")
+
+
+# ---------------------------------------------------------------------------------- packed <-> tensors ---
+def packed_to_tensors(p: PackedWeight) -> dict[str, torch.Tensor]:
+    """`weight`, `weight_scale` (and `weight_scale_2`) of one projection, as ModelOpt writes them."""
+    if isinstance(p, NVFP4Tensor):
+        return {"weight": p.qdata, "weight_scale": p.scale, "weight_scale_2": p.per_tensor_scale.float().reshape(())}
+    return {"weight": p.qdata, "weight_scale": p.scale.float()}
+
+
+def tensors_to_packed(fmt: str, t: dict[str, torch.Tensor], in_features: int, dtype: torch.dtype) -> PackedWeight:
+    w, s = t["weight"], t["weight_scale"]
+    if fmt in ("nvfp4", "nvfp4-w4a16"):
+        _expect(w, torch.uint8, "weight")
+        _expect(s, torch.float8_e4m3fn, "weight_scale")
+        return NVFP4Tensor(w.contiguous(), s.contiguous(), t["weight_scale_2"].float().reshape(()),
+                           (w.shape[0], in_features), dtype)
+    if fmt == "fp8":
+        _expect(w, torch.float8_e4m3fn, "weight")
+        return FP8Tensor(w.contiguous(), s.float().reshape(()), dtype)
+    if fmt == "int8":
+        _expect(w, torch.int8, "weight")
+        return Int8Tensor(w.contiguous(), s.float().reshape(w.shape[0]).contiguous(), dtype)
+    if fmt == "int4":
+        _expect(w, torch.uint8, "weight")
+        return Int4Tensor(w.contiguous(), s.float().contiguous(), (2 * w.shape[0], in_features), dtype,
+                          INT4_GROUP_SIZE)
+    raise ModelLoadError(f"no packed weights for {fmt!r}")
+
+
+def _expect(t: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    if t.dtype != dtype:
+        raise ModelLoadError(f"ModelOpt checkpoint: {what} is {t.dtype}, expected {dtype}")
+
+
+def kv_scale_to_modelopt(fmt: str, scale: torch.Tensor) -> torch.Tensor:
+    """Our per-layer KV scale -> ModelOpt's amax / 448 (for NVFP4 ours is amax / (6 * 448): pick the fp32 multiple
+    of 6 that divides back to exactly our value when one exists, so a round trip is bit-exact)."""
+    scale = scale.float().reshape(())
+    if fmt != "nvfp4":
+        return scale.clone()
+    guess = scale * NVFP4_E2M1_MAX
+    candidates = [guess]
+    for direction in (torch.tensor(float("inf")), torch.tensor(0.0)):
+        c = guess
+        for _ in range(4):
+            c = torch.nextafter(c, direction)
+            candidates.append(c)
+    return next((c for c in candidates if torch.equal(kv_scale_from_modelopt(fmt, c), scale)), guess)
+
+
+def kv_scale_from_modelopt(fmt: str, scale: torch.Tensor) -> torch.Tensor:
+    scale = scale.float().reshape(())
+    return scale / NVFP4_E2M1_MAX if fmt == "nvfp4" else scale
+
+
+# ----------------------------------------------------------------------------------------------- loading ---
+@dataclass
+class QuantizedCheckpoint:
+    model: Transformer
+    weight_format: str
+    kv_format: str
+    k_scales: list[torch.Tensor] | None
+    v_scales: list[torch.Tensor] | None
+
+
+def _module_specs(cfg: ModelConfig, i: int) -> list[tuple[str, str, list[str], int]]:
+    """(our module name, HF prefix, HF projections fused into it, in_features) for layer i."""
+    p = f"model.layers.{i}."
+    return [
+        (f"layers.{i}.attn.qkv", f"{p}self_attn.", list(ATTN_PROJ), cfg.hidden_size),
+        (f"layers.{i}.attn.o", f"{p}self_attn.", ["o_proj"], cfg.num_heads * cfg.head_dim),
+        (f"layers.{i}.mlp.gate_up", f"{p}mlp.", list(MLP_PROJ), cfg.hidden_size),
+        (f"layers.{i}.mlp.down", f"{p}mlp.", ["down_proj"], cfg.intermediate_size),
+    ]
+
+
+def load_quantized_checkpoint(model_dir: Path, max_len: int, dtype: torch.dtype,
+                              device: str = "cpu") -> QuantizedCheckpoint:
+    """Build our `Transformer` from a ModelOpt unified HF checkpoint: unquantized tensors load as usual, each
+    projection becomes a `QuantLinear` from its packed tensors (q/k/v and gate/up re-fused, q/k rows interleaved)."""
+    from .weights import load_model, read_state_dict
+
+    quant = read_hf_quant_config(model_dir)
+    if quant is None:
+        raise ModelLoadError(f"{model_dir}: not a ModelOpt checkpoint")
+    fmt, kv_fmt = formats_of(quant)
+    cfg = ModelConfig.from_dir(model_dir)
+    state = read_state_dict(model_dir)
+    H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    layers: dict[str, tuple[list[PackedWeight], torch.Tensor | None, torch.Tensor | None]] = {}
+    if fmt != "none":
+        for i in range(cfg.num_layers):
+            for name, prefix, projs, in_features in _module_specs(cfg, i):
+                shards, input_scales, pqs = [], [], None
+                for proj in projs:
+                    key = prefix + proj + "."
+                    try:
+                        t = {s: state.pop(key + s) for s in ("weight", "weight_scale")}
+                        if fmt in ("nvfp4", "nvfp4-w4a16"):
+                            t["weight_scale_2"] = state.pop(key + "weight_scale_2")
+                    except KeyError as e:
+                        raise ModelLoadError(f"{model_dir}: weights lack {e.args[0]!r}") from None
+                    packed = tensors_to_packed(fmt, t, in_features, dtype)
+                    if FORMATS[fmt].quantizes_activations:
+                        input_scales.append(state.pop(key + "input_scale").float().reshape(()))
+                    if key + "pre_quant_scale" in state:
+                        pqs = state.pop(key + "pre_quant_scale")
+                    # a float copy in HF layout so the usual loader finds every tensor; replaced below
+                    state[key + "weight"] = packed.dequantize(torch.float32)
+                    if proj in ("q_proj", "k_proj"):
+                        packed = permute_rows(packed, rope_row_perm(H if proj == "q_proj" else KV, D, to_hf=False))
+                    shards.append(packed)
+                input_scale = torch.stack(input_scales).amax() if input_scales else None  # shared, as fused
+                layers[name] = (shards, input_scale, pqs)
+    k_scales = v_scales = None
+    if kv_fmt != "none":
+        k_scales, v_scales = [], []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}.self_attn."
+            k = state.pop(p + "k_proj.k_scale", None)
+            v = state.pop(p + "v_proj.v_scale", None)
+            k = state.pop(p + "k_scale", None) if k is None else k  # vLLM-style names, also seen in the wild
+            v = state.pop(p + "v_scale", None) if v is None else v
+            if k is None or v is None:
+                raise ModelLoadError(f"{model_dir}: KV cache is {kv_fmt} but layer {i} has no k_scale/v_scale")
+            k_scales.append(kv_scale_from_modelopt(kv_fmt, k).to(device))
+            v_scales.append(kv_scale_from_modelopt(kv_fmt, v).to(device))
+    model = load_model(model_dir, max_len, dtype, device, state=state)
+    for name, (shards, input_scale, pqs) in layers.items():
+        parent, child = name.rsplit(".", 1)
+        linear = model.get_submodule(name)
+        shards = [_to_device(s, device) for s in shards]
+        layer = QuantLinear(fmt, shards, linear.bias, _opt(input_scale, device),
+                            None if pqs is None else pqs.to(device=device, dtype=torch.float32), dtype)
+        setattr(model.get_submodule(parent), child, layer)
+    return QuantizedCheckpoint(model, fmt, kv_fmt, k_scales, v_scales)
+
+
+def _opt(t: torch.Tensor | None, device: str) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
+def _to_device(p: PackedWeight, device: str) -> PackedWeight:
+    if device == "cpu":
+        return p
+    fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(p).items()}
+    return type(p)(**fields)

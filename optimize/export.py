@@ -1,0 +1,152 @@
+"""Export a PTQ result as a Hugging Face checkpoint in NVIDIA ModelOpt's unified export layout.
+
+What `modelopt.torch.export.export_hf_checkpoint` writes (see engine/quantized_checkpoint.py for tensor names,
+dtypes and shapes): safetensors with one entry set per HF projection (un-fused, q/k rows back in HF's half-split
+RoPE order), `hf_quant_config.json` ({"producer", "quantization": {"quant_algo", "kv_cache_quant_algo",
+"group_size", "exclude_modules", ...}}), `config.json` with `quantization_config` (`convert_hf_quant_config_format`,
+`quant_method: "modelopt"`), plus the source's tokenizer files and generation_config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from optiserve.engine.config import ModelConfig
+from optiserve.engine.quant import FORMATS, QuantLinear
+from optiserve.engine.quantized_checkpoint import (
+    ATTN_PROJ,
+    GROUP_SIZES,
+    HF_QUANT_CONFIG,
+    KV_ALGOS,
+    MLP_PROJ,
+    QUANT_ALGOS,
+    kv_scale_to_modelopt,
+    packed_to_tensors,
+    permute_rows,
+    rope_row_perm,
+)
+
+from .startup import QuantResult
+
+log = logging.getLogger(__name__)
+MODELOPT_VERSION = "0.47.0"  # the ModelOpt release whose export layout this follows
+SKIP_FILES = {"config.json", HF_QUANT_CONFIG, "optiserve-converted.json"}
+
+
+def hf_quant_config(weight_format: str, kv_format: str) -> dict:
+    """hf_quant_config.json, as `get_quant_config` + `process_layer_quant_config` build it for one format."""
+    quant: dict = {"quant_algo": None, "kv_cache_quant_algo": None}
+    if weight_format != "none":
+        quant["quant_algo"] = QUANT_ALGOS[weight_format]
+        if weight_format in GROUP_SIZES:
+            quant["group_size"] = GROUP_SIZES[weight_format]
+        if weight_format == "int4":
+            quant.update({"has_zero_point": False, "pre_quant_scale": True})
+        quant["exclude_modules"] = ["lm_head"]  # ModelOpt leaves the LM head unquantized (a disabled quantizer)
+    if kv_format != "none":
+        quant["kv_cache_quant_algo"] = KV_ALGOS[kv_format]
+    return {"producer": {"name": "modelopt", "version": MODELOPT_VERSION}, "quantization": quant}
+
+
+def hf_quantization_config(hf_quant: dict) -> dict:
+    """config.json's `quantization_config`: ModelOpt's `convert_hf_quant_config_format` for our formats."""
+    q = hf_quant["quantization"]
+    algo, out = q.get("quant_algo"), {}
+    if algo == "FP8":
+        out["config_groups"] = {"group_0": {"input_activations": {"dynamic": False, "num_bits": 8, "type": "float"},
+                                            "weights": {"dynamic": False, "num_bits": 8, "type": "float"},
+                                            "targets": ["Linear"]}}
+    elif algo in ("NVFP4", "W4A16_NVFP4"):
+        gs = q.get("group_size", 16)
+        group = {"weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": gs},
+                 "targets": ["Linear"]}
+        if algo == "NVFP4":
+            group = {"input_activations": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": gs},
+                     **group}
+        out["config_groups"] = {"group_0": group}
+    # ModelOpt has no config_groups for W4A16_AWQ / W8A8_SQ_PER_CHANNEL ("TODO: Handle other quantization algorithms")
+    out["ignore"] = q.get("exclude_modules") or []
+    if algo:
+        out["quant_algo"] = algo
+    kv = q.get("kv_cache_quant_algo")
+    if kv:
+        out["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"} if kv == "FP8" else kv
+    out["producer"] = hf_quant["producer"]
+    out["quant_method"] = "modelopt"
+    return out
+
+
+def export_state_dict(result: QuantResult, weight_format: str, kv_format: str) -> dict[str, torch.Tensor]:
+    """Our (quantized) `Transformer` -> the HF state dict ModelOpt would write."""
+    model = result.model
+    cfg = model.cfg
+    H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model.embed.weight,
+                                    "model.norm.weight": model.norm.weight}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = model.lm_head.weight
+    spec = FORMATS.get(weight_format)
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = layer.attn_norm.weight
+        out[p + "post_attention_layernorm.weight"] = layer.mlp_norm.weight
+        perms = {"q_proj": rope_row_perm(H, D, to_hf=True), "k_proj": rope_row_perm(KV, D, to_hf=True)}
+        sizes = {"q_proj": H * D, "k_proj": KV * D, "v_proj": KV * D, "gate_proj": cfg.intermediate_size,
+                 "up_proj": cfg.intermediate_size, "o_proj": cfg.hidden_size, "down_proj": cfg.hidden_size}
+        for module, prefix, projs in ((layer.attn.qkv, "self_attn.", ATTN_PROJ),
+                                      (layer.attn.o, "self_attn.", ("o_proj",)),
+                                      (layer.mlp.gate_up, "mlp.", MLP_PROJ),
+                                      (layer.mlp.down, "mlp.", ("down_proj",))):
+            rows = [sizes[x] for x in projs]
+            if isinstance(module, QuantLinear):
+                assert module.fmt == weight_format, (module.fmt, weight_format)
+                shards = module.shards
+                for proj, shard in zip(projs, shards, strict=True):
+                    key = p + prefix + proj + "."
+                    if proj in perms:
+                        shard = permute_rows(shard, perms[proj])
+                    out.update({key + k: v for k, v in packed_to_tensors(shard).items()})
+                    if spec.quantizes_activations:
+                        out[key + "input_scale"] = module.input_scale.float().reshape(())
+                    if module.pre_quant_scale is not None:
+                        out[key + "pre_quant_scale"] = module.pre_quant_scale
+            else:
+                for proj, w in zip(projs, module.weight.split(rows), strict=True):
+                    out[p + prefix + proj + ".weight"] = w[perms[proj]] if proj in perms else w
+            if module.bias is not None:  # q/k/v biases (qwen2)
+                for proj, b in zip(projs, module.bias.split(rows), strict=True):
+                    out[p + prefix + proj + ".bias"] = b[perms[proj]] if proj in perms else b
+        if kv_format != "none":
+            out[p + "self_attn.k_proj.k_scale"] = kv_scale_to_modelopt(kv_format, result.k_scales[i])
+            out[p + "self_attn.v_proj.v_scale"] = kv_scale_to_modelopt(kv_format, result.v_scales[i])
+    return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in out.items()}
+
+
+def export_checkpoint(source_dir: Path, result: QuantResult, weight_format: str, kv_format: str,
+                      output: Path) -> Path:
+    """Write `result` to `output` in ModelOpt's unified HF layout; tokenizer etc. are copied from `source_dir`."""
+    from safetensors.torch import save_file
+
+    source_dir, output = Path(source_dir), Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    for f in source_dir.iterdir():
+        if f.is_file() and f.name not in SKIP_FILES and not f.name.endswith((".safetensors", ".bin", ".gguf")) \
+                and not f.name.startswith("model.safetensors"):
+            shutil.copy2(f, output / f.name)
+    state = export_state_dict(result, weight_format, kv_format)
+    save_file(state, str(output / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((source_dir / "config.json").read_text())
+    ModelConfig.from_dict(config)  # the architecture we can serve again
+    config.pop("quantization_config", None)
+    hf_quant = hf_quant_config(weight_format, kv_format)
+    if weight_format != "none" or kv_format != "none":
+        (output / HF_QUANT_CONFIG).write_text(json.dumps(hf_quant, indent=4))
+        config["quantization_config"] = hf_quantization_config(hf_quant)
+    (output / "config.json").write_text(json.dumps(config, indent=4))
+    log.info("wrote %s (%s, KV %s)", output, weight_format, kv_format)
+    return output

@@ -1,0 +1,95 @@
+"""Export to ModelOpt's unified HF layout, then serve the checkpoint directly: same greedy tokens as serving the
+same PTQ result in memory, and the names / dtypes / quant_algo ModelOpt writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from optiserve.engine.config import EngineConfig, SamplingParams
+from optiserve.engine.llm_engine import LLMEngine, WeightSet, run_to_completion
+from optiserve.engine.quantized_checkpoint import permute_rows, rope_row_perm
+from optiserve.kernels.int4 import Int4Tensor
+from optiserve.kernels.nvfp4 import NVFP4Tensor
+from optiserve.optimize.export import export_checkpoint
+from optiserve.optimize.startup import QuantRequest, prepare_quantized
+
+GREEDY = SamplingParams(temperature=0, max_tokens=16)
+CASES = {"nvfp4+kv": ("nvfp4", "nvfp4"), "int4": ("int4", "none")}
+
+
+def reference_tokens(engine: LLMEngine, req: QuantRequest, prompts):
+    q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
+    engine.use_weights(WeightSet(q.model, req.quant, req.kv_cache, q.k_scales, q.v_scales))
+    try:
+        return q, run_to_completion(engine, prompts, GREEDY)
+    finally:
+        engine.use_weights(WeightSet(engine.master, "none", "none"))
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def exported(request, engine, chat_prompt_ids, tmp_path_factory):
+    quant, kv = CASES[request.param]
+    req = QuantRequest(quant, kv, calib_samples=4, calib_seq_len=128)
+    prompts = chat_prompt_ids[:3]
+    q, ref = reference_tokens(engine, req, prompts)
+    out = export_checkpoint(engine.model_dir, q, quant, kv, tmp_path_factory.mktemp(request.param) / "ckpt")
+    return req, out, prompts, ref
+
+
+def test_round_trip_same_greedy_tokens(exported):
+    req, out, prompts, ref = exported
+    served = LLMEngine(EngineConfig(model=str(out), max_batch=4, max_model_len=1024))
+    assert served.master is None
+    assert (served.weights.weight_format, served.weights.kv_format) == (req.quant, req.kv_cache)
+    assert served.runner.cache.kv_format == req.kv_cache
+    assert run_to_completion(served, prompts, GREEDY) == ref
+
+
+def test_names_dtypes_and_config(exported):
+    req, out, _, _ = exported
+    hf_quant = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "modelopt"
+    assert (out / "generation_config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert hf_quant["exclude_modules"] == ["lm_head"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    p = "model.layers.0."
+    assert "model.embed_tokens.weight" in t and p + "input_layernorm.weight" in t
+    assert not any(k.endswith(("qkv.weight", "gate_up.weight")) for k in t)
+    if req.quant == "nvfp4":
+        assert hf_quant["quant_algo"] == "NVFP4" and hf_quant["group_size"] == 16
+        assert hf_quant["kv_cache_quant_algo"] == "NVFP4"
+        for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                     "mlp.up_proj", "mlp.down_proj"):
+            assert t[f"{p}{proj}.weight"].dtype == torch.uint8
+            assert t[f"{p}{proj}.weight_scale"].dtype == torch.float8_e4m3fn
+            assert t[f"{p}{proj}.weight_scale_2"].dtype == torch.float32 and t[f"{p}{proj}.weight_scale_2"].dim() == 0
+            assert t[f"{p}{proj}.input_scale"].dtype == torch.float32
+        assert t[p + "self_attn.q_proj.weight"].shape == (576, 288)
+        assert t[p + "self_attn.q_proj.weight_scale"].shape == (576, 36)
+        assert t[p + "self_attn.k_proj.k_scale"].dtype == torch.float32
+        assert t[p + "self_attn.v_proj.v_scale"].dtype == torch.float32
+    if req.quant == "int4":
+        assert hf_quant["quant_algo"] == "W4A16_AWQ" and hf_quant["group_size"] == 128
+        assert hf_quant["kv_cache_quant_algo"] is None
+        assert t[p + "self_attn.q_proj.weight"].dtype == torch.uint8
+        assert t[p + "self_attn.q_proj.weight"].shape == (288, 576)
+        assert t[p + "mlp.down_proj.weight_scale"].dtype == torch.float32
+        assert t[p + "mlp.down_proj.pre_quant_scale"].shape == (1536,)
+        assert not any(k.endswith("input_scale") for k in t)
+
+
+@pytest.mark.parametrize("kind", ["nvfp4", "int4"])
+def test_rope_row_permutation_commutes_with_packing(kind):
+    """Permuting packed rows (scales too; int4 unpacked and repacked) equals quantizing the permuted rows."""
+    w = torch.randn(4 * 64, 256)
+    perm = rope_row_perm(4, 64, to_hf=True)
+    cls = NVFP4Tensor if kind == "nvfp4" else Int4Tensor
+    packed = permute_rows(cls.from_float(w), perm)
+    assert torch.equal(packed.dequantize(torch.float32), cls.from_float(w).dequantize(torch.float32)[perm])
+    assert torch.equal(permute_rows(packed, rope_row_perm(4, 64, to_hf=False)).qdata, cls.from_float(w).qdata)
