@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from optiserve.engine.quant import (
 )
 from optiserve.engine.weights import cache_root
 
-from .calibrate import calibrate, quantizable_linears
+from .calibrate import CalibStats, calibrate, quantizable_linears
 from .data import default_calib_path, read_texts, token_windows
 from .ptq import quantize_model, with_layers
 
@@ -89,6 +89,21 @@ def load_quantized(path: Path, model: Transformer) -> QuantResult:
     return QuantResult(with_layers(model, layers), saved["k_scales"], saved["v_scales"])
 
 
+def calibration_stats(model_dir: Path, model: Transformer, tokenizer, req: QuantRequest) -> CalibStats:
+    """Calibration statistics, shared by every format (cached apart from the quantized weights)."""
+    path = cache_root() / "ptq" / f"calib-{cache_key(model_dir, replace(req, quant='none', kv_cache='none'))}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=False)  # our own cache file (dataclasses of tensors)
+    texts = read_texts(req.calib_path, tokenizer)
+    windows = token_windows(tokenizer, texts, req.calib_seq_len, req.calib_samples)
+    log.info("calibrating on %d x %d tokens of %s", len(windows), req.calib_seq_len, req.calib_path)
+    stats = calibrate(model, windows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(stats, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").rename(path)
+    return stats
+
+
 def prepare_quantized(model_dir: Path, model: Transformer, tokenizer, req: QuantRequest) -> QuantResult:
     """The model quantized as `req` asks (from the cache when the same request ran before)."""
     if req.quant == "none" and req.kv_cache == "none":
@@ -97,10 +112,7 @@ def prepare_quantized(model_dir: Path, model: Transformer, tokenizer, req: Quant
     if path.is_file():
         log.info("loading calibrated %s / KV %s from %s", req.quant, req.kv_cache, path)
         return load_quantized(path, model)
-    texts = read_texts(req.calib_path, tokenizer)
-    windows = token_windows(tokenizer, texts, req.calib_seq_len, req.calib_samples)
-    log.info("calibrating on %d x %d tokens of %s", len(windows), req.calib_seq_len, req.calib_path)
-    stats = calibrate(model, windows)
+    stats = calibration_stats(model_dir, model, tokenizer, req)
     qmodel = model if req.quant == "none" else quantize_model(model, req.quant, stats, req.smoothquant_alpha)
     k_scales = v_scales = None
     if req.kv_cache != "none":
