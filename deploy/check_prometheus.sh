@@ -195,6 +195,11 @@ sys.exit(bad > 0)
 EOF
 log "dashboard queries evaluate"
 
+# --- promtool lints the exposition; only its complaint about ':' in names is expected (vLLM's names have it) ---
+lint=$(curl -sf "$SERVER/metrics" | promtool check metrics 2>&1 | grep -v "should not contain ':'" || true)
+[[ -z $lint ]] || fail "promtool check metrics: $lint"
+log "promtool check metrics: clean apart from ':' in names"
+
 # --- Optional: speculative decoding (only with --speculative) --------------------------------------------
 if [[ $SPECULATIVE == 1 ]]; then
   SPEC_EXPR='sum(rate(optiserve:spec_decode_num_accepted_tokens_total[30s]))

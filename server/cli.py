@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--max-tokens", type=int, default=32)
     load.add_argument("--prompts", default=None, help="jsonl with `instruction`, or one prompt per line")
     load.add_argument("--api-key", default=os.environ.get("OPTISERVE_API_KEY"))
+    load.add_argument("--swaps", default="", help="comma-separated quant[:kv] formats to swap to during the run")
+    load.add_argument("--admin-token", default=os.environ.get("OPTISERVE_ADMIN_TOKEN"))
     load.add_argument("--json", default=None, help="write the results to this file")
     return parser
 
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
             from .load_bench import LoadConfig, bench_load, load_prompts
 
             cfg = LoadConfig(args.url, args.model, args.concurrency, args.duration, args.max_tokens, args.api_key,
-                             load_prompts(args.prompts))
+                             load_prompts(args.prompts), [s for s in args.swaps.split(",") if s], args.admin_token)
             bench_load(cfg, args.json)
     except (ModelLoadError, ValueError) as e:
         sys.exit(f"optiserve: error: {e}")

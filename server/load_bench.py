@@ -34,6 +34,8 @@ class LoadConfig:
     max_tokens: int = 32
     api_key: str | None = None
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    swaps: list[str] = field(default_factory=list)  # "quant[:kv]" formats to switch to, spread over the run
+    admin_token: str | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.duration_s <= 0 or self.max_tokens < 1:
@@ -83,6 +85,28 @@ async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, prompt: str, s
         return Sample(False, 0, time.perf_counter() - start, None, 0)
 
 
+async def resident_bytes(client: httpx.AsyncClient) -> float | None:
+    """The server's resident memory from its /metrics (process collector)."""
+    for line in (await client.get("/metrics")).text.splitlines():
+        if line.startswith("process_resident_memory_bytes "):
+            return float(line.split()[1])
+    return None
+
+
+async def run_swaps(client: httpx.AsyncClient, cfg: LoadConfig, start: float) -> list[dict]:
+    """Switch formats at evenly spaced times during the run; record status, duration and memory after each."""
+    done = []
+    headers = {"Authorization": f"Bearer {cfg.admin_token}"} if cfg.admin_token else {}
+    for i, spec in enumerate(cfg.swaps):
+        await asyncio.sleep(max(0.0, start + cfg.duration_s * (i + 1) / (len(cfg.swaps) + 1) - time.perf_counter()))
+        quant, _, kv = spec.partition(":")
+        r = await client.post("/admin/quantization", json={"quant": quant, "kv_cache": kv or "none"},
+                              headers=headers)
+        done.append({"format": spec, "status": r.status_code, "rss_after": await resident_bytes(client),
+                     "swap_seconds": r.json().get("swap_seconds") if r.status_code == 200 else None})
+    return done
+
+
 def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p95": None, "p99": None}
@@ -106,15 +130,18 @@ async def run_load(cfg: LoadConfig) -> dict:
                 samples.append(await one_request(client, cfg, prompt, stream=(i + n) % 2 == 0))
                 n += 1
 
-        await asyncio.gather(*(worker(i) for i in range(cfg.concurrency)))
+        swaps, *_ = await asyncio.gather(run_swaps(client, cfg, start), *(worker(i) for i in range(cfg.concurrency)))
         elapsed = time.perf_counter() - start
+        rss_end = await resident_bytes(client)
     ok = [s for s in samples if s.ok]
     failures: dict[str, int] = {}
     for s in samples:
         if not s.ok:
             failures[str(s.status)] = failures.get(str(s.status), 0) + 1
     return {
-        "config": {k: v for k, v in asdict(cfg).items() if k not in ("api_key", "prompts")},
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("api_key", "admin_token", "prompts")},
+        "swaps": swaps, "rss_end": rss_end,
+        "rss_growth_after_first_swap": rss_end / swaps[0]["rss_after"] - 1 if swaps and rss_end else None,
         "elapsed_s": elapsed, "requests": len(samples), "succeeded": len(ok), "failures": failures,
         "requests_per_s": len(ok) / elapsed, "output_tokens_per_s": sum(s.tokens for s in ok) / elapsed,
         "ttft_s": percentiles([s.ttft_s for s in ok if s.ttft_s is not None]),
@@ -131,6 +158,10 @@ def bench_load(cfg: LoadConfig, json_path: str | None = None) -> dict:
           f"{result['requests_per_s']:.2f} req/s, {result['output_tokens_per_s']:.1f} tok/s out, "
           f"TTFT p50 {fmt(ttft['p50'])} p99 {fmt(ttft['p99'])}, latency p50 {fmt(lat['p50'])} "
           f"p99 {fmt(lat['p99'])}, failures {result['failures'] or 0}")
+    for swap in result["swaps"]:
+        print(f"swap to {swap['format']}: HTTP {swap['status']} in {swap['swap_seconds']}s, RSS {swap['rss_after']}")
+    if result["rss_growth_after_first_swap"] is not None:
+        print(f"RSS at the end vs after the first swap: {result['rss_growth_after_first_swap']:+.1%}")
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2))
     return result

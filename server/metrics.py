@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
 PREFIX = "optiserve:"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
@@ -18,6 +26,7 @@ class ServerMetrics:
 
     def __init__(self, model_name: str, engine_stats: Callable[[], object]):
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes & co., for memory checks under load
         label = ["model_name"]
         self.model_name = model_name
         self.ttft = Histogram(f"{PREFIX}time_to_first_token_seconds", "Time to first token.", label,
