@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import logging
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +25,15 @@ from .sequence import Request, RequestOutput, SeqOutput, Sequence
 from .weights import default_served_name, load_model, resolve_model_dir
 
 log = logging.getLogger(__name__)
+
+
+def release_freed_memory() -> None:
+    """Collect the dropped weight set and hand freed heap pages back to the OS (glibc keeps them otherwise,
+    so resident memory would grow by a weight set per swap)."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class RequestError(ValueError):
@@ -128,12 +141,14 @@ class LLMEngine:
             raise TimeoutError("the engine did not switch weights in time")
 
     def _apply_weights(self, weights: WeightSet) -> None:
-        self.weights = weights
+        old, self.weights = self.weights, weights
         self.runner.model = weights.model
         self.runner.cache.set_format(weights.kv_format, weights.k_scales, weights.v_scales)
         for seq in self.scheduler.running:
             if seq.finish_reason is None and seq.num_generated > 0:
                 self.runner.prefill(seq.slot, seq.token_ids[:-1])  # the last token is fed by the next decode
+        del old
+        release_freed_memory()
 
     def weight_bytes(self) -> int:
         """Bytes of the model's parameters as held in memory (a tied LM head's transposed copy included)."""
