@@ -2,7 +2,8 @@
 
 Both sides are timed per decode step (the prefill step is excluded): ours by timing each `LLMEngine.step`
 after the first (which prefills), HF by a stopping criterion that stamps the clock after every generated token.
-Figures use the median step time, so a neighbour briefly stealing a core does not skew them.
+Figures use the median step time, so a neighbour briefly stealing a core does not skew them (`tok_s_mean` is
+total tokens over total decode time). GB/s counts the weight bytes one decode step reads, lm_head included.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import cpu_kernels
 from .config import EngineConfig, SamplingParams
 from .llm_engine import LLMEngine, run_to_completion
 
@@ -60,11 +62,7 @@ def time_ours(engine: LLMEngine, prompts: list[list[int]], tokens: int) -> list[
     stamps: list[float] = []
     step = engine.step
 
-    def timed_step() -> None:
-        if not stamps:
-            step()  # prefill + first decode: not counted
-            stamps.append(time.perf_counter())
-            return
+    def timed_step() -> None:  # intervals start after the first step (prefill + first decode)
         step()
         stamps.append(time.perf_counter())
 
@@ -104,9 +102,12 @@ def weight_bytes(engine: LLMEngine) -> int:
 
 
 def summarize(times: list[float], batch: int, nbytes: int) -> dict:
-    """tok/s across the batch, ms per step and weight GB/s, all from the median decode step."""
+    """tok/s across the batch, ms per step and weight GB/s from the median decode step; tok/s over the total too."""
     step = statistics.median(times)
-    return {"tok_s": batch / step, "ms_per_step": 1e3 * step, "gb_s": nbytes / step / 1e9, "steps": len(times)}
+    return {
+        "tok_s": batch / step, "ms_per_step": 1e3 * step, "gb_s": nbytes / step / 1e9, "steps": len(times),
+        "tok_s_mean": batch * len(times) / sum(times),
+    }  # fmt: skip
 
 
 def bench_decode(
@@ -115,26 +116,27 @@ def bench_decode(
     tokens: int = 128,
     dtype: str = "float32",
     json_path: str | None = None,
-    compile: bool = False,
 ) -> dict:
     """Greedy decode throughput of our engine and of HF `generate` on the same chat prompts; print and return it."""
     from transformers import AutoModelForCausalLM
 
     if tokens < 3:
         raise ValueError("tokens must be >= 3 (decode steps are timed after the first)")
-    engine = LLMEngine(EngineConfig(model=model, dtype=dtype, max_batch=batch, compile=compile))
+    engine = LLMEngine(EngineConfig(model=model, dtype=dtype, max_batch=batch))
     prompts = chat_prompt_ids(engine.tokenizer, load_instructions(batch))
     hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=getattr(torch, dtype)).eval()
     tok = engine.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    nbytes = weight_bytes(engine)
     time_ours(engine, prompts, WARMUP_TOKENS)
-    ours = summarize(time_ours(engine, prompts, tokens), batch, weight_bytes(engine))
+    ours = summarize(time_ours(engine, prompts, tokens), batch, nbytes)
     time_hf(hf, pad_id, prompts, WARMUP_TOKENS)
-    ref = summarize(time_hf(hf, pad_id, prompts, tokens), batch, weight_bytes(engine))
+    ref = summarize(time_hf(hf, pad_id, prompts, tokens), batch, nbytes)
     result = {
-        "model": engine.served_name, "dtype": dtype, "batch": batch, "tokens": tokens, "compile": compile,
-        "threads": torch.get_num_threads(), "prompt_lens": [len(p) for p in prompts],
-        "weight_bytes": weight_bytes(engine), "ours": ours, "hf": ref, "speedup": ours["tok_s"] / ref["tok_s"],
+        "model": engine.served_name, "dtype": dtype, "batch": batch, "tokens": tokens, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "cpu_kernels": cpu_kernels.load() is not None,
+        "prompt_lens": [len(p) for p in prompts], "weight_bytes": nbytes,
+        "ours": ours, "hf": ref, "speedup": ours["tok_s"] / ref["tok_s"],
     }  # fmt: skip
     print(
         f"{result['model']} {dtype} batch={batch} tokens={tokens}: "

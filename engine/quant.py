@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from optiserve.engine import cpu_kernels
 from optiserve.kernels.formats import FP8_E4M3_MAX, INT8_MAXBOUND
 from optiserve.kernels.fp8 import FP8Tensor
 from optiserve.kernels.int4 import Int4Tensor
@@ -98,8 +99,10 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.fmt, self.shards = fmt, shards
         self.spec = FORMATS[fmt]
-        w = torch.cat([s.dequantize(torch.float32) for s in shards])  # [out, in]
-        self.weight_t = nn.Parameter(w.t().contiguous().to(dtype), requires_grad=False)
+        w = torch.cat([s.dequantize(torch.float32) for s in shards]).to(dtype)  # [out, in]
+        # Same layout as `Linear`: [in, out] as the transpose of row-major [out, in], what `cpu_kernels.linear`
+        # reads fastest.
+        self.weight_t = nn.Parameter(w.contiguous().t(), requires_grad=False)
         self.bias = bias
         self.input_scale = input_scale
         self.pre_quant_scale = pre_quant_scale
@@ -120,8 +123,7 @@ class QuantLinear(nn.Module):
             x = x * self.pre_quant_scale
         if self.spec.quantizes_activations:
             x = fake_quant_activation(self.fmt, x, self.input_scale)
-        y = x @ self.weight_t
-        return y if self.bias is None else y + self.bias
+        return cpu_kernels.linear(x, self.weight_t, self.bias)
 
 
 def fake_quant_kv(fmt: str, t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_kernels
 from .kv_cache import CacheShape, KVCache
 from .model import Transformer
 
@@ -30,12 +31,18 @@ class ModelRunner:
         self.max_len = max_len
         self.cache = KVCache(CacheShape(cfg.num_layers, num_slots, cfg.num_kv_heads, max_len, cfg.head_dim), dtype)
         self.device = model.embed.weight.device
+        # One-token steps need no mask when the decode-attention kernel runs (it bounds each row by its position),
+        # nor for a single row without a sliding window (its keys [0, attn_len) are exactly the allowed ones).
+        self.unmasked_decode = cpu_kernels.decode_attention_available(dtype, self.device)
 
-    def _forward(self, first_slot: int, tokens: torch.Tensor, positions: torch.Tensor, all_logits: bool):
+    def _forward(self, first_slot: int, tokens: torch.Tensor, positions: torch.Tensor, attn_len: int, all_logits: bool):
         cfg = self.model.cfg
-        attn_len = int(positions.max()) + 1
-        self.cache.begin(first_slot, tokens.shape[0], attn_len)
-        mask = attention_mask(positions, attn_len, cfg.group_size, cfg.sliding_window)
+        B, S = positions.shape
+        self.cache.begin(first_slot, B, attn_len)
+        if S == 1 and (self.unmasked_decode or (B == 1 and cfg.sliding_window is None)):
+            mask = None
+        else:
+            mask = attention_mask(positions, attn_len, cfg.group_size, cfg.sliding_window)
         return self.model(tokens, positions, self.cache, mask, all_logits=all_logits)
 
     @torch.inference_mode()
@@ -43,12 +50,12 @@ class ModelRunner:
         """Process a whole prompt into `slot`; logits [S, V] if `all_logits`, else [V] for the last token."""
         tokens = torch.tensor([token_ids], device=self.device)  # [1, S]
         positions = torch.arange(len(token_ids), device=self.device).unsqueeze(0)
-        logits = self._forward(slot, tokens, positions, all_logits)
+        logits = self._forward(slot, tokens, positions, len(token_ids), all_logits)
         return logits[0]
 
     @torch.inference_mode()
     def decode(self, last_tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each of the sequences in slots [0, B); returns logits [B, V]."""
-        tokens = torch.tensor(last_tokens, device=self.device).unsqueeze(1)  # [B, 1]
-        pos = torch.tensor(positions, device=self.device).unsqueeze(1)  # [B, 1]
-        return self._forward(0, tokens, pos, all_logits=False)
+        tokens = torch.tensor([[t] for t in last_tokens], device=self.device)  # [B, 1]
+        pos = torch.tensor([[p] for p in positions], device=self.device)  # [B, 1]
+        return self._forward(0, tokens, pos, max(positions) + 1, all_logits=False)

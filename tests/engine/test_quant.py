@@ -26,8 +26,9 @@ def test_activation_quantization_changes_inputs_only_for_w_a_formats():
     for fmt, quantizes in (("nvfp4", True), ("nvfp4-w4a16", False)):
         layer = QuantLinear(fmt, [quantize_weight(fmt, w)], None, torch.tensor(x.abs().max().item() / 2688), None,
                             torch.float32)
-        exact = x @ layer.weight_t
-        assert torch.equal(layer(x), exact) != quantizes
+        unquantized_input = x @ layer.weight.t()
+        differs = (layer(x) - unquantized_input).abs().max().item() > 1e-3  # W4A4 moves outputs far more
+        assert differs == quantizes
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
