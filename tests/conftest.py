@@ -18,19 +18,11 @@ import httpx
 import pytest
 import torch
 
+from optiserve.engine.bench import FALLBACK_INSTRUCTIONS
 from optiserve.engine.config import EngineConfig
 from optiserve.engine.llm_engine import LLMEngine
 
-CHAT_PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain photosynthesis in two sentences.",
-    "List three prime numbers and say why they are prime.",
-    "How do I reverse a list in Python?",
-    "Give me a tip for staying focused while studying.",
-    "What is the difference between weather and climate?",
-    "Translate 'good morning' into Spanish and French.",
-]
+CHAT_PROMPTS = FALLBACK_INSTRUCTIONS  # 8 short single-turn chat prompts
 SERVER_START_TIMEOUT_S = 300
 
 
