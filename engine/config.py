@@ -102,7 +102,6 @@ class EngineConfig:
     device: str = "cpu"
     max_batch: int = 8
     max_model_len: int = 2048
-    compile: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
