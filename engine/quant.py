@@ -28,19 +28,18 @@ PackedWeight = FP8Tensor | NVFP4Tensor | Int8Tensor | Int4Tensor
 
 @dataclass(frozen=True)
 class FormatSpec:
-    """What a weight format quantizes: its weight type and whether activations are quantized too."""
+    """What a weight format quantizes besides the weights."""
 
     name: str
     quantizes_activations: bool
-    uses_pre_quant_scale: bool  # SmoothQuant / AWQ fold a per-input-channel scale into the weights
 
 
 FORMATS = {
-    "fp8": FormatSpec("fp8", True, False),
-    "nvfp4": FormatSpec("nvfp4", True, False),
-    "nvfp4-w4a16": FormatSpec("nvfp4-w4a16", False, False),
-    "int8": FormatSpec("int8", True, True),
-    "int4": FormatSpec("int4", False, True),
+    "fp8": FormatSpec("fp8", True),
+    "nvfp4": FormatSpec("nvfp4", True),
+    "nvfp4-w4a16": FormatSpec("nvfp4-w4a16", False),
+    "int8": FormatSpec("int8", True),
+    "int4": FormatSpec("int4", False),
 }
 
 

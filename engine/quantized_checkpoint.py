@@ -33,6 +33,7 @@ from optiserve.kernels.nvfp4 import NVFP4Tensor
 from .config import ModelConfig, ModelLoadError
 from .model import Transformer
 from .quant import FORMATS, PackedWeight, QuantLinear
+from .weights import load_model, read_state_dict, rope_row_perm
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 # our weight format -> ModelOpt `quant_algo` (process_layer_quant_config)
@@ -92,15 +93,6 @@ def formats_of(quant: dict) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------- row permutations ---
-def rope_row_perm(n_heads: int, head_dim: int, to_hf: bool) -> torch.Tensor:
-    """Row order taking HF half-split q/k rows to our interleaved ones (or back, `to_hf`), as an index vector."""
-    half = torch.arange(head_dim // 2)
-    per_head = torch.stack([half, half + head_dim // 2], dim=1).flatten()  # interleave_rope_rows' order
-    if to_hf:
-        per_head = torch.argsort(per_head)
-    return (torch.arange(n_heads)[:, None] * head_dim + per_head[None, :]).flatten()
-
-
 def permute_rows(p: PackedWeight, perm: torch.Tensor) -> PackedWeight:
     """The same packed weight with its output rows reordered: codes and per-row / per-block scales move together
     (every per-tensor scale stays); int4 rows are unpacked from their byte pairs, reordered and repacked."""
@@ -198,7 +190,6 @@ def load_quantized_checkpoint(model_dir: Path, max_len: int, dtype: torch.dtype,
                               device: str = "cpu") -> QuantizedCheckpoint:
     """Build our `Transformer` from a ModelOpt unified HF checkpoint: unquantized tensors load as usual, each
     projection becomes a `QuantLinear` from its packed tensors (q/k/v and gate/up re-fused, q/k rows interleaved)."""
-    from .weights import load_model, read_state_dict
 
     quant = read_hf_quant_config(model_dir)
     if quant is None:

@@ -114,11 +114,18 @@ def rope_frequencies(model_dir: Path) -> tuple[torch.Tensor, float]:
     return ROPE_INIT_FUNCTIONS[rope_type](hf_cfg)
 
 
+def rope_row_perm(n_heads: int, head_dim: int, to_hf: bool = False) -> torch.Tensor:
+    """Row order taking HF's half-split q/k rows to our interleaved pairs (or back, `to_hf`), as an index vector."""
+    half = torch.arange(head_dim // 2)
+    per_head = torch.stack([half, half + head_dim // 2], dim=1).flatten()  # [0, D/2, 1, D/2+1, ...]
+    if to_hf:
+        per_head = torch.argsort(per_head)
+    return (torch.arange(n_heads)[:, None] * head_dim + per_head[None, :]).flatten()
+
+
 def interleave_rope_rows(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
     """Reorder each head's rows from HF's half-split RoPE layout to interleaved pairs."""
-    half = torch.arange(head_dim // 2)
-    perm = torch.stack([half, half + head_dim // 2], dim=1).flatten()  # [0, D/2, 1, D/2+1, ...]
-    return w.unflatten(0, (n_heads, head_dim))[:, perm].flatten(0, 1)
+    return w[rope_row_perm(n_heads, head_dim)]
 
 
 def hf_to_ours(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

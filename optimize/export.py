@@ -28,8 +28,8 @@ from optiserve.engine.quantized_checkpoint import (
     kv_scale_to_modelopt,
     packed_to_tensors,
     permute_rows,
-    rope_row_perm,
 )
+from optiserve.engine.weights import rope_row_perm
 
 from .startup import QuantResult
 

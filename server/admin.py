@@ -12,7 +12,7 @@ from fastapi import Request as HttpRequest
 from pydantic import BaseModel, ConfigDict
 
 from optiserve.engine.llm_engine import LLMEngine, WeightSet
-from optiserve.engine.quant import KV_FORMATS, WEIGHT_FORMATS, QuantLinear
+from optiserve.engine.quant import KV_FORMATS, WEIGHT_FORMATS, QuantLinear, check_format
 from optiserve.optimize.data import read_texts, token_windows
 from optiserve.optimize.evaluate import evaluate
 from optiserve.optimize.startup import QuantRequest, prepare_quantized
@@ -84,11 +84,12 @@ async def get_quantization(raw: HttpRequest) -> dict:
 
 @router.post("/admin/quantization")
 async def post_quantization(body: SwapRequest, raw: HttpRequest) -> dict:
-    if body.quant not in WEIGHT_FORMATS:
-        raise ApiError(400, f"unknown weight format {body.quant!r}; choose from {', '.join(WEIGHT_FORMATS)}", "quant")
-    if body.kv_cache not in KV_FORMATS:
-        raise ApiError(400, f"unknown KV cache format {body.kv_cache!r}; choose from {', '.join(KV_FORMATS)}",
-                       "kv_cache")
+    for value, allowed, what, param in ((body.quant, WEIGHT_FORMATS, "weight", "quant"),
+                                        (body.kv_cache, KV_FORMATS, "KV cache", "kv_cache")):
+        try:
+            check_format(value, allowed, what)
+        except ValueError as e:
+            raise ApiError(400, str(e), param) from None
     admin = admin_of(raw)
     if admin.engine.master is None:
         raise ApiError(409, "this server loads a pre-quantized checkpoint and holds no unquantized weights to "

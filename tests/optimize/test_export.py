@@ -11,7 +11,8 @@ from safetensors import safe_open
 
 from optiserve.engine.config import EngineConfig, SamplingParams
 from optiserve.engine.llm_engine import LLMEngine, WeightSet, run_to_completion
-from optiserve.engine.quantized_checkpoint import permute_rows, rope_row_perm
+from optiserve.engine.quantized_checkpoint import permute_rows
+from optiserve.engine.weights import rope_row_perm
 from optiserve.kernels.int4 import Int4Tensor
 from optiserve.kernels.nvfp4 import NVFP4Tensor
 from optiserve.optimize.export import export_checkpoint
