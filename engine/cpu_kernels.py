@@ -372,30 +372,43 @@ def _rope_ref(x: torch.Tensor, freqs: torch.Tensor, n_heads: int) -> None:
 
 
 @functools.cache
-def _impl(name: str) -> Callable:
+def _kernel_or_ref(name: str) -> Callable:
     mod = load()
-    return getattr(mod, name) if mod is not None else globals()[f"_{name.rstrip('_')}_ref"]
+    return getattr(mod, name) if mod is not None else _reference(name)
+
+
+def _reference(name: str) -> Callable:
+    return globals()[f"_{name.rstrip('_')}_ref"]
+
+
+def _impl(name: str, *tensors: torch.Tensor | None) -> Callable:
+    """The kernel, or the PyTorch reference when autograd must see the op (training: QAT, distillation, draft
+    heads); the kernels have no backward."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _reference(name)
+    return _kernel_or_ref(name)
 
 
 def linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight_t (+ bias); weight_t [in, out], fast when it is the transpose of a row-major [out, in]."""
-    return _impl("linear")(x, weight_t, bias)
+    return _impl("linear", x, weight_t, bias)(x, weight_t, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim (HF's fp32 math)."""
-    return _impl("rms_norm")(x, weight, eps)
+    return _impl("rms_norm", x, weight)(x, weight, eps)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for `gate_up` [..., 2I] = [gate | up]."""
-    return _impl("silu_mul")(gate_up)
+    return _impl("silu_mul", gate_up)(gate_up)
 
 
 def rope_(x: torch.Tensor, freqs: torch.Tensor, n_heads: int) -> None:
     """In place: RoPE on heads [0, n_heads) of `x` [B, S, N, D] (interleaved pairs), `freqs` [B, S, D/2, 2]."""
     mod = load()
-    if mod is not None and x.dtype == torch.float32 and x.is_contiguous() and x.device.type == "cpu":
+    fast = x.dtype == torch.float32 and x.is_contiguous() and x.device.type == "cpu"
+    if mod is not None and fast and not (torch.is_grad_enabled() and x.requires_grad):
         mod.rope_(x, freqs, n_heads)  # type: ignore[attr-defined]
     else:
         _rope_ref(x, freqs, n_heads)

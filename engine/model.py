@@ -71,15 +71,24 @@ class Attention(nn.Module):
         self.window = cfg.sliding_window or 0
 
     def forward(
-        self, x: torch.Tensor, freqs: torch.Tensor, cache: KVCache, positions: torch.Tensor, mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        freqs: torch.Tensor,
+        cache: KVCache | None,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """`freqs` [B, S, D/2, 2] (cos, sin); `mask` None only for one-token decode (each row attends up to its
-        position, within the sliding window)."""
+        position, within the sliding window). Without a cache (training) the keys are this call's own tokens."""
         B, S, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         qkv = self.qkv(x).view(B, S, H + 2 * KV, D)
         cpu_kernels.rope_(qkv, freqs, H + KV)  # q and k, in place
-        keys, values = cache.update(self.layer_idx, positions, qkv[:, :, H : H + KV], qkv[:, :, H + KV :])
+        k, v = qkv[:, :, H : H + KV], qkv[:, :, H + KV :]
+        if cache is None:
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [B, KV, S, D]
+        else:
+            keys, values = cache.update(self.layer_idx, positions, k, v)
         if mask is None and cpu_kernels.decode_attention_available(x.dtype, x.device):
             return self.o(cpu_kernels.decode_attention(qkv, keys, values, positions, H, self.window))
         # Fold the G query heads of each KV head into the query axis: [B, KV, G*S, D].
@@ -134,27 +143,39 @@ class Transformer(nn.Module):
         self.rope_table = torch.view_as_real(self.freqs_cis)
 
     def hidden_states(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Run the layers over `tokens` [B, S] at `positions` [B, S]; returns states [B, S, H] (before the final norm).
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        mask: torch.Tensor | None,
+        capture: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the layers over `tokens` [B, S] at `positions` [B, S]; returns states [B, S, H] (before the final
+        norm) and the outputs of the layers listed in `capture` (what an EAGLE-3 draft head reads).
 
-        `mask` [B, 1, G*S, L] bool, or None for a one-token decode step (see `Attention.forward`)."""
+        `mask` [B, 1, G*S, L] bool, or None for a one-token decode step (see `Attention.forward`);
+        `cache` None runs without a KV cache (training: the keys are the tokens given, `mask` must be causal)."""
         x = self.embed(tokens)
         freqs = self.rope_table[positions]  # [B, S, D/2, 2]
-        for layer in self.layers:
+        captured = []
+        for i, layer in enumerate(self.layers):
             x = layer(x, freqs, cache, positions, mask)
-        return x
+            if i in capture:
+                captured.append(x)
+        return x, captured
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head over states [..., H]; fp32 logits [..., V]."""
+        return self.lm_head(self.norm(x)).float()
 
     def forward(
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor,
-        cache: KVCache,
+        cache: KVCache | None,
         mask: torch.Tensor | None,
         all_logits: bool = False,
     ) -> torch.Tensor:
         """Logits [B, S, V] if `all_logits` else [B, V] for each row's last position."""
-        x = self.hidden_states(tokens, positions, cache, mask)
-        if not all_logits:
-            x = x[:, -1]
-        return self.lm_head(self.norm(x)).float()
+        x, _ = self.hidden_states(tokens, positions, cache, mask)
+        return self.logits(x if all_logits else x[:, -1])
