@@ -58,3 +58,13 @@ def token_windows(tokenizer, texts: list[str], window: int, max_windows: int | N
     if count == 0:
         raise ValueError(f"the data has {len(ids)} tokens, fewer than one window of {window}")
     return [ids[i * window : (i + 1) * window] for i in range(count)]
+
+
+def training_windows(tokenizer, paths: list[str], window: int) -> list[list[int]]:
+    """Every file's `window`-token windows (each file cut on its own, so no window spans two sources)."""
+    if not paths:
+        raise ValueError("give at least one --data file")
+    windows: list[list[int]] = []
+    for path in paths:
+        windows += token_windows(tokenizer, read_texts(path, tokenizer), window)
+    return windows

@@ -77,3 +77,17 @@ def write_result(result: EvalResult, extra: dict, json_path: str | None) -> dict
     if json_path:
         Path(json_path).write_text(json.dumps(out, indent=2))
     return out
+
+
+def evaluate_checkpoint(model_dir: Path, windows: list[list[int]], reference: Transformer | None = None,
+                        progress: bool = True) -> EvalResult:
+    """`evaluate` a checkpoint dir as the server would load it: a ModelOpt one with its `QuantLinear`s and KV
+    format, a plain HF one as is."""
+    from optiserve.engine.quantized_checkpoint import is_modelopt_checkpoint, load_quantized_checkpoint
+    from optiserve.engine.weights import load_model
+
+    window = max(len(w) for w in windows)
+    if is_modelopt_checkpoint(model_dir):
+        q = load_quantized_checkpoint(model_dir, window, torch.float32)
+        return evaluate(q.model, windows, reference, progress, kv=(q.kv_format, q.k_scales, q.v_scales))
+    return evaluate(load_model(model_dir, window, torch.float32), windows, reference, progress)

@@ -32,10 +32,11 @@ from optiserve.engine.quantized_checkpoint import (
 from optiserve.engine.weights import rope_row_perm
 
 from .startup import QuantResult
+from .train import STATE_FILE
 
 log = logging.getLogger(__name__)
 MODELOPT_VERSION = "0.47.0"  # the ModelOpt release whose export layout this follows
-SKIP_FILES = {"config.json", HF_QUANT_CONFIG, "optiserve-converted.json"}
+SKIP_FILES = {"config.json", HF_QUANT_CONFIG, "optiserve-converted.json", STATE_FILE}
 
 
 def hf_quant_config(weight_format: str, kv_format: str) -> dict:
@@ -128,8 +129,9 @@ def export_state_dict(result: QuantResult, weight_format: str, kv_format: str) -
 
 
 def export_checkpoint(source_dir: Path, result: QuantResult, weight_format: str, kv_format: str,
-                      output: Path) -> Path:
-    """Write `result` to `output` in ModelOpt's unified HF layout; tokenizer etc. are copied from `source_dir`."""
+                      output: Path, config_updates: dict | None = None) -> Path:
+    """Write `result` to `output` in ModelOpt's unified HF layout (formats "none": a plain HF checkpoint);
+    tokenizer etc. are copied from `source_dir`, its config.json with `config_updates` (a pruned model's sizes)."""
     from safetensors.torch import save_file
 
     source_dir, output = Path(source_dir), Path(output)
@@ -140,7 +142,7 @@ def export_checkpoint(source_dir: Path, result: QuantResult, weight_format: str,
             shutil.copy2(f, output / f.name)
     state = export_state_dict(result, weight_format, kv_format)
     save_file(state, str(output / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((source_dir / "config.json").read_text())
+    config = {**json.loads((source_dir / "config.json").read_text()), **(config_updates or {})}
     ModelConfig.from_dict(config)  # the architecture we can serve again
     config.pop("quantization_config", None)
     hf_quant = hf_quant_config(weight_format, kv_format)

@@ -95,17 +95,27 @@ def with_layers(model: Transformer, layers: dict[str, nn.Module]) -> Transformer
     return new
 
 
+def plan_model(model: Transformer, fmt: str, stats: CalibStats,
+               smoothquant_alpha: float = 0.5) -> dict[str, LinearPlan]:
+    """PTQ's decision (smoothing, input range) for every quantizable linear of `model`, by module name."""
+    plans = {}
+    for name, linear in quantizable_linears(model).items():
+        w = linear.weight.float()  # [out, in]
+        plans[name] = plan_linear(fmt, name, w, stats.linears[name], shard_sizes(model, name), smoothquant_alpha)
+    return plans
+
+
+def quant_linear(fmt: str, plan: LinearPlan, bias: torch.Tensor | None, dtype: torch.dtype) -> QuantLinear:
+    """Pack a planned linear in `fmt` (PTQ's last step, and QAT's export)."""
+    shards = [quantize_weight(fmt, part.contiguous()) for part in plan.shards]
+    input_scale = input_scale_for(fmt, plan.input_amax) if FORMATS[fmt].quantizes_activations else None
+    return QuantLinear(fmt, shards, bias, input_scale, plan.pre_quant_scale, dtype)
+
+
 def quantize_model(model: Transformer, fmt: str, stats: CalibStats, smoothquant_alpha: float = 0.5) -> Transformer:
     """A new model whose linears (all but the LM head) are `fmt`; the input model and its tensors are untouched
     (the two share embeddings, norms and the LM head)."""
-    spec = FORMATS[fmt]
     dtype = model.embed.weight.dtype
-    layers = {}
-    for name, linear in quantizable_linears(model).items():
-        w = linear.weight.float()  # [out, in]
-        sizes = shard_sizes(model, name)
-        plan = plan_linear(fmt, name, w, stats.linears[name], sizes, smoothquant_alpha)
-        shards = [quantize_weight(fmt, part.contiguous()) for part in plan.shards]
-        input_scale = input_scale_for(fmt, plan.input_amax) if spec.quantizes_activations else None
-        layers[name] = QuantLinear(fmt, shards, linear.bias, input_scale, plan.pre_quant_scale, dtype)
-    return with_layers(model, layers)
+    linears = quantizable_linears(model)
+    plans = plan_model(model, fmt, stats, smoothquant_alpha)
+    return with_layers(model, {n: quant_linear(fmt, p, linears[n].bias, dtype) for n, p in plans.items()})

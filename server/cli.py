@@ -1,4 +1,4 @@
-"""`optiserve` command line: serve, eval, quantize, bench."""
+"""`optiserve` command line: serve, eval, quantize, bench; qat, qad, prune, distill (cli_optimize.py)."""
 
 from __future__ import annotations
 
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--swaps", default="", help="comma-separated quant[:kv] formats to swap to during the run")
     load.add_argument("--admin-token", default=os.environ.get("OPTISERVE_ADMIN_TOKEN"))
     load.add_argument("--json", default=None, help="write the results to this file")
+    from .cli_optimize import add_optimize_commands  # qat, qad, prune, distill
+
+    add_optimize_commands(sub)
     return parser
 
 
@@ -194,6 +197,10 @@ def main(argv: list[str] | None = None) -> None:
             cfg = LoadConfig(args.url, args.model, args.concurrency, args.duration, args.max_tokens, args.api_key,
                              load_prompts(args.prompts), [s for s in args.swaps.split(",") if s], args.admin_token)
             bench_load(cfg, args.json)
+        else:
+            from .cli_optimize import run_optimize_command
+
+            run_optimize_command(args)
     except (ModelLoadError, ValueError) as e:
         sys.exit(f"optiserve: error: {e}")
 

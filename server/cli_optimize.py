@@ -1,0 +1,108 @@
+"""`optiserve qat | qad | prune | distill`: the model-optimization commands (logic in optiserve.optimize).
+
+The training commands run unchanged under `torchrun --nproc_per_node N -m optiserve.server.cli ...` (data
+parallel over torch.distributed; see optimize/train.py). Heavy imports stay inside the functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .cli import add_model_args, add_quant_args, quant_request
+
+TRAIN_COMMANDS = ("qat", "qad", "distill")
+
+
+def add_train_args(p: argparse.ArgumentParser, lr: float, seq_len: int) -> None:
+    p.add_argument("--data", nargs="+", required=True, help="text or jsonl files (chat jsonl: chat template)")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps (global batches)")
+    p.add_argument("--output", required=True, help="checkpoint dir; a rerun with the same dir resumes")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per step per process")
+    p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per training sequence")
+    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (then cosine decay)")
+    p.add_argument("--save-every", type=int, default=50, help="steps between resume states")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="ignore a resume state in --output")
+    p.add_argument("--resume", action="store_true", help="require a resume state in --output")
+    p.add_argument("--eval-data", default=None, help="evaluate the written checkpoint on this file (ppl, KL)")
+    p.add_argument("--eval-windows", type=int, default=40, help="512-token windows of --eval-data")
+    p.add_argument("--json", default=None, help="write the summary to this file")
+
+
+def add_distill_loss_args(p: argparse.ArgumentParser, kl_help: str) -> None:
+    p.add_argument("--data-loss", type=float, default=0.0, help=f"weight of the data cross entropy added to {kl_help}")
+    p.add_argument("--hidden-loss", type=float, default=0.0,
+                   help="weight of the intermediate-state (normalised MSE) loss; needs equal hidden sizes")
+
+
+def add_optimize_commands(sub: argparse._SubParsersAction) -> None:
+    """Add the qat, qad, prune and distill subcommands to the `optiserve` parser."""
+    for name, help_text in (("qat", "quantization-aware training: fake quant + STE from PTQ, ModelOpt export"),
+                            ("qad", "quantization-aware distillation from the unquantized model")):
+        p = sub.add_parser(name, help=help_text)
+        add_model_args(p)
+        add_quant_args(p)
+        add_train_args(p, lr=1e-5, seq_len=256)
+        if name == "qad":
+            add_distill_loss_args(p, "the KL to the unquantized model")
+    pr = sub.add_parser("prune", help="Minitron-style width or depth pruning to a parameter budget")
+    add_model_args(pr)
+    pr.add_argument("--target-params", type=float, required=True, help="parameter budget (embeddings count)")
+    pr.add_argument("--axis", default="depth", choices=["width", "depth"])
+    pr.add_argument("--output", required=True)
+    pr.add_argument("--data", nargs="*", default=None, help="calibration text/jsonl (default: the shipped slice)")
+    pr.add_argument("--calib-samples", type=int, default=8)
+    pr.add_argument("--calib-seq-len", type=int, default=256)
+    pr.add_argument("--json", default=None, help="write the summary to this file")
+    ds = sub.add_parser("distill", help="distil a teacher into a (pruned) checkpoint: logit KL (+ hidden states)")
+    ds.add_argument("--model", required=True, help="the student checkpoint dir (e.g. from `optiserve prune`)")
+    ds.add_argument("--teacher", default="default", help="'default' or a checkpoint dir")
+    add_train_args(ds, lr=1e-4, seq_len=256)
+    add_distill_loss_args(ds, "the KL to the teacher")
+
+
+def train_config(args: argparse.Namespace):
+    from pathlib import Path
+
+    from optiserve.optimize.train import STATE_FILE, TrainConfig
+
+    if args.resume and args.fresh:
+        raise ValueError("--resume and --fresh contradict each other")
+    if args.resume and not (Path(args.output) / STATE_FILE).is_file():
+        raise ValueError(f"--resume: no training state in {args.output}")
+    return TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                       warmup=args.warmup, save_every=args.save_every, seed=args.seed, fresh=args.fresh)
+
+
+def run_optimize_command(args: argparse.Namespace) -> bool:
+    """Run `args` if it is one of this module's commands; False if it is not."""
+    if args.command not in (*TRAIN_COMMANDS, "prune"):
+        return False
+    if args.command == "prune":
+        from optiserve.optimize.prune import PruneRequest, run_prune
+
+        run_prune(args.model, PruneRequest(int(args.target_params), args.axis), args.output, args.data,
+                  args.calib_samples, args.calib_seq_len, args.json)
+        return True
+    from optiserve.optimize.distill import DistillLoss
+
+    common = {"eval_data": args.eval_data, "eval_windows": args.eval_windows, "json_path": args.json}
+    try:
+        if args.command == "distill":
+            from optiserve.optimize.distill import run_distill
+
+            run_distill(args.model, args.teacher, args.data, args.output, train_config(args),
+                        DistillLoss(args.data_loss, args.hidden_loss), **common)
+        else:
+            from optiserve.optimize.qat import run_qat
+
+            loss = DistillLoss(args.data_loss, args.hidden_loss) if args.command == "qad" else None
+            run_qat(args.model, quant_request(args), args.data, args.output, train_config(args), loss, **common)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return True
+
