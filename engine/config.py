@@ -103,8 +103,12 @@ class EngineConfig:
     max_batch: int = 8
     max_model_len: int = 2048
     seed: int = 0
+    speculative: str = "none"  # none | auto (the shipped/adjacent draft head) | ngram | a draft head dir
+    num_speculative_tokens: int = 5  # draft chain length
 
     def __post_init__(self) -> None:
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError("num_speculative_tokens must be in [1, 16]")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, not {self.dtype!r}")
         if self.max_batch < 1:

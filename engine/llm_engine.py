@@ -22,6 +22,7 @@ from .runner import ModelRunner
 from .sampler import make_generator, sample, token_logprobs
 from .scheduler import Scheduler
 from .sequence import Request, RequestOutput, SeqOutput, Sequence
+from .spec.decoder import Accepted, make_spec_decoder
 from .weights import default_served_name, load_model, resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -76,15 +77,19 @@ class LLMEngine:
         self.max_model_len = min(cfg.max_model_len, self.model_config.max_position_embeddings)
         dtype = getattr(torch, cfg.dtype)
         torch.manual_seed(cfg.seed)
+        # Verification writes up to k draft positions past a sequence's end before rolling back: room for them.
+        cache_len = self.max_model_len + (cfg.num_speculative_tokens + 1 if cfg.speculative != "none" else 0)
         quantized = None
         if is_modelopt_checkpoint(self.model_dir):  # served as packed; no unquantized master copy exists
-            quantized = load_quantized_checkpoint(self.model_dir, self.max_model_len, dtype, cfg.device)
+            quantized = load_quantized_checkpoint(self.model_dir, cache_len, dtype, cfg.device)
             model = quantized.model
         else:
-            model = load_model(self.model_dir, self.max_model_len, dtype, cfg.device)
+            model = load_model(self.model_dir, cache_len, dtype, cfg.device)
         self.master: Transformer | None = None if quantized else model  # unquantized weights, for format swaps
-        self.runner = ModelRunner(model, cfg.max_batch, self.max_model_len, dtype)
-        self.scheduler = Scheduler(cfg.max_batch, self.runner.cache)
+        self.runner = ModelRunner(model, cfg.max_batch, cache_len, dtype)
+        self.spec = make_spec_decoder(cfg, self.runner, self.model_dir)
+        spec_caches = self.spec.drafter.caches if self.spec else ()
+        self.scheduler = Scheduler(cfg.max_batch, [self.runner.cache, *spec_caches])
         self.eos_ids = set(self.model_config.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}
         self._new: queue.SimpleQueue[Request] = queue.SimpleQueue()  # filled by callers, drained by the loop
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -144,9 +149,11 @@ class LLMEngine:
         old, self.weights = self.weights, weights
         self.runner.model = weights.model
         self.runner.cache.set_format(weights.kv_format, weights.k_scales, weights.v_scales)
+        if self.spec:
+            self.spec.attach(weights.model)
         for seq in self.scheduler.running:
             if seq.finish_reason is None and seq.num_generated > 0:
-                self.runner.prefill(seq.slot, seq.token_ids[:-1])  # the last token is fed by the next decode
+                self._run_prefill(seq, seq.token_ids[:-1])  # the last token is fed by the next decode
         del old
         release_freed_memory()
 
@@ -212,19 +219,30 @@ class LLMEngine:
         self._drain_inbox()
         for seq in self.scheduler.admit():
             self._prefill(seq)
-        running = [s for s in self.scheduler.running if s.finish_reason is None and s.num_generated > 0]
-        if running:
+        self._release_finished()  # so the running sequences are exactly slots [0, B)
+        running = self.scheduler.running
+        if running and self.spec:
+            self._append(running, self.spec.step(running))
+        elif running:
             logits = self.runner.decode([s.token_ids[-1] for s in running], [len(s.token_ids) - 1 for s in running])
-            self._append_tokens(running, logits)
+            self._sample_and_append(running, logits)
+        self._release_finished()
+
+    def _release_finished(self) -> None:
         for seq in [s for s in self.scheduler.running if s.finish_reason is not None]:
             self.scheduler.release(seq)
+
+    def _run_prefill(self, seq: Sequence, token_ids: list[int], all_logits: bool = False) -> torch.Tensor:
+        if self.spec:
+            return self.spec.prefill(seq, token_ids, all_logits)
+        return self.runner.prefill(seq.slot, token_ids, all_logits)
 
     def _prefill(self, seq: Sequence) -> None:
         req = seq.request
         if req.first_scheduled is None:
             req.first_scheduled = time.monotonic()
         want_prompt_lp = req.params.prompt_logprobs is not None and seq.index == 0
-        logits = self.runner.prefill(seq.slot, seq.token_ids, all_logits=want_prompt_lp)
+        logits = self._run_prefill(seq, seq.token_ids, all_logits=want_prompt_lp)
         if want_prompt_lp:
             lps = token_logprobs(logits[:-1], req.prompt_ids[1:], req.params.prompt_logprobs or 0)
             req.prompt_logprobs = [None, *lps]
@@ -233,16 +251,24 @@ class LLMEngine:
             seq.finish_reason = "length"
             self._emit(req, [seq])
             return
-        self._append_tokens([seq], logits.unsqueeze(0))
+        self._sample_and_append([seq], logits.unsqueeze(0))
 
-    def _append_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample one token for each sequence from `logits` [B, V], update text and stops, report."""
+    def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample one token for each sequence from `logits` [B, V] and append it."""
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        for row, (seq, tok) in enumerate(zip(seqs, tokens, strict=True)):
-            seq.token_ids.append(tok)
-            if seq.params.logprobs is not None:
-                seq.pending_logprobs += token_logprobs(logits[row : row + 1], [tok], seq.params.logprobs)
-            update_text(seq, self.tokenizer, finish_reason_for_token(seq, tok, self.eos_ids, self.max_model_len))
+        self._append(seqs, [Accepted([t], logits[row : row + 1]) for row, t in enumerate(tokens)])
+
+    def _append(self, seqs: list[Sequence], results: list[Accepted]) -> None:
+        """Append each sequence's new tokens up to the first stop, update text, report per request."""
+        for seq, res in zip(seqs, results, strict=True):
+            for i, tok in enumerate(res.tokens):
+                seq.token_ids.append(tok)
+                if seq.params.logprobs is not None:
+                    seq.pending_logprobs += token_logprobs(res.logits[i : i + 1], [tok], seq.params.logprobs)
+                reason = finish_reason_for_token(seq, tok, self.eos_ids, self.max_model_len)
+                update_text(seq, self.tokenizer, reason)
+                if seq.finish_reason is not None:
+                    break
         by_request: dict[str, list[Sequence]] = {}
         for seq in seqs:
             by_request.setdefault(seq.request.request_id, []).append(seq)
@@ -259,7 +285,8 @@ class LLMEngine:
             if seq.finish_reason is not None:
                 req.num_finished += 1
         finished = req.num_finished == req.params.n
-        req.emit(RequestOutput(req.request_id, outs, req.prompt_ids, req.prompt_logprobs, finished))
+        spec = req.spec.snapshot() if self.spec else None
+        req.emit(RequestOutput(req.request_id, outs, req.prompt_ids, req.prompt_logprobs, finished, spec=spec))
 
 
 def run_to_completion(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:

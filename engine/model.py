@@ -149,16 +149,18 @@ class Transformer(nn.Module):
         cache: KVCache | None,
         mask: torch.Tensor | None,
         capture: tuple[int, ...] = (),
+        num_layers: int | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run the layers over `tokens` [B, S] at `positions` [B, S]; returns states [B, S, H] (before the final
         norm) and the outputs of the layers listed in `capture` (what an EAGLE-3 draft head reads).
 
         `mask` [B, 1, G*S, L] bool, or None for a one-token decode step (see `Attention.forward`);
-        `cache` None runs without a KV cache (training: the keys are the tokens given, `mask` must be causal)."""
+        `cache` None runs without a KV cache (training: the keys are the tokens given, `mask` must be causal);
+        `num_layers` stops after that many layers (when only captured states are wanted)."""
         x = self.embed(tokens)
         freqs = self.rope_table[positions]  # [B, S, D/2, 2]
         captured = []
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers[:num_layers]):
             x = layer(x, freqs, cache, positions, mask)
             if i in capture:
                 captured.append(x)

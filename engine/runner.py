@@ -14,12 +14,17 @@ def attention_mask(positions: torch.Tensor, attn_len: int, group: int, window: i
 
     Returns a bool mask [B, 1, G*S, L] matching the model's GQA layout, G query heads per KV head.
     """
-    B, S = positions.shape
     keys = torch.arange(attn_len, device=positions.device)  # [L]
     allowed = keys <= positions.unsqueeze(-1)  # [B, S, L]
     if window is not None:
         allowed &= keys > positions.unsqueeze(-1) - window
-    return allowed[:, None, None].expand(B, 1, group, S, attn_len).reshape(B, 1, group * S, attn_len)
+    return fold_groups(allowed, group)
+
+
+def fold_groups(allowed: torch.Tensor, group: int) -> torch.Tensor:
+    """A per-query mask [B, S, L] in the model's GQA layout [B, 1, G*S, L] (G query heads share a KV head)."""
+    B, S, L = allowed.shape
+    return allowed[:, None, None].expand(B, 1, group, S, L).reshape(B, 1, group * S, L)
 
 
 class ModelRunner:
@@ -35,27 +40,49 @@ class ModelRunner:
         # nor for a single row without a sliding window (its keys [0, attn_len) are exactly the allowed ones).
         self.unmasked_decode = cpu_kernels.decode_attention_available(dtype, self.device)
 
-    def _forward(self, first_slot: int, tokens: torch.Tensor, positions: torch.Tensor, attn_len: int, all_logits: bool):
-        cfg = self.model.cfg
+    def mask_for(self, positions: torch.Tensor, attn_len: int, window: int | None) -> torch.Tensor | None:
+        """The attention mask for queries at `positions` [B, S], or None where one-token attention needs none."""
         B, S = positions.shape
-        self.cache.begin(first_slot, B, attn_len)
-        if S == 1 and (self.unmasked_decode or (B == 1 and cfg.sliding_window is None)):
-            mask = None
-        else:
-            mask = attention_mask(positions, attn_len, cfg.group_size, cfg.sliding_window)
-        return self.model(tokens, positions, self.cache, mask, all_logits=all_logits)
+        if S == 1 and (self.unmasked_decode or (B == 1 and window is None)):
+            return None
+        return attention_mask(positions, attn_len, self.model.cfg.group_size, window)
+
+    def _forward(self, first_slot: int, tokens: torch.Tensor, positions: torch.Tensor, attn_len: int,
+                 all_logits: bool, capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits ([B, S, V] if `all_logits` else [B, V]) and the captured layers' outputs [B, S, n*H] (or None)."""
+        self.cache.begin(first_slot, positions.shape[0], attn_len)
+        mask = self.mask_for(positions, attn_len, self.model.cfg.sliding_window)
+        x, captured = self.model.hidden_states(tokens, positions, self.cache, mask, capture)
+        logits = self.model.logits(x if all_logits else x[:, -1])
+        return logits, torch.cat(captured, dim=-1) if captured else None
 
     @torch.inference_mode()
     def prefill(self, slot: int, token_ids: list[int], all_logits: bool = False) -> torch.Tensor:
         """Process a whole prompt into `slot`; logits [S, V] if `all_logits`, else [V] for the last token."""
+        return self.prefill_features(slot, token_ids, all_logits)[0]
+
+    @torch.inference_mode()
+    def prefill_features(self, slot: int, token_ids: list[int], all_logits: bool = False,
+                         capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`prefill`, also returning the outputs of the `capture` layers at every position [S, n*H]."""
         tokens = torch.tensor([token_ids], device=self.device)  # [1, S]
         positions = torch.arange(len(token_ids), device=self.device).unsqueeze(0)
-        logits = self._forward(slot, tokens, positions, len(token_ids), all_logits)
-        return logits[0]
+        logits, features = self._forward(slot, tokens, positions, len(token_ids), all_logits, capture)
+        return logits[0], None if features is None else features[0]
 
     @torch.inference_mode()
     def decode(self, last_tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each of the sequences in slots [0, B); returns logits [B, V]."""
         tokens = torch.tensor([[t] for t in last_tokens], device=self.device)  # [B, 1]
         pos = torch.tensor([[p] for p in positions], device=self.device)  # [B, 1]
-        return self._forward(0, tokens, pos, max(positions) + 1, all_logits=False)
+        return self._forward(0, tokens, pos, max(positions) + 1, all_logits=False)[0]
+
+    @torch.inference_mode()
+    def verify(self, tokens: list[list[int]], starts: list[int],
+               capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Score S tokens per sequence in slots [0, B), row b at positions starts[b] + [0, S), in one forward.
+
+        Returns logits [B, S, V] and captured features [B, S, n*H]; the caller rolls back rejected positions."""
+        tok = torch.tensor(tokens, device=self.device)  # [B, S]
+        pos = torch.tensor(starts, device=self.device)[:, None] + torch.arange(tok.shape[1], device=self.device)
+        return self._forward(0, tok, pos, int(pos.max()) + 1, all_logits=True, capture=capture)

@@ -11,9 +11,9 @@ from .sequence import SeqStatus, Sequence
 class Scheduler:
     """Admits waiting sequences into free slots at step boundaries and keeps running slots packed."""
 
-    def __init__(self, num_slots: int, cache: KVCache):
+    def __init__(self, num_slots: int, caches: list[KVCache]):
         self.num_slots = num_slots
-        self.cache = cache
+        self.caches = caches  # the target's KV cache first, then any drafter's (slots move together)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -40,7 +40,8 @@ class Scheduler:
         elif seq.status is SeqStatus.RUNNING:
             slot, last = seq.slot, self.running[-1]
             if last is not seq:
-                self.cache.move(last.slot, slot, len(last.token_ids))
+                for cache in self.caches:
+                    cache.move(last.slot, slot, len(last.token_ids))
                 self.running[slot], last.slot = last, slot
             self.running.pop()
         seq.status, seq.slot = SeqStatus.FINISHED, -1
@@ -51,4 +52,4 @@ class Scheduler:
     def kv_usage(self) -> float:
         """Fraction of the KV cache's token positions held by running sequences (0-1, like vLLM)."""
         used = sum(len(s.token_ids) for s in self.running)
-        return used / (self.num_slots * self.cache.shape.max_len)
+        return used / (self.num_slots * self.caches[0].shape.max_len)

@@ -28,6 +28,51 @@ class TokenLogprob:
 
 
 @dataclass
+class SpecStats:
+    """Speculative decoding counts (vLLM's): verification steps, drafted and accepted tokens, accepted by position."""
+
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def add(self, other: SpecStats) -> None:
+        self.drafts += other.drafts
+        self.draft_tokens += other.draft_tokens
+        self.accepted_tokens += other.accepted_tokens
+        if len(self.accepted_per_pos) < len(other.accepted_per_pos):
+            self.accepted_per_pos += [0] * (len(other.accepted_per_pos) - len(self.accepted_per_pos))
+        for i, n in enumerate(other.accepted_per_pos):
+            self.accepted_per_pos[i] += n
+
+    def minus(self, earlier: SpecStats) -> SpecStats:
+        """The counts added since `earlier` (a snapshot of the same running totals)."""
+        per_pos = [n - (earlier.accepted_per_pos[i] if i < len(earlier.accepted_per_pos) else 0)
+                   for i, n in enumerate(self.accepted_per_pos)]
+        return SpecStats(self.drafts - earlier.drafts, self.draft_tokens - earlier.draft_tokens,
+                         self.accepted_tokens - earlier.accepted_tokens, per_pos)
+
+    def snapshot(self) -> SpecStats:
+        return self.minus(SpecStats())
+
+    def record(self, proposed: int, accepted: int) -> None:
+        """One verification of `proposed` drafts of which the first `accepted` were accepted."""
+        self.drafts += 1
+        self.draft_tokens += proposed
+        self.accepted_tokens += accepted
+        self.add(SpecStats(accepted_per_pos=[1] * accepted))
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per verification, the target's own token included (EAGLE's τ)."""
+        return 1 + self.accepted_tokens / self.drafts if self.drafts else 0.0
+
+
+@dataclass
 class SeqOutput:
     """A delta for one sequence: what it produced since the last report."""
 
@@ -48,6 +93,7 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finished: bool = False
     error: str | None = None
+    spec: SpecStats | None = None  # the request's speculative decoding counts so far (None: not speculating)
 
 
 @dataclass
@@ -62,6 +108,7 @@ class Request:
     first_scheduled: float | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_finished: int = 0
+    spec: SpecStats = field(default_factory=SpecStats)  # speculative decoding counts over its sequences
 
 
 @dataclass
@@ -80,6 +127,7 @@ class Sequence:
     sent_tokens: int = 0
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    draft_state: object | None = None  # the drafter's per-sequence state (e.g. features not yet drafted from)
 
     @property
     def prompt_len(self) -> int:

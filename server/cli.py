@@ -33,6 +33,30 @@ def quant_request(args: argparse.Namespace):
                         args.smoothquant_alpha)
 
 
+def add_spec_args(p: argparse.ArgumentParser, default: str = "none") -> None:
+    p.add_argument("--speculative", default=default,
+                   help="none | auto (the shipped draft head for the default model, or DIR/draft_head) | ngram | "
+                        "a draft head dir from `optiserve train-draft`")
+    p.add_argument("--num-speculative-tokens", type=int, default=5, help="draft chain length")
+
+
+def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
+    fields = {"model": args.model, "dtype": args.dtype, "speculative": getattr(args, "speculative", "none"),
+              "num_speculative_tokens": getattr(args, "num_speculative_tokens", 5)}
+    return EngineConfig(**{**fields, **overrides})
+
+
+def apply_quant(engine, req) -> None:
+    """Quantize a loaded engine's weights/KV cache as `req` asks (start-up PTQ, cached)."""
+    if req.quant == "none" and req.kv_cache == "none":
+        return
+    from optiserve.engine.llm_engine import WeightSet
+    from optiserve.optimize.startup import prepare_quantized
+
+    q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
+    engine.use_weights(WeightSet(q.model, req.quant, req.kv_cache, q.k_scales, q.v_scales))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optiserve", description="LLM inference server with model optimization")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
     add_model_args(serve)
     add_quant_args(serve)
+    add_spec_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV slots)")
@@ -76,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--batch", type=int, default=1)
     decode.add_argument("--tokens", type=int, default=128)
     decode.add_argument("--json", default=None, help="write the results to this file")
+    spec = bench_sub.add_parser("spec", help="decode tok/s with and without speculation, τ and acceptance rate")
+    add_model_args(spec)
+    add_quant_args(spec)
+    add_spec_args(spec, default="auto")
+    spec.add_argument("--prompts", required=True, help="jsonl with `instruction` per row, or one prompt per line")
+    spec.add_argument("--offset", type=int, default=0, help="first prompt row (e.g. past those used in training)")
+    spec.add_argument("--num-prompts", type=int, default=16)
+    spec.add_argument("--max-tokens", type=int, default=128)
+    spec.add_argument("--json", default=None, help="write the results to this file")
     load = bench_sub.add_parser("load", help="drive a running server's HTTP API with concurrent clients")
     load.add_argument("--url", default="http://127.0.0.1:8000")
     load.add_argument("--model", default=None, help="model id (default: the server's)")
@@ -90,6 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_optimize import add_optimize_commands  # qat, qad, prune, distill
 
     add_optimize_commands(sub)
+    td = sub.add_parser("train-draft", help="train an EAGLE-3 draft head on the target's own outputs")
+    add_model_args(td)
+    td.add_argument("--data", nargs="+", required=True,
+                    help="chat jsonl (the target answers its instructions) and/or text files (labelled in a prefill)")
+    td.add_argument("--output", required=True, help="directory for the head, its model card and checkpoints")
+    td.add_argument("--max-prompts", type=int, default=None, help="use the first N rows of each jsonl")
+    td.add_argument("--max-answer-tokens", type=int, default=256)
+    td.add_argument("--text-tokens", type=int, default=100_000, help="tokens used from each text file")
+    td.add_argument("--draft-vocab-size", type=int, default=4096)
+    td.add_argument("--ttt-steps", type=int, default=3, help="training-time-test depth")
+    td.add_argument("--epochs", type=float, default=2.0)
+    td.add_argument("--lr", type=float, default=1e-3)
     return parser
 
 
@@ -112,18 +158,13 @@ def serve(args: argparse.Namespace) -> None:
     from .app import create_app
     from .security import ServerOptions
 
-    cfg = EngineConfig(model=args.model, dtype=args.dtype, max_batch=args.max_batch, max_model_len=args.max_model_len)
+    cfg = engine_config(args, max_batch=args.max_batch, max_model_len=args.max_model_len)
     options = ServerOptions(api_key=args.api_key, admin_token=args.admin_token, max_waiting=args.max_waiting,
                             request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
                             max_prompt_tokens=args.max_prompt_tokens)
     req = quant_request(args)
     engine = LLMEngine(cfg)
-    if req.quant != "none" or req.kv_cache != "none":
-        from optiserve.engine.llm_engine import WeightSet
-        from optiserve.optimize.startup import prepare_quantized
-
-        q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
-        engine.use_weights(WeightSet(q.model, req.quant, req.kv_cache, q.k_scales, q.v_scales))
+    apply_quant(engine, req)
     app = create_app(engine, args.served_model_name, options, req)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=int(args.drain_timeout))
@@ -176,6 +217,24 @@ def run_quantize(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def run_bench_spec(args: argparse.Namespace) -> None:
+    from optiserve.engine.bench import chat_prompt_ids
+    from optiserve.engine.llm_engine import LLMEngine
+    from optiserve.engine.spec.bench import bench_spec, load_prompt_file
+
+    if args.speculative == "none":
+        raise ValueError("bench spec compares against speculation: give --speculative auto|ngram|DIR")
+    req = quant_request(args)
+    engines = [LLMEngine(engine_config(args, max_batch=1, speculative=s)) for s in ("none", args.speculative)]
+    for engine in engines:
+        apply_quant(engine, req)
+    prompts = chat_prompt_ids(engines[0].tokenizer, load_prompt_file(args.prompts, args.offset, args.num_prompts))
+    label = {"model": args.model, "quant": req.quant, "kv_cache": req.kv_cache, "speculative": args.speculative,
+             "num_speculative_tokens": args.num_speculative_tokens, "prompts_file": args.prompts,
+             "offset": args.offset}
+    bench_spec(engines[0], engines[1], prompts, args.max_tokens, label, args.json)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -191,6 +250,15 @@ def main(argv: list[str] | None = None) -> None:
             from optiserve.engine.bench import bench_decode
 
             bench_decode(args.model, args.batch, args.tokens, args.dtype, args.json)
+        elif args.command == "bench" and args.bench_command == "spec":
+            run_bench_spec(args)
+        elif args.command == "train-draft":
+            from optiserve.optimize.draft_train import DraftTrainConfig, train_draft
+
+            cfg = DraftTrainConfig(args.draft_vocab_size, args.ttt_steps, epochs=args.epochs, lr=args.lr,
+                                   max_answer_tokens=args.max_answer_tokens, max_prompts=args.max_prompts,
+                                   text_tokens=args.text_tokens)
+            train_draft(args.model, args.data, args.output, cfg)
         elif args.command == "bench" and args.bench_command == "load":
             from .load_bench import LoadConfig, bench_load, load_prompts
 

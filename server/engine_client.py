@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from optiserve.engine.config import SamplingParams
 from optiserve.engine.llm_engine import LLMEngine
-from optiserve.engine.sequence import Request, RequestOutput, SeqOutput
+from optiserve.engine.sequence import Request, RequestOutput, SeqOutput, SpecStats
 
 from .metrics import ServerMetrics
 
@@ -43,6 +43,7 @@ class EngineClient:
         deadline = start + self.timeout_s
         generated, reason, finished = 0, "abort", False
         open_seqs = set(range(params.n))
+        spec_seen = SpecStats()  # the request's counts already added to the metrics
         try:
             while not finished:
                 try:
@@ -54,6 +55,10 @@ class EngineClient:
                     log.warning("request %s timed out after %.1fs", rid, self.timeout_s)
                 if out.error:
                     raise RuntimeError(out.error)
+                if out.spec is not None:  # cumulative per request: add what is new since the last output
+                    delta = out.spec.minus(spec_seen)
+                    m.observe_spec(delta)
+                    spec_seen.add(delta)
                 now = time.monotonic()
                 new = sum(len(o.token_ids) for o in out.outputs)
                 if new:
@@ -73,4 +78,8 @@ class EngineClient:
                 self.engine.abort(rid)
             e2e = time.monotonic() - start
             m.observe_finished(reason, len(prompt_ids), generated, e2e)
-            log.info("request %s %s: prompt=%d generated=%d e2e=%.3fs", rid, reason, len(prompt_ids), generated, e2e)
+            spec = ""
+            if spec_seen.drafts:
+                spec = f" acceptance={spec_seen.acceptance_rate:.3f} tau={spec_seen.mean_acceptance_length:.2f}"
+            log.info("request %s %s: prompt=%d generated=%d e2e=%.3fs%s", rid, reason, len(prompt_ids), generated, e2e,
+                     spec)

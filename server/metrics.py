@@ -14,6 +14,8 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from optiserve.engine.sequence import SpecStats
+
 PREFIX = "optiserve:"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
@@ -75,6 +77,16 @@ class ServerMetrics:
                         "kv_cache_format": w.kv_format})
         self.weight_bytes.labels(self.model_name).set(engine.weight_bytes())
         self.kv_bytes_per_token.labels(self.model_name).set(engine.runner.cache.packed_bytes_per_token())
+
+    def observe_spec(self, delta: SpecStats) -> None:
+        """Add new speculative decoding counts (vLLM's spec_decode_* counters)."""
+        m = self.model_name
+        self.spec_drafts.labels(m).inc(delta.drafts)
+        self.spec_draft_tokens.labels(m).inc(delta.draft_tokens)
+        self.spec_accepted_tokens.labels(m).inc(delta.accepted_tokens)
+        for pos, n in enumerate(delta.accepted_per_pos):
+            if n:
+                self.spec_accepted_per_pos.labels(m, str(pos)).inc(n)
 
     def observe_finished(self, reason: str, prompt_tokens: int, gen_tokens: int, e2e: float) -> None:
         m = self.model_name

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from optiserve.engine.config import SamplingParams
 from optiserve.engine.llm_engine import RequestError
-from optiserve.engine.sequence import RequestOutput, TokenLogprob
+from optiserve.engine.sequence import RequestOutput, SpecStats, TokenLogprob
 
 from .completion_chunks import CompletionChunks, merge_choice
 from .engine_client import EngineClient
@@ -77,10 +77,24 @@ def check_admission(raw: HttpRequest, client: EngineClient, prompts: list[list[i
             raise ApiError(400, str(e), "max_tokens") from None
 
 
-def usage(prompts: list[list[int]], completion_tokens: int) -> dict:
+def usage(prompts: list[list[int]], completion_tokens: int, spec: list[SpecStats | None] = ()) -> dict:
+    """OpenAI's usage object; with speculation, an extra `speculative` field summing the requests' counts."""
     prompt_tokens = sum(len(p) for p in prompts)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    if any(s is not None for s in spec):
+        total = SpecStats()
+        for s in spec:
+            if s is not None:
+                total.add(s)
+        out["speculative"] = spec_summary(total)
+    return out
+
+
+def spec_summary(s: SpecStats) -> dict:
+    return {"num_drafts": s.drafts, "draft_tokens": s.draft_tokens, "accepted_tokens": s.accepted_tokens,
+            "acceptance_rate": round(s.acceptance_rate, 4),
+            "mean_acceptance_length": round(s.mean_acceptance_length, 4)}
 
 
 def sse(payload: dict) -> str:
@@ -120,18 +134,21 @@ async def completions(req: CompletionRequest, raw: HttpRequest):
             for choice in chunks.choices(p_idx, out):
                 merged[choice["index"]] = merge_choice(merged.get(choice["index"]), choice)
     return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-            "choices": [merged[i] for i in sorted(merged)], "usage": usage(prompts, chunks.generated)}
+            "choices": [merged[i] for i in sorted(merged)],
+            "usage": usage(prompts, chunks.generated, [outs[-1].spec if outs else None for outs in results])}
 
 
 async def stream_completion(req: CompletionRequest, rid: str, created: int, prompts: list[list[int]],
                             streams: list[AsyncIterator[RequestOutput]], tok) -> AsyncIterator[str]:
     base = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
     chunks = CompletionChunks(req, prompts, tok)
+    spec: dict[int, SpecStats | None] = {}
     async for p_idx, out in merge_streams(streams):
+        spec[p_idx] = out.spec
         for choice in chunks.choices(p_idx, out):
             yield sse({**base, "choices": [choice]})
     if req.stream_options and req.stream_options.include_usage:
-        yield sse({**base, "choices": [], "usage": usage(prompts, chunks.generated)})
+        yield sse({**base, "choices": [], "usage": usage(prompts, chunks.generated, list(spec.values()))})
     yield "data: [DONE]\n\n"
 
 
@@ -180,7 +197,7 @@ async def chat_completions(req: ChatCompletionRequest, raw: HttpRequest):
         choices.append({"index": idx, "message": {"role": "assistant", "content": "".join(o.text for o in parts)},
                         "logprobs": chat_logprobs(tok, lps) if req.logprobs else None, "finish_reason": reason})
     return {"id": rid, "object": "chat.completion", "created": created, "model": req.model, "choices": choices,
-            "usage": usage([prompt], generated)}
+            "usage": usage([prompt], generated, [outs[-1].spec if outs else None])}
 
 
 async def stream_chat(req: ChatCompletionRequest, rid: str, created: int, prompt: list[int],
@@ -189,8 +206,9 @@ async def stream_chat(req: ChatCompletionRequest, rid: str, created: int, prompt
     for idx in range(req.n):
         delta = {"role": "assistant", "content": ""}
         yield sse({**base, "choices": [{"index": idx, "delta": delta, "logprobs": None, "finish_reason": None}]})
-    generated = 0
+    generated, spec = 0, None
     async for _, out in merge_streams([stream]):
+        spec = out.spec
         for o in out.outputs:
             generated += len(o.token_ids)
             lp = chat_logprobs(tok, o.logprobs) if req.logprobs else None
@@ -198,7 +216,7 @@ async def stream_chat(req: ChatCompletionRequest, rid: str, created: int, prompt
                       "finish_reason": o.finish_reason}
             yield sse({**base, "choices": [choice]})
     if req.stream_options and req.stream_options.include_usage:
-        yield sse({**base, "choices": [], "usage": usage([prompt], generated)})
+        yield sse({**base, "choices": [], "usage": usage([prompt], generated, [spec])})
     yield "data: [DONE]\n\n"
 
 

@@ -1,0 +1,161 @@
+"""An EAGLE-3-style draft head: one decoder layer over fused target features, predicting a reduced vocabulary.
+
+Inputs at draft position t: the target's hidden states after a low, a middle and a high layer at t, fused to H by
+`fc` (or, on later draft steps, the head's own output state at t), and the embedding of token t+1 (the target's
+embedding, shared, not stored). The decoder layer reads [embed_norm(e) | hidden_norm(h)] (2H wide) and keeps h as
+its residual. The LM head covers only the `draft_vocab_size` most frequent target tokens: for a 135M target the
+full head would be a fifth of the model, and a draft step must cost a small fraction of a target step.
+`d2t` maps draft ids to target ids.
+
+Stored as `draft_config.json` + `model.safetensors` (bf16) in a directory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..kv_cache import KVCache
+from ..model import MLP, Attention, Linear, RMSNorm, Transformer
+
+CONFIG_FILE = "draft_config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class DraftConfig:
+    """Shape of a draft head; `target_layers` are the target layers whose outputs it reads (low, mid, high)."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    target_vocab_size: int
+    draft_vocab_size: int
+    target_layers: tuple[int, int, int]
+
+    def __post_init__(self) -> None:
+        self.target_layers = tuple(self.target_layers)
+        if len(self.target_layers) != 3:
+            raise ValueError(f"a draft head reads 3 target layers, not {self.target_layers}")
+        if not 0 < self.draft_vocab_size <= self.target_vocab_size:
+            raise ValueError(f"draft_vocab_size must be in (0, {self.target_vocab_size}]")
+
+    @classmethod
+    def for_target(cls, target: ModelConfig, draft_vocab_size: int) -> DraftConfig:
+        """The default head for a target: its attention/MLP shapes, layers (1, L/2 - 1, L - 4) as in EAGLE-3."""
+        L = target.num_layers
+        return cls(target.hidden_size, target.num_heads, target.num_kv_heads, target.head_dim,
+                   target.intermediate_size, target.rms_norm_eps, target.vocab_size, draft_vocab_size,
+                   (1, L // 2 - 1, L - 4))
+
+    def layer_config(self) -> ModelConfig:
+        """The decoder layer's shapes as a `ModelConfig`, so it is built from the target's own modules."""
+        return ModelConfig("llama", self.draft_vocab_size, self.hidden_size, self.intermediate_size, 1,
+                           self.num_heads, self.num_kv_heads, self.head_dim, self.rms_norm_eps, 0.0, 0, False)
+
+
+class DraftHead(nn.Module):
+    """The head's parameters and its one-step forward; the target supplies embeddings and RoPE (`attach`)."""
+
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, lc = cfg.hidden_size, cfg.layer_config()
+        self.fc = Linear(3 * H, H)
+        self.embed_norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.hidden_norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.attn = Attention(lc, 0)
+        self.attn.qkv = Linear(2 * H, self.attn.qkv.weight_t.shape[1])  # reads [embedding | hidden]
+        self.mlp_norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.mlp = MLP(lc)
+        self.norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.lm_head = Linear(H, cfg.draft_vocab_size)
+        self.register_buffer("d2t", torch.arange(cfg.draft_vocab_size), persistent=True)  # draft id -> target id
+        self._target: list[Transformer] = []  # a list, so the target is not registered as a submodule
+
+    def attach(self, target: Transformer) -> DraftHead:
+        """Use `target`'s embedding and RoPE table (shared, never copied)."""
+        if target.cfg.hidden_size != self.cfg.hidden_size or target.cfg.vocab_size != self.cfg.target_vocab_size:
+            raise ValueError("this draft head was trained for a target of a different shape")
+        self._target = [target]
+        return self
+
+    @property
+    def target(self) -> Transformer:
+        if not self._target:
+            raise RuntimeError("attach the draft head to its target first")
+        return self._target[0]
+
+    def fuse(self, features: torch.Tensor) -> torch.Tensor:
+        """Target features [..., 3H] (low|mid|high layer outputs) -> the head's hidden input [..., H]."""
+        return self.fc(features.to(self.fc.weight_t.dtype))
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One layer over `tokens` [B, S] (token t+1 at draft position t) and `hidden` [B, S, H]; returns the
+        output states [B, S, H] (the next draft step's `hidden`; `logits` turns them into predictions)."""
+        target = self.target
+        freqs = target.rope_table[positions]  # [B, S, D/2, 2]
+        x = torch.cat([self.embed_norm(target.embed(tokens)), self.hidden_norm(hidden)], dim=-1)  # [B, S, 2H]
+        h = hidden + self.attn(x, freqs, cache, positions, mask)
+        return h + self.mlp(self.mlp_norm(h))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits [..., Vd] (fp32) from output states [..., H]."""
+        return self.lm_head(self.norm(h)).float()
+
+    def save(self, out_dir: str | Path, extra: dict | None = None) -> None:
+        """Write `draft_config.json` (+ `extra` fields, e.g. training provenance) and bf16 safetensors."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to(torch.bfloat16 if v.is_floating_point() else v.dtype).contiguous()
+                 for k, v in self.state_dict().items()}
+        state = {k.replace("weight_t", "weight"): (v.t().contiguous() if k.endswith("weight_t") else v)
+                 for k, v in state.items()}  # stored [out, in], as checkpoints usually are
+        save_file(state, str(out / WEIGHTS_FILE))
+        (out / CONFIG_FILE).write_text(json.dumps({**asdict(self.cfg), **(extra or {})}, indent=2) + "\n")
+
+
+def is_draft_dir(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def load_draft_head(path: str | Path, dtype: torch.dtype = torch.float32) -> DraftHead:
+    """Load a head written by `DraftHead.save`, weights in `dtype` laid out for the engine's kernels."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not is_draft_dir(path):
+        raise ValueError(f"{path}: not a draft head directory (no {CONFIG_FILE})")
+    raw = json.loads((path / CONFIG_FILE).read_text())
+    fields = DraftConfig.__dataclass_fields__
+    head = DraftHead(DraftConfig(**{k: v for k, v in raw.items() if k in fields}))
+    ours = head.state_dict()  # references to the parameters: copying into them loads (and keeps the layout)
+    stored = load_file(str(path / WEIGHTS_FILE))
+    if len(stored) != len(ours):
+        raise ValueError(f"{path}: {len(stored)} tensors, the head has {len(ours)}")
+    for name, value in stored.items():
+        transposed = name.removesuffix("weight") + "weight_t"
+        if transposed in ours:
+            ours[transposed].copy_(value.t())
+        elif name in ours:
+            ours[name].copy_(value)
+        else:
+            raise ValueError(f"{path}: unexpected tensor {name!r}")
+    return head.to(dtype).eval()

@@ -1,0 +1,123 @@
+"""Drafters: what proposes tokens for the target to verify. An EAGLE-3 head, or n-gram prompt lookup."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import cpu_kernels
+from ..kv_cache import CacheShape, KVCache
+from ..runner import attention_mask
+from ..sequence import Sequence
+from .draft_head import DraftHead
+from .ngram import propose_ngram
+
+
+@dataclass
+class Proposal:
+    """Per sequence: draft token ids (target vocabulary) and, for sampled drafts, the distributions they were
+    drawn from [k, V] (None: greedy drafts or deterministic lookup)."""
+
+    tokens: list[int]
+    probs: torch.Tensor | None
+
+
+class NgramDrafter:
+    """Prompt lookup; needs nothing from the target."""
+
+    capture: tuple[int, ...] = ()
+    caches: tuple[KVCache, ...] = ()
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def on_prefill(self, seq: Sequence, features: torch.Tensor | None) -> None:
+        pass
+
+    def propose(self, seqs: list[Sequence]) -> list[Proposal]:
+        return [Proposal(propose_ngram(s.token_ids, self.k), None) for s in seqs]
+
+    def on_verify(self, seq: Sequence, features: torch.Tensor | None) -> None:
+        pass
+
+
+@dataclass
+class EagleState:
+    """Target features [n, 3H] not yet run through the head (positions draft_len..), and the head's cache length."""
+
+    pending: torch.Tensor
+    draft_len: int = 0
+
+
+class EagleDrafter:
+    """Runs the draft head over its own one-layer KV cache (slots mirror the target's) and drafts a k-token chain."""
+
+    def __init__(self, head: DraftHead, k: int, num_slots: int, max_len: int, dtype: torch.dtype):
+        self.head, self.k = head, k
+        self.capture = head.cfg.target_layers
+        c = head.cfg
+        self.cache = KVCache(CacheShape(1, num_slots, c.num_kv_heads, max_len, c.head_dim), dtype)
+        self.caches = (self.cache,)
+        self.group = c.num_heads // c.num_kv_heads
+        # As in the target's runner: one-token steps need no mask when the decode-attention kernel bounds each row.
+        self.unmasked_decode = cpu_kernels.decode_attention_available(dtype, head.fc.weight_t.device)
+
+    def on_prefill(self, seq: Sequence, features: torch.Tensor | None) -> None:
+        """After the target read the prompt (features [S, 3H]): nothing drafted from them yet."""
+        seq.draft_state = EagleState(features)
+
+    def on_verify(self, seq: Sequence, features: torch.Tensor | None) -> None:
+        """Features [m, 3H] of the positions the target kept: the next proposal reads them first."""
+        seq.draft_state.pending = features
+
+    @torch.inference_mode()
+    def propose(self, seqs: list[Sequence]) -> list[Proposal]:
+        """Catch the head up on the pending features (one forward), then k-1 one-token steps; seqs in slots [0, B)."""
+        states: list[EagleState] = [s.draft_state for s in seqs]
+        counts = [len(st.pending) for st in states]
+        S = max(counts)
+        tokens = torch.zeros(len(seqs), S, dtype=torch.long)  # token t+1 pairs with the feature at t
+        feats = torch.zeros(len(seqs), S, states[0].pending.shape[-1], dtype=states[0].pending.dtype)
+        for b, (seq, st, n) in enumerate(zip(seqs, states, counts, strict=True)):
+            tokens[b, :n] = torch.tensor(seq.token_ids[st.draft_len + 1 : st.draft_len + 1 + n])
+            feats[b, :n] = st.pending
+        starts = torch.tensor([st.draft_len for st in states])
+        h = self._run(tokens, self.head.fuse(feats), starts[:, None] + torch.arange(S))  # [B, S, H]
+        h = h[torch.arange(len(seqs)), torch.tensor(counts) - 1].unsqueeze(1)  # each row's last real pair
+        for st, n in zip(states, counts, strict=True):
+            st.draft_len, st.pending = st.draft_len + n, st.pending[:0]
+        ends = torch.tensor([st.draft_len for st in states])  # the chain continues at these positions
+        drafted, probs = [], []
+        for j in range(self.k):
+            d, q = self._pick(self.head.logits(h[:, 0]), seqs)
+            drafted.append(d)
+            probs.append(q)
+            if j + 1 < self.k:
+                h = self._run(d.unsqueeze(1), h, (ends + j).unsqueeze(1))
+        target_ids = self.head.d2t[torch.stack(drafted, dim=1)].tolist()  # [B, k]
+        return [Proposal(ids, None if probs[0][b] is None else torch.stack([q[b] for q in probs]))
+                for b, ids in enumerate(target_ids)]
+
+    def _run(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The head over `tokens` [B, S] at `positions` [B, S] in cache slots [0, B)."""
+        attn_len = int(positions.max()) + 1
+        self.cache.begin(0, tokens.shape[0], attn_len)
+        B, S = tokens.shape
+        one_step = S == 1 and (self.unmasked_decode or B == 1)
+        mask = None if one_step else attention_mask(positions, attn_len, self.group, None)
+        return self.head(tokens, hidden, positions, self.cache, mask)
+
+    def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, list]:
+        """Draft ids [B]: argmax for greedy requests, else a sample from softmax(logits / T); and for sampled
+        rows q over the target vocabulary [V] (rejection sampling needs the exact distribution drawn from)."""
+        picks, qs = logits.argmax(-1), []
+        V = self.head.cfg.target_vocab_size
+        for b, seq in enumerate(seqs):
+            if seq.params.greedy:
+                qs.append(None)
+                continue
+            q = (logits[b] / seq.params.temperature).softmax(-1)
+            picks[b] = torch.multinomial(q, 1, generator=seq.generator)[0]
+            qs.append(torch.zeros(V).index_copy_(0, self.head.d2t, q))
+        return picks, qs

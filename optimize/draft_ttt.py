@@ -1,0 +1,92 @@
+"""EAGLE-3's training-time test: the draft head trained on its own earlier predictions, several steps deep.
+
+Step 0 at index t reads the target's fused features f_t and token t+1 and predicts the target's token at t+2.
+Step k at index t reads the head's own step k-1 output state at t and token t+1+k, sits at position t+k, and
+predicts the target's token at t+2+k. Its query sees step 0's keys at indices <= t (the real context) and steps
+1..k's keys at index t only (its own chain) — exactly what the head sees when it drafts k tokens at serving time.
+All steps run through the same `DraftHead.forward` as serving, with a cache that keeps earlier steps' keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from optiserve.engine.runner import fold_groups
+from optiserve.engine.spec.draft_head import DraftHead
+
+IGNORE = -100
+
+
+class StepKeys:
+    """Stands in for the KV cache during training: each step appends its keys/values and attends to all so far."""
+
+    def __init__(self):
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    def update(self, layer: int, positions, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.append(k.transpose(1, 2))  # [B, KV, T, D]
+        self.v.append(v.transpose(1, 2))
+        return torch.cat(self.k, dim=2), torch.cat(self.v, dim=2)
+
+
+@dataclass
+class PackedBatch:
+    """Rows of packed sequences: `tokens`/`labels`/`segments`/`positions` [B, T], `features` [B, T, 3H].
+
+    `labels` are draft-vocabulary ids (IGNORE where none); `segments` tell packed sequences apart (-1 = padding)."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    features: torch.Tensor
+    segments: torch.Tensor
+    positions: torch.Tensor
+
+
+def shift_left(x: torch.Tensor, n: int, fill: int) -> torch.Tensor:
+    """x[:, t + n] at index t (dim 1), `fill` past the end."""
+    if n == 0:
+        return x
+    pad = torch.full_like(x[:, :n], fill)
+    return torch.cat([x[:, n:], pad], dim=1)
+
+
+def step_mask(segments: torch.Tensor, step: int, group: int) -> torch.Tensor:
+    """Attention mask for step `step` over [step 0 keys | step 1 keys | ...]: [B, 1, G*T, (step+1)*T]."""
+    B, T = segments.shape
+    idx = torch.arange(T, device=segments.device)
+    same = segments[:, :, None] == segments[:, None, :]  # [B, T, T]
+    blocks = [same & (idx[None, :] <= idx[:, None])]  # step 0: causal within the sequence
+    blocks += [(idx[None, :] == idx[:, None]).expand(B, T, T)] * step  # later steps: the query's own chain
+    return fold_groups(torch.cat(blocks, dim=-1), group)
+
+
+def ttt_losses(head: DraftHead, batch: PackedBatch, steps: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per step: the cross-entropy loss and the number of correct top-1 predictions over valid positions."""
+    keys = StepKeys()
+    hidden = head.fuse(batch.features)  # [B, T, H]
+    losses, correct = [], []
+    for k in range(steps):
+        tokens = shift_left(batch.tokens, 1 + k, 0)
+        labels = shift_left(batch.labels, 1 + k, IGNORE)
+        labels = labels.masked_fill(shift_left(batch.segments, 1 + k, -1) != batch.segments, IGNORE)
+        mask = step_mask(batch.segments, k, head.attn.n_heads // head.attn.n_kv)
+        hidden = head(tokens, hidden, batch.positions + k, keys, mask)
+        logits = head.logits(hidden)  # [B, T, Vd]
+        valid = labels != IGNORE
+        losses.append(F.cross_entropy(logits[valid], labels[valid]) if valid.any() else logits.sum() * 0)
+        correct.append((logits[valid].argmax(-1) == labels[valid]).sum())
+    return losses, correct
+
+
+def expected_accept_length(step_acc: list[float], draft_len: int) -> float:
+    """τ of a `draft_len` chain if step k is accepted with probability step_acc[k] given the earlier ones
+    (steps past those trained reuse the last figure): 1 bonus token + sum_j prod_{i<=j} acc_i."""
+    tau, run = 1.0, 1.0
+    for j in range(draft_len):
+        run *= step_acc[min(j, len(step_acc) - 1)]
+        tau += run
+    return tau

@@ -1,0 +1,53 @@
+"""Acceptance rules on synthetic distributions: greedy picks the target's argmax chain; rejection sampling
+reproduces the target's distribution exactly (chi-square over many draws), whatever the draft distribution."""
+
+import torch
+from scipy.stats import chisquare
+
+from optiserve.engine.spec.ngram import propose_ngram
+from optiserve.engine.spec.verify import accept_greedy, accept_sampled
+
+VOCAB = 6
+DRAWS = 20_000
+
+
+def test_greedy_accepts_the_matching_prefix_plus_the_target_token():
+    logits = torch.full((4, VOCAB), -1.0)
+    for pos, best in enumerate([2, 5, 1, 3]):
+        logits[pos, best] = 1.0
+    assert accept_greedy([2, 5, 0], logits) == [2, 5, 1]  # third draft rejected: the target's 1 instead
+    assert accept_greedy([2, 5, 1], logits) == [2, 5, 1, 3]  # all accepted: plus the bonus token
+    assert accept_greedy([4, 5, 1], logits) == [2]
+
+
+def emitted_pairs(p: torch.Tensor, q: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Generate 2 tokens per trial by drafting 2 from q and verifying against p (rows = positions), re-drafting
+    after a rejection like the engine does; returns counts over the VOCAB x VOCAB pairs."""
+    counts = torch.zeros(VOCAB * VOCAB)
+    for _ in range(DRAWS):
+        out: list[int] = []
+        while len(out) < 2:
+            pos = len(out)
+            drafts = [int(torch.multinomial(q[pos + i], 1, generator=gen)) for i in range(2 - pos)]
+            out += accept_sampled(drafts, q[pos : pos + len(drafts)], p[pos : pos + len(drafts) + 1], gen)
+        counts[out[0] * VOCAB + out[1]] += 1
+    return counts
+
+
+def test_rejection_sampling_reproduces_the_target_distribution():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(3, VOCAB, generator=gen) * 1.5, -1)  # target at positions 0, 1, 2
+    q = torch.softmax(torch.randn(3, VOCAB, generator=gen) * 1.5, -1)  # a different draft distribution
+    q[:, 0] = 0  # the draft never proposes token 0: only the residual can emit it
+    q = q / q.sum(-1, keepdim=True)
+    counts = emitted_pairs(p, q, gen)
+    expected = (p[0][:, None] * p[1][None, :]).flatten() * DRAWS  # independent positions: p0(x) * p1(y)
+    assert chisquare(counts.numpy(), expected.numpy()).pvalue > 1e-3
+    # The same test can fail: emitting the draft's own samples would not match p.
+    assert chisquare((q[0][:, None] * q[1][None, :]).flatten().numpy() * DRAWS, expected.numpy()).pvalue < 1e-6
+
+
+def test_ngram_proposes_what_followed_the_latest_match():
+    history = [1, 2, 3, 4, 9, 1, 2, 3, 5, 7, 1, 2, 3]
+    assert propose_ngram(history, 2) == [5, 7]  # the latest earlier "1 2 3" was followed by 5 7
+    assert propose_ngram([1, 2, 3], 4) == []
