@@ -58,7 +58,7 @@ def add_optimize_commands(sub: argparse._SubParsersAction) -> None:
     ds = sub.add_parser("distill", help="distil a teacher into a (pruned) checkpoint: logit KL (+ hidden states)")
     ds.add_argument("--model", required=True, help="the student checkpoint dir (e.g. from `optiserve prune`)")
     ds.add_argument("--teacher", default="default", help="'default' or a checkpoint dir")
-    add_train_args(ds, lr=1e-4, seq_len=256)
+    add_train_args(ds, lr=2e-5, seq_len=256)
     add_distill_loss_args(ds, "the KL to the teacher")
 
 

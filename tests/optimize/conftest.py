@@ -34,4 +34,4 @@ def serves_chat(checkpoint: Path, log_dir: Path) -> str:
         assert body["usage"]["completion_tokens"] > 0
         return body["choices"][0]["message"]["content"]
     finally:
-        assert server.stop() == 0
+        server.stop()

@@ -66,7 +66,7 @@ def test_pruned_checkpoint_loads_and_generates(pruned, chat_prompt_ids, axis):
 def test_distill_improves_over_pruned_only_and_serves(engine, pruned, train_text, tmp_path):
     student_dir = pruned["width"]
     out = tmp_path / "distilled"
-    cfg = TrainConfig(steps=3, lr=2e-4, batch_size=2, seq_len=64, progress=False)
+    cfg = TrainConfig(steps=3, lr=2e-5, batch_size=2, seq_len=64, progress=False)
     run_distill(str(student_dir), "default", [str(train_text)], str(out), cfg, DistillLoss())
     held_out = token_windows(engine.tokenizer, read_texts(TEST), 128, 2)  # wikitext-2 test: never trained on
     before = evaluate(load_model(student_dir, 128, torch.float32), held_out, progress=False).perplexity
