@@ -207,8 +207,8 @@ if [[ $SPECULATIVE == 1 ]]; then
     / sum(rate(optiserve:spec_decode_num_draft_tokens_total[30s]))'
   read -r n value <<< "$(query "$SPEC_EXPR")"
   # NaN (0/0: no drafts proposed) fails the range check too.
-  [[ $n == 1 ]] && python3 -c "import sys; v = float('$value'); sys.exit(not 0 <= v <= 1)" \
-    || fail "speculative acceptance rate = '$n $value', expected a value in [0, 1] (were drafts proposed?)"
+  [[ $n == 1 ]] && python3 -c "import sys; v = float('$value'); sys.exit(not 0 < v <= 1)" \
+    || fail "speculative acceptance rate = '$n $value', expected a value in (0, 1] (were drafts proposed?)"
   log "speculative acceptance rate = $value"
 fi
 

@@ -69,6 +69,20 @@ def build_samples(engine, files: list[str], cfg: DraftTrainConfig, out: Path, la
     return label_all(target, sequences, layers)
 
 
+def cached_samples(engine, files: list[str], cfg: DraftTrainConfig, out: Path, layers) -> list[DraftSample]:
+    """`build_samples`, saved in `out/samples.pt` so a resumed run skips the labelling (minutes of target forwards)."""
+    key = {"files": files, "layers": list(layers), "max_prompts": cfg.max_prompts, "text_tokens": cfg.text_tokens,
+           "row_len": cfg.row_len, "max_answer_tokens": cfg.max_answer_tokens}
+    path = out / "samples.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=False)
+        if saved["key"] == key:
+            return saved["samples"]
+    samples = build_samples(engine, files, cfg, out, layers)
+    torch.save({"key": key, "samples": samples}, path)
+    return samples
+
+
 def draft_vocabulary(samples: list[DraftSample], size: int) -> torch.Tensor:
     """The `size` target tokens the target emits most often in the data (d2t), most frequent first."""
     counts = Counter()
@@ -198,7 +212,7 @@ def train_draft(model: str, files: list[str], output: str, cfg: DraftTrainConfig
     engine = LLMEngine(EngineConfig(model=model, max_batch=16, max_model_len=cfg.row_len + cfg.max_answer_tokens + 64))
     target = engine.runner.model
     head_cfg = DraftConfig.for_target(engine.model_config, cfg.draft_vocab_size)
-    samples = build_samples(engine, files, cfg, out, head_cfg.target_layers)
+    samples = cached_samples(engine, files, cfg, out, head_cfg.target_layers)
     d2t = draft_vocabulary(samples, cfg.draft_vocab_size)
     t2d = torch.full((head_cfg.target_vocab_size,), IGNORE)
     t2d[d2t] = torch.arange(len(d2t))

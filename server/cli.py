@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="text or jsonl file, e.g. ../shared/data/wikitext-2/test.txt")
     ev.add_argument("--window", type=int, default=512, help="tokens per window")
     ev.add_argument("--max-windows", type=int, default=40)
+    ev.add_argument("--reference", default=None,
+                    help="unquantized model to compare a quantized/pruned checkpoint dir against (KL, top-1)")
     ev.add_argument("--json", default=None, help="write the results to this file")
 
     qz = sub.add_parser("quantize", help="calibrate, quantize and write a ModelOpt-layout Hugging Face checkpoint")
@@ -175,15 +177,23 @@ def run_eval(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoTokenizer
 
+    from optiserve.engine.quantized_checkpoint import is_modelopt_checkpoint
     from optiserve.engine.weights import load_model, resolve_model_dir
     from optiserve.optimize.data import read_texts, token_windows
-    from optiserve.optimize.evaluate import evaluate, write_result
+    from optiserve.optimize.evaluate import evaluate, evaluate_checkpoint, write_result
 
     model_dir = resolve_model_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     windows = token_windows(tokenizer, read_texts(args.data, tokenizer), args.window, args.max_windows)
-    model = load_model(model_dir, args.window, getattr(torch, args.dtype))
     req = quant_request(args)
+    if is_modelopt_checkpoint(model_dir) or args.reference:  # a produced checkpoint, served as the server would
+        if req.quant != "none" or req.kv_cache != "none":
+            raise ValueError("--quant/--kv-cache apply to an unquantized model, not to a checkpoint dir")
+        ref = args.reference and load_model(resolve_model_dir(args.reference), args.window, torch.float32)
+        result = evaluate_checkpoint(model_dir, windows, reference=ref or None)
+        write_result(result, {"model": args.model, "data": args.data, "reference": args.reference}, args.json)
+        return
+    model = load_model(model_dir, args.window, getattr(torch, args.dtype))
     if req.quant == "none" and req.kv_cache == "none":
         result = evaluate(model, windows)
     else:
