@@ -63,14 +63,18 @@ def test_greedy_identical_at_batch_1_and_4(base, speculative, chat_prompt_ids):
         for *_, spec in got:
             total.add(spec)
         assert total.drafts > 0 and total.draft_tokens >= total.drafts
-        # Every verification emits its accepted drafts plus one target token.
-        assert total.drafts + total.accepted_tokens >= len(chat_prompt_ids) * (NEW_TOKENS - 1)
         assert sum(total.accepted_per_pos) == total.accepted_tokens
+        if speculative.cfg.speculative == "auto":  # the head drafts every step (n-gram lookup may find nothing)
+            # Every verification emits its accepted drafts plus one target token.
+            assert total.drafts + total.accepted_tokens >= len(chat_prompt_ids) * (NEW_TOKENS - 1)
 
 
 def test_greedy_identical_on_a_quantized_model(base, chat_prompt_ids):
+    """Weight-only NVFP4. (With W4A4 or a quantized KV cache, a last-bit difference between the 6-row verify and
+    the 1-row decode can flip an activation's 4-bit rounding and move logits by ~0.3, so the tie rule above
+    cannot tell rounding from a bug there.)"""
     spec = LLMEngine(EngineConfig(max_batch=4, max_model_len=1024, speculative="auto"))
-    req = QuantRequest("nvfp4", "nvfp4", calib_samples=4, calib_seq_len=128)
+    req = QuantRequest("nvfp4-w4a16", "none", calib_samples=4, calib_seq_len=128)
     for engine in (base, spec):
         q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
         engine.use_weights(WeightSet(q.model, req.quant, req.kv_cache, q.k_scales, q.v_scales))
