@@ -89,7 +89,8 @@ def draft_vocabulary(samples: list[DraftSample], size: int) -> torch.Tensor:
     for s in samples:
         counts.update(s.labels[s.labels != IGNORE].tolist())
     ids = [t for t, _ in counts.most_common(size)]
-    rest = [t for t in range(size * 2) if t not in set(ids)]  # pad a small data set up to `size`
+    seen = set(ids)
+    rest = [t for t in range(size * 2) if t not in seen]  # pad a small data set up to `size`
     return torch.tensor((ids + rest)[:size])
 
 
@@ -150,18 +151,11 @@ def evaluate_head(head: DraftHead, rows: list[PackedBatch], steps: int) -> list[
     correct, total = [0] * steps, [0] * steps
     with torch.no_grad():
         for row in rows:
-            _, hits = ttt_losses(head, row, steps)
+            _, hits, valid = ttt_losses(head, row, steps)
             for k in range(steps):
-                correct[k] += int(hits[k])
-                total[k] += int(shift_valid(row, k).sum())
+                correct[k] += hits[k]
+                total[k] += valid[k]
     return [c / max(t, 1) for c, t in zip(correct, total, strict=True)]
-
-
-def shift_valid(row: PackedBatch, k: int) -> torch.Tensor:
-    from .draft_ttt import shift_left
-
-    labels = shift_left(row.labels, 1 + k, IGNORE)
-    return (labels != IGNORE) & (shift_left(row.segments, 1 + k, -1) == row.segments)
 
 
 def lr_at(step: int, total: int, cfg: DraftTrainConfig) -> float:
@@ -188,7 +182,7 @@ def train_loop(head: DraftHead, rows: list[PackedBatch], cfg: DraftTrainConfig, 
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, cfg)
         batch = stack([rows[i] for i in order[step * cfg.rows_per_step : (step + 1) * cfg.rows_per_step]])
-        losses, _ = ttt_losses(head, batch, cfg.ttt_steps)
+        losses, _, _ = ttt_losses(head, batch, cfg.ttt_steps)
         loss = sum(cfg.step_decay**k * l for k, l in enumerate(losses))
         opt.zero_grad()
         loss.backward()

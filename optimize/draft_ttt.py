@@ -64,11 +64,11 @@ def step_mask(segments: torch.Tensor, step: int, group: int) -> torch.Tensor:
     return fold_groups(torch.cat(blocks, dim=-1), group)
 
 
-def ttt_losses(head: DraftHead, batch: PackedBatch, steps: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per step: the cross-entropy loss and the number of correct top-1 predictions over valid positions."""
+def ttt_losses(head: DraftHead, batch: PackedBatch, steps: int) -> tuple[list[torch.Tensor], list[int], list[int]]:
+    """Per step: the cross-entropy loss, the correct top-1 predictions and the number of valid positions."""
     keys = StepKeys()
     hidden = head.fuse(batch.features)  # [B, T, H]
-    losses, correct = [], []
+    losses, correct, counted = [], [], []
     for k in range(steps):
         tokens = shift_left(batch.tokens, 1 + k, 0)
         labels = shift_left(batch.labels, 1 + k, IGNORE)
@@ -78,8 +78,9 @@ def ttt_losses(head: DraftHead, batch: PackedBatch, steps: int) -> tuple[list[to
         logits = head.logits(hidden)  # [B, T, Vd]
         valid = labels != IGNORE
         losses.append(F.cross_entropy(logits[valid], labels[valid]) if valid.any() else logits.sum() * 0)
-        correct.append((logits[valid].argmax(-1) == labels[valid]).sum())
-    return losses, correct
+        correct.append(int((logits[valid].argmax(-1) == labels[valid]).sum()))
+        counted.append(int(valid.sum()))
+    return losses, correct, counted
 
 
 def expected_accept_length(step_acc: list[float], draft_len: int) -> float:

@@ -42,7 +42,7 @@ def add_spec_args(p: argparse.ArgumentParser, default: str = "none") -> None:
 
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
     fields = {"model": args.model, "dtype": args.dtype, "speculative": getattr(args, "speculative", "none"),
-              "num_speculative_tokens": getattr(args, "num_speculative_tokens", 5)}
+              "num_speculative_tokens": getattr(args, "num_speculative_tokens", EngineConfig.num_speculative_tokens)}
     return EngineConfig(**{**fields, **overrides})
 
 
