@@ -7,18 +7,27 @@ from pathlib import Path
 import httpx
 import pytest
 
+from optiserve.optimize.data import default_calib_path
 from tests.conftest import ServerProcess
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-VALID = SHARED / "wikitext-2" / "valid.txt"
-TEST = SHARED / "wikitext-2" / "test.txt"
+# The wikitext-2 valid slice shipped with the package, so these tests need no checkout-relative data:
+# its first 20 kB train, text from 40 kB on is held out.
+TRAIN_CHARS, HELD_OUT_FROM = 20_000, 40_000
 
 
 @pytest.fixture(scope="session")
 def train_text(tmp_path_factory) -> Path:
-    """The first 20 kB of wikitext-2 valid (training data; never the test split)."""
+    """The first 20 kB of the shipped wikitext-2 valid slice (training data)."""
     path = tmp_path_factory.mktemp("data") / "train.txt"
-    path.write_text(VALID.read_text()[:20_000])
+    path.write_text(default_calib_path().read_text()[:TRAIN_CHARS])
+    return path
+
+
+@pytest.fixture(scope="session")
+def held_out_text(tmp_path_factory) -> Path:
+    """Text of the same slice that no training test reads."""
+    path = tmp_path_factory.mktemp("data") / "held_out.txt"
+    path.write_text(default_calib_path().read_text()[HELD_OUT_FROM:])
     return path
 
 

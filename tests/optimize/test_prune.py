@@ -19,7 +19,7 @@ from optiserve.optimize.prune import PruneRequest, count_params, run_prune
 from optiserve.optimize.train import TrainConfig
 from optiserve.server.cli import main
 
-from .conftest import TEST, serves_chat
+from .conftest import serves_chat
 
 
 def test_impossible_targets_exit_with_an_error(engine, tmp_path, capsys):
@@ -63,12 +63,12 @@ def test_pruned_checkpoint_loads_and_generates(pruned, chat_prompt_ids, axis):
     torch.testing.assert_close(ours_logits, ref, rtol=1e-3, atol=1e-3)
 
 
-def test_distill_improves_over_pruned_only_and_serves(engine, pruned, train_text, tmp_path):
+def test_distill_improves_over_pruned_only_and_serves(engine, pruned, train_text, held_out_text, tmp_path):
     student_dir = pruned["width"]
     out = tmp_path / "distilled"
     cfg = TrainConfig(steps=3, lr=2e-5, batch_size=2, seq_len=64, progress=False)
     run_distill(str(student_dir), "default", [str(train_text)], str(out), cfg, DistillLoss())
-    held_out = token_windows(engine.tokenizer, read_texts(TEST), 128, 2)  # wikitext-2 test: never trained on
+    held_out = token_windows(engine.tokenizer, read_texts(held_out_text), 128, 2)  # never trained on
     before = evaluate(load_model(student_dir, 128, torch.float32), held_out, progress=False).perplexity
     after = evaluate(load_model(out, 128, torch.float32), held_out, progress=False).perplexity
     assert after < before, (before, after)
