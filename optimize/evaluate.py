@@ -30,6 +30,47 @@ def window_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
     return runner.prefill(0, ids, all_logits=True)
 
 
+@dataclass
+class QualityTotals:
+    """Running sums over windows of next-token NLL, KL(reference || model) and top-1 agreement.
+
+    One accumulation for every evaluation (our engine's models here, ModelOpt's HF models in `modelopt_compare`).
+    """
+
+    nll: float = 0.0
+    ref_nll: float = 0.0
+    kl: float = 0.0
+    agree: float = 0.0
+    tokens: int = 0
+    windows: int = 0
+    has_ref: bool = False
+
+    def add(self, ids: list[int], logits: torch.Tensor, ref_logits: torch.Tensor | None = None) -> None:
+        """Add one window: `logits` (and `ref_logits`) [S, V] for all positions of `ids`."""
+        targets = torch.tensor(ids[1:])
+        logp = F.log_softmax(logits[:-1], dim=-1)  # [S-1, V]
+        self.nll += F.nll_loss(logp, targets, reduction="sum").item()
+        self.tokens += len(targets)
+        self.windows += 1
+        if ref_logits is not None:
+            self.has_ref = True
+            ref_logp = F.log_softmax(ref_logits[:-1], dim=-1)
+            self.ref_nll += F.nll_loss(ref_logp, targets, reduction="sum").item()
+            self.kl += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
+            self.agree += (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
+
+    def result(self) -> EvalResult:
+        n, ref = self.tokens, self.has_ref
+        return EvalResult(
+            perplexity=math.exp(self.nll / n),
+            reference_perplexity=math.exp(self.ref_nll / n) if ref else None,
+            kl_divergence=self.kl / n if ref else None,
+            top1_agreement=self.agree / n if ref else None,
+            windows=self.windows,
+            tokens=n,
+        )
+
+
 def evaluate(
     model: Transformer, windows: list[list[int]], reference: Transformer | None = None, progress: bool = True,
     kv: tuple[str, list[torch.Tensor] | None, list[torch.Tensor] | None] = ("none", None, None),
@@ -43,27 +84,11 @@ def evaluate(
     runner = ModelRunner(model, 1, window, dtype)
     runner.cache.set_format(*kv)
     ref_runner = ModelRunner(reference, 1, window, dtype) if reference is not None else None
-    nll = ref_nll = kl = agree = 0.0
-    count = 0
+    totals = QualityTotals()
     for ids in tqdm(windows, desc="eval", unit="window", disable=not progress):
-        targets = torch.tensor(ids[1:])
-        logp = F.log_softmax(window_logits(runner, ids)[:-1], dim=-1)  # [S-1, V]
-        nll += F.nll_loss(logp, targets, reduction="sum").item()
-        count += len(targets)
-        if ref_runner is not None:
-            ref_logp = F.log_softmax(window_logits(ref_runner, ids)[:-1], dim=-1)
-            ref_nll += F.nll_loss(ref_logp, targets, reduction="sum").item()
-            kl += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
-            agree += (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
-    has_ref = ref_runner is not None
-    return EvalResult(
-        perplexity=math.exp(nll / count),
-        reference_perplexity=math.exp(ref_nll / count) if has_ref else None,
-        kl_divergence=kl / count if has_ref else None,
-        top1_agreement=agree / count if has_ref else None,
-        windows=len(windows),
-        tokens=count,
-    )
+        ref_logits = window_logits(ref_runner, ids) if ref_runner is not None else None
+        totals.add(ids, window_logits(runner, ids), ref_logits)
+    return totals.result()
 
 
 def write_result(result: EvalResult, extra: dict, json_path: str | None) -> dict:

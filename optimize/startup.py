@@ -89,13 +89,17 @@ def load_quantized(path: Path, model: Transformer) -> QuantResult:
     return QuantResult(with_layers(model, layers), saved["k_scales"], saved["v_scales"])
 
 
+def calibration_windows(tokenizer, req: QuantRequest) -> list[list[int]]:
+    """The token windows PTQ calibrates on: `calib_samples` x `calib_seq_len` tokens of the calibration data."""
+    return token_windows(tokenizer, read_texts(req.calib_path, tokenizer), req.calib_seq_len, req.calib_samples)
+
+
 def calibration_stats(model_dir: Path, model: Transformer, tokenizer, req: QuantRequest) -> CalibStats:
     """Calibration statistics, shared by every format (cached apart from the quantized weights)."""
     path = cache_root() / "ptq" / f"calib-{cache_key(model_dir, replace(req, quant='none', kv_cache='none'))}.pt"
     if path.is_file():
         return torch.load(path, weights_only=False)  # our own cache file (dataclasses of tensors)
-    texts = read_texts(req.calib_path, tokenizer)
-    windows = token_windows(tokenizer, texts, req.calib_seq_len, req.calib_samples)
+    windows = calibration_windows(tokenizer, req)
     log.info("calibrating on %d x %d tokens of %s", len(windows), req.calib_seq_len, req.calib_path)
     stats = calibrate(model, windows)
     path.parent.mkdir(parents=True, exist_ok=True)

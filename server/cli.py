@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reference", default=None,
                     help="unquantized model to compare a quantized/pruned checkpoint dir against (KL, top-1)")
     ev.add_argument("--json", default=None, help="write the results to this file")
+    ev.add_argument("--compare-modelopt", action="store_true",
+                    help="also quantize with NVIDIA ModelOpt (same windows, same calibration data); print both")
 
     qz = sub.add_parser("quantize", help="calibrate, quantize and write a ModelOpt-layout Hugging Face checkpoint")
     add_model_args(qz)
@@ -186,7 +188,12 @@ def run_eval(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     windows = token_windows(tokenizer, read_texts(args.data, tokenizer), args.window, args.max_windows)
     req = quant_request(args)
-    if is_modelopt_checkpoint(model_dir) or args.reference:  # a produced checkpoint, served as the server would
+    checkpoint = is_modelopt_checkpoint(model_dir) or args.reference
+    if args.compare_modelopt:
+        from optiserve.optimize.modelopt_compare import require_modelopt
+
+        require_modelopt(req.quant, bool(checkpoint), args.dtype)
+    if checkpoint:  # a produced checkpoint, served as the server would
         if req.quant != "none" or req.kv_cache != "none":
             raise ValueError("--quant/--kv-cache apply to an unquantized model, not to a checkpoint dir")
         ref = args.reference and load_model(resolve_model_dir(args.reference), args.window, torch.float32)
@@ -201,8 +208,14 @@ def run_eval(args: argparse.Namespace) -> None:
 
         q = prepare_quantized(model_dir, model, tokenizer, req)
         result = evaluate(q.model, windows, reference=model, kv=(req.kv_cache, q.k_scales, q.v_scales))
-    write_result(result, {"model": args.model, "data": args.data, "quant": req.quant, "kv_cache": req.kv_cache},
-                 args.json)
+    extra = {"model": args.model, "data": args.data, "quant": req.quant, "kv_cache": req.kv_cache}
+    if args.compare_modelopt:
+        from optiserve.optimize.modelopt_compare import compare_with_modelopt, print_comparison
+
+        extra["modelopt"] = compare_with_modelopt(model_dir, tokenizer, req, windows)
+    write_result(result, extra, args.json)
+    if args.compare_modelopt:
+        print_comparison(req.quant, result, extra["modelopt"])
 
 
 def run_quantize(args: argparse.Namespace) -> None:
