@@ -1,8 +1,9 @@
 """Post-training quantization: from calibration statistics to a model whose linears are `QuantLinear`s.
 
 - fp8 / nvfp4 / nvfp4-w4a16: max calibration (weights from their own amax, activations from calibrated amax).
-- int8: SmoothQuant — per input channel s = amax_x^alpha / amax_w^(1-alpha); weights W*s, inputs x/s
-  (exported as `pre_quant_scale` = 1/s), then INT8 per-channel weights and a static per-tensor input scale.
+- int8: SmoothQuant as ModelOpt's `INT8_SMOOTHQUANT_CFG` does it — every linear, per input channel
+  s = amax_x^alpha / amax_w^(1-alpha) (alpha 1.0 by default, ModelOpt's), weights W*s, inputs x/s (exported as
+  `pre_quant_scale` = 1/s), then INT8 per-channel weights and a static per-tensor input scale.
 - int4: AWQ-lite — per layer, a grid search over alpha of s = mean|x|^alpha / mean|w|^(1-alpha) that minimises
   the output error of the INT4-quantized layer on sampled calibration inputs (ModelOpt's awq_lite idea).
 """
@@ -23,6 +24,9 @@ from .calibrate import CalibStats, InputStats, quantizable_linears
 
 AWQ_ALPHAS = [i / 10 for i in range(11)]
 EPS = 1e-6
+SMOOTHQUANT_ALPHA = 1.0  # ModelOpt's `SmoothQuantCalibConfig.alpha` default, what INT8_SMOOTHQUANT_CFG uses
+SMOOTH_SCALE_MIN, SMOOTH_SCALE_MAX = 1e-4, 1e4  # ModelOpt clamps pre_quant_scale (1/s) to this range
+INACTIVE_AMAX = 2.0**-31  # input channels at most this large get s = 1 (ModelOpt's zero-channel mask)
 
 
 @dataclass
@@ -45,10 +49,12 @@ def shard_sizes(model: Transformer, name: str) -> list[int]:
 
 
 def smooth_scale(stats: InputStats, w: torch.Tensor, alpha: float) -> torch.Tensor:
-    """SmoothQuant's per-input-channel s [in] (weights are multiplied by s, inputs divided)."""
-    w_amax = w.abs().amax(0).clamp_min(EPS)
-    s = stats.channel_amax.clamp_min(EPS).pow(alpha) / w_amax.pow(1 - alpha)
-    return s.clamp_min(EPS)
+    """SmoothQuant's per-input-channel s [in] (weights are multiplied by s, inputs divided), as ModelOpt's
+    `smoothquant` computes it: 1 for inactive channels, and 1/s kept within [1e-4, 1e4]."""
+    x_amax = stats.channel_amax.float()
+    s = x_amax.pow(alpha) / w.abs().amax(0).pow(1 - alpha)
+    s = torch.where(x_amax <= INACTIVE_AMAX, torch.ones_like(s), s)
+    return s.clamp(1 / SMOOTH_SCALE_MAX, 1 / SMOOTH_SCALE_MIN)
 
 
 def awq_scale(stats: InputStats, w: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -96,7 +102,7 @@ def with_layers(model: Transformer, layers: dict[str, nn.Module]) -> Transformer
 
 
 def plan_model(model: Transformer, fmt: str, stats: CalibStats,
-               smoothquant_alpha: float = 0.5) -> dict[str, LinearPlan]:
+               smoothquant_alpha: float = SMOOTHQUANT_ALPHA) -> dict[str, LinearPlan]:
     """PTQ's decision (smoothing, input range) for every quantizable linear of `model`, by module name."""
     plans = {}
     for name, linear in quantizable_linears(model).items():
@@ -112,7 +118,8 @@ def quant_linear(fmt: str, plan: LinearPlan, bias: torch.Tensor | None, dtype: t
     return QuantLinear(fmt, shards, bias, input_scale, plan.pre_quant_scale, dtype)
 
 
-def quantize_model(model: Transformer, fmt: str, stats: CalibStats, smoothquant_alpha: float = 0.5) -> Transformer:
+def quantize_model(model: Transformer, fmt: str, stats: CalibStats,
+                   smoothquant_alpha: float = SMOOTHQUANT_ALPHA) -> Transformer:
     """A new model whose linears (all but the LM head) are `fmt`; the input model and its tensors are untouched
     (the two share embeddings, norms and the LM head)."""
     dtype = model.embed.weight.dtype

@@ -23,7 +23,7 @@ from optiserve.engine.weights import cache_root
 
 from .calibrate import CalibStats, calibrate, quantizable_linears
 from .data import default_calib_path, read_texts, token_windows
-from .ptq import quantize_model, with_layers
+from .ptq import SMOOTHQUANT_ALPHA, quantize_model, with_layers
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class QuantRequest:
     calib_data: str | None = None  # None: the calibration slice shipped with the package
     calib_samples: int = 32
     calib_seq_len: int = 512
-    smoothquant_alpha: float = 0.5
+    smoothquant_alpha: float = SMOOTHQUANT_ALPHA  # ModelOpt's default
 
     def __post_init__(self) -> None:
         check_format(self.quant, WEIGHT_FORMATS, "weight")

@@ -17,13 +17,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     from optiserve.engine.quant import KV_FORMATS, WEIGHT_FORMATS
+    from optiserve.optimize.startup import QuantRequest
 
     p.add_argument("--quant", default="none", choices=WEIGHT_FORMATS, help="weight (and activation) format")
     p.add_argument("--kv-cache", default="none", choices=KV_FORMATS, help="KV cache format")
     p.add_argument("--calib-data", default=None, help="text or jsonl (default: the slice shipped with optiserve)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence")
-    p.add_argument("--smoothquant-alpha", type=float, default=0.5, help="SmoothQuant migration strength (int8)")
+    p.add_argument("--smoothquant-alpha", type=float, default=QuantRequest.smoothquant_alpha,
+                   help="SmoothQuant migration strength (int8; default ModelOpt's)")
 
 
 def quant_request(args: argparse.Namespace):
@@ -104,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(decode)
     decode.add_argument("--batch", type=int, default=1)
     decode.add_argument("--tokens", type=int, default=128)
+    decode.add_argument("--against", default=None, help="also time our engine on this model, same run")
     decode.add_argument("--json", default=None, help="write the results to this file")
     spec = bench_sub.add_parser("spec", help="decode tok/s with and without speculation, τ and acceptance rate")
     add_model_args(spec)
@@ -272,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "bench" and args.bench_command == "decode":
             from optiserve.engine.bench import bench_decode
 
-            bench_decode(args.model, args.batch, args.tokens, args.dtype, args.json)
+            bench_decode(args.model, args.batch, args.tokens, args.dtype, args.json, args.against)
         elif args.command == "bench" and args.bench_command == "spec":
             run_bench_spec(args)
         elif args.command == "train-draft":
