@@ -5,8 +5,9 @@
   project's 2-core AMD EPYC it reads weights at ~40 GB/s where MKL's fp32 GEMV gets ~17-21 GB/s, and beats MKL's
   GEMM at prefill sizes too (~240 vs ~120-190 GFLOP/s).
 - `rms_norm`, `silu_mul`, `rope_`: one op each where ATen takes 3-7 small ones (~0.2-0.8 us vs 4-9 us).
-- `decode_attention`: one query token per row with GQA, each row bounded by its own position (and sliding window),
-  so batched decode needs no mask: ~8 us vs ~15 us for SDPA at 200 keys.
+- `decode_attention`: a few query rows per sequence with GQA, each row bounded by its own position (and sliding
+  window), so batched decode and speculative verify need no mask: ~8 us vs ~15 us for SDPA at 200 keys. Every
+  row is computed alone (as `linear` computes each output row alone), so verify is bit-identical to decode.
 Each call falls back to PyTorch when the kernel does not apply (bf16, other devices, odd strides), and everything
 does when the build fails (no compiler) or `OPTISERVE_CPU_KERNELS=0`.
 """
@@ -288,33 +289,36 @@ void rope_(torch::Tensor& x, const torch::Tensor& freqs, int64_t nheads) {
   });
 }
 
-// One query token per row: q [B, 1, >=H, D] (heads [0, H) used), keys/values [B, KV, L, D] (strided views),
-// row b attends keys (pos[b] - window, pos[b]] (window <= 0: all up to pos[b]). Returns [B, 1, H*D].
+// S query rows per sequence: q [B, S, >=H, D] (heads [0, H) used), keys/values [B, KV, L, D] (strided views),
+// pos [B, S]; row (b, s) attends keys (pos[b, s] - window, pos[b, s]] (window <= 0: all up to pos[b, s]).
+// Each (row, head) is computed on its own with the same loops, so a row's output does not depend on S or B:
+// a 6-row speculative verify gives bit for bit what six 1-row decode steps give. Returns [B, S, H*D].
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const torch::Tensor& pos, int64_t H, int64_t window) {
-  TORCH_CHECK(is_f32_cpu(q) && is_f32_cpu(k) && is_f32_cpu(v) && q.size(1) == 1 && q.stride(3) == 1 &&
-              k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: fp32 CPU, one query per row");
-  int64_t B = q.size(0), D = q.size(3), KV = k.size(1), L = k.size(2), G = H / KV;
-  torch::Tensor out = torch::empty({B, 1, H * D}, q.options());
+  TORCH_CHECK(is_f32_cpu(q) && is_f32_cpu(k) && is_f32_cpu(v) && q.stride(3) == 1 && k.stride(3) == 1 &&
+              v.stride(3) == 1, "decode_attention: fp32 CPU, unit stride along head_dim");
+  int64_t B = q.size(0), S = q.size(1), D = q.size(3), KV = k.size(1), L = k.size(2), G = H / KV;
+  TORCH_CHECK(pos.numel() == B * S, "decode_attention: one position per query row");
+  torch::Tensor out = torch::empty({B, S, H * D}, q.options());
   torch::Tensor p64 = pos.to(at::kLong).contiguous();
   const int64_t* P = p64.data_ptr<int64_t>();
   const float *Q = q.data_ptr<float>(), *K = k.data_ptr<float>(), *Vp = v.data_ptr<float>();
   float* O = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt((float)D);
   int64_t grain = std::max<int64_t>(1, (1 << 17) / std::max<int64_t>(1, L * D));
-  at::parallel_for(0, B * H, grain, [&](int64_t b0, int64_t e0) {
-    std::vector<float> s(L);
-    for (int64_t bh = b0; bh < e0; bh++) {
-      int64_t b = bh / H, h = bh % H, g = h / G;
-      int64_t end = std::min<int64_t>(P[b] + 1, L), start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
-      const float* qv = Q + b * q.stride(0) + h * q.stride(2);
+  at::parallel_for(0, B * S * H, grain, [&](int64_t b0, int64_t e0) {
+    std::vector<float> sc(L);
+    for (int64_t bsh = b0; bsh < e0; bsh++) {
+      int64_t bs = bsh / H, b = bs / S, s = bs % S, h = bsh % H, g = h / G;
+      int64_t end = std::min<int64_t>(P[bs] + 1, L), start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
+      const float* qv = Q + b * q.stride(0) + s * q.stride(1) + h * q.stride(2);
       const float* kb = K + b * k.stride(0) + g * k.stride(1);
       const float* vb = Vp + b * v.stride(0) + g * v.stride(1);
-      scores(qv, kb, k.stride(2), D, start, end, scale, s.data());
+      scores(qv, kb, k.stride(2), D, start, end, scale, sc.data());
       float mx = -INFINITY;
-      for (int64_t j = start; j < end; j++) mx = std::max(mx, s[j]);
-      float inv = 1.0f / exp_sum(s.data() + start, end - start, mx);
-      weighted_sum(s.data(), inv, vb, v.stride(2), D, start, end, O + b * H * D + h * D);
+      for (int64_t j = start; j < end; j++) mx = std::max(mx, sc[j]);
+      float inv = 1.0f / exp_sum(sc.data() + start, end - start, mx);
+      weighted_sum(sc.data(), inv, vb, v.stride(2), D, start, end, O + bs * H * D + h * D);
     }
   });
   return out;
@@ -428,6 +432,8 @@ def decode_attention_available(dtype: torch.dtype, device: torch.device) -> bool
 def decode_attention(
     qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n_heads: int, window: int
 ) -> torch.Tensor:
-    """One query per row, `qkv` [B, 1, N, D] (heads [0, n_heads) are q), keys/values [B, KV, L, D]; row b attends
-    keys (positions[b] - window, positions[b]] (window 0: all up to positions[b]). Returns [B, 1, n_heads*D]."""
+    """Attention of a few query rows per sequence over the cache: `qkv` [B, S, N, D] (heads [0, n_heads) are q),
+    keys/values [B, KV, L, D], `positions` [B, S]; row (b, s) attends keys (positions[b, s] - window,
+    positions[b, s]] (window 0: all up to it). Rows are computed independently, so a speculative verify over S
+    rows is bit-identical to S one-token decode steps. Returns [B, S, n_heads*D]."""
     return load().decode_attention(qkv, keys, values, positions, n_heads, window)  # type: ignore[attr-defined]

@@ -8,6 +8,10 @@ from . import cpu_kernels
 from .kv_cache import CacheShape, KVCache
 from .model import Transformer
 
+# Query rows per sequence up to which attention runs in the decode-attention kernel: a speculative verify (k + 1
+# rows) computed like k + 1 decode steps is bit-identical to them; longer prefills are faster in SDPA.
+KERNEL_ROWS = 16
+
 
 def attention_mask(positions: torch.Tensor, attn_len: int, group: int, window: int | None) -> torch.Tensor:
     """Causal (and sliding-window) mask for queries at `positions` [B, S] over keys [0, attn_len).
@@ -19,6 +23,17 @@ def attention_mask(positions: torch.Tensor, attn_len: int, group: int, window: i
     if window is not None:
         allowed &= keys > positions.unsqueeze(-1) - window
     return fold_groups(allowed, group)
+
+
+def mask_unless_kernel(positions: torch.Tensor, attn_len: int, group: int, window: int | None,
+                       kernel: bool) -> torch.Tensor | None:
+    """The attention mask for queries at `positions` [B, S] over cached keys, or None where the attention needs
+    none: up to KERNEL_ROWS rows go through the decode-attention kernel (`kernel`: it runs here), and one row
+    without a sliding window attends exactly its keys [0, attn_len); longer prefills use SDPA with the mask."""
+    B, S = positions.shape
+    if (kernel and S <= KERNEL_ROWS) or (S == 1 and B == 1 and window is None):
+        return None
+    return attention_mask(positions, attn_len, group, window)
 
 
 def fold_groups(allowed: torch.Tensor, group: int) -> torch.Tensor:
@@ -36,16 +51,11 @@ class ModelRunner:
         self.max_len = max_len
         self.cache = KVCache(CacheShape(cfg.num_layers, num_slots, cfg.num_kv_heads, max_len, cfg.head_dim), dtype)
         self.device = model.embed.weight.device
-        # One-token steps need no mask when the decode-attention kernel runs (it bounds each row by its position),
-        # nor for a single row without a sliding window (its keys [0, attn_len) are exactly the allowed ones).
         self.unmasked_decode = cpu_kernels.decode_attention_available(dtype, self.device)
 
     def mask_for(self, positions: torch.Tensor, attn_len: int, window: int | None) -> torch.Tensor | None:
-        """The attention mask for queries at `positions` [B, S], or None where one-token attention needs none."""
-        B, S = positions.shape
-        if S == 1 and (self.unmasked_decode or (B == 1 and window is None)):
-            return None
-        return attention_mask(positions, attn_len, self.model.cfg.group_size, window)
+        """The attention mask for queries at `positions` [B, S] (None where `mask_unless_kernel` needs none)."""
+        return mask_unless_kernel(positions, attn_len, self.model.cfg.group_size, window, self.unmasked_decode)
 
     def _forward(self, first_slot: int, tokens: torch.Tensor, positions: torch.Tensor, attn_len: int,
                  all_logits: bool, capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -8,7 +8,7 @@ import torch
 
 from .. import cpu_kernels
 from ..kv_cache import CacheShape, KVCache
-from ..runner import attention_mask
+from ..runner import mask_unless_kernel
 from ..sequence import Sequence
 from .draft_head import DraftHead
 from .ngram import propose_ngram
@@ -103,9 +103,7 @@ class EagleDrafter:
         """The head over `tokens` [B, S] at `positions` [B, S] in cache slots [0, B)."""
         attn_len = int(positions.max()) + 1
         self.cache.begin(0, tokens.shape[0], attn_len)
-        B, S = tokens.shape
-        one_step = S == 1 and (self.unmasked_decode or B == 1)
-        mask = None if one_step else attention_mask(positions, attn_len, self.group, None)
+        mask = mask_unless_kernel(positions, attn_len, self.group, None, self.unmasked_decode)
         return self.head(tokens, hidden, positions, self.cache, mask)
 
     def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, list]:

@@ -1,18 +1,22 @@
 """Speculative decoding on the real model: lossless greedy output, exact rollback, counts.
 
-fp32 matmuls over 6 query rows round differently from one row, so a divergence from plain decoding is accepted
-only where plain decoding's top-2 logprobs are within TIE_GAP (a near-tie, the same rule as the batching test).
+With the CPU kernels, a verify row is computed exactly as a decode step computes it, so greedy output must be
+identical token for token, on every format. Without them (no compiler: PyTorch's SDPA and matmuls round
+differently for 6 rows than for one), a divergence is accepted only where plain decoding's top-2 logprobs are
+within TIE_GAP (a near-tie, the same rule as the batching test).
 """
 
 import pytest
 import torch
 
+from optiserve.engine import cpu_kernels
 from optiserve.engine.config import EngineConfig, SamplingParams
 from optiserve.engine.llm_engine import LLMEngine, WeightSet
 from optiserve.engine.sequence import Request, RequestOutput, SpecStats
 from optiserve.optimize.startup import QuantRequest, prepare_quantized
 
 TIE_GAP = 1e-4
+EXACT = cpu_kernels.decode_attention_available(torch.float32, torch.device("cpu"))
 NEW_TOKENS = 64
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=2, ignore_eos=True)
 
@@ -36,6 +40,9 @@ def generate(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams
 
 def assert_same_greedy(ref, got) -> None:
     for (ref_ids, ref_lps, _), (ids, _, _) in zip(ref, got, strict=True):
+        if EXACT:
+            assert ids == ref_ids
+            continue
         diverged = next((i for i, (a, b) in enumerate(zip(ref_ids, ids, strict=False)) if a != b), None)
         if diverged is None:
             assert len(ids) == len(ref_ids)
@@ -70,11 +77,12 @@ def test_greedy_identical_at_batch_1_and_4(base, speculative, chat_prompt_ids):
 
 
 def test_greedy_identical_on_a_quantized_model(base, chat_prompt_ids):
-    """Weight-only NVFP4. (With W4A4 or a quantized KV cache, a last-bit difference between the 6-row verify and
-    the 1-row decode can flip an activation's 4-bit rounding and move logits by ~0.3, so the tie rule above
-    cannot tell rounding from a bug there.)"""
+    """NVFP4 W4A4 with an NVFP4 KV cache: activations and K/V are rounded to 4 bits, so any difference between
+    the verify rows and the decode steps would flip roundings and show. (Without the CPU kernels, last-bit
+    differences flipped that way move logits by ~0.3, past what the tie rule can judge: weight-only NVFP4 there.)"""
     spec = LLMEngine(EngineConfig(max_batch=4, max_model_len=1024, speculative="auto"))
-    req = QuantRequest("nvfp4-w4a16", "none", calib_samples=4, calib_seq_len=128)
+    quant, kv = ("nvfp4", "nvfp4") if EXACT else ("nvfp4-w4a16", "none")
+    req = QuantRequest(quant, kv, calib_samples=4, calib_seq_len=128)
     for engine in (base, spec):
         q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
         engine.use_weights(WeightSet(q.model, req.quant, req.kv_cache, q.k_scales, q.v_scales))
@@ -83,6 +91,19 @@ def test_greedy_identical_on_a_quantized_model(base, chat_prompt_ids):
         assert_same_greedy(ref, generate(spec, chat_prompt_ids[:4], GREEDY, at_once=True))
     finally:
         base.use_weights(WeightSet(base.master, "none", "none"))
+
+
+@pytest.mark.skipif(not EXACT, reason="a claim about the CPU kernels (PyTorch rounds 6 rows unlike 1)")
+def test_verify_rows_equal_decode_steps_bit_for_bit(base, chat_prompt_ids):
+    """One forward over [last, 5 drafts] gives each row's logits exactly as 6 one-token decode steps do."""
+    runner, prompt = base.runner, chat_prompt_ids[1]
+    start = len(prompt) - 1
+    rows = [prompt[-1], *torch.randint(0, 1000, (5,), generator=torch.Generator().manual_seed(1)).tolist()]
+    runner.prefill(0, prompt[:-1])
+    verified, _ = runner.verify([rows], [start])
+    runner.prefill(0, prompt[:-1])
+    decoded = torch.stack([runner.decode([t], [start + i])[0] for i, t in enumerate(rows)])  # [6, V]
+    assert torch.equal(verified[0], decoded)
 
 
 def test_rollback_leaves_cache_as_if_rejected_tokens_were_never_written(base, chat_prompt_ids):
