@@ -1,4 +1,5 @@
-"""Decode benchmark: our engine against HF transformers `generate`, same prompts, dtype and batch, one process.
+"""Decode benchmark: our engine against HF transformers `generate`, same prompts, dtype and batch, one process
+(and, with `--against M`, our engine on another model in the same run: a pruned model against its parent).
 
 Both sides are timed per decode step (the prefill step is excluded): ours by timing each `LLMEngine.step`
 after the first (which prefills), HF by a stopping criterion that stamps the clock after every generated token.
@@ -110,40 +111,63 @@ def summarize(times: list[float], batch: int, nbytes: int) -> dict:
     }  # fmt: skip
 
 
+def time_alternating(engines: list[LLMEngine], prompts: list[list[int]], tokens: int,
+                     rounds: int = 2) -> list[list[float]]:
+    """Decode step times of each engine, the engines taking turns `rounds` times, so drift in the host's memory
+    bandwidth during the run hits every engine alike."""
+    times: list[list[float]] = [[] for _ in engines]
+    for _ in range(rounds):
+        for engine, t in zip(engines, times, strict=True):
+            t += time_ours(engine, prompts, tokens)
+    return times
+
+
 def bench_decode(
     model: str = "default",
     batch: int = 1,
     tokens: int = 128,
     dtype: str = "float32",
     json_path: str | None = None,
+    against: str | None = None,
 ) -> dict:
-    """Greedy decode throughput of our engine and of HF `generate` on the same chat prompts; print and return it."""
+    """Greedy decode throughput of our engine and of HF `generate` on the same chat prompts; print and return it.
+    With `against` (another model, e.g. the unpruned one), our engine on both models in the same run, too."""
     from transformers import AutoModelForCausalLM
 
     if tokens < 3:
         raise ValueError("tokens must be >= 3 (decode steps are timed after the first)")
     engine = LLMEngine(EngineConfig(model=model, dtype=dtype, max_batch=batch))
+    other = against and LLMEngine(EngineConfig(model=against, dtype=dtype, max_batch=batch))
+    engines = [engine, other] if other else [engine]
     prompts = chat_prompt_ids(engine.tokenizer, load_instructions(batch))
     hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=getattr(torch, dtype)).eval()
     tok = engine.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    nbytes = weight_bytes(engine)
-    time_ours(engine, prompts, WARMUP_TOKENS)
-    ours = summarize(time_ours(engine, prompts, tokens), batch, nbytes)
+    for e in engines:
+        time_ours(e, prompts, WARMUP_TOKENS)
+    times = time_alternating(engines, prompts, tokens)
+    ours = summarize(times[0], batch, weight_bytes(engine))
     time_hf(hf, pad_id, prompts, WARMUP_TOKENS)
-    ref = summarize(time_hf(hf, pad_id, prompts, tokens), batch, nbytes)
+    ref = summarize(time_hf(hf, pad_id, prompts, tokens), batch, weight_bytes(engine))
     result = {
         "model": engine.served_name, "dtype": dtype, "batch": batch, "tokens": tokens, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "cpu_kernels": cpu_kernels.load() is not None,
-        "prompt_lens": [len(p) for p in prompts], "weight_bytes": nbytes,
+        "prompt_lens": [len(p) for p in prompts], "weight_bytes": weight_bytes(engine),
         "ours": ours, "hf": ref, "speedup": ours["tok_s"] / ref["tok_s"],
     }  # fmt: skip
-    print(
+    line = (
         f"{result['model']} {dtype} batch={batch} tokens={tokens}: "
         f"ours {ours['tok_s']:.1f} tok/s ({ours['ms_per_step']:.1f} ms/step, {ours['gb_s']:.1f} GB/s) | "
         f"HF {ref['tok_s']:.1f} tok/s ({ref['ms_per_step']:.1f} ms/step, {ref['gb_s']:.1f} GB/s) | "
         f"{result['speedup']:.2f}x"
     )
+    if other:
+        theirs = summarize(times[1], batch, weight_bytes(other))
+        result["against"] = {"model": against, "ours": theirs, "weight_bytes": weight_bytes(other)}
+        result["speedup_vs_against"] = ours["tok_s"] / theirs["tok_s"]
+        line += (f" | against {against}: {theirs['tok_s']:.1f} tok/s ({theirs['ms_per_step']:.1f} ms/step), "
+                 f"{result['speedup_vs_against']:.2f}x")
+    print(line)
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result
