@@ -25,7 +25,7 @@ from optiserve.engine.quant import FORMATS, fake_quant_activation, input_scale_f
 
 from .calibrate import CalibStats, quantizable_linears
 from .distill import DistillLoss, distill_loss_fn, with_layer_map
-from .ptq import LinearPlan, plan_model, quant_linear, with_layers
+from .ptq import SMOOTHQUANT_ALPHA, LinearPlan, plan_model, quant_linear, with_layers
 from .startup import QuantRequest, QuantResult, calibration_stats
 from .train import (
     EVAL_WINDOW,
@@ -80,7 +80,8 @@ class QATLinear(nn.Module):
         return LinearPlan(list(self.weight.detach().split(self.sizes)), self.input_amax, self.pre_quant_scale)
 
 
-def qat_model(model: Transformer, fmt: str, stats: CalibStats, smoothquant_alpha: float = 0.5) -> Transformer:
+def qat_model(model: Transformer, fmt: str, stats: CalibStats,
+              smoothquant_alpha: float = SMOOTHQUANT_ALPHA) -> Transformer:
     """A deep copy of `model` whose quantizable linears are `QATLinear`s initialised from PTQ; `model` is left
     as is (it stays the teacher)."""
     if fmt not in FORMATS:

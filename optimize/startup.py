@@ -52,6 +52,11 @@ class QuantRequest:
         return Path(self.calib_data) if self.calib_data else default_calib_path()
 
 
+# Bump when PTQ's math changes, so results cached by an older optiserve are not reused
+# (2: SmoothQuant clamps pre_quant_scale and leaves inactive channels unscaled, as ModelOpt does).
+CACHE_VERSION = 2
+
+
 @dataclass
 class QuantResult:
     model: Transformer
@@ -60,10 +65,12 @@ class QuantResult:
 
 
 def cache_key(model_dir: Path, req: QuantRequest) -> str:
-    """Changes when the model, the formats, or the calibration data or its settings change."""
+    """Changes when the model, the formats, the calibration data or its settings, or PTQ's math (CACHE_VERSION)
+    change."""
     calib = req.calib_path.resolve()
     stat = calib.stat()
-    parts = {"model": str(model_dir.resolve()), **asdict(req), "calib": [str(calib), stat.st_size, stat.st_mtime]}
+    parts = {"model": str(model_dir.resolve()), **asdict(req), "calib": [str(calib), stat.st_size, stat.st_mtime],
+             "version": CACHE_VERSION}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
