@@ -19,7 +19,8 @@ from optiserve.optimize.export import export_checkpoint
 from optiserve.optimize.startup import QuantRequest, prepare_quantized
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
-CASES = {"nvfp4+kv": ("nvfp4", "nvfp4"), "int4": ("int4", "none")}
+CASES = {"nvfp4+kv": ("nvfp4", "nvfp4"), "int4": ("int4", "none"), "fp8+kv": ("fp8", "fp8"), "int8": ("int8", "none"),
+         "nvfp4-w4a16": ("nvfp4-w4a16", "none")}
 
 
 def reference_tokens(engine: LLMEngine, req: QuantRequest, prompts):
@@ -83,6 +84,26 @@ def test_names_dtypes_and_config(exported):
         assert t[p + "mlp.down_proj.weight_scale"].dtype == torch.float32
         assert t[p + "mlp.down_proj.pre_quant_scale"].shape == (1536,)
         assert not any(k.endswith("input_scale") for k in t)
+    if req.quant == "nvfp4-w4a16":
+        assert hf_quant["quant_algo"] == "W4A16_NVFP4" and hf_quant["group_size"] == 16
+        assert t[p + "self_attn.q_proj.weight"].dtype == torch.uint8
+        assert t[p + "self_attn.q_proj.weight_scale"].dtype == torch.float8_e4m3fn
+        assert t[p + "self_attn.q_proj.weight_scale_2"].dim() == 0
+        assert not any(k.endswith(("input_scale", "k_scale")) for k in t)
+    if req.quant == "fp8":
+        assert hf_quant["quant_algo"] == "FP8" and hf_quant["kv_cache_quant_algo"] == "FP8"
+        assert t[p + "self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
+        assert t[p + "self_attn.q_proj.weight"].shape == (576, 576)
+        for name in ("weight_scale", "input_scale"):
+            assert t[f"{p}mlp.down_proj.{name}"].dtype == torch.float32 and t[f"{p}mlp.down_proj.{name}"].dim() == 0
+        assert t[p + "self_attn.k_proj.k_scale"].dim() == 0 and t[p + "self_attn.v_proj.v_scale"].dim() == 0
+        assert not any(k.endswith(("weight_scale_2", "pre_quant_scale")) for k in t)
+    if req.quant == "int8":
+        assert hf_quant["quant_algo"] == "W8A8_SQ_PER_CHANNEL" and hf_quant["kv_cache_quant_algo"] is None
+        assert t[p + "self_attn.q_proj.weight"].dtype == torch.int8
+        assert t[p + "self_attn.q_proj.weight_scale"].shape == (576,)
+        assert t[p + "mlp.down_proj.input_scale"].dim() == 0
+        assert t[p + "mlp.down_proj.pre_quant_scale"].shape == (1536,)
 
 
 @pytest.mark.parametrize("kind", ["nvfp4", "int4"])
