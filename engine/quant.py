@@ -43,6 +43,7 @@ FORMATS = {
 }
 
 
+PER_TENSOR_WEIGHT_SCALE = ("fp8", "nvfp4", "nvfp4-w4a16")  # formats whose weights carry one per-tensor scale
 PACKED_TYPES = {"fp8": FP8Tensor, "nvfp4": NVFP4Tensor, "nvfp4-w4a16": NVFP4Tensor, "int8": Int8Tensor,
                 "int4": Int4Tensor}
 
@@ -64,6 +65,18 @@ def quantize_weight(fmt: str, w: torch.Tensor, int4_scale: torch.Tensor | None =
     if fmt == "int4":
         return Int4Tensor.from_float(w, scale=int4_scale)
     raise ValueError(f"no weight quantization for {fmt!r}")
+
+
+def quantize_fused(fmt: str, shards: list[torch.Tensor]) -> list[PackedWeight]:
+    """Pack the shards [rows_i, in] of a fused projection (q/k/v, gate/up). FP8 and NVFP4 give them one per-tensor
+    scale from their joint amax, as ModelOpt's exporter does (`preprocess_linear_fusion`), so a runtime that fuses
+    them (vLLM) reads one `weight_scale` / `weight_scale_2` that is right for every shard."""
+    if fmt not in PER_TENSOR_WEIGHT_SCALE or len(shards) == 1:
+        return [quantize_weight(fmt, s.contiguous()) for s in shards]
+    amax = torch.stack([s.abs().amax() for s in shards]).amax().float()
+    if fmt == "fp8":
+        return [FP8Tensor.from_float(s.contiguous(), amax / FP8_E4M3_MAX) for s in shards]
+    return [NVFP4Tensor.from_float(s.contiguous(), nvfp4_per_tensor_scale(amax)) for s in shards]
 
 
 def input_scale_for(fmt: str, amax: torch.Tensor) -> torch.Tensor | None:

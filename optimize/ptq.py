@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from optiserve.engine.model import Transformer
-from optiserve.engine.quant import FORMATS, QuantLinear, input_scale_for, quantize_weight
+from optiserve.engine.quant import FORMATS, QuantLinear, input_scale_for, quantize_fused, quantize_weight
 from optiserve.kernels.formats import INT4_GROUP_SIZE
 
 from .calibrate import CalibStats, InputStats, quantizable_linears
@@ -113,7 +113,7 @@ def plan_model(model: Transformer, fmt: str, stats: CalibStats,
 
 def quant_linear(fmt: str, plan: LinearPlan, bias: torch.Tensor | None, dtype: torch.dtype) -> QuantLinear:
     """Pack a planned linear in `fmt` (PTQ's last step, and QAT's export)."""
-    shards = [quantize_weight(fmt, part.contiguous()) for part in plan.shards]
+    shards = quantize_fused(fmt, plan.shards)
     input_scale = input_scale_for(fmt, plan.input_amax) if FORMATS[fmt].quantizes_activations else None
     return QuantLinear(fmt, shards, bias, input_scale, plan.pre_quant_scale, dtype)
 

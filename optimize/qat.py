@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from optiserve.engine.model import RMSNorm, Transformer
-from optiserve.engine.quant import FORMATS, fake_quant_activation, input_scale_for, quantize_weight
+from optiserve.engine.quant import FORMATS, fake_quant_activation, input_scale_for, quantize_fused
 
 from .calibrate import CalibStats, quantizable_linears
 from .distill import DistillLoss, distill_loss_fn, with_layer_map
@@ -62,9 +62,8 @@ class QATLinear(nn.Module):
     @torch.no_grad()
     def quantized_weight(self) -> torch.Tensor:
         """The weight [out, in] as the format stores it (PTQ's `quantize_weight`, shard by shard)."""
-        shards = [quantize_weight(self.fmt, s.contiguous()).dequantize(torch.float32) for s in
-                  self.weight.detach().split(self.sizes)]
-        return torch.cat(shards)
+        shards = quantize_fused(self.fmt, list(self.weight.detach().split(self.sizes)))
+        return torch.cat([s.dequantize(torch.float32) for s in shards])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_quant_scale is not None:

@@ -53,8 +53,9 @@ class QuantRequest:
 
 
 # Bump when PTQ's math changes, so results cached by an older optiserve are not reused
-# (2: SmoothQuant clamps pre_quant_scale and leaves inactive channels unscaled, as ModelOpt does).
-CACHE_VERSION = 2
+# (2: SmoothQuant clamps pre_quant_scale and leaves inactive channels unscaled, as ModelOpt does;
+#  3: fused q/k/v and gate/up share one per-tensor weight scale).
+CACHE_VERSION = 3
 
 
 @dataclass

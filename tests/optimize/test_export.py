@@ -63,6 +63,11 @@ def test_names_dtypes_and_config(exported):
     p = "model.layers.0."
     assert "model.embed_tokens.weight" in t and p + "input_layernorm.weight" in t
     assert not any(k.endswith(("qkv.weight", "gate_up.weight")) for k in t)
+    per_tensor = {"fp8": "weight_scale", "nvfp4": "weight_scale_2", "nvfp4-w4a16": "weight_scale_2"}.get(req.quant)
+    if per_tensor:  # fused projections share one per-tensor weight scale, as ModelOpt's exporter makes them
+        for fused in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+            scales = [t[f"{p}{proj}.{per_tensor}"] for proj in fused]
+            assert all(torch.equal(scales[0], s) for s in scales[1:]), fused
     if req.quant == "nvfp4":
         assert hf_quant["quant_algo"] == "NVFP4" and hf_quant["group_size"] == 16
         assert hf_quant["kv_cache_quant_algo"] == "NVFP4"
