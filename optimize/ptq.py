@@ -1,6 +1,7 @@
 """Post-training quantization: from calibration statistics to a model whose linears are `QuantLinear`s.
 
-- fp8 / nvfp4 / nvfp4-w4a16: max calibration (weights from their own amax, activations from calibrated amax).
+- fp8 / nvfp4 / nvfp4-w4a16: max calibration (weights from their own amax — fused q/k/v and gate/up from their
+  joint amax, as ModelOpt exports them — activations from calibrated amax).
 - int8: SmoothQuant as ModelOpt's `INT8_SMOOTHQUANT_CFG` does it — every linear, per input channel
   s = amax_x^alpha / amax_w^(1-alpha) (alpha 1.0 by default, ModelOpt's), weights W*s, inputs x/s (exported as
   `pre_quant_scale` = 1/s), then INT8 per-channel weights and a static per-tensor input scale.

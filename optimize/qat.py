@@ -1,10 +1,10 @@
 """Quantization-aware training (QAT) and distillation (QAD), starting from the PTQ result.
 
 Each quantizable linear becomes a `QATLinear`: fp32 master weights (PTQ's planned, possibly smoothed weights), and
-in the forward pass the very quantize-dequantize PTQ and `QuantLinear` use (`quantize_weight`,
+in the forward pass the very quantize-dequantize PTQ and `QuantLinear` use (`quantize_fused`,
 `fake_quant_activation`, i.e. the kernels' reference math), wrapped in a straight-through estimator: the forward
 sees quantized values, the backward treats quantization as identity, so fp32 gradients reach the master weights.
-Static input scales, SmoothQuant/AWQ pre-quant scales and the per-shard weight scales' recipe stay PTQ's; weight
+Static input scales, SmoothQuant/AWQ pre-quant scales and the fused weight scales' recipe stay PTQ's; weight
 scales follow the trained weights (as PTQ derives them from the weights). Export packs the trained weights with
 `ptq.quant_linear` into the same ModelOpt checkpoint `optiserve quantize` writes.
 QAT's loss is next-token cross entropy on the data; QAD's is `distill.distill_loss_fn` against the unquantized model.
@@ -61,7 +61,7 @@ class QATLinear(nn.Module):
 
     @torch.no_grad()
     def quantized_weight(self) -> torch.Tensor:
-        """The weight [out, in] as the format stores it (PTQ's `quantize_weight`, shard by shard)."""
+        """The weight [out, in] as the format stores it (PTQ's `quantize_fused` over the shards)."""
         shards = quantize_fused(self.fmt, list(self.weight.detach().split(self.sizes)))
         return torch.cat([s.dequantize(torch.float32) for s in shards])
 
