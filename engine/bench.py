@@ -143,16 +143,17 @@ def bench_decode(
     hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=getattr(torch, dtype)).eval()
     tok = engine.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    nbytes = weight_bytes(engine)
     for e in engines:
         time_ours(e, prompts, WARMUP_TOKENS)
     times = time_alternating(engines, prompts, tokens)
-    ours = summarize(times[0], batch, weight_bytes(engine))
+    ours = summarize(times[0], batch, nbytes)
     time_hf(hf, pad_id, prompts, WARMUP_TOKENS)
-    ref = summarize(time_hf(hf, pad_id, prompts, tokens), batch, weight_bytes(engine))
+    ref = summarize(time_hf(hf, pad_id, prompts, tokens), batch, nbytes)
     result = {
         "model": engine.served_name, "dtype": dtype, "batch": batch, "tokens": tokens, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "cpu_kernels": cpu_kernels.load() is not None,
-        "prompt_lens": [len(p) for p in prompts], "weight_bytes": weight_bytes(engine),
+        "prompt_lens": [len(p) for p in prompts], "weight_bytes": nbytes,
         "ours": ours, "hf": ref, "speedup": ours["tok_s"] / ref["tok_s"],
     }  # fmt: skip
     line = (
@@ -162,8 +163,9 @@ def bench_decode(
         f"{result['speedup']:.2f}x"
     )
     if other:
-        theirs = summarize(times[1], batch, weight_bytes(other))
-        result["against"] = {"model": against, "ours": theirs, "weight_bytes": weight_bytes(other)}
+        other_bytes = weight_bytes(other)
+        theirs = summarize(times[1], batch, other_bytes)
+        result["against"] = {"model": against, "ours": theirs, "weight_bytes": other_bytes}
         result["speedup_vs_against"] = ours["tok_s"] / theirs["tok_s"]
         line += (f" | against {against}: {theirs['tok_s']:.1f} tok/s ({theirs['ms_per_step']:.1f} ms/step), "
                  f"{result['speedup_vs_against']:.2f}x")

@@ -78,8 +78,9 @@ class Attention(nn.Module):
         positions: torch.Tensor,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """`freqs` [B, S, D/2, 2] (cos, sin); `mask` None only for one-token decode (each row attends up to its
-        position, within the sliding window). Without a cache (training) the keys are this call's own tokens."""
+        """`freqs` [B, S, D/2, 2] (cos, sin); `mask` None for decode and verify steps over the cache (each row
+        attends up to its own position, within the sliding window; see `runner.mask_unless_kernel`).
+        Without a cache (training) the keys are this call's own tokens."""
         B, S, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         qkv = self.qkv(x).view(B, S, H + 2 * KV, D)
@@ -154,7 +155,7 @@ class Transformer(nn.Module):
         """Run the layers over `tokens` [B, S] at `positions` [B, S]; returns states [B, S, H] (before the final
         norm) and the outputs of the layers listed in `capture` (what an EAGLE-3 draft head reads).
 
-        `mask` [B, 1, G*S, L] bool, or None for a one-token decode step (see `Attention.forward`);
+        `mask` [B, 1, G*S, L] bool, or None for a decode/verify step (see `Attention.forward`);
         `cache` None runs without a KV cache (training: the keys are the tokens given, `mask` must be causal);
         `num_layers` stops after that many layers (when only captured states are wanted)."""
         x = self.embed(tokens)

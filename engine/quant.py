@@ -16,7 +16,7 @@ from torch import nn
 
 from optiserve.engine import cpu_kernels
 from optiserve.kernels.formats import FP8_E4M3_MAX, INT8_MAXBOUND
-from optiserve.kernels.fp8 import FP8Tensor
+from optiserve.kernels.fp8 import FP8Tensor, fp8_per_tensor_scale
 from optiserve.kernels.int4 import Int4Tensor
 from optiserve.kernels.int8 import Int8Tensor
 from optiserve.kernels.nvfp4 import NVFP4Tensor, nvfp4_per_tensor_scale
@@ -75,7 +75,7 @@ def quantize_fused(fmt: str, shards: list[torch.Tensor]) -> list[PackedWeight]:
         return [quantize_weight(fmt, s.contiguous()) for s in shards]
     amax = torch.stack([s.abs().amax() for s in shards]).amax().float()
     if fmt == "fp8":
-        return [FP8Tensor.from_float(s.contiguous(), amax / FP8_E4M3_MAX) for s in shards]
+        return [FP8Tensor.from_float(s.contiguous(), fp8_per_tensor_scale(amax)) for s in shards]
     return [NVFP4Tensor.from_float(s.contiguous(), nvfp4_per_tensor_scale(amax)) for s in shards]
 
 

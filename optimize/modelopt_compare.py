@@ -27,13 +27,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from optiserve.kernels.formats import NVFP4_BLOCK_SIZE, NVFP4_GLOBAL_DIVISOR
+
 from .evaluate import EvalResult, QualityTotals
 from .startup import QuantRequest, calibration_windows
 
 MTQ_CONFIGS = {"fp8": "FP8_DEFAULT_CFG", "int8": "INT8_SMOOTHQUANT_CFG", "int4": "INT4_AWQ_CFG"}
 METHODS = {"none": "unquantized", **MTQ_CONFIGS, "nvfp4": "NVFP4QTensor W4A4", "nvfp4-w4a16": "NVFP4QTensor W4A16"}
-NVFP4_BLOCK = 16
-NVFP4_GLOBAL_DIVISOR = 6.0 * 448.0  # E2M1 max * E4M3 max
 EXIT_NO_MODELOPT = 3
 
 
@@ -124,8 +124,8 @@ def nvfp4_fake_quant(x: torch.Tensor, global_scale: torch.Tensor | None = None) 
     not given, as for weights)."""
     from modelopt.torch.quantization.qtensor import NVFP4QTensor
 
-    q, scale, scale_2 = NVFP4QTensor.quantize(x, NVFP4_BLOCK, weights_scaling_factor_2=global_scale)
-    return q.dequantize(dtype=x.dtype, scale=scale, double_scale=scale_2, block_sizes={-1: NVFP4_BLOCK})
+    q, scale, scale_2 = NVFP4QTensor.quantize(x, NVFP4_BLOCK_SIZE, weights_scaling_factor_2=global_scale)
+    return q.dequantize(dtype=x.dtype, scale=scale, double_scale=scale_2, block_sizes={-1: NVFP4_BLOCK_SIZE})
 
 
 def input_amax(model: nn.Module, calib_windows: list[list[int]]) -> dict[str, torch.Tensor]:
