@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import fake_quant_kv, kv_bytes_per_element
+from .kv_quant import KVFormat
 
 
 @dataclass
@@ -38,7 +38,7 @@ class KVCache:
         self.v = torch.zeros(dims, dtype=dtype, device=device)
         self._rows = slice(0, 1)
         self._attn_len = 1
-        self.kv_format, self.k_scales, self.v_scales = "none", None, None
+        self.kv = KVFormat()
         self._index_of: torch.Tensor | None = None  # the `positions` that `_index` was built for
         self._index = torch.empty(0, dtype=torch.long)
         # Per layer, the cache viewed as rows [slots * kv_heads * max_len, D] (writes); per forward, all layers'
@@ -55,17 +55,19 @@ class KVCache:
     def bytes_per_token(self) -> int:
         return self.shape.bytes_per_token * self.k.element_size()
 
-    def set_format(self, kv_format: str, k_scales: list | None, v_scales: list | None) -> None:
-        """Quantize K/V as they are written (`fp8`/`nvfp4`, one calibrated scale per layer) or not (`none`)."""
-        if kv_format != "none" and (k_scales is None or v_scales is None):
-            raise ValueError(f"a {kv_format} KV cache needs per-layer k/v scales from calibration")
-        self.kv_format, self.k_scales, self.v_scales = kv_format, k_scales, v_scales
+    @property
+    def kv_format(self) -> str:
+        return self.kv.name
+
+    def set_format(self, kv: KVFormat) -> None:
+        """Quantize K/V as they are written (`fp8`/`nvfp4`, calibrated per layer) or not (`none`)."""
+        self.kv = kv
 
     def packed_bytes_per_token(self) -> float:
         """Bytes per token of K and V in the cache's format (the fp32 compute copy is `bytes_per_token`)."""
-        if self.kv_format == "none":
+        if self.kv.name == "none":
             return float(self.bytes_per_token)
-        return self.shape.bytes_per_token * kv_bytes_per_element(self.kv_format)
+        return self.shape.bytes_per_token * self.kv.bytes_per_element
 
     def begin(self, first_slot: int, batch: int, attn_len: int) -> None:
         """Select the slots [first_slot, first_slot+batch) and attention length for the next forward."""
@@ -92,9 +94,8 @@ class KVCache:
         self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v [B, S, KV, D] at `positions` [B, S]; return this layer's keys/values [B, KV, L, D]."""
-        if self.kv_format != "none":  # store exactly what the quantized cache would hold
-            k = fake_quant_kv(self.kv_format, k, self.k_scales[layer])
-            v = fake_quant_kv(self.kv_format, v, self.v_scales[layer])
+        if self.kv.name != "none":  # store exactly what the quantized cache would hold
+            k, v = self.kv.store_keys(layer, k), self.kv.store_values(layer, v)
         index, D = self._flat_index(positions), self.shape.head_dim
         self._k_rows[layer].index_copy_(0, index, k.reshape(-1, D).to(self.k.dtype))
         self._v_rows[layer].index_copy_(0, index, v.reshape(-1, D).to(self.v.dtype))

@@ -10,12 +10,13 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .config import EngineConfig, ModelConfig, SamplingParams
 from .detokenize import finish_reason_for_token, text_delta, update_text
+from .kv_quant import KVFormat
 from .model import Transformer
 from .quantized_checkpoint import is_modelopt_checkpoint, load_quantized_checkpoint
 from .runner import ModelRunner
@@ -43,13 +44,15 @@ class RequestError(ValueError):
 
 @dataclass
 class WeightSet:
-    """The model the engine serves and the formats it is in (KV scales: one per layer, for a quantized cache)."""
+    """The model the engine serves and the formats it is in."""
 
     model: Transformer
     weight_format: str
-    kv_format: str
-    k_scales: list[torch.Tensor] | None = None
-    v_scales: list[torch.Tensor] | None = None
+    kv: KVFormat = field(default_factory=KVFormat)
+
+    @property
+    def kv_format(self) -> str:
+        return self.kv.name
 
 
 @dataclass
@@ -94,10 +97,9 @@ class LLMEngine:
         self._new: queue.SimpleQueue[Request] = queue.SimpleQueue()  # filled by callers, drained by the loop
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._swaps: queue.SimpleQueue[tuple[WeightSet, threading.Event]] = queue.SimpleQueue()
-        self.weights = WeightSet(model, "none", "none")
+        self.weights = WeightSet(model, "none")
         if quantized is not None:
-            self._apply_weights(WeightSet(model, quantized.weight_format, quantized.kv_format, quantized.k_scales,
-                                          quantized.v_scales))
+            self._apply_weights(WeightSet(model, quantized.weight_format, quantized.kv))
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -148,7 +150,7 @@ class LLMEngine:
     def _apply_weights(self, weights: WeightSet) -> None:
         old, self.weights = self.weights, weights
         self.runner.model = weights.model
-        self.runner.cache.set_format(weights.kv_format, weights.k_scales, weights.v_scales)
+        self.runner.cache.set_format(weights.kv)
         if self.spec:
             self.spec.attach(weights.model)
         for seq in self.scheduler.running:

@@ -22,7 +22,6 @@ from optiserve.kernels.int8 import Int8Tensor
 from optiserve.kernels.nvfp4 import NVFP4Tensor, nvfp4_per_tensor_scale
 
 WEIGHT_FORMATS = ("none", "fp8", "nvfp4", "nvfp4-w4a16", "int8", "int4")
-KV_FORMATS = ("none", "fp8", "nvfp4")
 PackedWeight = FP8Tensor | NVFP4Tensor | Int8Tensor | Int4Tensor
 
 
@@ -136,23 +135,3 @@ class QuantLinear(nn.Module):
         if self.spec.quantizes_activations:
             x = fake_quant_activation(self.fmt, x, self.input_scale)
         return cpu_kernels.linear(x, self.weight_t, self.bias)
-
-
-def fake_quant_kv(fmt: str, t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """K or V [B, S, KV, D] as the cache format stores them (fp8 per-tensor; nvfp4 blocks of 16 along head_dim)."""
-    t = t.contiguous()
-    if fmt == "fp8":
-        return FP8Tensor.from_float(t, scale).dequantize()
-    if fmt == "nvfp4":
-        return NVFP4Tensor.from_float(t, scale).dequantize()
-    raise ValueError(f"unknown KV cache format {fmt!r}")
-
-
-def kv_scale_for(fmt: str, amax: torch.Tensor) -> torch.Tensor:
-    """The per-layer `k_scale`/`v_scale`: amax/448 for fp8, the NVFP4 global scale for nvfp4."""
-    return input_scale_for("fp8" if fmt == "fp8" else "nvfp4", amax)
-
-
-def kv_bytes_per_element(fmt: str) -> float:
-    """Stored bytes per K/V element: fp8 1; nvfp4 half a byte plus one FP8 scale per 16 elements."""
-    return {"fp8": 1.0, "nvfp4": 0.5 + 1 / 16}[fmt]

@@ -14,6 +14,7 @@ Layout (ModelOpt `modelopt/torch/export/unified_export_hf.py` `_export_quantized
 and per attention layer `model.layers.{i}.self_attn.k_proj.k_scale` / `v_proj.v_scale` (fp32 []) = amax / 448 for
 both FP8 and NVFP4 KV caches (our NVFP4 KV global scale is amax / (6 * 448), so it is x6 on disk).
 q/k rows are in HF's half-split RoPE order on disk and interleaved in our `Transformer`.
+Ours only: an NVFP4 KV cache's per-layer mean keys in `optiserve_kv_means.json` (see engine/kv_quant.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from optiserve.kernels.int8 import Int8Tensor
 from optiserve.kernels.nvfp4 import NVFP4Tensor
 
 from .config import ModelConfig, ModelLoadError
+from .kv_quant import KVFormat
 from .model import Transformer
 from .quant import FORMATS, PackedWeight, QuantLinear
 from .weights import load_model, read_state_dict, rope_row_perm
@@ -41,6 +43,7 @@ QUANT_ALGOS = {"fp8": "FP8", "nvfp4": "NVFP4", "nvfp4-w4a16": "W4A16_NVFP4", "in
                "int4": "W4A16_AWQ"}
 KV_ALGOS = {"fp8": "FP8", "nvfp4": "NVFP4"}  # `kv_cache_quant_algo` (_compute_kv_cache_dtype)
 GROUP_SIZES = {"nvfp4": NVFP4_BLOCK_SIZE, "nvfp4-w4a16": NVFP4_BLOCK_SIZE, "int4": INT4_GROUP_SIZE}
+KV_MEANS_FILE = "optiserve_kv_means.json"  # beside an export with an NVFP4 KV cache; other runtimes ignore it
 KV_MAX_BOUND = 448.0  # ModelOpt: "kv cache scale as amax / 448 for both FP8 and NVFP4"
 NVFP4_E2M1_MAX = 6.0
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj")
@@ -170,9 +173,41 @@ def kv_scale_from_modelopt(fmt: str, scale: torch.Tensor) -> torch.Tensor:
 class QuantizedCheckpoint:
     model: Transformer
     weight_format: str
-    kv_format: str
-    k_scales: list[torch.Tensor] | None
-    v_scales: list[torch.Tensor] | None
+    kv: KVFormat
+
+
+def read_kv_means(model_dir: Path, cfg: ModelConfig, device: str = "cpu") -> list[torch.Tensor] | None:
+    """The per-layer mean keys [KV, D] (our RoPE layout) an optiserve export keeps beside the checkpoint, or None
+    (a ModelOpt checkpoint has none: the NVFP4 cache then rotates keys without centring them)."""
+    path = model_dir / KV_MEANS_FILE
+    if not path.is_file():
+        return None
+    means = torch.tensor(json.loads(path.read_text())["k_mean"], dtype=torch.float32)  # [L, KV, D], HF order
+    if means.shape != (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim):
+        raise ModelLoadError(f"{path}: k_mean has shape {tuple(means.shape)}, the model needs "
+                             f"{(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)}")
+    ours = means[..., rope_row_perm(1, cfg.head_dim)]  # HF's half-split channels -> our interleaved pairs
+    return [m.to(device) for m in ours]
+
+
+def _load_kv_format(model_dir: Path, state: dict[str, torch.Tensor], cfg: ModelConfig, kv_fmt: str,
+                    device: str) -> KVFormat:
+    """The checkpoint's KV-cache format: per-layer `k_scale`/`v_scale` (popped from `state`) and mean keys."""
+    if kv_fmt == "none":
+        return KVFormat()
+    k_scales, v_scales = [], []
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}.self_attn."
+        k = state.pop(p + "k_proj.k_scale", None)
+        v = state.pop(p + "v_proj.v_scale", None)
+        k = state.pop(p + "k_scale", None) if k is None else k  # vLLM-style names, also seen in the wild
+        v = state.pop(p + "v_scale", None) if v is None else v
+        if k is None or v is None:
+            raise ModelLoadError(f"{model_dir}: KV cache is {kv_fmt} but layer {i} has no k_scale/v_scale")
+        k_scales.append(kv_scale_from_modelopt(kv_fmt, k).to(device))
+        v_scales.append(kv_scale_from_modelopt(kv_fmt, v).to(device))
+    means = read_kv_means(model_dir, cfg, device) if kv_fmt == "nvfp4" else None
+    return KVFormat(kv_fmt, k_scales, v_scales, means)
 
 
 def _module_specs(cfg: ModelConfig, i: int) -> list[tuple[str, str, list[str], int]]:
@@ -223,19 +258,7 @@ def load_quantized_checkpoint(model_dir: Path, max_len: int, dtype: torch.dtype,
                     shards.append(packed)
                 input_scale = torch.stack(input_scales).amax() if input_scales else None  # shared, as fused
                 layers[name] = (shards, input_scale, pqs)
-    k_scales = v_scales = None
-    if kv_fmt != "none":
-        k_scales, v_scales = [], []
-        for i in range(cfg.num_layers):
-            p = f"model.layers.{i}.self_attn."
-            k = state.pop(p + "k_proj.k_scale", None)
-            v = state.pop(p + "v_proj.v_scale", None)
-            k = state.pop(p + "k_scale", None) if k is None else k  # vLLM-style names, also seen in the wild
-            v = state.pop(p + "v_scale", None) if v is None else v
-            if k is None or v is None:
-                raise ModelLoadError(f"{model_dir}: KV cache is {kv_fmt} but layer {i} has no k_scale/v_scale")
-            k_scales.append(kv_scale_from_modelopt(kv_fmt, k).to(device))
-            v_scales.append(kv_scale_from_modelopt(kv_fmt, v).to(device))
+    kv = _load_kv_format(model_dir, state, cfg, kv_fmt, device)
     model = load_model(model_dir, max_len, dtype, device, state=state)
     for name, (shards, input_scale, pqs) in layers.items():
         parent, child = name.rsplit(".", 1)
@@ -244,7 +267,7 @@ def load_quantized_checkpoint(model_dir: Path, max_len: int, dtype: torch.dtype,
         layer = QuantLinear(fmt, shards, linear.bias, _opt(input_scale, device),
                             None if pqs is None else pqs.to(device=device, dtype=torch.float32), dtype)
         setattr(model.get_submodule(parent), child, layer)
-    return QuantizedCheckpoint(model, fmt, kv_fmt, k_scales, v_scales)
+    return QuantizedCheckpoint(model, fmt, kv)
 
 
 def _opt(t: torch.Tensor | None, device: str) -> torch.Tensor | None:

@@ -28,6 +28,10 @@ NVFP4_BLOCK_SIZE: int = 16  # elements per FP8 block scale, along the last (inpu
 NVFP4_SCALE_MIN: float = FP8_E4M3_MIN_SUBNORMAL  # block scale clamp range before the FP8 cast
 NVFP4_SCALE_MAX: float = FP8_E4M3_MAX
 NVFP4_GLOBAL_DIVISOR: float = E2M1_MAX * FP8_E4M3_MAX  # per-tensor scale s2 = amax / (6 * 448) = amax / 2688
+# The KV-cache encoder (`nvfp4_kv.py`) tries these multiples of the standard block scale amax_block / (6 * s2) and
+# keeps, per block, the one with the least squared error: < 1 clips the block's largest values, > 1 maps the block
+# max below 6 (E2M1's top step, 4 -> 6, is coarse). 1.0 comes first so that a tie keeps ModelOpt's encoding.
+NVFP4_KV_SCALE_FACTORS: tuple[float, ...] = (1.0, 0.8, 0.85, 0.9, 0.95, 1.1, 1.2, 1.3, 1.4, 1.5)
 
 # --- INT8 -----------------------------------------------------------------------------------------------------------
 INT8_MAXBOUND: float = 127.0  # scale = amax / 127 (ModelOpt `amax / 127.0`)

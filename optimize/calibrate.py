@@ -1,8 +1,8 @@
 """Max calibration: run calibration windows through the model and record what PTQ needs per linear layer.
 
 Per `Linear` (except the LM head): the input's per-tensor amax, its per-channel amax (SmoothQuant) and mean |x|
-(AWQ), plus a small sample of input rows for AWQ's scale search. Per layer: the amax of K and of V as written
-to the cache.
+(AWQ), plus a seeded sample of input rows (64 per window, 2048 at most) for AWQ's searches. Per layer: the amax
+of K and of V as written to the cache, and the mean key (the NVFP4 KV cache centres keys on it).
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ from tqdm import tqdm
 from optiserve.engine.model import Linear, Transformer
 from optiserve.engine.runner import ModelRunner
 
-SAMPLE_ROWS = 256  # input rows kept per linear for the AWQ search
+SAMPLE_ROWS = 2048  # input rows kept per linear for the AWQ searches (fewer rows made noisier, worse choices)
+SAMPLE_ROWS_PER_WINDOW = 64  # taken from each calibration window, so all 32 default windows contribute
+SAMPLE_DTYPE = torch.float16  # halves the sample's memory and cache file (~400 MB on the default model)
+SAMPLE_SEED = 0  # the rows are drawn at random but reproducibly: the same calibration gives the same AWQ search
 
 
 @dataclass
@@ -31,7 +34,7 @@ class InputStats:
         return self.channel_abs_sum / max(self.rows, 1)
 
     def sample_rows(self) -> torch.Tensor:
-        return torch.cat(self.sample)[:SAMPLE_ROWS]
+        return torch.cat(self.sample)[:SAMPLE_ROWS].float()  # [R, in]
 
 
 @dataclass
@@ -39,6 +42,7 @@ class CalibStats:
     linears: dict[str, InputStats]  # module name -> stats of its input
     k_amax: list[torch.Tensor]  # per layer
     v_amax: list[torch.Tensor]
+    k_mean: list[torch.Tensor]  # per layer [KV, D]: the mean key as written to the cache (after RoPE)
 
 
 def quantizable_linears(model: Transformer) -> dict[str, Linear]:
@@ -47,6 +51,8 @@ def quantizable_linears(model: Transformer) -> dict[str, Linear]:
 
 
 def _record_input(stats: dict[str, InputStats], name: str):
+    rows_rng = torch.Generator().manual_seed(SAMPLE_SEED)
+
     def hook(module, args):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [rows, in]
         s = stats.get(name)
@@ -58,7 +64,9 @@ def _record_input(stats: dict[str, InputStats], name: str):
         s.channel_abs_sum += x.abs().sum(0)
         s.rows += x.shape[0]
         if sum(len(t) for t in s.sample) < SAMPLE_ROWS:  # spread the sample over windows: a few rows each
-            s.sample.append(x[torch.randperm(x.shape[0])[: SAMPLE_ROWS // 8]].clone())
+            picked = torch.randperm(x.shape[0], generator=rows_rng)[:SAMPLE_ROWS_PER_WINDOW]
+            rows = x[picked]  # fp32 where fp16 would overflow (torch.cat promotes the mix back to fp32)
+            s.sample.append(rows.to(SAMPLE_DTYPE) if rows.abs().max() < torch.finfo(SAMPLE_DTYPE).max else rows)
 
     return hook
 
@@ -70,6 +78,7 @@ def calibrate(model: Transformer, windows: list[list[int]], progress: bool = Tru
     stats: dict[str, InputStats] = {}
     k_amax = [torch.zeros(()) for _ in range(n_layers)]
     v_amax = [torch.zeros(()) for _ in range(n_layers)]
+    k_sum = [torch.zeros(model.cfg.num_kv_heads, model.cfg.head_dim, dtype=torch.float64) for _ in range(n_layers)]
     handles = [m.register_forward_pre_hook(_record_input(stats, n)) for n, m in quantizable_linears(model).items()]
     runner = ModelRunner(model, 1, max(len(w) for w in windows), model.embed.weight.dtype)
     cache_update = runner.cache.update
@@ -77,6 +86,7 @@ def calibrate(model: Transformer, windows: list[list[int]], progress: bool = Tru
     def recording_update(layer, positions, k, v):
         k_amax[layer] = torch.maximum(k_amax[layer], k.abs().amax().float())
         v_amax[layer] = torch.maximum(v_amax[layer], v.abs().amax().float())
+        k_sum[layer] += k.sum((0, 1)).double()  # k [B, S, KV, D]
         return cache_update(layer, positions, k, v)
 
     runner.cache.update = recording_update
@@ -86,4 +96,5 @@ def calibrate(model: Transformer, windows: list[list[int]], progress: bool = Tru
     finally:
         for h in handles:
             h.remove()
-    return CalibStats(stats, k_amax, v_amax)
+    tokens = sum(len(w) for w in windows)
+    return CalibStats(stats, k_amax, v_amax, [(s / tokens).float() for s in k_sum])

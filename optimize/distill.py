@@ -129,7 +129,7 @@ def run_distill(model: str, teacher_model: str, data: list[str], output: str, tr
         return None
     sync_tied_head(student)
     student.requires_grad_(False)
-    out = export_checkpoint(student_dir, QuantResult(student, None, None), "none", "none", Path(output))
+    out = export_checkpoint(student_dir, QuantResult(student), "none", Path(output))
     extra = {"command": "distill", "model": model, "teacher": teacher_model, "output": str(out),
              "loss": asdict(loss_cfg)}
     return report(summary, extra, teacher, eval_data, eval_windows, tokenizer, json_path)

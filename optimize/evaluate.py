@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from optiserve.engine.kv_quant import KVFormat
 from optiserve.engine.model import Transformer
 from optiserve.engine.runner import ModelRunner
 
@@ -73,16 +74,16 @@ class QualityTotals:
 
 def evaluate(
     model: Transformer, windows: list[list[int]], reference: Transformer | None = None, progress: bool = True,
-    kv: tuple[str, list[torch.Tensor] | None, list[torch.Tensor] | None] = ("none", None, None),
+    kv: KVFormat | None = None,
 ) -> EvalResult:
     """Perplexity of `model` over `windows`; with a `reference`, also its perplexity, mean KL and top-1 agreement.
 
-    `kv` = (format, k_scales, v_scales) quantizes the evaluated model's KV cache (the reference keeps fp32).
+    `kv` quantizes the evaluated model's KV cache (the reference's stays unquantized).
     """
     window = max(len(w) for w in windows)
     dtype = model.embed.weight.dtype
     runner = ModelRunner(model, 1, window, dtype)
-    runner.cache.set_format(*kv)
+    runner.cache.set_format(kv or KVFormat())
     ref_runner = ModelRunner(reference, 1, window, dtype) if reference is not None else None
     totals = QualityTotals()
     for ids in tqdm(windows, desc="eval", unit="window", disable=not progress):
@@ -114,5 +115,5 @@ def evaluate_checkpoint(model_dir: Path, windows: list[list[int]], reference: Tr
     window = max(len(w) for w in windows)
     if is_modelopt_checkpoint(model_dir):
         q = load_quantized_checkpoint(model_dir, window, torch.float32)
-        return evaluate(q.model, windows, reference, progress, kv=(q.kv_format, q.k_scales, q.v_scales))
+        return evaluate(q.model, windows, reference, progress, kv=q.kv)
     return evaluate(load_model(model_dir, window, torch.float32), windows, reference, progress)

@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 
 from optiserve.engine.config import ModelConfig
+from optiserve.engine.kv_quant import KVFormat
 from optiserve.engine.quant import FORMATS, QuantLinear
 from optiserve.engine.quantized_checkpoint import (
     ATTN_PROJ,
     GROUP_SIZES,
     HF_QUANT_CONFIG,
     KV_ALGOS,
+    KV_MEANS_FILE,
     MLP_PROJ,
     QUANT_ALGOS,
     kv_scale_to_modelopt,
@@ -36,7 +38,7 @@ from .train import STATE_FILE
 
 log = logging.getLogger(__name__)
 MODELOPT_VERSION = "0.47.0"  # the ModelOpt release whose export layout this follows
-SKIP_FILES = {"config.json", HF_QUANT_CONFIG, "optiserve-converted.json", STATE_FILE}
+SKIP_FILES = {"config.json", HF_QUANT_CONFIG, "optiserve-converted.json", STATE_FILE, KV_MEANS_FILE}
 
 
 def hf_quant_config(weight_format: str, kv_format: str) -> dict:
@@ -82,7 +84,7 @@ def hf_quantization_config(hf_quant: dict) -> dict:
     return out
 
 
-def export_state_dict(result: QuantResult, weight_format: str, kv_format: str) -> dict[str, torch.Tensor]:
+def export_state_dict(result: QuantResult, weight_format: str) -> dict[str, torch.Tensor]:
     """Our (quantized) `Transformer` -> the HF state dict ModelOpt would write."""
     model = result.model
     cfg = model.cfg
@@ -122,16 +124,26 @@ def export_state_dict(result: QuantResult, weight_format: str, kv_format: str) -
             if module.bias is not None:  # q/k/v biases (qwen2)
                 for proj, b in zip(projs, module.bias.split(rows), strict=True):
                     out[p + prefix + proj + ".bias"] = b[perms[proj]] if proj in perms else b
-        if kv_format != "none":
-            out[p + "self_attn.k_proj.k_scale"] = kv_scale_to_modelopt(kv_format, result.k_scales[i])
-            out[p + "self_attn.v_proj.v_scale"] = kv_scale_to_modelopt(kv_format, result.v_scales[i])
+        if result.kv.name != "none":
+            out[p + "self_attn.k_proj.k_scale"] = kv_scale_to_modelopt(result.kv.name, result.kv.k_scales[i])
+            out[p + "self_attn.v_proj.v_scale"] = kv_scale_to_modelopt(result.kv.name, result.kv.v_scales[i])
     return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in out.items()}
 
 
-def export_checkpoint(source_dir: Path, result: QuantResult, weight_format: str, kv_format: str,
-                      output: Path, config_updates: dict | None = None) -> Path:
+def write_kv_means(output: Path, kv: KVFormat, head_dim: int) -> None:
+    """The NVFP4 cache's mean keys beside the checkpoint (HF's half-split channel order): ModelOpt's layout has no
+    place for them, and runtimes that do not centre keys ignore the file."""
+    if kv.k_means is None:
+        return
+    means = torch.stack(kv.k_means).float()[..., rope_row_perm(1, head_dim, to_hf=True)]  # [L, KV, D]
+    (output / KV_MEANS_FILE).write_text(json.dumps({"k_mean": means.tolist()}))
+
+
+def export_checkpoint(source_dir: Path, result: QuantResult, weight_format: str, output: Path,
+                      config_updates: dict | None = None) -> Path:
     """Write `result` to `output` in ModelOpt's unified HF layout (formats "none": a plain HF checkpoint);
-    tokenizer etc. are copied from `source_dir`, its config.json with `config_updates` (a pruned model's sizes)."""
+    tokenizer etc. are copied from `source_dir`, its config.json with `config_updates` (a pruned model's sizes).
+    The KV-cache format is `result.kv`'s."""
     from safetensors.torch import save_file
 
     source_dir, output = Path(source_dir), Path(output)
@@ -140,7 +152,9 @@ def export_checkpoint(source_dir: Path, result: QuantResult, weight_format: str,
         if f.is_file() and f.name not in SKIP_FILES and not f.name.endswith((".safetensors", ".bin", ".gguf")) \
                 and not f.name.startswith("model.safetensors"):
             shutil.copy2(f, output / f.name)
-    state = export_state_dict(result, weight_format, kv_format)
+    kv_format = result.kv.name
+    state = export_state_dict(result, weight_format)
+    write_kv_means(output, result.kv, result.model.cfg.head_dim)
     save_file(state, str(output / "model.safetensors"), metadata={"format": "pt"})
     config = {**json.loads((source_dir / "config.json").read_text()), **(config_updates or {})}
     ModelConfig.from_dict(config)  # the architecture we can serve again

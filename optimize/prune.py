@@ -240,7 +240,7 @@ def run_prune(model: str, req: PruneRequest, output: str, data: list[str] | None
         prune_depth(net, kept)
     else:
         prune_width(net, calibrate(net, windows), pick_width(cfg, req.target_params))
-    out = export_checkpoint(model_dir, QuantResult(net, None, None), "none", "none", Path(output),
+    out = export_checkpoint(model_dir, QuantResult(net), "none", Path(output),
                             config_updates=config_updates(net.cfg, kept))
     summary = {"command": "prune", "model": model, "axis": req.axis, "target_params": req.target_params,
                "params_before": count_params(cfg), "params_after": count_params(net.cfg),

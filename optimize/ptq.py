@@ -5,8 +5,9 @@
 - int8: SmoothQuant as ModelOpt's `INT8_SMOOTHQUANT_CFG` does it — every linear, per input channel
   s = amax_x^alpha / amax_w^(1-alpha) (alpha 1.0 by default, ModelOpt's), weights W*s, inputs x/s (exported as
   `pre_quant_scale` = 1/s), then INT8 per-channel weights and a static per-tensor input scale.
-- int4: AWQ-lite — per layer, a grid search over alpha of s = mean|x|^alpha / mean|w|^(1-alpha) that minimises
-  the output error of the INT4-quantized layer on sampled calibration inputs (ModelOpt's awq_lite idea).
+- int4: AWQ (`awq.py`) — per layer, a grid search over alpha of s = mean|x|^alpha / mean|w|^(1-alpha) that
+  minimises the output error of the INT4-quantized layer on sampled calibration inputs (ModelOpt's awq_lite idea),
+  then a per-group search of a clipped amax (its awq_clip idea); the group scales are the clipped amax / 7.
 """
 
 from __future__ import annotations
@@ -19,12 +20,10 @@ from torch import nn
 
 from optiserve.engine.model import Transformer
 from optiserve.engine.quant import FORMATS, QuantLinear, input_scale_for, quantize_fused, quantize_weight
-from optiserve.kernels.formats import INT4_GROUP_SIZE
 
+from .awq import awq, int4_scale
 from .calibrate import CalibStats, InputStats, quantizable_linears
 
-AWQ_ALPHAS = [i / 10 for i in range(11)]
-EPS = 1e-6
 SMOOTHQUANT_ALPHA = 1.0  # ModelOpt's `SmoothQuantCalibConfig.alpha` default, what INT8_SMOOTHQUANT_CFG uses
 SMOOTH_SCALE_MIN, SMOOTH_SCALE_MAX = 1e-4, 1e4  # ModelOpt clamps pre_quant_scale (1/s) to this range
 INACTIVE_AMAX = 2.0**-31  # input channels at most this large get s = 1 (ModelOpt's zero-channel mask)
@@ -37,6 +36,7 @@ class LinearPlan:
     shards: list[torch.Tensor]  # float weights [rows_i, in] as they will be quantized (smoothed if so)
     input_amax: torch.Tensor
     pre_quant_scale: torch.Tensor | None = None
+    int4_scales: list[torch.Tensor] | None = None  # per shard [rows_i, G]: searched (clipped) INT4 group scales
 
 
 def shard_sizes(model: Transformer, name: str) -> list[int]:
@@ -58,38 +58,19 @@ def smooth_scale(stats: InputStats, w: torch.Tensor, alpha: float) -> torch.Tens
     return s.clamp(1 / SMOOTH_SCALE_MAX, 1 / SMOOTH_SCALE_MIN)
 
 
-def awq_scale(stats: InputStats, w: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """AWQ-lite: the scale s [in] from the alpha grid whose INT4 layer best reproduces the float outputs."""
-    x = stats.sample_rows()  # [R, in]
-    ref = x @ w.t()
-    groups = -(-w.shape[1] // INT4_GROUP_SIZE)
-    padded = torch.nn.functional.pad(w.abs(), (0, groups * INT4_GROUP_SIZE - w.shape[1]))
-    group_max = padded.view(w.shape[0], groups, INT4_GROUP_SIZE).amax(-1, keepdim=True).clamp_min(EPS)
-    w_mean = (padded.view(w.shape[0], groups, -1) / group_max).flatten(1)[:, : w.shape[1]].mean(0)
-    x_mean = stats.channel_mean
-    best, best_err = torch.ones_like(x_mean), float("inf")
-    for alpha in AWQ_ALPHAS:
-        s = x_mean.clamp_min(EPS).pow(alpha) / w_mean.clamp_min(EPS).pow(1 - alpha)
-        s = (s / (s.max() * s.min()).sqrt()).clamp_min(EPS)
-        wq = torch.cat([quantize_weight("int4", part).dequantize(torch.float32)
-                        for part in (w * s).split(sizes)])
-        err = ((x / s) @ wq.t() - ref).pow(2).mean().item()
-        if err < best_err:
-            best, best_err = s, err
-    return best
-
-
 def plan_linear(fmt: str, name: str, w: torch.Tensor, stats: InputStats, sizes: list[int],
                 smoothquant_alpha: float) -> LinearPlan:
-    """Decide smoothing and input range for one linear; `w` is [out, in] float32."""
+    """Decide smoothing, input range and (int4) the searched group scales for one linear; `w` is [out, in] fp32."""
+    int4_scales = None
     if fmt == "int8":
         s = smooth_scale(stats, w, smoothquant_alpha)
     elif fmt == "int4":
-        s = awq_scale(stats, w, sizes)
+        found = awq(stats, w)
+        s, int4_scales = found.scale, list(int4_scale(found.group_amax).split(sizes))
     else:
         return LinearPlan(list(w.split(sizes)), stats.amax)
     smoothed_amax = (stats.channel_amax / s).amax()
-    return LinearPlan(list((w * s).split(sizes)), smoothed_amax, pre_quant_scale=1.0 / s)
+    return LinearPlan(list((w * s).split(sizes)), smoothed_amax, pre_quant_scale=1.0 / s, int4_scales=int4_scales)
 
 
 def with_layers(model: Transformer, layers: dict[str, nn.Module]) -> Transformer:
@@ -114,7 +95,10 @@ def plan_model(model: Transformer, fmt: str, stats: CalibStats,
 
 def quant_linear(fmt: str, plan: LinearPlan, bias: torch.Tensor | None, dtype: torch.dtype) -> QuantLinear:
     """Pack a planned linear in `fmt` (PTQ's last step, and QAT's export)."""
-    shards = quantize_fused(fmt, plan.shards)
+    if plan.int4_scales is not None:  # searched group scales; shards of int4 share no scale, so no fusing to do
+        shards = [quantize_weight(fmt, w.contiguous(), sc) for w, sc in zip(plan.shards, plan.int4_scales, strict=True)]
+    else:
+        shards = quantize_fused(fmt, plan.shards)
     input_scale = input_scale_for(fmt, plan.input_amax) if FORMATS[fmt].quantizes_activations else None
     return QuantLinear(fmt, shards, bias, input_scale, plan.pre_quant_scale, dtype)
 

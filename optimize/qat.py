@@ -109,7 +109,7 @@ def to_quant_result(student: Transformer) -> QuantResult:
     student.requires_grad_(False)
     layers = {n: quant_linear(m.fmt, m.plan(), m.bias, dtype) for n, m in student.named_modules()
               if isinstance(m, QATLinear)}
-    return QuantResult(with_layers(student, layers), None, None)
+    return QuantResult(with_layers(student, layers))
 
 
 def qat_loss_fn(student: Transformer) -> LossFn:
@@ -153,7 +153,7 @@ def run_qat(model: str, req: QuantRequest, data: list[str], output: str, train_c
     summary = train(trainable(student), loss_fn, windows, train_cfg, Path(output), d, command)
     if not d.main:
         return None
-    out = export_checkpoint(model_dir, to_quant_result(student), req.quant, "none", Path(output))
+    out = export_checkpoint(model_dir, to_quant_result(student), req.quant, Path(output))
     extra = {"command": command, "model": model, "quant": req.quant, "output": str(out), "data": data,
              "train": asdict(train_cfg), **({"loss": asdict(distill)} if distill else {})}
     return report(summary, extra, teacher, eval_data, eval_windows, tokenizer, json_path)

@@ -5,20 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from optiserve.engine.kv_quant import KV_FORMATS, KVFormat, kv_scale_for
 from optiserve.engine.model import Transformer
-from optiserve.engine.quant import (
-    KV_FORMATS,
-    PACKED_TYPES,
-    WEIGHT_FORMATS,
-    QuantLinear,
-    check_format,
-    kv_scale_for,
-)
+from optiserve.engine.quant import PACKED_TYPES, WEIGHT_FORMATS, QuantLinear, check_format
 from optiserve.engine.weights import cache_root
 
 from .calibrate import CalibStats, calibrate, quantizable_linears
@@ -54,15 +48,16 @@ class QuantRequest:
 
 # Bump when PTQ's math changes, so results cached by an older optiserve are not reused
 # (2: SmoothQuant clamps pre_quant_scale and leaves inactive channels unscaled, as ModelOpt does;
-#  3: fused q/k/v and gate/up share one per-tensor weight scale).
-CACHE_VERSION = 3
+#  3: fused q/k/v and gate/up share one per-tensor weight scale;
+#  4: calibration records the mean key per layer for the NVFP4 KV cache and a larger, seeded AWQ sample; AWQ clips
+#     INT4 groups; the NVFP4 KV global scale is formed as (amax/448)/6).
+CACHE_VERSION = 4
 
 
 @dataclass
 class QuantResult:
     model: Transformer
-    k_scales: list[torch.Tensor] | None
-    v_scales: list[torch.Tensor] | None
+    kv: KVFormat = field(default_factory=KVFormat)
 
 
 def cache_key(model_dir: Path, req: QuantRequest) -> str:
@@ -81,7 +76,7 @@ def save_quantized(path: Path, result: QuantResult) -> None:
               for name, m in result.model.named_modules() if isinstance(m, QuantLinear)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"layers": layers, "k_scales": result.k_scales, "v_scales": result.v_scales}, tmp)
+    torch.save({"layers": layers, "kv": asdict(result.kv)}, tmp)
     tmp.rename(path)
 
 
@@ -94,7 +89,7 @@ def load_quantized(path: Path, model: Transformer) -> QuantResult:
         shards = [PACKED_TYPES[entry["fmt"]](**s) for s in entry["shards"]]
         layers[name] = QuantLinear(entry["fmt"], shards, linears[name].bias, entry["input_scale"],
                                    entry["pre_quant_scale"], model.embed.weight.dtype)
-    return QuantResult(with_layers(model, layers), saved["k_scales"], saved["v_scales"])
+    return QuantResult(with_layers(model, layers), KVFormat(**saved["kv"]))
 
 
 def calibration_windows(tokenizer, req: QuantRequest) -> list[list[int]]:
@@ -116,20 +111,24 @@ def calibration_stats(model_dir: Path, model: Transformer, tokenizer, req: Quant
     return stats
 
 
+def kv_format_for(name: str, stats: CalibStats) -> KVFormat:
+    """The calibrated KV-cache format `name`: scales from the K/V amax, and for NVFP4 the mean keys."""
+    if name == "none":
+        return KVFormat()
+    return KVFormat(name, [kv_scale_for(name, a) for a in stats.k_amax], [kv_scale_for(name, a) for a in stats.v_amax],
+                    stats.k_mean if name == "nvfp4" else None)
+
+
 def prepare_quantized(model_dir: Path, model: Transformer, tokenizer, req: QuantRequest) -> QuantResult:
     """The model quantized as `req` asks (from the cache when the same request ran before)."""
     if req.quant == "none" and req.kv_cache == "none":
-        return QuantResult(model, None, None)
+        return QuantResult(model)
     path = cache_root() / "ptq" / f"{cache_key(model_dir, req)}.pt"
     if path.is_file():
         log.info("loading calibrated %s / KV %s from %s", req.quant, req.kv_cache, path)
         return load_quantized(path, model)
     stats = calibration_stats(model_dir, model, tokenizer, req)
     qmodel = model if req.quant == "none" else quantize_model(model, req.quant, stats, req.smoothquant_alpha)
-    k_scales = v_scales = None
-    if req.kv_cache != "none":
-        k_scales = [kv_scale_for(req.kv_cache, a) for a in stats.k_amax]
-        v_scales = [kv_scale_for(req.kv_cache, a) for a in stats.v_amax]
-    result = QuantResult(qmodel, k_scales, v_scales)
+    result = QuantResult(qmodel, kv_format_for(req.kv_cache, stats))
     save_quantized(path, result)
     return result

@@ -11,8 +11,9 @@ from fastapi import APIRouter
 from fastapi import Request as HttpRequest
 from pydantic import BaseModel, ConfigDict
 
+from optiserve.engine.kv_quant import KV_FORMATS
 from optiserve.engine.llm_engine import LLMEngine, WeightSet
-from optiserve.engine.quant import KV_FORMATS, WEIGHT_FORMATS, QuantLinear, check_format
+from optiserve.engine.quant import WEIGHT_FORMATS, QuantLinear, check_format
 from optiserve.optimize.data import read_texts, token_windows
 from optiserve.optimize.evaluate import evaluate
 from optiserve.optimize.startup import QuantRequest, prepare_quantized
@@ -65,10 +66,10 @@ class QuantAdmin:
             req = replace(self.base, quant=quant, kv_cache=kv_cache)
             engine = self.engine
             q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
-            engine.use_weights(WeightSet(q.model, quant, kv_cache, q.k_scales, q.v_scales))
+            engine.use_weights(WeightSet(q.model, quant, q.kv))
             self.last_swap_s = time.monotonic() - start
             windows = token_windows(engine.tokenizer, read_texts(req.calib_path), PROBE_LEN, PROBE_WINDOWS)
-            result = evaluate(q.model, windows, engine.master, progress=False, kv=(kv_cache, q.k_scales, q.v_scales))
+            result = evaluate(q.model, windows, engine.master, progress=False, kv=q.kv)
             self.last_probe = {"quant": quant, "kv_cache": kv_cache, **asdict(result)}
             return self.last_swap_s
 

@@ -16,7 +16,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:
-    from optiserve.engine.quant import KV_FORMATS, WEIGHT_FORMATS
+    from optiserve.engine.kv_quant import KV_FORMATS
+    from optiserve.engine.quant import WEIGHT_FORMATS
     from optiserve.optimize.startup import QuantRequest
 
     p.add_argument("--quant", default="none", choices=WEIGHT_FORMATS, help="weight (and activation) format")
@@ -56,7 +57,7 @@ def apply_quant(engine, req) -> None:
     from optiserve.optimize.startup import prepare_quantized
 
     q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
-    engine.use_weights(WeightSet(q.model, req.quant, req.kv_cache, q.k_scales, q.v_scales))
+    engine.use_weights(WeightSet(q.model, req.quant, q.kv))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,7 +211,7 @@ def run_eval(args: argparse.Namespace) -> None:
         from optiserve.optimize.startup import prepare_quantized
 
         q = prepare_quantized(model_dir, model, tokenizer, req)
-        result = evaluate(q.model, windows, reference=model, kv=(req.kv_cache, q.k_scales, q.v_scales))
+        result = evaluate(q.model, windows, reference=model, kv=q.kv)
     extra = {"model": args.model, "data": args.data, "quant": req.quant, "kv_cache": req.kv_cache}
     if args.compare_modelopt:
         from optiserve.optimize.modelopt_compare import compare_with_modelopt, print_comparison
@@ -239,7 +240,7 @@ def run_quantize(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = load_model(model_dir, max(req.calib_seq_len, 16), getattr(torch, args.dtype))
     q = prepare_quantized(model_dir, model, tokenizer, req)
-    out = export_checkpoint(model_dir, q, req.quant, req.kv_cache, args.output)
+    out = export_checkpoint(model_dir, q, req.quant, args.output)
     print(f"wrote {out}")
 
 

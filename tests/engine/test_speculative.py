@@ -85,12 +85,12 @@ def test_greedy_identical_on_a_quantized_model(base, chat_prompt_ids):
     req = QuantRequest(quant, kv, calib_samples=4, calib_seq_len=128)
     for engine in (base, spec):
         q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
-        engine.use_weights(WeightSet(q.model, req.quant, req.kv_cache, q.k_scales, q.v_scales))
+        engine.use_weights(WeightSet(q.model, req.quant, q.kv))
     try:
         ref = generate(base, chat_prompt_ids[:4], GREEDY, at_once=False)
         assert_same_greedy(ref, generate(spec, chat_prompt_ids[:4], GREEDY, at_once=True))
     finally:
-        base.use_weights(WeightSet(base.master, "none", "none"))
+        base.use_weights(WeightSet(base.master, "none"))
 
 
 @pytest.mark.skipif(not EXACT, reason="a claim about the CPU kernels (PyTorch rounds 6 rows unlike 1)")

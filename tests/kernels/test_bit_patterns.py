@@ -7,6 +7,7 @@ import torch
 
 from optiserve.kernels import FP8Tensor, Int4Tensor, Int8Tensor, NVFP4Tensor, quantize_nvfp4_activation
 from optiserve.kernels.nvfp4 import e2m1_encode_reference
+from optiserve.kernels.nvfp4_kv import quantize_nvfp4_kv
 from tests.kernels.utils import bits
 
 PATHS = pytest.mark.parametrize("use_kernel", [False, True], ids=["torch", "triton"])
@@ -187,3 +188,31 @@ def test_int4_group_scales_padding_and_zero_group(use_kernel: bool) -> None:
 def test_int4_rejects_odd_rows() -> None:
     with pytest.raises(AssertionError):
         Int4Tensor.from_float(torch.ones(3, 128))
+
+
+@PATHS
+def test_nvfp4_kv_searched_block_scale(use_kernel: bool) -> None:
+    """s2 = 1. Block A = fifteen 5.0s and a 6.0: the amax scale 1.0 rounds 5.0 to 4.0 (a tie, to the even code), error
+    15; f = 1.2 gives scale 1.2 -> FP8 1.25 (0x3A), where 5.0 is exactly code 4.0 and 6.0 -> 4.8 -> 4.0 (5.0), error 1.
+    Block B already lies on the E2M1 grid at scale 1.0: every other candidate is worse, 1.0 stays. Block C is zero:
+    scale 1.0 (0x38), codes 0, like plain NVFP4."""
+    a = [5.0] * 15 + [6.0]
+    b = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0, 0.0]
+    x = torch.tensor([a + b + [0.0] * 16])
+    q = quantize_nvfp4_kv(x, 1.0, use_kernel=use_kernel)
+    assert bits(q.scale).tolist() == [[0x3A, 0x38, 0x38]]
+    assert _codes(q.qdata)[0, :16].tolist() == [6] * 16
+    assert torch.equal(q.dequantize()[0, 16:32], torch.tensor(b))
+    assert q.qdata[0, 16:].tolist() == [0] * 8
+    assert torch.equal(q.dequantize()[0, :16], torch.full((16,), 5.0))
+
+
+@PATHS
+def test_nvfp4_kv_block_error_never_above_plain_nvfp4(use_kernel: bool) -> None:
+    """Amax scaling is one of the candidates, so no block decodes worse than ModelOpt's encoding of it."""
+    x = torch.randn(64, 128, generator=torch.Generator().manual_seed(3)) * torch.rand(128) * 4
+    s2 = float(x.abs().amax()) / 2688
+    err_kv = (quantize_nvfp4_kv(x, s2, use_kernel=use_kernel).dequantize() - x).view(64, 8, 16).pow(2).sum(-1)
+    err_plain = (NVFP4Tensor.from_float(x, s2).dequantize() - x).view(64, 8, 16).pow(2).sum(-1)
+    assert (err_kv <= err_plain).all()
+    assert err_kv.sum() < 0.9 * err_plain.sum()

@@ -8,6 +8,7 @@ import torch
 
 from optiserve.kernels import FP8Tensor, Int4Tensor, Int8Tensor, NVFP4Tensor, int4_linear, nvfp4_linear
 from optiserve.kernels.gemm import linear_reference
+from optiserve.kernels.nvfp4_kv import quantize_nvfp4_kv
 from tests.kernels.utils import assert_bits_equal, wide_range
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
@@ -39,6 +40,17 @@ def test_nvfp4_kernel_matches_reference(shape: tuple[int, ...], dtype: torch.dty
         b = NVFP4Tensor.from_float(x, s2, use_kernel=False)
         _assert_same(a, b, ("qdata", "scale", "per_tensor_scale"))
         _check_dequantize(a, b)
+
+
+@DTYPES
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_nvfp4_kv_kernel_matches_reference(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """The KV encoder's searched block scales; its decode is NVFP4Tensor's (checked above)."""
+    x = wide_range(shape, seed=len(shape) * 10 + shape[-1], dtype=dtype)
+    for s2 in (float(x.abs().amax()) / 2688.0, float(x.abs().amax()) / 2688.0 / 8):  # in range; saturating
+        a = quantize_nvfp4_kv(x, s2, use_kernel=True)
+        b = quantize_nvfp4_kv(x, s2, use_kernel=False)
+        _assert_same(a, b, ("qdata", "scale", "per_tensor_scale"))
 
 
 @DTYPES

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from optiserve.engine.config import EngineConfig, SamplingParams
+from optiserve.engine.config import EngineConfig, ModelConfig, SamplingParams
 from optiserve.engine.llm_engine import LLMEngine, WeightSet, run_to_completion
-from optiserve.engine.quantized_checkpoint import permute_rows
+from optiserve.engine.quantized_checkpoint import KV_MEANS_FILE, permute_rows, read_kv_means
 from optiserve.engine.weights import rope_row_perm
 from optiserve.kernels.int4 import Int4Tensor
 from optiserve.kernels.nvfp4 import NVFP4Tensor
@@ -25,11 +25,11 @@ CASES = {"nvfp4+kv": ("nvfp4", "nvfp4"), "int4": ("int4", "none"), "fp8+kv": ("f
 
 def reference_tokens(engine: LLMEngine, req: QuantRequest, prompts):
     q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
-    engine.use_weights(WeightSet(q.model, req.quant, req.kv_cache, q.k_scales, q.v_scales))
+    engine.use_weights(WeightSet(q.model, req.quant, q.kv))
     try:
         return q, run_to_completion(engine, prompts, GREEDY)
     finally:
-        engine.use_weights(WeightSet(engine.master, "none", "none"))
+        engine.use_weights(WeightSet(engine.master, "none"))
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -38,12 +38,12 @@ def exported(request, engine, chat_prompt_ids, tmp_path_factory):
     req = QuantRequest(quant, kv, calib_samples=4, calib_seq_len=128)
     prompts = chat_prompt_ids[:3]
     q, ref = reference_tokens(engine, req, prompts)
-    out = export_checkpoint(engine.model_dir, q, quant, kv, tmp_path_factory.mktemp(request.param) / "ckpt")
-    return req, out, prompts, ref
+    out = export_checkpoint(engine.model_dir, q, quant, tmp_path_factory.mktemp(request.param) / "ckpt")
+    return req, out, prompts, ref, q
 
 
 def test_round_trip_same_greedy_tokens(exported):
-    req, out, prompts, ref = exported
+    req, out, prompts, ref, _ = exported
     served = LLMEngine(EngineConfig(model=str(out), max_batch=4, max_model_len=1024))
     assert served.master is None
     assert (served.weights.weight_format, served.weights.kv_format) == (req.quant, req.kv_cache)
@@ -52,7 +52,7 @@ def test_round_trip_same_greedy_tokens(exported):
 
 
 def test_names_dtypes_and_config(exported):
-    req, out, _, _ = exported
+    req, out, _, _, q = exported
     hf_quant = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "modelopt"
@@ -81,6 +81,11 @@ def test_names_dtypes_and_config(exported):
         assert t[p + "self_attn.q_proj.weight_scale"].shape == (576, 36)
         assert t[p + "self_attn.k_proj.k_scale"].dtype == torch.float32
         assert t[p + "self_attn.v_proj.v_scale"].dtype == torch.float32
+        # the NVFP4 cache's mean keys, beside the ModelOpt layout, read back onto our RoPE layout exactly
+        loaded = read_kv_means(out, ModelConfig.from_dir(out))
+        assert all(torch.equal(a, b) for a, b in zip(loaded, q.kv.k_means, strict=True))
+    else:
+        assert not (out / KV_MEANS_FILE).exists()
     if req.quant == "int4":
         assert hf_quant["quant_algo"] == "W4A16_AWQ" and hf_quant["group_size"] == 128
         assert hf_quant["kv_cache_quant_algo"] is None
