@@ -28,13 +28,17 @@ from .formats import INT4_GROUP_SIZE, INT4_MAX, INT4_MAXBOUND, INT4_MIN, ZERO_AM
 PAIRS_PER_PROGRAM = 16  # row pairs handled by one Triton program (times one group of columns)
 
 
+def int4_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """Group amax (measured, or clipped by AWQ's search) -> fp32 INT4 scales amax / 7 (0 -> 1.0)."""
+    scale = amax.float() / INT4_MAXBOUND
+    return torch.where(scale == 0, torch.full_like(scale, ZERO_AMAX_SCALE), scale)
+
+
 def int4_group_scale(w: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> torch.Tensor:
     """w [N, K] -> fp32 scales [N, ceil(K / group_size)] = amax_group / 7 (zero-padded last group; 0 -> 1.0)."""
     pad = -w.shape[-1] % group_size
     wp = F.pad(w, (0, pad)) if pad else w
-    amax = wp.reshape(w.shape[0], -1, group_size).abs().amax(dim=-1).float()
-    scale = amax / INT4_MAXBOUND
-    return torch.where(scale == 0, torch.full_like(scale, ZERO_AMAX_SCALE), scale)
+    return int4_scale_from_amax(wp.reshape(w.shape[0], -1, group_size).abs().amax(dim=-1))
 
 
 # ---------------------------------------------------------------------------------------------- torch reference ---

@@ -118,16 +118,25 @@ def e2m1_decode(code):
 
 
 @triton.jit
-def _nvfp4_quantize_kernel(x_ptr, q_ptr, s_ptr, s2_ptr, n_blocks, nb, K, BLOCKS: tl.constexpr):
-    # x: [R, K] contiguous; q: [R, nb * 8] uint8; s: [R, nb] E4M3 bits; block g = row * nb + blk
-    g = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)  # [BLOCKS]
-    gmask = g < n_blocks
+def load_block_pairs(x_ptr, g, gmask, nb, K):
+    """The even and odd elements [BLOCKS, 8] (fp32) of 16-element blocks `g` of x [R, K] (block g = row * nb + blk),
+    zero past K: what a quantize kernel reads."""
     row = (g // nb).to(tl.int64)
-    j = tl.arange(0, 8)  # pair index inside a block
+    j = tl.arange(0, 8)
     col = (g % nb)[:, None] * 16 + 2 * j[None, :]  # [BLOCKS, 8] column of the even element
     ptr = x_ptr + row[:, None] * K + col
     xe = tl.load(ptr, mask=gmask[:, None] & (col < K), other=0.0).to(tl.float32)
     xo = tl.load(ptr + 1, mask=gmask[:, None] & (col + 1 < K), other=0.0).to(tl.float32)
+    return xe, xo
+
+
+@triton.jit
+def _nvfp4_quantize_kernel(x_ptr, q_ptr, s_ptr, s2_ptr, n_blocks, nb, K, BLOCKS: tl.constexpr):
+    # x: [R, K] contiguous; q: [R, nb * 8] uint8; s: [R, nb] E4M3 bits; block g = row * nb + blk
+    g = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)  # [BLOCKS]
+    gmask = g < n_blocks
+    j = tl.arange(0, 8)  # pair index inside a block
+    xe, xo = load_block_pairs(x_ptr, g, gmask, nb, K)
     amax = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))  # [BLOCKS]
     s2 = tl.load(s2_ptr)
     bscale = tl.math.div_rn(amax, 6.0 * s2)

@@ -34,6 +34,7 @@ from .nvfp4 import (
     e2m1_decode_reference,
     e2m1_encode,
     e2m1_encode_reference,
+    load_block_pairs,
 )
 
 
@@ -65,12 +66,8 @@ def _nvfp4_kv_quantize_kernel(x_ptr, q_ptr, s_ptr, s2_ptr, f_ptr, n_blocks, nb, 
     # x: [R, K] contiguous; q: [R, nb * 8] uint8; s: [R, nb] E4M3 bits; f: [N_FACTORS] fp32; block g = row*nb + blk
     g = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)  # [BLOCKS]
     gmask = g < n_blocks
-    row = (g // nb).to(tl.int64)
     j = tl.arange(0, 8)  # pair index inside a block
-    col = (g % nb)[:, None] * 16 + 2 * j[None, :]  # [BLOCKS, 8] column of the even element
-    ptr = x_ptr + row[:, None] * K + col
-    xe = tl.load(ptr, mask=gmask[:, None] & (col < K), other=0.0).to(tl.float32)
-    xo = tl.load(ptr + 1, mask=gmask[:, None] & (col + 1 < K), other=0.0).to(tl.float32)
+    xe, xo = load_block_pairs(x_ptr, g, gmask, nb, K)
     amax = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))  # [BLOCKS]
     s2 = tl.load(s2_ptr)
     base = tl.math.div_rn(amax, 6.0 * s2)

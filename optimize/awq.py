@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from optiserve.kernels.formats import INT4_GROUP_SIZE, INT4_MAX, INT4_MAXBOUND, INT4_MIN, ZERO_AMAX_SCALE
+from optiserve.kernels.formats import INT4_GROUP_SIZE, INT4_MAX, INT4_MIN
+from optiserve.kernels.int4 import int4_scale_from_amax
 
 from .calibrate import InputStats
 
@@ -46,15 +47,9 @@ def group_amax(w: torch.Tensor) -> torch.Tensor:
     return grouped(w).abs().amax(-1)
 
 
-def int4_scale(amax: torch.Tensor) -> torch.Tensor:
-    """The exported INT4 group scales [out, G] for group amax [out, G]: amax / 7, and 1.0 for all-zero groups."""
-    scale = amax.float() / INT4_MAXBOUND
-    return torch.where(scale == 0, torch.full_like(scale, ZERO_AMAX_SCALE), scale)
-
-
 def fake_int4(w: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     """w [out, in] through INT4 with group scales amax [out, G] / 7: the values `Int4Tensor` would dequantize to."""
-    scale = int4_scale(amax)[..., None]  # [out, G, 1]
+    scale = int4_scale_from_amax(amax)[..., None]  # [out, G, 1]
     q = (grouped(w) / scale).round().clamp(INT4_MIN, INT4_MAX) * scale
     return q.flatten(1)[:, : w.shape[1]]
 

@@ -20,8 +20,9 @@ from torch import nn
 
 from optiserve.engine.model import Transformer
 from optiserve.engine.quant import FORMATS, QuantLinear, input_scale_for, quantize_fused, quantize_weight
+from optiserve.kernels.int4 import int4_scale_from_amax
 
-from .awq import awq, int4_scale
+from .awq import awq
 from .calibrate import CalibStats, InputStats, quantizable_linears
 
 SMOOTHQUANT_ALPHA = 1.0  # ModelOpt's `SmoothQuantCalibConfig.alpha` default, what INT8_SMOOTHQUANT_CFG uses
@@ -66,7 +67,7 @@ def plan_linear(fmt: str, name: str, w: torch.Tensor, stats: InputStats, sizes: 
         s = smooth_scale(stats, w, smoothquant_alpha)
     elif fmt == "int4":
         found = awq(stats, w)
-        s, int4_scales = found.scale, list(int4_scale(found.group_amax).split(sizes))
+        s, int4_scales = found.scale, list(int4_scale_from_amax(found.group_amax).split(sizes))
     else:
         return LinearPlan(list(w.split(sizes)), stats.amax)
     smoothed_amax = (stats.channel_amax / s).amax()

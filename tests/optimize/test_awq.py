@@ -6,14 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optiserve.kernels.int4 import Int4Tensor, int4_group_scale, unpack_int4_reference
+from optiserve.kernels.int4 import Int4Tensor, int4_group_scale, int4_scale_from_amax, unpack_int4_reference
 from optiserve.optimize.awq import (
     awq,
     fake_int4,
     group_amax,
     grouped,
     input_gram,
-    int4_scale,
     search_alpha,
     search_clip,
 )
@@ -47,7 +46,7 @@ def test_fake_int4_is_what_int4_tensor_dequantizes():
     torch.manual_seed(0)
     w = torch.randn(64, 320)  # 2.5 groups: the last is zero-padded
     amax = group_amax(w) * torch.rand(64, 3).clamp_min(0.3)  # clipped groups, so codes clamp (and reach -8)
-    packed = Int4Tensor.from_float(w, scale=int4_scale(amax))
+    packed = Int4Tensor.from_float(w, scale=int4_scale_from_amax(amax))
     assert torch.equal(fake_int4(w, amax), packed.dequantize(torch.float32))
     assert unpack_int4_reference(packed.qdata).min().item() == -8
 
