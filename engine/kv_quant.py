@@ -12,7 +12,7 @@ block scaled by its amax leaves the others with one or two codes; centring remov
 rotation spreads what is left over all channels. Measured on the default model: +9.8% perplexity -> +2.2%.
 This engine's cache is a compute copy of the decoded values, so it holds H^T NVFP4(H (k - m)) + m and attention
 reads it unchanged. `k_scale`/`v_scale` stay ModelOpt's (from the amax of plain K and V), so an exported checkpoint
-means what ModelOpt's does; the mean keys travel beside it (`export.KV_MEANS_FILE`).
+means what ModelOpt's does; the mean keys travel beside it (`quantized_checkpoint.KV_MEANS_FILE`).
 """
 
 from __future__ import annotations
