@@ -20,6 +20,7 @@ import torch
 from . import cpu_kernels
 from .config import EngineConfig, SamplingParams
 from .llm_engine import LLMEngine, run_to_completion
+from .quant import weight_bytes
 
 INSTRUCTIONS_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval" / "instructions.jsonl"
 FALLBACK_INSTRUCTIONS = [
@@ -97,9 +98,10 @@ def time_hf(model, pad_id: int, prompts: list[list[int]], tokens: int) -> list[f
     return step_times(stamps)
 
 
-def weight_bytes(engine: LLMEngine) -> int:
-    """Bytes of weights a decode step reads: every parameter (lm_head included) but the embedding table."""
-    return sum(p.nbytes for name, p in engine.runner.model.named_parameters() if not name.startswith("embed."))
+def step_weight_bytes(engine: LLMEngine) -> int:
+    """Bytes of weights a decode step reads: all held (lm_head included) but the embedding table."""
+    model = engine.runner.model
+    return weight_bytes(model)[1] - model.embed.weight.nbytes
 
 
 def summarize(times: list[float], batch: int, nbytes: int) -> dict:
@@ -143,7 +145,7 @@ def bench_decode(
     hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=getattr(torch, dtype)).eval()
     tok = engine.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    nbytes = weight_bytes(engine)
+    nbytes = step_weight_bytes(engine)
     for e in engines:
         time_ours(e, prompts, WARMUP_TOKENS)
     times = time_alternating(engines, prompts, tokens)
@@ -163,7 +165,7 @@ def bench_decode(
         f"{result['speedup']:.2f}x"
     )
     if other:
-        other_bytes = weight_bytes(other)
+        other_bytes = step_weight_bytes(other)
         theirs = summarize(times[1], batch, other_bytes)
         result["against"] = {"model": against, "ours": theirs, "weight_bytes": other_bytes}
         result["speedup_vs_against"] = ours["tok_s"] / theirs["tok_s"]

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 GREEDY_TEMPERATURE = 1e-5
 
@@ -93,6 +95,19 @@ class ModelConfig:
         return cls.from_dict(json.loads(path.read_text()))
 
 
+def check_device(name: str) -> str:
+    """`name` if it is "cpu", or "cuda"/"cuda:N" and torch sees a CUDA GPU; else a clear ValueError."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: optiserve runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: torch sees no CUDA GPU (a CPU build of torch, or no driver)")
+    return name
+
+
 @dataclass
 class EngineConfig:
     """Limits and placement of one engine instance."""
@@ -115,6 +130,9 @@ class EngineConfig:
             raise ValueError("max_batch must be >= 1")
         if self.max_model_len < 16:
             raise ValueError("max_model_len must be >= 16")
+        if self.device != "cpu" and self.speculative != "none":
+            raise ValueError("speculative decoding runs on the CPU engine only so far; drop --speculative on a GPU")
+        check_device(self.device)
 
 
 @dataclass

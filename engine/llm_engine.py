@@ -18,6 +18,7 @@ from .config import EngineConfig, ModelConfig, SamplingParams
 from .detokenize import finish_reason_for_token, text_delta, update_text
 from .kv_quant import KVFormat
 from .model import Transformer
+from .quant import weight_bytes
 from .quantized_checkpoint import is_modelopt_checkpoint, load_quantized_checkpoint
 from .runner import ModelRunner
 from .sampler import make_generator, sample, token_logprobs
@@ -160,8 +161,8 @@ class LLMEngine:
         release_freed_memory()
 
     def weight_bytes(self) -> int:
-        """Bytes of the model's parameters as held in memory (a tied LM head's transposed copy included)."""
-        return sum(p.nbytes for p in self.weights.model.parameters())
+        """Bytes of the model's weights as held in memory (a tied LM head's transposed copy included)."""
+        return weight_bytes(self.weights.model)[1]
 
     def stats(self) -> EngineStats:
         s = self.scheduler
@@ -227,7 +228,8 @@ class LLMEngine:
             self._append(running, self.spec.step(running))
         elif running:
             logits = self.runner.decode([s.token_ids[-1] for s in running], [len(s.token_ids) - 1 for s in running])
-            self._sample_and_append(running, logits)
+            # On a GPU too: seeded requests draw from per-sequence CPU generators, so samples repeat across devices
+            self._sample_and_append(running, logits.cpu())
         self._release_finished()
 
     def _release_finished(self) -> None:
@@ -237,7 +239,7 @@ class LLMEngine:
     def _run_prefill(self, seq: Sequence, token_ids: list[int], all_logits: bool = False) -> torch.Tensor:
         if self.spec:
             return self.spec.prefill(seq, token_ids, all_logits)
-        return self.runner.prefill(seq.slot, token_ids, all_logits)
+        return self.runner.prefill(seq.slot, token_ids, all_logits).cpu()  # sampling runs on the CPU (see step)
 
     def _prefill(self, seq: Sequence) -> None:
         req = seq.request

@@ -49,8 +49,9 @@ class ModelRunner:
         self.model = model
         cfg = model.cfg
         self.max_len = max_len
-        self.cache = KVCache(CacheShape(cfg.num_layers, num_slots, cfg.num_kv_heads, max_len, cfg.head_dim), dtype)
         self.device = model.embed.weight.device
+        shape = CacheShape(cfg.num_layers, num_slots, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.cache = KVCache(shape, dtype, self.device)
         self.unmasked_decode = cpu_kernels.decode_attention_available(dtype, self.device)
 
     def mask_for(self, positions: torch.Tensor, attn_len: int, window: int | None) -> torch.Tensor | None:

@@ -57,8 +57,8 @@ def _record_input(stats: dict[str, InputStats], name: str):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [rows, in]
         s = stats.get(name)
         if s is None:
-            zeros = torch.zeros(x.shape[-1])
-            s = stats[name] = InputStats(torch.zeros(()), zeros.clone(), zeros.clone())
+            zeros = torch.zeros(x.shape[-1], device=x.device)
+            s = stats[name] = InputStats(torch.zeros((), device=x.device), zeros.clone(), zeros.clone())
         s.amax = torch.maximum(s.amax, x.abs().amax())
         s.channel_amax = torch.maximum(s.channel_amax, x.abs().amax(0))
         s.channel_abs_sum += x.abs().sum(0)
@@ -74,11 +74,12 @@ def _record_input(stats: dict[str, InputStats], name: str):
 @torch.inference_mode()
 def calibrate(model: Transformer, windows: list[list[int]], progress: bool = True) -> CalibStats:
     """Run `windows` through `model` and collect `CalibStats` (the model is left unchanged)."""
-    n_layers = model.cfg.num_layers
+    n_layers, device = model.cfg.num_layers, model.embed.weight.device
     stats: dict[str, InputStats] = {}
-    k_amax = [torch.zeros(()) for _ in range(n_layers)]
-    v_amax = [torch.zeros(()) for _ in range(n_layers)]
-    k_sum = [torch.zeros(model.cfg.num_kv_heads, model.cfg.head_dim, dtype=torch.float64) for _ in range(n_layers)]
+    k_amax = [torch.zeros((), device=device) for _ in range(n_layers)]
+    v_amax = [torch.zeros((), device=device) for _ in range(n_layers)]
+    k_sum = [torch.zeros(model.cfg.num_kv_heads, model.cfg.head_dim, dtype=torch.float64, device=device)
+             for _ in range(n_layers)]
     handles = [m.register_forward_pre_hook(_record_input(stats, n)) for n, m in quantizable_linears(model).items()]
     runner = ModelRunner(model, 1, max(len(w) for w in windows), model.embed.weight.dtype)
     cache_update = runner.cache.update

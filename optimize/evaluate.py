@@ -48,7 +48,7 @@ class QualityTotals:
 
     def add(self, ids: list[int], logits: torch.Tensor, ref_logits: torch.Tensor | None = None) -> None:
         """Add one window: `logits` (and `ref_logits`) [S, V] for all positions of `ids`."""
-        targets = torch.tensor(ids[1:])
+        targets = torch.tensor(ids[1:], device=logits.device)
         logp = F.log_softmax(logits[:-1], dim=-1)  # [S-1, V]
         self.nll += F.nll_loss(logp, targets, reduction="sum").item()
         self.tokens += len(targets)
@@ -106,14 +106,14 @@ def write_result(result: EvalResult, extra: dict, json_path: str | None) -> dict
 
 
 def evaluate_checkpoint(model_dir: Path, windows: list[list[int]], reference: Transformer | None = None,
-                        progress: bool = True) -> EvalResult:
-    """`evaluate` a checkpoint dir as the server would load it: a ModelOpt one with its `QuantLinear`s and KV
-    format, a plain HF one as is."""
+                        progress: bool = True, device: str = "cpu") -> EvalResult:
+    """`evaluate` a checkpoint dir as the server would load it on `device`: a ModelOpt one with its `QuantLinear`s
+    and KV format, a plain HF one as is."""
     from optiserve.engine.quantized_checkpoint import is_modelopt_checkpoint, load_quantized_checkpoint
     from optiserve.engine.weights import load_model
 
     window = max(len(w) for w in windows)
     if is_modelopt_checkpoint(model_dir):
-        q = load_quantized_checkpoint(model_dir, window, torch.float32)
+        q = load_quantized_checkpoint(model_dir, window, torch.float32, device)
         return evaluate(q.model, windows, reference, progress, kv=q.kv)
-    return evaluate(load_model(model_dir, window, torch.float32), windows, reference, progress)
+    return evaluate(load_model(model_dir, window, torch.float32, device), windows, reference, progress)

@@ -82,7 +82,8 @@ def save_quantized(path: Path, result: QuantResult) -> None:
 
 def load_quantized(path: Path, model: Transformer) -> QuantResult:
     """Rebuild the quantized model from cached packed shards (no calibration, no search)."""
-    saved = torch.load(path, weights_only=False)  # our own cache file: it holds dtypes and dataclass fields
+    # our own cache file (dtypes and dataclass fields), onto the model's device whichever device wrote it
+    saved = torch.load(path, map_location=model.embed.weight.device, weights_only=False)
     linears = quantizable_linears(model)
     layers = {}
     for name, entry in saved["layers"].items():
@@ -101,7 +102,7 @@ def calibration_stats(model_dir: Path, model: Transformer, tokenizer, req: Quant
     """Calibration statistics, shared by every format (cached apart from the quantized weights)."""
     path = cache_root() / "ptq" / f"calib-{cache_key(model_dir, replace(req, quant='none', kv_cache='none'))}.pt"
     if path.is_file():
-        return torch.load(path, weights_only=False)  # our own cache file (dataclasses of tensors)
+        return torch.load(path, map_location=model.embed.weight.device, weights_only=False)  # our own cache file
     windows = calibration_windows(tokenizer, req)
     log.info("calibrating on %d x %d tokens of %s", len(windows), req.calib_seq_len, req.calib_path)
     stats = calibrate(model, windows)

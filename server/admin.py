@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 from optiserve.engine.kv_quant import KV_FORMATS
 from optiserve.engine.llm_engine import LLMEngine, WeightSet
-from optiserve.engine.quant import WEIGHT_FORMATS, QuantLinear, check_format
+from optiserve.engine.quant import WEIGHT_FORMATS, QuantLinear, check_format, weight_bytes
 from optiserve.optimize.data import read_texts, token_windows
 from optiserve.optimize.evaluate import evaluate
 from optiserve.optimize.startup import QuantRequest, prepare_quantized
@@ -43,14 +43,13 @@ class QuantAdmin:
     def report(self) -> dict:
         w, cache = self.engine.weights, self.engine.runner.cache
         quant_layers = [m for m in w.model.modules() if isinstance(m, QuantLinear)]
-        linear_bytes = sum(m.weight_t.nbytes for m in quant_layers)
-        linear_bf16 = sum(m.weight_t.numel() * 2 for m in quant_layers)
+        format_bytes, resident_bytes = weight_bytes(w.model)
         return {
             "quant": w.weight_format, "kv_cache": w.kv_format,
             "linear_packed_bytes": sum(m.packed_bytes() for m in quant_layers) if quant_layers else None,
-            "linear_bf16_bytes": linear_bf16 or None,
-            "weight_bytes": self.engine.weight_bytes() - linear_bytes + sum(m.packed_bytes() for m in quant_layers),
-            "resident_weight_bytes": self.engine.weight_bytes(),
+            "linear_bf16_bytes": sum(m.bf16_bytes() for m in quant_layers) or None,
+            "weight_bytes": format_bytes,
+            "resident_weight_bytes": resident_bytes,
             "master_weight_bytes": (sum(p.nbytes for p in self.engine.master.parameters())
                                     if self.engine.master is not None else None),
             "swappable": self.engine.master is not None,

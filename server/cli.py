@@ -15,25 +15,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
 
-def add_quant_args(p: argparse.ArgumentParser) -> None:
-    from optiserve.engine.kv_quant import KV_FORMATS
-    from optiserve.engine.quant import WEIGHT_FORMATS
-    from optiserve.optimize.startup import QuantRequest
-
-    p.add_argument("--quant", default="none", choices=WEIGHT_FORMATS, help="weight (and activation) format")
-    p.add_argument("--kv-cache", default="none", choices=KV_FORMATS, help="KV cache format")
-    p.add_argument("--calib-data", default=None, help="text or jsonl (default: the slice shipped with optiserve)")
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences")
-    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence")
-    p.add_argument("--smoothquant-alpha", type=float, default=QuantRequest.smoothquant_alpha,
-                   help="SmoothQuant migration strength (int8; default ModelOpt's)")
-
-
-def quant_request(args: argparse.Namespace):
-    from optiserve.optimize.startup import QuantRequest
-
-    return QuantRequest(args.quant, args.kv_cache, args.calib_data, args.calib_samples, args.calib_seq_len,
-                        args.smoothquant_alpha)
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu",
+                   help="cpu, or cuda[:N]: weights stay packed and run through the Triton / FP8 GEMM kernels")
 
 
 def add_spec_args(p: argparse.ArgumentParser, default: str = "none") -> None:
@@ -44,28 +28,21 @@ def add_spec_args(p: argparse.ArgumentParser, default: str = "none") -> None:
 
 
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
-    fields = {"model": args.model, "dtype": args.dtype, "speculative": getattr(args, "speculative", "none"),
+    fields = {"model": args.model, "dtype": args.dtype, "device": getattr(args, "device", EngineConfig.device),
+              "speculative": getattr(args, "speculative", "none"),
               "num_speculative_tokens": getattr(args, "num_speculative_tokens", EngineConfig.num_speculative_tokens)}
     return EngineConfig(**{**fields, **overrides})
-
-
-def apply_quant(engine, req) -> None:
-    """Quantize a loaded engine's weights/KV cache as `req` asks (start-up PTQ, cached)."""
-    if req.quant == "none" and req.kv_cache == "none":
-        return
-    from optiserve.engine.llm_engine import WeightSet
-    from optiserve.optimize.startup import prepare_quantized
-
-    q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
-    engine.use_weights(WeightSet(q.model, req.quant, q.kv))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optiserve", description="LLM inference server with model optimization")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from .cli_quant import add_quant_args, add_quant_commands
+
     serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
     add_model_args(serve)
+    add_device_arg(serve)
     add_quant_args(serve)
     add_spec_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
@@ -84,23 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the context length")
     serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running requests")
 
-    ev = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against the unquantized model")
-    add_model_args(ev)
-    add_quant_args(ev)
-    ev.add_argument("--data", required=True, help="text or jsonl file, e.g. ../shared/data/wikitext-2/test.txt")
-    ev.add_argument("--window", type=int, default=512, help="tokens per window")
-    ev.add_argument("--max-windows", type=int, default=40)
-    ev.add_argument("--reference", default=None,
-                    help="unquantized model to compare a quantized/pruned checkpoint dir against (KL, top-1)")
-    ev.add_argument("--json", default=None, help="write the results to this file")
-    ev.add_argument("--compare-modelopt", action="store_true",
-                    help="also quantize with NVIDIA ModelOpt (same windows, same calibration data); print both")
-
-    qz = sub.add_parser("quantize", help="calibrate, quantize and write a ModelOpt-layout Hugging Face checkpoint")
-    add_model_args(qz)
-    add_quant_args(qz)
-    qz.add_argument("--output", required=True, help="directory to write the checkpoint to")
-
+    add_quant_commands(sub)  # eval, quantize
     bench = sub.add_parser("bench", help="benchmarks that print and write JSON")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     decode = bench_sub.add_parser("decode", help="decode tok/s: our engine vs HF transformers generate")
@@ -164,6 +125,7 @@ def serve(args: argparse.Namespace) -> None:
     from optiserve.engine.llm_engine import LLMEngine
 
     from .app import create_app
+    from .cli_quant import apply_quant, quant_request
     from .security import ServerOptions
 
     cfg = engine_config(args, max_batch=args.max_batch, max_model_len=args.max_model_len)
@@ -179,75 +141,12 @@ def serve(args: argparse.Namespace) -> None:
     DrainingServer(config, app).run()
 
 
-def run_eval(args: argparse.Namespace) -> None:
-    import torch
-    from transformers import AutoTokenizer
-
-    from optiserve.engine.quantized_checkpoint import is_modelopt_checkpoint
-    from optiserve.engine.weights import load_model, resolve_model_dir
-    from optiserve.optimize.data import read_texts, token_windows
-    from optiserve.optimize.evaluate import evaluate, evaluate_checkpoint, write_result
-
-    model_dir = resolve_model_dir(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    windows = token_windows(tokenizer, read_texts(args.data, tokenizer), args.window, args.max_windows)
-    req = quant_request(args)
-    checkpoint = is_modelopt_checkpoint(model_dir) or args.reference
-    if args.compare_modelopt:
-        from optiserve.optimize.modelopt_compare import require_modelopt
-
-        require_modelopt(req.quant, bool(checkpoint), args.dtype)
-    if checkpoint:  # a produced checkpoint, served as the server would
-        if req.quant != "none" or req.kv_cache != "none":
-            raise ValueError("--quant/--kv-cache apply to an unquantized model, not to a checkpoint dir")
-        ref = args.reference and load_model(resolve_model_dir(args.reference), args.window, torch.float32)
-        result = evaluate_checkpoint(model_dir, windows, reference=ref or None)
-        write_result(result, {"model": args.model, "data": args.data, "reference": args.reference}, args.json)
-        return
-    model = load_model(model_dir, args.window, getattr(torch, args.dtype))
-    if req.quant == "none" and req.kv_cache == "none":
-        result = evaluate(model, windows)
-    else:
-        from optiserve.optimize.startup import prepare_quantized
-
-        q = prepare_quantized(model_dir, model, tokenizer, req)
-        result = evaluate(q.model, windows, reference=model, kv=q.kv)
-    extra = {"model": args.model, "data": args.data, "quant": req.quant, "kv_cache": req.kv_cache}
-    if args.compare_modelopt:
-        from optiserve.optimize.modelopt_compare import compare_with_modelopt, print_comparison
-
-        extra["modelopt"] = compare_with_modelopt(model_dir, tokenizer, req, windows)
-    write_result(result, extra, args.json)
-    if args.compare_modelopt:
-        print_comparison(req.quant, result, extra["modelopt"])
-
-
-def run_quantize(args: argparse.Namespace) -> None:
-    import torch
-    from transformers import AutoTokenizer
-
-    from optiserve.engine.quantized_checkpoint import is_modelopt_checkpoint
-    from optiserve.engine.weights import load_model, resolve_model_dir
-    from optiserve.optimize.export import export_checkpoint
-    from optiserve.optimize.startup import prepare_quantized
-
-    req = quant_request(args)
-    if req.quant == "none" and req.kv_cache == "none":
-        raise ValueError("nothing to quantize: give --quant and/or --kv-cache")
-    model_dir = resolve_model_dir(args.model)
-    if is_modelopt_checkpoint(model_dir):
-        raise ValueError(f"{model_dir} is already a quantized (ModelOpt) checkpoint")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = load_model(model_dir, max(req.calib_seq_len, 16), getattr(torch, args.dtype))
-    q = prepare_quantized(model_dir, model, tokenizer, req)
-    out = export_checkpoint(model_dir, q, req.quant, args.output)
-    print(f"wrote {out}")
-
-
 def run_bench_spec(args: argparse.Namespace) -> None:
     from optiserve.engine.bench import chat_prompt_ids
     from optiserve.engine.llm_engine import LLMEngine
     from optiserve.engine.spec.bench import bench_spec, load_prompt_file
+
+    from .cli_quant import apply_quant, quant_request
 
     if args.speculative == "none":
         raise ValueError("bench spec compares against speculation: give --speculative auto|ngram|DIR")
@@ -269,10 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "serve":
             serve(args)
-        elif args.command == "eval":
-            run_eval(args)
-        elif args.command == "quantize":
-            run_quantize(args)
+        elif args.command in ("eval", "quantize"):
+            from .cli_quant import run_eval, run_quantize
+
+            (run_eval if args.command == "eval" else run_quantize)(args)
         elif args.command == "bench" and args.bench_command == "decode":
             from optiserve.engine.bench import bench_decode
 

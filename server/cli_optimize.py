@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import add_model_args, add_quant_args, quant_request
+from .cli import add_model_args
+from .cli_quant import add_quant_args, quant_request
 
 TRAIN_COMMANDS = ("qat", "qad", "distill")
 
