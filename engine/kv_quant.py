@@ -76,8 +76,29 @@ def kv_scale_for(fmt: str, amax: torch.Tensor) -> torch.Tensor:
     """The per-layer `k_scale`/`v_scale`: amax/448 for fp8; for nvfp4 the NVFP4 global scale, formed from ModelOpt's
     `k_scale` = amax/448 as a runtime reading the checkpoint forms it, (amax/448)/6, so export round-trips it exactly
     (amax/2688 in one division can differ in the last bit, and no fp32 value then divides back to it)."""
-    modelopt_scale = input_scale_for("fp8", amax)  # amax / 448
-    return modelopt_scale if fmt == "fp8" else modelopt_scale / E2M1_MAX
+    return kv_scale_from_modelopt(fmt, input_scale_for("fp8", amax))  # ModelOpt's amax / 448, read back
+
+
+def kv_scale_to_modelopt(fmt: str, scale: torch.Tensor) -> torch.Tensor:
+    """Our per-layer KV scale -> ModelOpt's amax / 448 (for NVFP4 ours is amax / (6 * 448): pick the fp32 multiple
+    of 6 that divides back to exactly our value when one exists, so a round trip is bit-exact)."""
+    scale = scale.float().reshape(())
+    if fmt != "nvfp4":
+        return scale.clone()
+    guess = scale * E2M1_MAX
+    candidates = [guess]
+    for direction in (torch.tensor(float("inf")), torch.tensor(0.0)):
+        c = guess
+        for _ in range(4):
+            c = torch.nextafter(c, direction)
+            candidates.append(c)
+    return next((c for c in candidates if torch.equal(kv_scale_from_modelopt(fmt, c), scale)), guess)
+
+
+def kv_scale_from_modelopt(fmt: str, scale: torch.Tensor) -> torch.Tensor:
+    """ModelOpt's `k_scale`/`v_scale` (amax / 448) -> our per-layer KV scale, as a runtime forms it (NVFP4: / 6)."""
+    scale = scale.float().reshape(())
+    return scale / E2M1_MAX if fmt == "nvfp4" else scale
 
 
 @cache

@@ -32,7 +32,7 @@ from optiserve.kernels.int8 import Int8Tensor
 from optiserve.kernels.nvfp4 import NVFP4Tensor
 
 from .config import ModelConfig, ModelLoadError
-from .kv_quant import KVFormat
+from .kv_quant import KVFormat, kv_scale_from_modelopt
 from .model import Transformer
 from .quant import FORMATS, PackedWeight, QuantLinear
 from .weights import load_model, read_state_dict, rope_row_perm
@@ -44,8 +44,6 @@ QUANT_ALGOS = {"fp8": "FP8", "nvfp4": "NVFP4", "nvfp4-w4a16": "W4A16_NVFP4", "in
 KV_ALGOS = {"fp8": "FP8", "nvfp4": "NVFP4"}  # `kv_cache_quant_algo` (_compute_kv_cache_dtype)
 GROUP_SIZES = {"nvfp4": NVFP4_BLOCK_SIZE, "nvfp4-w4a16": NVFP4_BLOCK_SIZE, "int4": INT4_GROUP_SIZE}
 KV_MEANS_FILE = "optiserve_kv_means.json"  # beside an export with an NVFP4 KV cache; other runtimes ignore it
-KV_MAX_BOUND = 448.0  # ModelOpt: "kv cache scale as amax / 448 for both FP8 and NVFP4"
-NVFP4_E2M1_MAX = 6.0
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj")
 MLP_PROJ = ("gate_proj", "up_proj")
 
@@ -145,27 +143,6 @@ def tensors_to_packed(fmt: str, t: dict[str, torch.Tensor], in_features: int, dt
 def _expect(t: torch.Tensor, dtype: torch.dtype, what: str) -> None:
     if t.dtype != dtype:
         raise ModelLoadError(f"ModelOpt checkpoint: {what} is {t.dtype}, expected {dtype}")
-
-
-def kv_scale_to_modelopt(fmt: str, scale: torch.Tensor) -> torch.Tensor:
-    """Our per-layer KV scale -> ModelOpt's amax / 448 (for NVFP4 ours is amax / (6 * 448): pick the fp32 multiple
-    of 6 that divides back to exactly our value when one exists, so a round trip is bit-exact)."""
-    scale = scale.float().reshape(())
-    if fmt != "nvfp4":
-        return scale.clone()
-    guess = scale * NVFP4_E2M1_MAX
-    candidates = [guess]
-    for direction in (torch.tensor(float("inf")), torch.tensor(0.0)):
-        c = guess
-        for _ in range(4):
-            c = torch.nextafter(c, direction)
-            candidates.append(c)
-    return next((c for c in candidates if torch.equal(kv_scale_from_modelopt(fmt, c), scale)), guess)
-
-
-def kv_scale_from_modelopt(fmt: str, scale: torch.Tensor) -> torch.Tensor:
-    scale = scale.float().reshape(())
-    return scale / NVFP4_E2M1_MAX if fmt == "nvfp4" else scale
 
 
 # ----------------------------------------------------------------------------------------------- loading ---

@@ -34,11 +34,15 @@ def int4_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(scale == 0, torch.full_like(scale, ZERO_AMAX_SCALE), scale)
 
 
+def int4_groups(w: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> torch.Tensor:
+    """w [N, K] -> its groups [N, ceil(K / group_size), group_size] along K, the last zero-padded (as stored)."""
+    pad = -w.shape[-1] % group_size
+    return (F.pad(w, (0, pad)) if pad else w).reshape(w.shape[0], -1, group_size)
+
+
 def int4_group_scale(w: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> torch.Tensor:
     """w [N, K] -> fp32 scales [N, ceil(K / group_size)] = amax_group / 7 (zero-padded last group; 0 -> 1.0)."""
-    pad = -w.shape[-1] % group_size
-    wp = F.pad(w, (0, pad)) if pad else w
-    return int4_scale_from_amax(wp.reshape(w.shape[0], -1, group_size).abs().amax(dim=-1))
+    return int4_scale_from_amax(int4_groups(w, group_size).abs().amax(dim=-1))
 
 
 # ---------------------------------------------------------------------------------------------- torch reference ---

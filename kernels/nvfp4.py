@@ -74,18 +74,32 @@ def e2m1_decode_reference(codes: torch.Tensor) -> torch.Tensor:
     return table[codes.long()]
 
 
-def quantize_nvfp4_reference(x: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x[..., K] -> (qdata uint8 [..., Kp/2], block scales float8_e4m3fn [..., Kp/16]), Kp = K rounded up to 16."""
+def nvfp4_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] -> its 16-element blocks [..., nb, 16], the last zero-padded."""
     pad = -x.shape[-1] % NVFP4_BLOCK_SIZE
     xp = F.pad(x, (0, pad)) if pad else x
-    blocks = xp.reshape(*xp.shape[:-1], -1, NVFP4_BLOCK_SIZE)  # [..., nb, 16]
-    amax = blocks.abs().amax(dim=-1).float()  # [..., nb]
-    scale = amax / (E2M1_MAX * s2)
-    scale = torch.where(scale == 0, torch.full_like(scale, ZERO_AMAX_SCALE), scale)
-    scale = scale.clamp(min=NVFP4_SCALE_MIN, max=NVFP4_SCALE_MAX).to(torch.float8_e4m3fn)
+    return xp.reshape(*xp.shape[:-1], -1, NVFP4_BLOCK_SIZE)
+
+
+def nvfp4_block_scale(raw: torch.Tensor) -> torch.Tensor:
+    """Block scales amax_block / (6 * s2) (or a multiple) -> the FP8 E4M3 scales stored: a zero scale (all-zero
+    block) becomes 1.0, then clamped to [2^-9, 448] and cast (ModelOpt's rule; `encode_block_pairs` in Triton)."""
+    raw = torch.where(raw == 0, torch.full_like(raw, ZERO_AMAX_SCALE), raw)
+    return raw.clamp(min=NVFP4_SCALE_MIN, max=NVFP4_SCALE_MAX).to(torch.float8_e4m3fn)
+
+
+def pack_e2m1_pairs(codes: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes [..., Kp] -> bytes [..., Kp/2], the even element in the low nibble."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def quantize_nvfp4_reference(x: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x[..., K] -> (qdata uint8 [..., Kp/2], block scales float8_e4m3fn [..., Kp/16]), Kp = K rounded up to 16."""
+    blocks = nvfp4_blocks(x)  # [..., nb, 16]
+    scale = nvfp4_block_scale(blocks.abs().amax(dim=-1).float() / (E2M1_MAX * s2))  # [..., nb]
     scaled = blocks / (scale.float() * s2).unsqueeze(-1)  # fp32 [..., nb, 16]
-    codes = e2m1_encode_reference(scaled).reshape(xp.shape)  # [..., Kp]
-    return codes[..., 0::2] | (codes[..., 1::2] << 4), scale
+    codes = e2m1_encode_reference(scaled).flatten(-2)  # [..., Kp]
+    return pack_e2m1_pairs(codes), scale
 
 
 def dequantize_nvfp4_reference(qdata: torch.Tensor, scale: torch.Tensor, s2: torch.Tensor, k: int,
@@ -131,21 +145,32 @@ def load_block_pairs(x_ptr, g, gmask, nb, K):
 
 
 @triton.jit
+def amax_block_scale(xe, xo, s2):
+    """The standard block scale amax_block / (6 * s2) [BLOCKS] of blocks given as their even/odd pairs."""
+    amax = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
+    return tl.math.div_rn(amax, 6.0 * s2)
+
+
+@triton.jit
+def encode_block_pairs(xe, xo, raw_scale, s2):
+    """Encode blocks (even/odd pairs [BLOCKS, 8]) under block scales `raw_scale` [BLOCKS] as `nvfp4_block_scale`
+    stores them: (FP8 bits [BLOCKS], step = decoded scale * s2 [BLOCKS, 1], even codes, odd codes [BLOCKS, 8])."""
+    bscale = tl.where(raw_scale == 0.0, 1.0, raw_scale)
+    sbits = e4m3_encode(clamp_keep_nan(bscale, 0.001953125, 448.0))
+    step = (e4m3_decode(sbits) * s2)[:, None]
+    return sbits, step, e2m1_encode(tl.math.div_rn(xe, step)), e2m1_encode(tl.math.div_rn(xo, step))
+
+
+@triton.jit
 def _nvfp4_quantize_kernel(x_ptr, q_ptr, s_ptr, s2_ptr, n_blocks, nb, K, BLOCKS: tl.constexpr):
     # x: [R, K] contiguous; q: [R, nb * 8] uint8; s: [R, nb] E4M3 bits; block g = row * nb + blk
     g = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)  # [BLOCKS]
     gmask = g < n_blocks
     j = tl.arange(0, 8)  # pair index inside a block
     xe, xo = load_block_pairs(x_ptr, g, gmask, nb, K)
-    amax = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))  # [BLOCKS]
     s2 = tl.load(s2_ptr)
-    bscale = tl.math.div_rn(amax, 6.0 * s2)
-    bscale = tl.where(bscale == 0.0, 1.0, bscale)
-    sbits = e4m3_encode(clamp_keep_nan(bscale, 0.001953125, 448.0))
+    sbits, _, ce, co = encode_block_pairs(xe, xo, amax_block_scale(xe, xo, s2), s2)
     tl.store(s_ptr + g, sbits, mask=gmask)
-    denom = (e4m3_decode(sbits) * s2)[:, None]
-    ce = e2m1_encode(tl.math.div_rn(xe, denom))
-    co = e2m1_encode(tl.math.div_rn(xo, denom))
     tl.store(q_ptr + g.to(tl.int64)[:, None] * 8 + j[None, :], (ce | (co << 4)).to(tl.uint8), mask=gmask[:, None])
 
 

@@ -14,27 +14,23 @@ of their 16-term sums (the two sum in different orders): then either encoding is
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import check_float_input, clamp_keep_nan, e4m3_decode, e4m3_encode, scalar_scale, use_triton
-from .formats import (
-    E2M1_MAX,
-    NVFP4_BLOCK_SIZE,
-    NVFP4_KV_SCALE_FACTORS,
-    NVFP4_SCALE_MAX,
-    NVFP4_SCALE_MIN,
-    ZERO_AMAX_SCALE,
-)
+from .common import check_float_input, scalar_scale, use_triton
+from .formats import E2M1_MAX, NVFP4_BLOCK_SIZE, NVFP4_KV_SCALE_FACTORS
 from .nvfp4 import (
     BLOCKS_PER_PROGRAM,
     NVFP4Tensor,
+    amax_block_scale,
     e2m1_decode,
     e2m1_decode_reference,
-    e2m1_encode,
     e2m1_encode_reference,
+    encode_block_pairs,
     load_block_pairs,
+    nvfp4_block_scale,
+    nvfp4_blocks,
+    pack_e2m1_pairs,
 )
 
 
@@ -42,12 +38,9 @@ from .nvfp4 import (
 def quantize_nvfp4_kv_reference(x: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x[..., K] -> (qdata uint8 [..., Kp/2], block scales float8_e4m3fn [..., Kp/16]) with searched block scales.
     All candidates at once (a decode step writes a few tiny tensors per layer: one pass, not ten, is what costs)."""
-    pad = -x.shape[-1] % NVFP4_BLOCK_SIZE
-    blocks = (F.pad(x, (0, pad)) if pad else x).float().reshape(*x.shape[:-1], -1, 1, NVFP4_BLOCK_SIZE)
+    blocks = nvfp4_blocks(x.float()).unsqueeze(-2)  # [..., nb, 1, 16]
     factors = torch.tensor(NVFP4_KV_SCALE_FACTORS, device=x.device)  # [F]
-    scale = blocks.abs().amax(dim=-1) / (E2M1_MAX * s2) * factors  # [..., nb, F]
-    scale = torch.where(scale == 0, torch.full_like(scale, ZERO_AMAX_SCALE), scale)
-    scale = scale.clamp(min=NVFP4_SCALE_MIN, max=NVFP4_SCALE_MAX).to(torch.float8_e4m3fn)
+    scale = nvfp4_block_scale(blocks.abs().amax(dim=-1) / (E2M1_MAX * s2) * factors)  # [..., nb, F]
     step = (scale.float() * s2).unsqueeze(-1)  # [..., nb, F, 1]
     codes = e2m1_encode_reference(blocks / step)  # [..., nb, F, 16]
     d = e2m1_decode_reference(codes) * step - blocks
@@ -55,8 +48,7 @@ def quantize_nvfp4_kv_reference(x: torch.Tensor, s2: torch.Tensor) -> tuple[torc
     best = err.argmin(dim=-1, keepdim=True)  # the first of equal errors, so f = 1.0 wins a tie
     codes = codes.gather(-2, best.unsqueeze(-1).expand(*best.shape, NVFP4_BLOCK_SIZE))  # [..., nb, 1, 16]
     best_scale = scale.view(torch.uint8).gather(-1, best).squeeze(-1).view(torch.float8_e4m3fn)  # [..., nb]
-    codes = codes.reshape(*x.shape[:-1], -1)  # [..., Kp]
-    return codes[..., 0::2] | (codes[..., 1::2] << 4), best_scale
+    return pack_e2m1_pairs(codes.reshape(*x.shape[:-1], -1)), best_scale  # codes [..., Kp]
 
 
 # ----------------------------------------------------------------------------------------------------- Triton ---
@@ -68,16 +60,10 @@ def _nvfp4_kv_quantize_kernel(x_ptr, q_ptr, s_ptr, s2_ptr, f_ptr, n_blocks, nb, 
     gmask = g < n_blocks
     j = tl.arange(0, 8)  # pair index inside a block
     xe, xo = load_block_pairs(x_ptr, g, gmask, nb, K)
-    amax = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))  # [BLOCKS]
     s2 = tl.load(s2_ptr)
-    base = tl.math.div_rn(amax, 6.0 * s2)
+    base = amax_block_scale(xe, xo, s2)  # [BLOCKS]
     for i in tl.static_range(N_FACTORS):
-        bscale = base * tl.load(f_ptr + i)
-        bscale = tl.where(bscale == 0.0, 1.0, bscale)
-        sbits = e4m3_encode(clamp_keep_nan(bscale, 0.001953125, 448.0))
-        step = (e4m3_decode(sbits) * s2)[:, None]
-        ce = e2m1_encode(tl.math.div_rn(xe, step))
-        co = e2m1_encode(tl.math.div_rn(xo, step))
+        sbits, step, ce, co = encode_block_pairs(xe, xo, base * tl.load(f_ptr + i), s2)
         de = e2m1_decode(ce) * step - xe
         do = e2m1_decode(co) * step - xo
         err = tl.sum(de * de + do * do, axis=1)  # [BLOCKS]

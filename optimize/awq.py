@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from optiserve.kernels.formats import INT4_GROUP_SIZE, INT4_MAX, INT4_MIN
-from optiserve.kernels.int4 import int4_scale_from_amax
+from optiserve.kernels.int4 import int4_groups, int4_scale_from_amax
 
 from .calibrate import InputStats
 
@@ -37,20 +37,15 @@ class AWQResult:
     group_amax: torch.Tensor  # [out, G] (clipped) amax of each group of W * s; the INT4 scale is amax / 7
 
 
-def grouped(w: torch.Tensor) -> torch.Tensor:
-    """w [out, in] -> [out, G, 128], the last group zero-padded (as the INT4 format pads it)."""
-    return F.pad(w, (0, -w.shape[1] % INT4_GROUP_SIZE)).view(w.shape[0], -1, INT4_GROUP_SIZE)
-
-
 def group_amax(w: torch.Tensor) -> torch.Tensor:
     """Per-group abs max [out, G] of w [out, in]."""
-    return grouped(w).abs().amax(-1)
+    return int4_groups(w).abs().amax(-1)
 
 
 def fake_int4(w: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     """w [out, in] through INT4 with group scales amax [out, G] / 7: the values `Int4Tensor` would dequantize to."""
     scale = int4_scale_from_amax(amax)[..., None]  # [out, G, 1]
-    q = (grouped(w) / scale).round().clamp(INT4_MIN, INT4_MAX) * scale
+    q = (int4_groups(w) / scale).round().clamp(INT4_MIN, INT4_MAX) * scale
     return q.flatten(1)[:, : w.shape[1]]
 
 
@@ -66,7 +61,7 @@ def output_error(w_err: torch.Tensor, h: torch.Tensor) -> float:
 
 def mean_group_normalised_weight(w: torch.Tensor) -> torch.Tensor:
     """AWQ's weight statistic [in]: |w| divided by its group amax, averaged over the output rows."""
-    g = grouped(w.abs())
+    g = int4_groups(w.abs())
     return (g / g.amax(-1, keepdim=True).clamp_min(EPS)).flatten(1)[:, : w.shape[1]].mean(0)
 
 
@@ -100,7 +95,7 @@ def group_blocks(h: torch.Tensor, groups: int) -> torch.Tensor:
 
 def group_errors(w: torch.Tensor, amax: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """Per group, the error [out, G] of its own output contribution when w [out, in] is quantized with amax."""
-    d = (grouped(fake_int4(w, amax)) - grouped(w)).transpose(0, 1)  # [G, out, 128]
+    d = (int4_groups(fake_int4(w, amax)) - int4_groups(w)).transpose(0, 1)  # [G, out, 128]
     return (torch.bmm(d, blocks) * d).sum(-1).t()
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from optiserve.engine.config import ModelConfig
-from optiserve.engine.kv_quant import KVFormat
+from optiserve.engine.kv_quant import KVFormat, kv_scale_to_modelopt
 from optiserve.engine.quant import FORMATS, QuantLinear
 from optiserve.engine.quantized_checkpoint import (
     ATTN_PROJ,
@@ -27,7 +27,6 @@ from optiserve.engine.quantized_checkpoint import (
     KV_MEANS_FILE,
     MLP_PROJ,
     QUANT_ALGOS,
-    kv_scale_to_modelopt,
     packed_to_tensors,
     permute_rows,
 )

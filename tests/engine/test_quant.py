@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from optiserve.engine.kv_cache import CacheShape, KVCache
-from optiserve.engine.kv_quant import KVFormat, hadamard, kv_scale_for
+from optiserve.engine.kv_quant import KVFormat, hadamard, kv_scale_for, kv_scale_from_modelopt, kv_scale_to_modelopt
 from optiserve.engine.quant import QuantLinear, quantize_weight
-from optiserve.engine.quantized_checkpoint import kv_scale_from_modelopt, kv_scale_to_modelopt
 from optiserve.kernels.fp8 import FP8Tensor
 from optiserve.kernels.nvfp4 import NVFP4Tensor
 from optiserve.kernels.nvfp4_kv import quantize_nvfp4_kv

@@ -6,12 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optiserve.kernels.int4 import Int4Tensor, int4_group_scale, int4_scale_from_amax, unpack_int4_reference
+from optiserve.kernels.int4 import (
+    Int4Tensor,
+    int4_group_scale,
+    int4_groups,
+    int4_scale_from_amax,
+    unpack_int4_reference,
+)
 from optiserve.optimize.awq import (
     awq,
     fake_int4,
     group_amax,
-    grouped,
     input_gram,
     search_alpha,
     search_clip,
@@ -33,8 +38,8 @@ def stats(engine):
 
 def group_errors(x: torch.Tensor, w: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """Per (output row, group) mean squared output contribution error [out, G] over the rows x [R, in]."""
-    xg = grouped(x)  # [R, G, 128]
-    d = grouped(w_q - w)  # [out, G, 128]
+    xg = int4_groups(x)  # [R, G, 128]
+    d = int4_groups(w_q - w)  # [out, G, 128]
     return torch.einsum("rgk,ogk->rog", xg.double(), d.double()).pow(2).mean(0)
 
 
