@@ -2,16 +2,22 @@
 
 Bounded: a fixed number of examples per operation and generations kept short (a small context and
 `max_tokens` capped), so the run takes a minute or two on the CPU.
+
+Cases come from schemathesis's Hypothesis strategies driven by a plain `@given`, one subtest per
+operation, rather than its pytest plugin (`schemathesis.pytest.from_fixture` rewrites pytest's private
+node ids and breaks with pytest releases).
 """
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from schemathesis.core.result import Ok
 
 from tests.conftest import ServerProcess
 
 MAX_EXAMPLES = 25
 MAX_TOKENS_CAP = 4
+MODEL = "SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="module")
@@ -21,28 +27,34 @@ def fuzz_server(tmp_path_factory):
     proc.stop()
 
 
-@pytest.fixture(scope="module")
-def api_schema(fuzz_server):
-    return schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
-
-
-schema = schemathesis.pytest.from_fixture("api_schema")
-
-
 def steer_body(body) -> None:
     """Name the served model (else nearly every case stops at a 404) and cap generation length."""
     if isinstance(body, dict):
-        body["model"] = "SmolLM2-135M-Instruct"
+        body["model"] = MODEL
         for key in ("max_tokens", "max_completion_tokens"):
             if isinstance(body.get(key), int) and body[key] > MAX_TOKENS_CAP:
                 body[key] = MAX_TOKENS_CAP
         body.setdefault("max_tokens", MAX_TOKENS_CAP)
 
 
-@schema.parametrize()
-@settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-def test_no_server_errors(case, fuzz_server):
-    steer_body(case.body)
-    response = case.call(base_url=fuzz_server.url, timeout=60)
-    assert response.status_code < 500, f"{case.method} {case.path} {case.body!r} -> {response.status_code}"
-    assert fuzz_server.proc.poll() is None, "the server died"
+def fuzz_operation(operation, server: ServerProcess) -> None:
+    """Call one operation with MAX_EXAMPLES generated cases; every answer must be < 500 and the server alive."""
+
+    @given(case=operation.as_strategy())
+    @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def call(case):
+        steer_body(case.body)
+        response = case.call(base_url=server.url, timeout=60)
+        assert response.status_code < 500, f"{case.method} {case.path} {case.body!r} -> {response.status_code}"
+        assert server.proc.poll() is None, "the server died"
+
+    call()
+
+
+def test_no_server_errors(fuzz_server, subtests):
+    schema = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations() if isinstance(result, Ok)]
+    assert len(operations) >= 4, "the schema lost its operations"
+    for operation in operations:
+        with subtests.test(operation=operation.label):
+            fuzz_operation(operation, fuzz_server)
