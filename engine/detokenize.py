@@ -18,11 +18,11 @@ def finish_reason_for_token(seq: Sequence, token: int, eos_ids: set[int], max_le
 
 
 def update_text(seq: Sequence, tokenizer, token_finish: str | None) -> None:
-    """Re-decode the generated tokens, apply stop strings, and set `seq.finish_reason` when done."""
+    """Decode the newly generated tokens, apply stop strings, and set `seq.finish_reason` when done."""
     ids = seq.generated_ids
     if token_finish == "stop":
         ids = ids[:-1]  # the EOS / stop token itself is not part of the text
-    text = tokenizer.decode(ids, skip_special_tokens=True)
+    text = seq.text + new_text(seq, ids, tokenizer, final=token_finish is not None)
     stops = seq.params.stop
     if stops:
         # Only the new tail can contain a new match; start a little before the text we had.
@@ -32,6 +32,20 @@ def update_text(seq: Sequence, tokenizer, token_finish: str | None) -> None:
             text, token_finish = text[: min(hits)], "stop"
     seq.text = text
     seq.finish_reason = token_finish
+
+
+def new_text(seq: Sequence, ids: list[int], tokenizer, final: bool) -> str:
+    """The text `ids` add after what `seq.text` holds, decoding only a short window (as vLLM does) instead of every
+    generated token each step. The window starts a few tokens back, at a point where the text was complete, so
+    context-dependent decoding (a SentencePiece leading space) comes out as a full decode would. While the window
+    ends mid-character (U+FFFD) nothing is added, unless the sequence is finishing."""
+    window = ids[seq.text_prefix_offset :]
+    prefix = tokenizer.decode(ids[seq.text_prefix_offset : seq.text_read_offset], skip_special_tokens=True)
+    full = tokenizer.decode(window, skip_special_tokens=True)
+    if len(full) <= len(prefix) or (full.endswith(REPLACEMENT_CHAR) and not final):
+        return ""
+    seq.text_prefix_offset, seq.text_read_offset = seq.text_read_offset, len(ids)
+    return full[len(prefix) :]
 
 
 def text_delta(seq: Sequence) -> str:

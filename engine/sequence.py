@@ -123,6 +123,10 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     slot: int = -1
     text: str = ""
+    # Incremental detokenization window over generated ids: text from [text_prefix_offset, text_read_offset) is
+    # already in `text` and decodes only as context for the ids after it.
+    text_prefix_offset: int = 0
+    text_read_offset: int = 0
     sent_text_len: int = 0
     sent_tokens: int = 0
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
