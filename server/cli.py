@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--api-key", default=os.environ.get("OPTISERVE_API_KEY"))
     load.add_argument("--swaps", default="", help="comma-separated quant[:kv] formats to swap to during the run")
     load.add_argument("--admin-token", default=os.environ.get("OPTISERVE_ADMIN_TOKEN"))
+    load.add_argument("--bad-fraction", type=float, default=0.0, help="share of invalid requests (each must get 4xx)")
+    load.add_argument("--disconnect-fraction", type=float, default=0.0, help="share of streams dropped mid-way")
+    load.add_argument("--seed", type=int, default=0, help="seeds the mix of good, bad and dropped requests")
     load.add_argument("--json", default=None, help="write the results to this file")
     from .cli_optimize import add_optimize_commands  # qat, qad, prune, distill
 
@@ -189,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
             from .load_bench import LoadConfig, bench_load, load_prompts
 
             cfg = LoadConfig(args.url, args.model, args.concurrency, args.duration, args.max_tokens, args.api_key,
-                             load_prompts(args.prompts), [s for s in args.swaps.split(",") if s], args.admin_token)
+                             load_prompts(args.prompts), [s for s in args.swaps.split(",") if s], args.admin_token,
+                             args.bad_fraction, args.disconnect_fraction, args.seed)
             bench_load(cfg, args.json)
         else:
             from .cli_optimize import run_optimize_command

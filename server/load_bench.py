@@ -2,18 +2,23 @@
 
 Half the clients stream (TTFT measured at the first content chunk), half do not; every request is a chat
 completion with a prompt from a small built-in list or `--prompts` (jsonl with `instruction`, or one per line).
+A soak run mixes in invalid requests (`--bad-fraction`) and clients that hang up mid-stream
+(`--disconnect-fraction`), see `load_mix.py`; good requests are still expected to succeed, every time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+
+from .load_mix import BAD_BODIES, MixSample, bad_request, disconnect_mid_stream, gauges_when_idle, summarize_mix
 
 DEFAULT_PROMPTS = [
     "What is the capital of France?",
@@ -36,10 +41,16 @@ class LoadConfig:
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     swaps: list[str] = field(default_factory=list)  # "quant[:kv]" formats to switch to, spread over the run
     admin_token: str | None = None
+    bad_fraction: float = 0.0  # share of requests sent invalid on purpose (each must get a 4xx)
+    disconnect_fraction: float = 0.0  # share of requests that hang up mid-stream
+    seed: int = 0  # the mix of good, bad and dropped requests repeats for a seed
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.duration_s <= 0 or self.max_tokens < 1:
             raise ValueError("concurrency, duration and max_tokens must be positive")
+        if not (self.bad_fraction >= 0 and self.disconnect_fraction >= 0 and self.bad_fraction
+                + self.disconnect_fraction <= 1):
+            raise ValueError("bad and disconnect fractions must be >= 0 and add up to at most 1")
 
 
 @dataclass
@@ -118,21 +129,43 @@ async def run_load(cfg: LoadConfig) -> dict:
     """Run the load and return a summary (requests/s, tokens/s, TTFT and latency percentiles, failures)."""
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     samples: list[Sample] = []
+    mix: list[MixSample] = []
     async with httpx.AsyncClient(base_url=cfg.url, headers=headers, timeout=600) as client:
         if cfg.model is None:
             cfg.model = (await client.get("/v1/models")).json()["data"][0]["id"]
         start = time.perf_counter()
 
         async def worker(i: int) -> None:
-            n = 0
+            rng, n = random.Random(cfg.seed * 1_000_003 + i), 0
             while time.perf_counter() - start < cfg.duration_s:
-                prompt = cfg.prompts[(i + n) % len(cfg.prompts)]
-                samples.append(await one_request(client, cfg, prompt, stream=(i + n) % 2 == 0))
+                prompt, draw = cfg.prompts[(i + n) % len(cfg.prompts)], rng.random()
+                if draw < cfg.bad_fraction:
+                    mix.append(await bad_request(client, cfg.model, rng.choice(sorted(BAD_BODIES))))
+                elif draw < cfg.bad_fraction + cfg.disconnect_fraction:
+                    mix.append(await disconnect_mid_stream(client, cfg.model, prompt, rng.randint(1, 8)))
+                else:
+                    samples.append(await one_request(client, cfg, prompt, stream=(i + n) % 2 == 0))
                 n += 1
 
-        swaps, *_ = await asyncio.gather(run_swaps(client, cfg, start), *(worker(i) for i in range(cfg.concurrency)))
+        swaps, *_ = await asyncio.gather(run_swaps(client, cfg, start), report_progress(cfg, start, samples, mix),
+                                         *(worker(i) for i in range(cfg.concurrency)))
         elapsed = time.perf_counter() - start
+        gauges = await gauges_when_idle(client)
         rss_end = await resident_bytes(client)
+    return summarize(cfg, samples, mix, swaps, elapsed, gauges, rss_end)
+
+
+async def report_progress(cfg: LoadConfig, start: float, samples: list[Sample], mix: list[MixSample]) -> None:
+    """A line every 10 s, so a long soak shows it is alive."""
+    while (elapsed := time.perf_counter() - start) < cfg.duration_s - 10:
+        await asyncio.sleep(10)
+        failed = sum(not s.ok for s in samples)
+        print(f"[{elapsed + 10:.0f}/{cfg.duration_s:.0f}s] {len(samples)} requests ({failed} failed), "
+              f"{len(mix)} bad or dropped", flush=True)
+
+
+def summarize(cfg: LoadConfig, samples: list[Sample], mix: list[MixSample], swaps: list[dict], elapsed: float,
+              gauges: dict[str, float], rss_end: float | None) -> dict:
     ok = [s for s in samples if s.ok]
     failures: dict[str, int] = {}
     for s in samples:
@@ -146,6 +179,7 @@ async def run_load(cfg: LoadConfig) -> dict:
         "requests_per_s": len(ok) / elapsed, "output_tokens_per_s": sum(s.tokens for s in ok) / elapsed,
         "ttft_s": percentiles([s.ttft_s for s in ok if s.ttft_s is not None]),
         "latency_s": percentiles([s.latency_s for s in ok]),
+        "mix": summarize_mix(mix), "gauges_at_end": gauges,
     }
 
 
@@ -160,6 +194,10 @@ def bench_load(cfg: LoadConfig, json_path: str | None = None) -> dict:
           f"p99 {fmt(lat['p99'])}, failures {result['failures'] or 0}")
     for swap in result["swaps"]:
         print(f"swap to {swap['format']}: HTTP {swap['status']} in {swap['swap_seconds']}s, RSS {swap['rss_after']}")
+    mix = result["mix"]
+    if mix["bad_requests"] or mix["disconnects"]:
+        print(f"{mix['bad_requests']} bad requests ({mix['bad_not_4xx']} not answered 4xx), "
+              f"{mix['disconnects']} mid-stream disconnects; gauges at the end: {result['gauges_at_end']}")
     if result["rss_growth_after_first_swap"] is not None:
         print(f"RSS at the end vs after the first swap: {result['rss_growth_after_first_swap']:+.1%}")
     if json_path:

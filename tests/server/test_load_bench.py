@@ -14,3 +14,21 @@ def test_bench_load_reports_no_failures(server, tmp_path):
     result = json.loads(out.read_text())
     assert result["succeeded"] >= 4 and result["failures"] == {}
     assert result["ttft_s"]["p50"] is not None and result["output_tokens_per_s"] > 0
+
+
+def test_soak_mix_bad_requests_get_4xx_and_good_ones_all_succeed(server, tmp_path):
+    """Every kind of invalid request and mid-stream hang-ups, mixed into good traffic: good requests all succeed,
+    each bad one gets a 4xx, and the engine's gauges return to 0."""
+    out = tmp_path / "soak.json"
+    cmd = [sys.executable, "-m", "optiserve.server.cli", "bench", "load", "--url", server, "--concurrency", "6",
+           "--duration", "8", "--max-tokens", "8", "--bad-fraction", "0.4", "--disconnect-fraction", "0.2",
+           "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    mix = result["mix"]
+    assert result["succeeded"] >= 3 and result["failures"] == {}, result
+    assert mix["bad_requests"] >= 5 and mix["bad_not_4xx"] == 0, mix
+    assert mix["disconnects"] >= 1
+    assert result["gauges_at_end"] == {"num_requests_running": 0, "num_requests_waiting": 0,
+                                       "kv_cache_usage_perc": 0}, result["gauges_at_end"]
