@@ -93,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--disconnect-fraction", type=float, default=0.0, help="share of streams dropped mid-way")
     load.add_argument("--seed", type=int, default=0, help="seeds the mix of good, bad and dropped requests")
     load.add_argument("--json", default=None, help="write the results to this file")
+    sb = bench_sub.add_parser("serve", help="start a server, stream greedy chats at each concurrency (TTFT, ITL, "
+                              "tok/s), then the engine alone on the same requests")
+    sb.add_argument("--concurrency", default="1,8", help="comma-separated concurrency levels")
+    sb.add_argument("--requests", type=int, default=0, help="requests per level (default: 2x concurrency, >= 4)")
+    sb.add_argument("--max-tokens", type=int, default=64)
+    sb.add_argument("--prompt-tokens", type=int, default=0, help="pad each prompt to about N tokens (0: as is)")
+    sb.add_argument("--shared-prefix-tokens", type=int, default=0, help="a system prompt shared by every request")
+    sb.add_argument("--no-engine", action="store_true", help="skip the in-process engine comparison")
+    sb.add_argument("--json", default=None, help="write the results to this file")
+    sb.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: arguments for `optiserve serve`")
     from .cli_optimize import add_optimize_commands  # qat, qad, prune, distill
 
     add_optimize_commands(sub)
@@ -164,6 +174,33 @@ def run_bench_spec(args: argparse.Namespace) -> None:
     bench_spec(engines[0], engines[1], prompts, args.max_tokens, label, args.json)
 
 
+def run_bench_serve(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from optiserve.engine.bench import load_instructions
+    from optiserve.engine.llm_engine import LLMEngine
+    from optiserve.engine.weights import resolve_model_dir
+
+    from .cli_quant import apply_quant, quant_request
+    from .serve_bench import ServeBenchConfig, bench_serve
+
+    serve_cli = [a for a in args.serve_args if a != "--"]
+    serve_args = build_parser().parse_args(["serve", *serve_cli])
+    levels = [int(c) for c in args.concurrency.split(",") if c]
+    cfg = ServeBenchConfig(levels, args.requests, args.max_tokens, args.prompt_tokens, args.shared_prefix_tokens,
+                           serve_cli)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(serve_args.model))
+
+    def make_engine() -> LLMEngine:
+        engine = LLMEngine(engine_config(serve_args, max_batch=1, max_model_len=serve_args.max_model_len))
+        apply_quant(engine, quant_request(serve_args))
+        return engine
+
+    count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    bench_serve(cfg, load_instructions(max(cfg.requests_at(c) for c in levels)), count,
+                None if args.no_engine else make_engine, args.json)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -188,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
                                    max_answer_tokens=args.max_answer_tokens, max_prompts=args.max_prompts,
                                    text_tokens=args.text_tokens)
             train_draft(args.model, args.data, args.output, cfg)
+        elif args.command == "bench" and args.bench_command == "serve":
+            run_bench_serve(args)
         elif args.command == "bench" and args.bench_command == "load":
             from .load_bench import LoadConfig, bench_load, load_prompts
 

@@ -32,3 +32,18 @@ def test_soak_mix_bad_requests_get_4xx_and_good_ones_all_succeed(server, tmp_pat
     assert mix["disconnects"] >= 1
     assert result["gauges_at_end"] == {"num_requests_running": 0, "num_requests_waiting": 0,
                                        "kv_cache_usage_perc": 0}, result["gauges_at_end"]
+
+
+def test_bench_serve_reports_http_beside_the_engine(tmp_path):
+    """`bench serve` starts its own server, streams at two concurrencies, then times the engine on the same
+    requests: every figure comes back, and each streamed answer has exactly max_tokens tokens (ignore_eos)."""
+    out = tmp_path / "serve.json"
+    cmd = [sys.executable, "-m", "optiserve.server.cli", "bench", "serve", "--concurrency", "1,2", "--requests", "2",
+           "--max-tokens", "8", "--prompt-tokens", "64", "--json", str(out), "--", "--max-model-len", "256"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [lvl["concurrency"] for lvl in result["levels"]] == [1, 2]
+    for lvl in result["levels"]:
+        assert lvl["requests"] == 2 and lvl["output_tok_s"] > 0 and lvl["ttft_s"]["p50"] > 0
+    assert result["engine_decode_tok_s_median"] > 0 and result["http_vs_engine"] > 0
