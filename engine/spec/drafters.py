@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import cpu_kernels
+from .. import ops
 from ..kv_cache import CacheShape, KVCache
 from ..runner import mask_unless_kernel
 from ..sequence import Sequence
@@ -61,7 +61,7 @@ class EagleDrafter:
         self.caches = (self.cache,)
         self.group = c.num_heads // c.num_kv_heads
         # As in the target's runner: one-token steps need no mask when the decode-attention kernel bounds each row.
-        self.unmasked_decode = cpu_kernels.decode_attention_available(dtype, head.fc.weight_t.device)
+        self.unmasked_decode = ops.decode_attention_available(dtype, head.fc.weight_t.device)
 
     def on_prefill(self, seq: Sequence, features: torch.Tensor | None) -> None:
         """After the target read the prompt (features [S, 3H]): nothing drafted from them yet."""
