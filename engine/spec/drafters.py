@@ -93,8 +93,8 @@ class EagleDrafter:
             d, q = self._pick(self.head.logits(h[:, 0]), seqs)
             drafted.append(d)
             probs.append(q)
-            if j + 1 < self.k:
-                h = self._run(d.unsqueeze(1), h, (ends + j).unsqueeze(1))
+            if j + 1 < self.k:  # the head embeds target ids, as in training: map the draft id back
+                h = self._run(self.head.d2t[d].unsqueeze(1), h, (ends + j).unsqueeze(1))
         target_ids = self.head.d2t[torch.stack(drafted, dim=1)].tolist()  # [B, k]
         return [Proposal(ids, None if probs[0][b] is None else torch.stack([q[b] for q in probs]))
                 for b, ids in enumerate(target_ids)]
