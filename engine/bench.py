@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import cpu_kernels
+from . import ops
 from .config import EngineConfig, SamplingParams
 from .llm_engine import LLMEngine, run_to_completion
 from .quant import weight_bytes
@@ -154,7 +154,7 @@ def bench_decode(
     ref = summarize(time_hf(hf, pad_id, prompts, tokens), batch, nbytes)
     result = {
         "model": engine.served_name, "dtype": dtype, "batch": batch, "tokens": tokens, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "cpu_kernels": cpu_kernels.load() is not None,
+        "threads": torch.get_num_threads(), "cpu_kernels": ops.load() is not None,
         "prompt_lens": [len(p) for p in prompts], "weight_bytes": nbytes,
         "ours": ours, "hf": ref, "speedup": ours["tok_s"] / ref["tok_s"],
     }  # fmt: skip

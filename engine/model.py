@@ -5,7 +5,7 @@ Layout choices, each for speed on a small model where op dispatch costs as much 
 - q/k rows are stored with each head's dims interleaved (x0, x_{D/2}, x1, ...), so RoPE is one complex
   multiply. Attention scores are invariant to permuting q and k dims alike, so results equal the HF layout's.
 - GQA without repeating K/V: the G query heads that share a KV head are folded into the query length.
-- On CPU in fp32 the GEMMs, RMSNorm, RoPE, SiLU-mul and one-token attention run as `cpu_kernels` (one op each
+- On CPU in fp32 the GEMMs, RMSNorm, RoPE, SiLU-mul and one-token attention run as the C++ kernels of `ops` (one op each
   instead of 3-7 ATen ops, and GEMVs at ~2x MKL's bandwidth); elsewhere the same calls fall back to PyTorch.
 Every `Linear` is a module of its own so quantization can replace it.
 """
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
+from . import ops
 from .config import ModelConfig
 from .kv_cache import KVCache
 
@@ -25,7 +25,7 @@ class Linear(nn.Module):
     """y = x @ W.T + b; quantized formats replace this module.
 
     The parameter is `weight_t` [in, out], on CPU held as the transpose of a row-major [out, in] tensor: the fp32
-    kernel `cpu_kernels.linear` reads each output's weights as one contiguous row (~40 GB/s at batch 1 vs ~20 for
+    kernel `ops.linear` reads each output's weights as one contiguous row (~40 GB/s at batch 1 vs ~20 for
     MKL), and ATen's bf16 GEMV also reads that layout faster. Only fp32 without the kernel keeps [in, out]
     contiguous, which MKL reads faster than F.linear's layout. `weight` gives the usual [out, in] view.
     """
@@ -42,12 +42,12 @@ class Linear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # `load_state_dict(assign=True)` adopts the given tensor: lay it out for the kernel first.
         w = state_dict.get(prefix + "weight_t")
-        if w is not None and not w.t().is_contiguous() and cpu_kernels.wants_row_major(w):
+        if w is not None and not w.t().is_contiguous() and ops.wants_row_major(w):
             state_dict[prefix + "weight_t"] = w.t().contiguous().t()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.linear(x, self.weight_t, self.bias)
+        return ops.linear(x, self.weight_t, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -57,7 +57,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.rms_norm(x, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -84,14 +84,14 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         qkv = self.qkv(x).view(B, S, H + 2 * KV, D)
-        cpu_kernels.rope_(qkv, freqs, H + KV)  # q and k, in place
+        ops.rope_(qkv, freqs, H + KV)  # q and k, in place
         k, v = qkv[:, :, H : H + KV], qkv[:, :, H + KV :]
         if cache is None:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [B, KV, S, D]
         else:
             keys, values = cache.update(self.layer_idx, positions, k, v)
-        if mask is None and cpu_kernels.decode_attention_available(x.dtype, x.device):
-            return self.o(cpu_kernels.decode_attention(qkv, keys, values, positions, H, self.window))
+        if mask is None and ops.decode_attention_available(x.dtype, x.device):
+            return self.o(ops.decode_attention(qkv, keys, values, positions, H, self.window))
         # Fold the G query heads of each KV head into the query axis: [B, KV, G*S, D].
         q = qkv[:, :, :H].reshape(B, S, KV, H // KV, D).permute(0, 2, 3, 1, 4).reshape(B, KV, -1, D)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, KV, G*S, D]
@@ -106,7 +106,7 @@ class MLP(nn.Module):
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(cpu_kernels.silu_mul(self.gate_up(x)))
+        return self.down(ops.silu_mul(self.gate_up(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from optiserve.engine import cpu_kernels
+from optiserve.engine import ops
 from optiserve.kernels.formats import FP8_E4M3_MAX, INT8_MAXBOUND
 from optiserve.kernels.fp8 import FP8Tensor, fp8_per_tensor_scale
 from optiserve.kernels.gemm import int4_linear, nvfp4_linear
@@ -171,7 +171,7 @@ class QuantLinear(nn.Module):
         self.input_scale = input_scale
         self.pre_quant_scale = pre_quant_scale
         if self.compute == "copy":
-            # Same layout as `Linear`: [in, out] as the transpose of row-major [out, in], what `cpu_kernels.linear`
+            # Same layout as `Linear`: [in, out] as the transpose of row-major [out, in], what `ops.linear`
             # reads fastest.
             self.weight_t = nn.Parameter(self.dequantized().contiguous().t(), requires_grad=False)
 
@@ -204,7 +204,7 @@ class QuantLinear(nn.Module):
             return self._packed_forward(x)
         if self.spec.quantizes_activations:
             x = fake_quant_activation(self.fmt, x, self.input_scale)
-        return cpu_kernels.linear(x, self.weight_t, self.bias)
+        return ops.linear(x, self.weight_t, self.bias)
 
     def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, K]

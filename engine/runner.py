@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu_kernels
+from . import ops
 from .kv_cache import CacheShape, KVCache
 from .model import Transformer
 
@@ -52,7 +52,7 @@ class ModelRunner:
         self.device = model.embed.weight.device
         shape = CacheShape(cfg.num_layers, num_slots, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.cache = KVCache(shape, dtype, self.device)
-        self.unmasked_decode = cpu_kernels.decode_attention_available(dtype, self.device)
+        self.unmasked_decode = ops.decode_attention_available(dtype, self.device)
 
     def mask_for(self, positions: torch.Tensor, attn_len: int, window: int | None) -> torch.Tensor | None:
         """The attention mask for queries at `positions` [B, S] (None where `mask_unless_kernel` needs none)."""

@@ -9,6 +9,7 @@ All steps run through the same `DraftHead.forward` as serving, with a cache that
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -64,18 +65,29 @@ def step_mask(segments: torch.Tensor, step: int, group: int) -> torch.Tensor:
     return fold_groups(torch.cat(blocks, dim=-1), group)
 
 
-def ttt_losses(head: DraftHead, batch: PackedBatch, steps: int) -> tuple[list[torch.Tensor], list[int], list[int]]:
-    """Per step: the cross-entropy loss, the correct top-1 predictions and the number of valid positions."""
+def ttt_states(head: DraftHead, batch: PackedBatch, steps: int) -> Iterator[torch.Tensor]:
+    """The head's output states [B, T, H] at each step k < `steps`; index t of step k predicts token t+2+k."""
     keys = StepKeys()
     hidden = head.fuse(batch.features)  # [B, T, H]
-    losses, correct, counted = [], [], []
     for k in range(steps):
         tokens = shift_left(batch.tokens, 1 + k, 0)
-        labels = shift_left(batch.labels, 1 + k, IGNORE)
-        labels = labels.masked_fill(shift_left(batch.segments, 1 + k, -1) != batch.segments, IGNORE)
         mask = step_mask(batch.segments, k, head.attn.n_heads // head.attn.n_kv)
         hidden = head(tokens, hidden, batch.positions + k, keys, mask)
+        yield hidden
+
+
+def step_labels(batch: PackedBatch, k: int) -> torch.Tensor:
+    """Step k's draft-vocabulary labels [B, T]: the label of index t+1+k, IGNORE across sequence boundaries."""
+    labels = shift_left(batch.labels, 1 + k, IGNORE)
+    return labels.masked_fill(shift_left(batch.segments, 1 + k, -1) != batch.segments, IGNORE)
+
+
+def ttt_losses(head: DraftHead, batch: PackedBatch, steps: int) -> tuple[list[torch.Tensor], list[int], list[int]]:
+    """Per step: the cross-entropy loss, the correct top-1 predictions and the number of valid positions."""
+    losses, correct, counted = [], [], []
+    for k, hidden in enumerate(ttt_states(head, batch, steps)):
         logits = head.logits(hidden)  # [B, T, Vd]
+        labels = step_labels(batch, k)
         valid = labels != IGNORE
         losses.append(F.cross_entropy(logits[valid], labels[valid]) if valid.any() else logits.sum() * 0)
         correct.append(int((logits[valid].argmax(-1) == labels[valid]).sum()))

@@ -40,6 +40,12 @@ def timed_decode(engine: LLMEngine, prompt: list[int], max_tokens: int) -> tuple
     return total - first, seconds, outs[-1].spec
 
 
+def conditional_acceptance(stats: SpecStats) -> list[float]:
+    """P(position k accepted | position k-1 accepted), position -1 being the draft itself."""
+    reached = [stats.drafts, *stats.accepted_per_pos]
+    return [round(n / max(prev, 1), 4) for prev, n in zip(reached, reached[1:], strict=False)]
+
+
 def bench_spec(base: LLMEngine, spec: LLMEngine, prompts: list[list[int]], max_tokens: int, label: dict,
                json_path: str | None) -> dict:
     """Run every prompt on `base` then on `spec` (warm-up prompt first); print and write the figures."""
@@ -63,6 +69,7 @@ def bench_spec(base: LLMEngine, spec: LLMEngine, prompts: list[list[int]], max_t
         "mean_acceptance_length": round(stats.mean_acceptance_length, 3),
         "acceptance_rate": round(stats.acceptance_rate, 4),
         "accepted_per_position": [round(n / max(stats.drafts, 1), 4) for n in stats.accepted_per_pos],
+        "conditional_acceptance_per_position": conditional_acceptance(stats),
         "draft_step_cost_vs_target_step": round(t.draft_s / max(t.draft_tokens, 1) / base_step, 4),
         "verify_cost_vs_target_step": round(t.verify_s / max(t.steps, 1) / base_step, 3),
     }

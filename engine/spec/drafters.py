@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import cpu_kernels
+from .. import ops
 from ..kv_cache import CacheShape, KVCache
 from ..runner import mask_unless_kernel
 from ..sequence import Sequence
@@ -61,7 +61,7 @@ class EagleDrafter:
         self.caches = (self.cache,)
         self.group = c.num_heads // c.num_kv_heads
         # As in the target's runner: one-token steps need no mask when the decode-attention kernel bounds each row.
-        self.unmasked_decode = cpu_kernels.decode_attention_available(dtype, head.fc.weight_t.device)
+        self.unmasked_decode = ops.decode_attention_available(dtype, head.fc.weight_t.device)
 
     def on_prefill(self, seq: Sequence, features: torch.Tensor | None) -> None:
         """After the target read the prompt (features [S, 3H]): nothing drafted from them yet."""
@@ -93,8 +93,8 @@ class EagleDrafter:
             d, q = self._pick(self.head.logits(h[:, 0]), seqs)
             drafted.append(d)
             probs.append(q)
-            if j + 1 < self.k:
-                h = self._run(d.unsqueeze(1), h, (ends + j).unsqueeze(1))
+            if j + 1 < self.k:  # the head embeds target ids, as in training: map the draft id back
+                h = self._run(self.head.d2t[d].unsqueeze(1), h, (ends + j).unsqueeze(1))
         target_ids = self.head.d2t[torch.stack(drafted, dim=1)].tolist()  # [B, k]
         return [Proposal(ids, None if probs[0][b] is None else torch.stack([q[b] for q in probs]))
                 for b, ids in enumerate(target_ids)]

@@ -4,6 +4,8 @@ reproduces the target's distribution exactly (chi-square over many draws), whate
 import torch
 from scipy.stats import chisquare
 
+from optiserve.engine.sequence import SpecStats
+from optiserve.engine.spec.bench import conditional_acceptance
 from optiserve.engine.spec.ngram import propose_ngram
 from optiserve.engine.spec.verify import accept_greedy, accept_sampled
 
@@ -51,3 +53,10 @@ def test_ngram_proposes_what_followed_the_latest_match():
     history = [1, 2, 3, 4, 9, 1, 2, 3, 5, 7, 1, 2, 3]
     assert propose_ngram(history, 2) == [5, 7]  # the latest earlier "1 2 3" was followed by 5 7
     assert propose_ngram([1, 2, 3], 4) == []
+
+
+def test_conditional_acceptance_divides_each_position_by_the_one_before():
+    stats = SpecStats()
+    for proposed, accepted in [(3, 0), (3, 1), (3, 2), (3, 3), (3, 1)]:
+        stats.record(proposed, accepted)
+    assert conditional_acceptance(stats) == [0.8, 0.5, 0.5]  # 4/5 drafts, then 2 of those 4, then 1 of those 2

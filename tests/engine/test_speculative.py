@@ -9,14 +9,14 @@ within TIE_GAP (a near-tie, the same rule as the batching test).
 import pytest
 import torch
 
-from optiserve.engine import cpu_kernels
+from optiserve.engine import ops
 from optiserve.engine.config import EngineConfig, SamplingParams
 from optiserve.engine.llm_engine import LLMEngine, WeightSet
 from optiserve.engine.sequence import Request, RequestOutput, SpecStats
 from optiserve.optimize.startup import QuantRequest, prepare_quantized
 
 TIE_GAP = 1e-4
-EXACT = cpu_kernels.decode_attention_available(torch.float32, torch.device("cpu"))
+EXACT = ops.decode_attention_available(torch.float32, torch.device("cpu"))
 NEW_TOKENS = 64
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=2, ignore_eos=True)
 

@@ -1,0 +1,16 @@
+// The ops the extension exports (bindings.cpp); each .cpp defines its own. Inputs are checked, not converted:
+// ops.py decides when a kernel applies and otherwise runs the PyTorch reference.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight_t, const std::optional<at::Tensor>& bias);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+at::Tensor silu_mul(const at::Tensor& gu);
+void rope_(at::Tensor& x, const at::Tensor& freqs, int64_t nheads);
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
+                            int64_t H, int64_t window);
+
+static inline bool is_f32_cpu(const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat; }

@@ -1,0 +1,54 @@
+// One SIMD vector of floats and the few operations the kernels need, written once over the vector width:
+// AVX-512 (16 lanes, 32 vector registers) or GCC vector extensions of 8 lanes (AVX2: 16 registers).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+typedef __m512 vf;
+constexpr int64_t V = 16;
+constexpr int NUM_VREGS = 32;
+static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline vf vzero() { return _mm512_setzero_ps(); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
+static inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+// e^x, Cephes expf polynomial (~1 ulp) with AVX-512 scalef for the 2^n part.
+static inline vf vexp(vf x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.72f)), _mm512_set1_ps(-104.0f));
+  vf n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  vf r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  vf p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+#else
+constexpr int64_t V = 8;
+constexpr int NUM_VREGS = 16;
+typedef float vf __attribute__((vector_size(V * sizeof(float))));
+static inline vf vload(const float* p) { vf v; __builtin_memcpy(&v, p, sizeof v); return v; }
+static inline vf vzero() { return vf{}; }
+static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
+static inline float hsum(vf v) { float s = 0; for (int k = 0; k < V; k++) s += v[k]; return s; }
+static inline void prefetch(const float* p) { __builtin_prefetch(p); }
+static inline vf vexp(vf x) { for (int k = 0; k < V; k++) x[k] = std::exp(x[k]); return x; }
+#endif
+static inline vf vset(float a) { return vzero() + a; }
+static inline void vstore(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
+
+static inline float dot(const float* a, const float* b, int64_t n) {
+  vf acc = vzero();
+  int64_t i = 0;
+  for (; i + V <= n; i += V) acc = vfma(vload(a + i), vload(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; i++) s += a[i] * b[i];
+  return s;
+}

@@ -1,0 +1,166 @@
+"""The engine's compute ops, on every device: hand-written C++ kernels on CPU in fp32, PyTorch elsewhere.
+
+The kernels live in `csrc/` (built once with the system C++ compiler by `torch.utils.cpp_extension` and cached):
+- `linear(x, weight_t, bias)`: y = x @ W.T + b, W row-major [out, in] (weight_t its transpose). Register blocks
+  of weight rows x input rows of dot products, weight rows split across threads with ATen's OpenMP pool.
+- `rms_norm`, `silu_mul`, `rope_`: one pass each where ATen takes several small ops.
+- `decode_attention`: a few query rows per sequence with GQA, each row bounded by its own position (and sliding
+  window), so batched decode and speculative verify need no mask.
+Every output row is computed alone, in the same order whatever the number of rows, so a speculative verify is
+bit-identical to decode steps.
+
+Each op has one fallback rule: the kernel when it is built, autograd does not need the op (the kernels have no
+backward: QAT, distillation and draft heads train through the references) and the tensors are fp32 on the CPU
+in the layout it reads; else its PyTorch reference below. Nothing is built when `OPTISERVE_CPU_KERNELS=0`, and
+a failed build (no compiler) leaves every op on its reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = ["linear.cpp", "rowwise.cpp", "attention.cpp", "bindings.cpp"]
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def _cpu_id() -> str:
+    """The machine and its ISA flags: a build for one CPU must not be loaded on another."""
+    cpu = platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu += next((line for line in cpuinfo.read_text().splitlines() if line.startswith(("flags", "Features"))), "")
+    return cpu
+
+
+def build_name(cflags: list[str]) -> str:
+    """Extension name keyed by the sources, flags, this CPU and torch, so a cache dir shared across machines
+    stays safe."""
+    sources = [p.read_text() for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h")]
+    digest = hashlib.sha256("\0".join([*sources, *cflags, _cpu_id(), torch.__version__]).encode()).hexdigest()[:12]
+    return f"optiserve_cpu_{digest}"
+
+
+def build(cflags: list[str] = CFLAGS) -> ModuleType:
+    """Compile (or load the cached build of) the kernels with `cflags`; raises when the build fails."""
+    from torch.utils.cpp_extension import load as load_extension
+
+    sources = [str(CSRC / name) for name in SOURCES]
+    return load_extension(build_name(cflags), sources, extra_cflags=cflags)
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The built kernels, or None if they are disabled or cannot be built here."""
+    if os.environ.get("OPTISERVE_CPU_KERNELS", "1") == "0":
+        return None
+    try:
+        log.info("loading CPU kernels (the first build takes ~30 s, later starts reuse it)")
+        return build()
+    except Exception as e:  # no compiler, unsupported flags...: run on plain PyTorch ops
+        log.warning("CPU kernels unavailable, using PyTorch ops (slower decode): %s", str(e).splitlines()[0])
+        return None
+
+
+def _kernels(*tensors: torch.Tensor | None) -> ModuleType | None:
+    """The kernels, unless none are built or autograd must see the op (`tensors` require grad)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return None
+    return load()
+
+
+def _f32_cpu(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or (t.dtype == torch.float32 and t.is_cpu) for t in tensors)
+
+
+# ---- PyTorch references: the fallbacks, and what the kernels must match ----
+def linear_ref(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = x @ weight_t
+    return y if bias is None else y + bias
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rope_ref(x: torch.Tensor, freqs: torch.Tensor, n_heads: int) -> None:
+    """In place: rotate interleaved pairs of heads [0, n_heads) of `x` [B, S, N, D] by `freqs` [B, S, D/2, 2]."""
+    rot = torch.view_as_complex(x[:, :, :n_heads].float().unflatten(-1, (-1, 2)))
+    x[:, :, :n_heads] = torch.view_as_real(rot * torch.view_as_complex(freqs).unsqueeze(2)).flatten(-2).to(x.dtype)
+
+
+# ---- the ops ----
+def is_transposed_row_major(weight_t: torch.Tensor) -> bool:
+    """Whether `weight_t` [in, out] is the transpose of a row-major [out, in] (what the linear kernel reads)."""
+    return weight_t.stride(0) == 1 and (weight_t.stride(1) == weight_t.shape[0] or weight_t.shape[1] == 1)
+
+
+def linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight_t (+ bias); weight_t [in, out], fast when it is the transpose of a row-major [out, in]."""
+    mod = _kernels(x, weight_t, bias)
+    if (mod is not None and _f32_cpu(x, weight_t, bias) and is_transposed_row_major(weight_t)
+            and (bias is None or bias.is_contiguous())):
+        return mod.linear(x, weight_t, bias)
+    return linear_ref(x, weight_t, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim (HF's fp32 math)."""
+    mod = _kernels(x, weight)
+    if mod is not None and _f32_cpu(x, weight) and x.is_contiguous() and weight.is_contiguous():
+        return mod.rms_norm(x, weight, eps)
+    return rms_norm_ref(x, weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for `gate_up` [..., 2I] = [gate | up]."""
+    mod = _kernels(gate_up)
+    if mod is not None and _f32_cpu(gate_up) and gate_up.is_contiguous():
+        return mod.silu_mul(gate_up)
+    return silu_mul_ref(gate_up)
+
+
+def rope_(x: torch.Tensor, freqs: torch.Tensor, n_heads: int) -> None:
+    """In place: RoPE on heads [0, n_heads) of `x` [B, S, N, D] (interleaved pairs), `freqs` [B, S, D/2, 2]."""
+    mod = _kernels(x)
+    if mod is not None and _f32_cpu(x, freqs) and x.is_contiguous() and freqs.is_contiguous():
+        mod.rope_(x, freqs, n_heads)
+    else:
+        rope_ref(x, freqs, n_heads)
+
+
+def wants_row_major(weight: torch.Tensor) -> bool:
+    """Whether a CPU weight is best stored row-major [out, in]: for the fp32 kernel, and for bf16, where ATen's GEMV
+    reads that layout faster. Only fp32 without the kernel keeps [in, out] (MKL's GEMV reads it faster)."""
+    return weight.device.type == "cpu" and (weight.dtype != torch.float32 or load() is not None)
+
+
+def decode_attention_available(dtype: torch.dtype, device: torch.device) -> bool:
+    """The rule for `decode_attention`: where it does not run, the model uses SDPA with a mask instead."""
+    return dtype == torch.float32 and device.type == "cpu" and load() is not None
+
+
+def decode_attention(
+    qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n_heads: int, window: int
+) -> torch.Tensor:
+    """Attention of a few query rows per sequence over the cache: `qkv` [B, S, N, D] (heads [0, n_heads) are q),
+    keys/values [B, KV, L, D], `positions` [B, S]; row (b, s) attends keys (positions[b, s] - window,
+    positions[b, s]] (window 0: all up to it). Rows are computed independently, so a speculative verify over S
+    rows is bit-identical to S one-token decode steps. Returns [B, S, n_heads*D]."""
+    return load().decode_attention(qkv, keys, values, positions, n_heads, window)  # type: ignore[union-attr]

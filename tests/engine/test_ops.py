@@ -1,0 +1,99 @@
+"""The C++ kernels against their PyTorch references, the linear kernel's row independence, the fallback rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from optiserve.engine import ops
+
+KERNELS = ops.load()
+needs_kernels = pytest.mark.skipif(KERNELS is None, reason="the CPU kernels are not built here")
+SHAPES = [(576, 1536), (1536, 576), (576, 49152), (37, 5), (100, 13)]  # (in, out): the model's and odd tails
+
+
+def row_major_t(out: int, inp: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(out, inp, generator=gen).t()  # [in, out], the transpose of a row-major [out, in]
+
+
+def assert_linear_rows_alone(kernels, inp: int, out: int, rows: list[int]) -> None:
+    """Every row of an n-row call equals, bit for bit, the 1-row call on that row; and is close to x @ W.T + b."""
+    gen = torch.Generator().manual_seed(inp * out)
+    w, b = row_major_t(out, inp, gen), torch.randn(out, generator=gen)
+    for n in rows:
+        x = torch.randn(n, inp, generator=gen)
+        y = kernels.linear(x, w, b)  # [n, out]
+        alone = torch.cat([kernels.linear(x[i : i + 1], w, b) for i in range(n)])
+        assert torch.equal(y, alone), f"{n} rows x [{out}, {inp}]: a row differs from its 1-row call"
+        torch.testing.assert_close(y, ops.linear_ref(x, w, b), rtol=1e-4, atol=1e-3)
+
+
+@needs_kernels
+@pytest.mark.parametrize(("inp", "out"), SHAPES)
+def test_linear_rows_are_bit_identical_to_one_row_calls(inp: int, out: int) -> None:
+    rows = list(range(1, 17)) + ([20, 37] if out < 10000 else [])
+    assert_linear_rows_alone(KERNELS, inp, out, rows)
+
+
+@needs_kernels
+def test_linear_without_bias_and_with_leading_dims() -> None:
+    gen = torch.Generator().manual_seed(0)
+    w, x = row_major_t(64, 48, gen), torch.randn(2, 3, 48, generator=gen)
+    torch.testing.assert_close(ops.linear(x, w, None), x @ w, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_row_wise_ops_match_references() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x, w = torch.randn(3, 5, 576, generator=gen), torch.randn(576, generator=gen)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), ops.rms_norm_ref(x, w, 1e-5), rtol=1e-5, atol=1e-5)
+    gu = torch.randn(3, 5, 2 * 1536, generator=gen) * 4
+    torch.testing.assert_close(ops.silu_mul(gu), ops.silu_mul_ref(gu), rtol=1e-5, atol=1e-5)
+    q, freqs = torch.randn(2, 3, 12, 64, generator=gen), torch.randn(2, 3, 32, 2, generator=gen)
+    want = q.clone()
+    ops.rope_ref(want, freqs, 9)
+    ops.rope_(q, freqs, 9)
+    torch.testing.assert_close(q, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_decode_attention_matches_masked_sdpa() -> None:
+    gen = torch.Generator().manual_seed(2)
+    B, S, H, KV, L, D = 2, 6, 9, 3, 40, 64
+    qkv = torch.randn(B, S, H + 2 * KV, D, generator=gen)
+    keys, values = torch.randn(B, KV, L, D, generator=gen), torch.randn(B, KV, L, D, generator=gen)
+    positions = torch.tensor([[10, 11, 12, 13, 14, 15], [30, 31, 32, 33, 34, 35]])
+    got = ops.decode_attention(qkv, keys, values, positions, H, 0)  # [B, S, H*D]
+    q = qkv[:, :, :H].transpose(1, 2)  # [B, H, S, D]
+    k, v = (t.repeat_interleave(H // KV, dim=1) for t in (keys, values))
+    mask = torch.arange(L)[None, None, :] <= positions[:, :, None]  # [B, S, L]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+    torch.testing.assert_close(got, want.transpose(1, 2).flatten(2), rtol=1e-4, atol=1e-5)
+
+
+def test_every_op_falls_back_to_its_reference_for_autograd_and_bf16() -> None:
+    gen = torch.Generator().manual_seed(3)
+    w = row_major_t(8, 16, gen).requires_grad_()
+    x = torch.randn(2, 16, generator=gen)
+    ops.linear(x, w, None).sum().backward()  # the kernels have no backward: the reference must have run
+    assert w.grad is not None
+    xb, wb = x.bfloat16(), w.detach().bfloat16()
+    assert torch.equal(ops.linear(xb, wb, None), ops.linear_ref(xb, wb, None))
+    gu = torch.randn(2, 16, generator=gen).bfloat16()
+    assert torch.equal(ops.silu_mul(gu), ops.silu_mul_ref(gu))
+
+
+def cpu_flags() -> set[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    return set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
+
+
+@pytest.mark.skipif(not {"avx512f", "avx2", "fma"} <= cpu_flags(), reason="builds for AVX2 on an AVX-512 CPU")
+def test_the_avx2_build_is_correct_too() -> None:
+    """Machines differ (AVX2-only or AVX-512): build the kernels for AVX2 here and check the same properties."""
+    avx2 = ops.build(["-O3", "-march=haswell", "-fopenmp"])
+    for inp, out in SHAPES[:2] + SHAPES[3:]:
+        assert_linear_rows_alone(avx2, inp, out, list(range(1, 17)) + [20])
