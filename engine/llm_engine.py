@@ -8,6 +8,7 @@ the sequence at fault fails alone there too.
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
@@ -139,6 +140,7 @@ class LLMEngine:
         return EngineStats(len(s.running), len(s.waiting) + self._new.qsize(), s.kv_usage())
 
     def start(self) -> None:
+        self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="optiserve-engine", daemon=True)
         self._thread.start()
 
@@ -225,6 +227,8 @@ class LLMEngine:
     def _forward(self, running: list[Sequence]) -> list[Accepted | None]:
         """Each running sequence's new tokens (None: its request failed). A batched forward that raises cannot
         say whose input caused it, so every sequence is retried alone: only the one at fault fails."""
+        # A drafter's per-sequence state, as before the step: a speculative step that fails part-way is undone.
+        draft_states = [copy.copy(s.draft_state) for s in running]
         try:
             if self.spec:
                 return self.spec.step(running)
@@ -233,6 +237,8 @@ class LLMEngine:
             return self._sample(running, logits.cpu())
         except Exception:
             log.exception("a batched forward of %d sequences failed; retrying them one at a time", len(running))
+            for seq, state in zip(running, draft_states, strict=True):
+                seq.draft_state = state
             return [self._forward_one(seq) for seq in running]
 
     def _forward_one(self, seq: Sequence) -> Accepted | None:

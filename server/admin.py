@@ -65,7 +65,10 @@ class QuantAdmin:
             start = time.monotonic()
             req = replace(self.base, quant=quant, kv_cache=kv_cache)
             engine = self.engine
-            q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
+            try:  # built beside the served weights: a failure here changes nothing
+                q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
+            except Exception as e:
+                raise SwapError(f"could not build the {quant}/{kv_cache} weights: {type(e).__name__}: {e}") from e
             engine.use_weights(WeightSet(q.model, quant, q.kv))
             self.last_swap_s = time.monotonic() - start
             windows = token_windows(engine.tokenizer, read_texts(req.calib_path), PROBE_LEN, PROBE_WINDOWS)

@@ -17,7 +17,9 @@ from fastapi.testclient import TestClient
 from optiserve.engine.config import EngineConfig
 from optiserve.engine.faults import FAULT_SEED_ENV
 from optiserve.engine.llm_engine import LLMEngine
+from optiserve.optimize.startup import QuantRequest
 from optiserve.server.app import create_app
+from optiserve.server.security import ServerOptions
 from tests.conftest import CHAT_PROMPTS, ServerProcess
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -170,9 +172,29 @@ def test_empty_prompt_names_the_prompt(url):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
-def test_dead_engine_thread_is_503_at_once():
+@pytest.fixture(scope="module")
+def small_engine() -> LLMEngine:
+    return LLMEngine(EngineConfig(model="default", max_batch=1, max_model_len=64))
+
+
+def test_failed_swap_answers_an_error_and_keeps_serving(small_engine, tmp_path):
+    """In-process: a swap whose weights cannot be built (its calibration file is missing) is a 500 naming the
+    cause; the old formats keep serving, the swap lock is free, requests still run."""
+    quant = QuantRequest(calib_data=str(tmp_path / "missing.txt"))
+    app = create_app(small_engine, options=ServerOptions(admin_token="t"), quant=quant)
+    with TestClient(app) as client:
+        admin = {"Authorization": "Bearer t"}
+        r = client.post("/admin/quantization", json={"quant": "int8"}, headers=admin)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "swap_failed" and "missing.txt" in r.text
+        assert not app.state.quant_admin.lock.locked()
+        assert client.get("/admin/quantization", headers=admin).json()["quant"] == "none"
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 200
+
+
+def test_dead_engine_thread_is_503_at_once(small_engine):
     """In-process: the app over an engine whose thread has stopped (as a crash would leave it)."""
-    engine = LLMEngine(EngineConfig(model="default", max_batch=1, max_model_len=64))
+    engine = small_engine
     with TestClient(create_app(engine)) as client:
         assert client.get("/health").status_code == 200
         engine.stop()
