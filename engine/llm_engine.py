@@ -154,12 +154,12 @@ class LLMEngine:
     def _loop(self) -> None:
         try:
             while not self._stopping:
-                self._drain_inbox()
-                if not self.scheduler.has_work():
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
-                    continue
                 try:
+                    self._drain_inbox()
+                    if not self.scheduler.has_work():
+                        self._wake.wait(timeout=0.5)
+                        self._wake.clear()
+                        continue
                     self.step()
                 except Exception:  # not any one request's (those fail alone inside step): the engine's own state
                     log.exception("engine step failed outside any one request; failing the requests in flight")
@@ -168,6 +168,7 @@ class LLMEngine:
             if not self._stopping:
                 log.critical("the engine thread stopped; /health now answers 503")
             self._fail_in_flight("the engine stopped")  # nobody may wait on a thread that is gone
+            self._swaps.fail_pending(EngineDeadError("the engine stopped"))
 
     def _drain_inbox(self) -> None:
         """Switch weights if asked, take in new requests, then apply aborts (an abort follows its add)."""
@@ -202,12 +203,11 @@ class LLMEngine:
         fail_request(self.scheduler, request, f"the engine failed while processing this request ({type(exc).__name__})")
 
     def _fail_in_flight(self, message: str) -> None:
-        """Fail every queued and running request and pending swap (the engine cannot go on with them)."""
+        """Fail every queued and running request (the engine cannot go on with them)."""
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             fail_request(self.scheduler, seq.request, message)
         while not self._new.empty():
             fail_request(self.scheduler, self._new.get_nowait(), message)
-        self._swaps.fail_pending(EngineDeadError(message))
         for seq in list(self.scheduler.running):
             self.scheduler.release(seq)
 
