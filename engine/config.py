@@ -10,6 +10,7 @@ import torch
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 GREEDY_TEMPERATURE = 1e-5
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit seed, as OpenAI and vLLM take it
 
 
 class ModelLoadError(RuntimeError):
@@ -162,6 +163,8 @@ class SamplingParams:
             raise ValueError("top_k must be -1 (off) or >= 0")
         if self.n < 1:
             raise ValueError("n must be >= 1")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be in [{SEED_MIN}, {SEED_MAX}] (a signed 64-bit integer)")
 
     @property
     def greedy(self) -> bool:

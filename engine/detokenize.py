@@ -1,8 +1,11 @@
-"""Incremental detokenization and stop conditions for one sequence."""
+"""Incremental detokenization, stop conditions and the outputs reported for one sequence."""
 
 from __future__ import annotations
 
-from .sequence import Sequence
+import torch
+
+from .sampler import token_logprobs
+from .sequence import SeqOutput, Sequence
 
 REPLACEMENT_CHAR = "\ufffd"  # what a token that ends mid-UTF-8 character decodes to
 
@@ -60,3 +63,23 @@ def text_delta(seq: Sequence) -> str:
     delta = seq.text[seq.sent_text_len : end]
     seq.sent_text_len = end
     return delta
+
+
+def append_tokens(seq: Sequence, tokens: list[int], logits: torch.Tensor, eos_ids: set[int], max_len: int,
+                  tokenizer) -> None:
+    """Append a step's new tokens (the target's logits for each [m, V]) up to the first stop; update the text."""
+    for i, tok in enumerate(tokens):
+        seq.token_ids.append(tok)
+        if seq.params.logprobs is not None:
+            seq.pending_logprobs += token_logprobs(logits[i : i + 1], [tok], seq.params.logprobs)
+        update_text(seq, tokenizer, finish_reason_for_token(seq, tok, eos_ids, max_len))
+        if seq.finish_reason is not None:
+            break
+
+
+def take_output(seq: Sequence) -> SeqOutput:
+    """What the sequence produced since its last output (marked as sent)."""
+    new_ids = seq.generated_ids[seq.sent_tokens :]
+    seq.sent_tokens = seq.num_generated
+    logprobs, seq.pending_logprobs = seq.pending_logprobs, []
+    return SeqOutput(seq.index, new_ids, text_delta(seq), logprobs, seq.finish_reason)

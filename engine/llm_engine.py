@@ -1,59 +1,41 @@
-"""The engine: one thread owns the model and runs scheduler steps; callers submit requests and get outputs."""
+"""The engine: one thread owns the model and runs scheduler steps; callers submit requests and get outputs.
+
+Failures stay with the request they happened on: an exception while taking a request in, prefilling it,
+sampling for it, detokenizing or reporting it fails that request alone (its caller gets an output with
+`error` set) and the batch goes on. A batched forward that raises is retried one sequence at a time, so
+the sequence at fault fails alone there too.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
+import copy
 import logging
 import queue
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .config import EngineConfig, ModelConfig, SamplingParams
-from .detokenize import finish_reason_for_token, text_delta, update_text
-from .kv_quant import KVFormat
+from .detokenize import append_tokens, take_output
+from .faults import EngineDeadError, check_injected_fault, fail_request, fault_seed_from_env
 from .model import Transformer
 from .quant import weight_bytes
 from .quantized_checkpoint import is_modelopt_checkpoint, load_quantized_checkpoint
+from .request_checks import RequestError, check_lengths
 from .runner import ModelRunner
-from .sampler import make_generator, sample, token_logprobs
+from .sampler import make_generator, sample_each, token_logprobs
 from .scheduler import Scheduler
-from .sequence import Request, RequestOutput, SeqOutput, Sequence
+from .sequence import Request, RequestOutput, Sequence
 from .spec.decoder import Accepted, make_spec_decoder
+from .swap import SwapError, SwapQueue, WeightSet, WeightSwitcher, release_freed_memory
 from .weights import default_served_name, load_model, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
 
-def release_freed_memory() -> None:
-    """Collect the dropped weight set and hand freed heap pages back to the OS (glibc keeps them otherwise,
-    so resident memory would grow by a weight set per swap)."""
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-class RequestError(ValueError):
-    """A request the engine cannot run (e.g. longer than the context); the server answers 400."""
-
-
-@dataclass
-class WeightSet:
-    """The model the engine serves and the formats it is in."""
-
-    model: Transformer
-    weight_format: str
-    kv: KVFormat = field(default_factory=KVFormat)
-
-    @property
-    def kv_format(self) -> str:
-        return self.kv.name
+__all__ = ["EngineDeadError", "LLMEngine", "RequestError", "SwapError", "WeightSet", "run_to_completion"]
 
 
 @dataclass
@@ -97,10 +79,12 @@ class LLMEngine:
         self.eos_ids = set(self.model_config.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}
         self._new: queue.SimpleQueue[Request] = queue.SimpleQueue()  # filled by callers, drained by the loop
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self._swaps: queue.SimpleQueue[tuple[WeightSet, threading.Event]] = queue.SimpleQueue()
+        self._swaps = SwapQueue()
         self.weights = WeightSet(model, "none")
+        self.switcher = WeightSwitcher(self.runner, self.spec, self._run_prefill)
         if quantized is not None:
             self._apply_weights(WeightSet(model, quantized.weight_format, quantized.kv))
+        self.fault_seed = fault_seed_from_env()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -108,22 +92,16 @@ class LLMEngine:
     # ---- public API -------------------------------------------------------------------------------
     def check_request(self, prompt_len: int, max_tokens: int | None) -> int:
         """Validate lengths; return the effective max_tokens (default: the rest of the context)."""
-        if prompt_len == 0:
-            raise RequestError("the prompt is empty")
-        room = self.max_model_len - prompt_len
-        if room < 0 or (max_tokens is None and room == 0):
-            raise RequestError(
-                f"the prompt has {prompt_len} tokens, more than the model's context of {self.max_model_len}"
-            )
-        if max_tokens is not None and max_tokens > room:
-            raise RequestError(
-                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context of "
-                f"{self.max_model_len} tokens"
-            )
-        return room if max_tokens is None else max_tokens
+        return check_lengths(prompt_len, max_tokens, self.max_model_len)
+
+    def alive(self) -> bool:
+        """False once a started engine thread has stopped; an engine never started is driven by `step()`."""
+        return self._thread is None or self._thread.is_alive()
 
     def add_request(self, request: Request) -> None:
         """Queue a request (thread-safe). Its `emit` callback is called from the engine thread."""
+        if not self.alive():
+            raise EngineDeadError("the engine has stopped")
         self.check_request(len(request.prompt_ids), request.params.max_tokens)
         self._new.put(request)
         self._wake.set()
@@ -137,26 +115,19 @@ class LLMEngine:
         """Serve from `weights` from the next step on; returns once they serve (thread-safe).
 
         Sequences already running are re-prefilled on the new weights at the switch, so none is dropped and
-        every token after the switch comes from the new weight set.
+        every token after the switch comes from the new weight set. Raises SwapError if the switch failed: the
+        engine then still serves the old weights, and no request was failed by it.
         """
-        if self._thread is None or not self._thread.is_alive():
+        if self._thread is None:
             self._apply_weights(weights)
             return
-        done = threading.Event()
-        self._swaps.put((weights, done))
-        self._wake.set()
-        if not done.wait(timeout_s):
-            raise TimeoutError("the engine did not switch weights in time")
+        if not self._thread.is_alive():
+            raise EngineDeadError("the engine has stopped")
+        self._swaps.submit(weights, self._wake.set, timeout_s)
 
     def _apply_weights(self, weights: WeightSet) -> None:
+        self.switcher.switch(self.weights, weights, self.scheduler.running, lambda seq, e: self._fail(seq.request, e))
         old, self.weights = self.weights, weights
-        self.runner.model = weights.model
-        self.runner.cache.set_format(weights.kv)
-        if self.spec:
-            self.spec.attach(weights.model)
-        for seq in self.scheduler.running:
-            if seq.finish_reason is None and seq.num_generated > 0:
-                self._run_prefill(seq, seq.token_ids[:-1])  # the last token is fed by the next decode
         del old
         release_freed_memory()
 
@@ -169,6 +140,7 @@ class LLMEngine:
         return EngineStats(len(s.running), len(s.waiting) + self._new.qsize(), s.kv_usage())
 
     def start(self) -> None:
+        self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="optiserve-engine", daemon=True)
         self._thread.start()
 
@@ -180,26 +152,30 @@ class LLMEngine:
 
     # ---- the loop ----------------------------------------------------------------------------------
     def _loop(self) -> None:
-        while not self._stopping:
-            self._drain_inbox()
-            if not self.scheduler.has_work():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            try:
-                self.step()
-            except Exception as e:  # never let one bad step kill the server: fail the batch, go on
-                log.exception("engine step failed")
-                self._fail_all(f"engine error: {e}")
+        try:
+            while not self._stopping:
+                try:
+                    self._drain_inbox()
+                    if not self.scheduler.has_work():
+                        self._wake.wait(timeout=0.5)
+                        self._wake.clear()
+                        continue
+                    self.step()
+                except Exception:  # not any one request's (those fail alone inside step): the engine's own state
+                    log.exception("engine step failed outside any one request; failing the requests in flight")
+                    self._fail_in_flight("the engine failed while running this request")
+        finally:
+            if not self._stopping:
+                log.critical("the engine thread stopped; /health now answers 503")
+            self._fail_in_flight("the engine stopped")  # nobody may wait on a thread that is gone
+            self._swaps.fail_pending(EngineDeadError("the engine stopped"))
 
     def _drain_inbox(self) -> None:
         """Switch weights if asked, take in new requests, then apply aborts (an abort follows its add)."""
-        while not self._swaps.empty():
-            weights, done = self._swaps.get_nowait()
-            self._apply_weights(weights)
-            done.set()
+        self._swaps.run_pending(self._apply_weights)
         while not self._new.empty():
-            self._enqueue(self._new.get_nowait())
+            request = self._new.get_nowait()
+            self._guard(request, self._enqueue, request)
         while not self._aborts.empty():
             for seq in self.scheduler.sequences_of(self._aborts.get_nowait()):
                 self.scheduler.release(seq)
@@ -207,30 +183,77 @@ class LLMEngine:
     def _enqueue(self, request: Request) -> None:
         p = request.params
         max_tokens = self.check_request(len(request.prompt_ids), p.max_tokens)
-        for i in range(p.n):
-            gen = make_generator(p.seed, i)
-            self.scheduler.add(Sequence(request, i, list(request.prompt_ids), max_tokens, gen))
+        seqs = [Sequence(request, i, list(request.prompt_ids), max_tokens, make_generator(p.seed, i))
+                for i in range(p.n)]
+        for seq in seqs:  # all or none: a failure above leaves nothing queued
+            self.scheduler.add(seq)
 
-    def _fail_all(self, message: str) -> None:
+    # ---- failing one request -------------------------------------------------------------------------
+    def _guard(self, request: Request, fn, *args) -> bool:
+        """Run `fn(*args)`, work that belongs to `request` alone; if it raises, fail that request. True if ok."""
+        try:
+            fn(*args)
+            return True
+        except Exception as e:
+            self._fail(request, e)
+            return False
+
+    def _fail(self, request: Request, exc: Exception) -> None:
+        log.error("request %s failed in the engine", request.request_id, exc_info=exc)
+        fail_request(self.scheduler, request, f"the engine failed while processing this request ({type(exc).__name__})")
+
+    def _fail_in_flight(self, message: str) -> None:
+        """Fail every queued and running request (the engine cannot go on with them)."""
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            fail_request(self.scheduler, seq.request, message)
+        while not self._new.empty():
+            fail_request(self.scheduler, self._new.get_nowait(), message)
+        for seq in list(self.scheduler.running):
             self.scheduler.release(seq)
-            req = seq.request
-            req.emit(RequestOutput(req.request_id, [], req.prompt_ids, finished=True, error=message))
 
+    # ---- one step ------------------------------------------------------------------------------------
     def step(self) -> None:
         """One scheduler step: prefill newly admitted sequences, then one decode for all running ones."""
         self._drain_inbox()
         for seq in self.scheduler.admit():
-            self._prefill(seq)
+            if seq.finish_reason is None:  # not failed with a sibling already
+                self._guard(seq.request, self._prefill, seq)
         self._release_finished()  # so the running sequences are exactly slots [0, B)
         running = self.scheduler.running
-        if running and self.spec:
-            self._append(running, self.spec.step(running))
-        elif running:
+        if running:
+            self._append(running, self._forward(running))
+        self._release_finished()
+
+    def _forward(self, running: list[Sequence]) -> list[Accepted | None]:
+        """Each running sequence's new tokens (None: its request failed). A batched forward that raises cannot
+        say whose input caused it, so every sequence is retried alone: only the one at fault fails."""
+        # A drafter's per-sequence state, as before the step: a speculative step that fails part-way is undone.
+        draft_states = [copy.copy(s.draft_state) for s in running]
+        try:
+            if self.spec:
+                return self.spec.step(running)
             logits = self.runner.decode([s.token_ids[-1] for s in running], [len(s.token_ids) - 1 for s in running])
             # On a GPU too: seeded requests draw from per-sequence CPU generators, so samples repeat across devices
-            self._sample_and_append(running, logits.cpu())
-        self._release_finished()
+            return self._sample(running, logits.cpu())
+        except Exception:
+            log.exception("a batched forward of %d sequences failed; retrying them one at a time", len(running))
+            for seq, state in zip(running, draft_states, strict=True):
+                seq.draft_state = state
+            return [self._forward_one(seq) for seq in running]
+
+    def _forward_one(self, seq: Sequence) -> Accepted | None:
+        """A plain (non-speculative) decode of one sequence in its own slot; a drafter gets its features."""
+        if seq.finish_reason is not None:
+            return None
+        try:
+            capture = self.spec.drafter.capture if self.spec else ()
+            logits, features = self.runner.decode_at(seq.slot, seq.token_ids[-1], len(seq.token_ids) - 1, capture)
+            if self.spec:
+                self.spec.drafter.on_verify(seq, None if features is None else features[0])
+        except Exception as e:
+            self._fail(seq.request, e)
+            return None
+        return self._sample([seq], logits.cpu())[0]
 
     def _release_finished(self) -> None:
         for seq in [s for s in self.scheduler.running if s.finish_reason is not None]:
@@ -255,42 +278,34 @@ class LLMEngine:
             seq.finish_reason = "length"
             self._emit(req, [seq])
             return
-        self._sample_and_append([seq], logits.unsqueeze(0))
+        self._append([seq], self._sample([seq], logits.unsqueeze(0)))
 
-    def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample one token for each sequence from `logits` [B, V] and append it."""
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        self._append(seqs, [Accepted([t], logits[row : row + 1]) for row, t in enumerate(tokens)])
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Accepted | None]:
+        tokens = sample_each(logits, seqs, lambda seq, e: self._fail(seq.request, e))
+        return [None if t is None else Accepted([t], logits[row : row + 1]) for row, t in enumerate(tokens)]
 
-    def _append(self, seqs: list[Sequence], results: list[Accepted]) -> None:
+    def _append(self, seqs: list[Sequence], results: list[Accepted | None]) -> None:
         """Append each sequence's new tokens up to the first stop, update text, report per request."""
+        by_request: dict[str, list[tuple[Sequence, Accepted]]] = {}
         for seq, res in zip(seqs, results, strict=True):
-            for i, tok in enumerate(res.tokens):
-                seq.token_ids.append(tok)
-                if seq.params.logprobs is not None:
-                    seq.pending_logprobs += token_logprobs(res.logits[i : i + 1], [tok], seq.params.logprobs)
-                reason = finish_reason_for_token(seq, tok, self.eos_ids, self.max_model_len)
-                update_text(seq, self.tokenizer, reason)
-                if seq.finish_reason is not None:
-                    break
-        by_request: dict[str, list[Sequence]] = {}
-        for seq in seqs:
-            by_request.setdefault(seq.request.request_id, []).append(seq)
+            if res is not None and seq.finish_reason is None:
+                by_request.setdefault(seq.request.request_id, []).append((seq, res))
         for group in by_request.values():
-            self._emit(group[0].request, group)
+            req = group[0][0].request
+            self._guard(req, self._append_request, req, group)
+
+    def _append_request(self, req: Request, group: list[tuple[Sequence, Accepted]]) -> None:
+        for seq, res in group:
+            check_injected_fault(seq, self.fault_seed)
+            append_tokens(seq, res.tokens, res.logits, self.eos_ids, self.max_model_len, self.tokenizer)
+        self._emit(req, [seq for seq, _ in group])
 
     def _emit(self, req: Request, seqs: list[Sequence]) -> None:
-        outs = []
-        for seq in seqs:
-            new_ids = seq.generated_ids[seq.sent_tokens :]
-            seq.sent_tokens = seq.num_generated
-            logprobs, seq.pending_logprobs = seq.pending_logprobs, []
-            outs.append(SeqOutput(seq.index, new_ids, text_delta(seq), logprobs, seq.finish_reason))
-            if seq.finish_reason is not None:
-                req.num_finished += 1
-        finished = req.num_finished == req.params.n
+        outs = [take_output(seq) for seq in seqs]
+        req.num_finished += sum(o.finish_reason is not None for o in outs)
         spec = req.spec.snapshot() if self.spec else None
-        req.emit(RequestOutput(req.request_id, outs, req.prompt_ids, req.prompt_logprobs, finished, spec=spec))
+        req.emit(RequestOutput(req.request_id, outs, req.prompt_ids, req.prompt_logprobs,
+                               req.num_finished == req.params.n, spec=spec))
 
 
 def run_to_completion(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:

@@ -89,6 +89,14 @@ class ModelRunner:
         return self._forward(0, tokens, pos, max(positions) + 1, all_logits=False)[0]
 
     @torch.inference_mode()
+    def decode_at(self, slot: int, token: int, position: int,
+                  capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One token for the sequence in `slot` alone (a failed batch retried one by one): logits [1, V] and
+        the captured features [1, 1, n*H] (or None)."""
+        tokens = torch.tensor([[token]], device=self.device)
+        return self._forward(slot, tokens, torch.tensor([[position]], device=self.device), position + 1, False, capture)
+
+    @torch.inference_mode()
     def verify(self, tokens: list[list[int]], starts: list[int],
                capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Score S tokens per sequence in slots [0, B), row b at positions starts[b] + [0, S), in one forward.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .config import SamplingParams
-from .sequence import TokenLogprob
+from .sequence import Sequence, TokenLogprob
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -52,4 +54,20 @@ def make_generator(seed: int | None, index: int) -> torch.Generator | None:
     """A per-sequence generator when the request has a seed, so its samples repeat run to run."""
     if seed is None:
         return None
-    return torch.Generator().manual_seed(seed + index)
+    # Modulo 2^64: choice i of a seed near the top of the range wraps instead of overflowing manual_seed
+    # (which takes [-2^63, 2^64) and reads a negative seed as seed + 2^64, so small seeds are unchanged).
+    return torch.Generator().manual_seed((seed + index) % 2**64)
+
+
+def sample_each(logits: torch.Tensor, seqs: list[Sequence],
+                on_error: Callable[[Sequence, Exception], None]) -> list[int | None]:
+    """One token per sequence from its row of `logits` [B, V], each sampled alone so that a failure is that
+    sequence's: it goes to `on_error` and its token is None."""
+    out: list[int | None] = []
+    for row, seq in enumerate(seqs):
+        try:
+            out.extend(sample(logits[row : row + 1], [seq.params], [seq.generator]))
+        except Exception as e:
+            on_error(seq, e)
+            out.append(None)
+    return out

@@ -109,6 +109,7 @@ class Request:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_finished: int = 0
     spec: SpecStats = field(default_factory=SpecStats)  # speculative decoding counts over its sequences
+    error: str | None = None  # set when the engine failed it (its sequences then finish with "error")
 
 
 @dataclass

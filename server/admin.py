@@ -12,7 +12,7 @@ from fastapi import Request as HttpRequest
 from pydantic import BaseModel, ConfigDict
 
 from optiserve.engine.kv_quant import KV_FORMATS
-from optiserve.engine.llm_engine import LLMEngine, WeightSet
+from optiserve.engine.llm_engine import EngineDeadError, LLMEngine, SwapError, WeightSet
 from optiserve.engine.quant import WEIGHT_FORMATS, QuantLinear, check_format, weight_bytes
 from optiserve.optimize.data import read_texts, token_windows
 from optiserve.optimize.evaluate import evaluate
@@ -59,12 +59,16 @@ class QuantAdmin:
         }
 
     def swap(self, quant: str, kv_cache: str) -> float:
-        """Build the new weight set beside the old one, switch between steps, then probe quality."""
+        """Build the new weight set beside the old one, switch between steps, then probe quality. A failed
+        switch raises SwapError with the old weights still serving (the lock is released either way)."""
         with self.lock:
             start = time.monotonic()
             req = replace(self.base, quant=quant, kv_cache=kv_cache)
             engine = self.engine
-            q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
+            try:  # built beside the served weights: a failure here changes nothing
+                q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
+            except Exception as e:
+                raise SwapError(f"could not build the {quant}/{kv_cache} weights: {type(e).__name__}: {e}") from e
             engine.use_weights(WeightSet(q.model, quant, q.kv))
             self.last_swap_s = time.monotonic() - start
             windows = token_windows(engine.tokenizer, read_texts(req.calib_path), PROBE_LEN, PROBE_WINDOWS)
@@ -94,7 +98,12 @@ async def post_quantization(body: SwapRequest, raw: HttpRequest) -> dict:
     if admin.engine.master is None:
         raise ApiError(409, "this server loads a pre-quantized checkpoint and holds no unquantized weights to "
                        "re-quantize from; restart it on the original model to change formats", "quant")
-    seconds = await asyncio.to_thread(admin.swap, body.quant, body.kv_cache)
+    try:
+        seconds = await asyncio.to_thread(admin.swap, body.quant, body.kv_cache)
+    except SwapError as e:  # the engine still serves the formats it served before (see GET)
+        raise ApiError(500, str(e), "quant", "swap_failed") from None
+    except EngineDeadError:
+        raise ApiError(503, "the engine has stopped", code="engine_stopped") from None
     metrics = raw.app.state.metrics
     metrics.format_swaps.labels(metrics.model_name).inc()
     metrics.swap_seconds.labels(metrics.model_name).observe(seconds)

@@ -17,7 +17,7 @@ from optiserve.optimize.startup import QuantRequest
 
 from .admin import QuantAdmin
 from .admin import router as admin_router
-from .engine_client import EngineClient
+from .engine_client import EngineClient, EngineRequestError
 from .metrics import ServerMetrics
 from .openai_api import ApiError, router
 from .protocol import error_response
@@ -34,7 +34,8 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     first = errors[0]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    # Union members appear in the location as tags such as "function-after[check_text(), str]": not fields.
+    loc = [str(x) for x in first.get("loc", ()) if x != "body" and not (isinstance(x, str) and "[" in x)]
     param = ".".join(loc) or None
     return f"{param or 'body'}: {first.get('msg', 'invalid value')}", param
 
@@ -56,8 +57,9 @@ def create_app(
         yield
         engine.stop()
 
-    app = FastAPI(title="optiserve", version="0.1.0", lifespan=lifespan)
-    app.state.engine_client = EngineClient(engine, metrics, options.request_timeout_s)
+    docs = {} if options.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="optiserve", version="0.1.0", lifespan=lifespan, **docs)
+    app.state.engine_client = EngineClient(engine, metrics, options.request_timeout_s, options.max_waiting)
     app.state.options = options
     app.state.draining = False
     app.state.served_model_name = name
@@ -83,6 +85,11 @@ def create_app(
         count_error(exc.status_code)
         return error_response(exc.status_code, str(exc.detail), exc.param, exc.code, exc.headers)
 
+    @app.exception_handler(EngineRequestError)
+    async def on_engine_error(request: Request, exc: EngineRequestError) -> JSONResponse:
+        count_error(500)
+        return error_response(500, str(exc), code="engine_error")
+
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         count_error(exc.status_code)
@@ -95,8 +102,11 @@ def create_app(
         return error_response(500, f"internal error: {type(exc).__name__}")
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
+    async def health() -> Response:
+        """ok while the engine thread runs; 503 once it has stopped (nothing would be served)."""
+        if not engine.alive():
+            return error_response(503, "the engine has stopped", code="engine_stopped")
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cut short")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
     serve.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the context length")
+    serve.add_argument("--disable-docs", action="store_true",
+                       help="do not serve /docs, /redoc, /openapi.json (with --api-key they need the key anyway)")
     serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running requests")
 
     add_quant_commands(sub)  # eval, quantize
@@ -144,7 +146,7 @@ def serve(args: argparse.Namespace) -> None:
     cfg = engine_config(args, max_batch=args.max_batch, max_model_len=args.max_model_len)
     options = ServerOptions(api_key=args.api_key, admin_token=args.admin_token, max_waiting=args.max_waiting,
                             request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
-                            max_prompt_tokens=args.max_prompt_tokens)
+                            max_prompt_tokens=args.max_prompt_tokens, docs=not args.disable_docs)
     req = quant_request(args)
     engine = LLMEngine(cfg)
     apply_quant(engine, req)

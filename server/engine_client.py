@@ -1,4 +1,9 @@
-"""The asyncio side of the engine: submit a request, iterate its outputs, abort it when the client goes away."""
+"""The asyncio side of the engine: admit and submit requests, iterate their outputs, abort on disconnect.
+
+Admission and submission happen together, synchronously on the event loop (`submit`), so no two handlers
+can both pass the `--max-waiting` check before either is queued. The engine is keyed by an internal id per
+request; the client's `X-Request-Id` only labels the logs (two clients may send the same one).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,10 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from optiserve.engine.config import SamplingParams
-from optiserve.engine.llm_engine import LLMEngine
+from optiserve.engine.llm_engine import EngineDeadError, LLMEngine
 from optiserve.engine.sequence import Request, RequestOutput, SeqOutput, SpecStats
 
 from .metrics import ServerMetrics
@@ -17,27 +23,74 @@ from .metrics import ServerMetrics
 log = logging.getLogger("optiserve.requests")
 
 
+class QueueFullError(RuntimeError):
+    """No room in the waiting queue for the request's sequences (the server answers 429)."""
+
+
+class EngineRequestError(RuntimeError):
+    """The engine failed this request (the server answers 500, or an error event mid-stream)."""
+
+
+@dataclass
+class Submission:
+    """One request handed to the engine: where its outputs arrive, and whether its sequences still count."""
+
+    request: Request
+    client_id: str
+    outputs: asyncio.Queue[RequestOutput] = field(default_factory=asyncio.Queue)
+    counted: bool = True
+
+
 class EngineClient:
     """Bridges HTTP handlers (event loop) and the engine thread; records per-request latency metrics."""
 
-    def __init__(self, engine: LLMEngine, metrics: ServerMetrics, timeout_s: float = 600.0):
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics, timeout_s: float = 600.0, max_waiting: int = 256):
         self.engine = engine
         self.metrics = metrics
         self.timeout_s = timeout_s
+        self.max_waiting = max_waiting
+        self.in_flight = 0  # sequences submitted and not yet finished or aborted (touched on the event loop only)
 
-    async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
+    def submit(self, prompts: list[list[int]], params: SamplingParams, client_id: str) -> list[AsyncIterator]:
+        """Admit all of a call's sequences (`n` per prompt) or none, queue them in the engine, and return one
+        output stream per prompt. Raises EngineDeadError, QueueFullError, or the engine's RequestError."""
+        if not self.engine.alive():
+            raise EngineDeadError("the engine has stopped")
+        new = len(prompts) * params.n
+        if self.in_flight + new - self.engine.cfg.max_batch > self.max_waiting:
+            raise QueueFullError(f"the server's waiting queue is full ({self.max_waiting} sequences); retry later")
+        for ids in prompts:  # all checked before any is queued
+            self.engine.check_request(len(ids), params.max_tokens)
+        loop = asyncio.get_running_loop()
+        subs = []
+        for i, ids in enumerate(prompts):
+            label = client_id if len(prompts) == 1 else f"{client_id}-{i}"
+            request = Request(uuid.uuid4().hex, ids, params, lambda out: None)
+            sub = Submission(request, label)
+            request.emit = lambda out, sub=sub: loop.call_soon_threadsafe(self._deliver, sub, out)
+            self.engine.add_request(request)
+            self.in_flight += params.n
+            subs.append(sub)
+        return [self._stream(sub) for sub in subs]
+
+    def _deliver(self, sub: Submission, out: RequestOutput) -> None:
+        sub.outputs.put_nowait(out)
+        if out.finished:  # counted off here too, so a stream nobody reads does not hold its place forever
+            self._uncount(sub)
+
+    def _uncount(self, sub: Submission) -> None:
+        if sub.counted:
+            sub.counted = False
+            self.in_flight -= sub.request.params.n
+
+    async def _stream(self, sub: Submission) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as the engine produces them; aborts it if the consumer stops early.
 
-        Past the per-request timeout the request is aborted and ends like a `length` stop: the caller gets
-        what was generated so far, never a hang.
+        Past the per-request timeout the request is aborted and ends like a `length` stop with what it has (as
+        documented; logged and counted as `timeout`). An engine failure raises EngineRequestError instead.
         """
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        rid = request_id or uuid.uuid4().hex
-        request = Request(rid, prompt_ids, params, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
-        self.engine.add_request(request)  # raises RequestError for a request that cannot fit
+        request, rid = sub.request, sub.request.request_id
+        params, prompt_ids = request.params, request.prompt_ids
         m, name = self.metrics, self.metrics.model_name
         start = last = time.monotonic()
         deadline = start + self.timeout_s
@@ -47,14 +100,18 @@ class EngineClient:
         try:
             while not finished:
                 try:
-                    out = await asyncio.wait_for(outputs.get(), max(0.0, deadline - time.monotonic()))
+                    out = await asyncio.wait_for(sub.outputs.get(), max(0.0, deadline - time.monotonic()))
                 except TimeoutError:
+                    if not self.engine.alive():
+                        raise EngineRequestError("the engine stopped before finishing this request") from None
                     self.engine.abort(rid)
                     out = RequestOutput(rid, [SeqOutput(i, [], "", [], "length") for i in sorted(open_seqs)],
                                         prompt_ids, finished=True)
-                    log.warning("request %s timed out after %.1fs", rid, self.timeout_s)
+                    log.warning("request %s timed out after %.1fs", sub.client_id, self.timeout_s)
+                    reason = "timeout"
                 if out.error:
-                    raise RuntimeError(out.error)
+                    reason = "error"
+                    raise EngineRequestError(out.error)
                 if out.spec is not None:  # cumulative per request: add what is new since the last output
                     delta = out.spec.minus(spec_seen)
                     m.observe_spec(delta)
@@ -70,16 +127,19 @@ class EngineClient:
                         m.itl.labels(name).observe((now - last) / new)
                     generated, last = generated + new, now
                 open_seqs -= {o.index for o in out.outputs if o.finish_reason}
-                reason = next((o.finish_reason for o in out.outputs if o.finish_reason), reason)
+                if reason != "timeout":
+                    reason = next((o.finish_reason for o in out.outputs if o.finish_reason), reason)
                 finished = out.finished
                 yield out
         finally:
             if not finished:
                 self.engine.abort(rid)
+            self._uncount(sub)
             e2e = time.monotonic() - start
-            m.observe_finished(reason, len(prompt_ids), generated, e2e)
+            if reason != "error":  # a failed request is no success of any finish reason
+                m.observe_finished(reason, len(prompt_ids), generated, e2e)
             spec = ""
             if spec_seen.drafts:
                 spec = f" acceptance={spec_seen.acceptance_rate:.3f} tau={spec_seen.mean_acceptance_length:.2f}"
-            log.info("request %s %s: prompt=%d generated=%d e2e=%.3fs%s", rid, reason, len(prompt_ids), generated, e2e,
-                     spec)
+            log.info("request %s (engine %s) %s: prompt=%d generated=%d e2e=%.3fs%s", sub.client_id, rid, reason,
+                     len(prompt_ids), generated, e2e, spec)

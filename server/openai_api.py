@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import APIRouter, HTTPException
 from fastapi import Request as HttpRequest
 from fastapi.responses import StreamingResponse
 
 from optiserve.engine.config import SamplingParams
-from optiserve.engine.llm_engine import RequestError
+from optiserve.engine.llm_engine import EngineDeadError, RequestError
 from optiserve.engine.sequence import RequestOutput, SpecStats, TokenLogprob
 
 from .completion_chunks import CompletionChunks, merge_choice
-from .engine_client import EngineClient
-from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from .engine_client import EngineClient, EngineRequestError, QueueFullError
+from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body
 from .streams import collect_until_disconnect, merge_streams
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.5
 
 
@@ -56,25 +59,45 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         raise ApiError(400, str(e)) from None
 
 
-def check_admission(raw: HttpRequest, client: EngineClient, prompts: list[list[int]], max_tokens: int | None) -> None:
-    """Token ids, lengths, and room in the waiting queue (429 with Retry-After when it is full)."""
-    options, engine = raw.app.state.options, client.engine
-    stats = engine.stats()
-    queued_after = stats.num_running + stats.num_waiting + len(prompts) - engine.cfg.max_batch
-    if queued_after > options.max_waiting:
-        raise ApiError(429, f"the server's waiting queue is full ({options.max_waiting} requests); retry later",
-                       code="queue_full", headers={"Retry-After": "1"})
-    limit = options.max_prompt_tokens
+def check_prompts(raw: HttpRequest, client: EngineClient, prompts: list[list[int]], prompt_param: str) -> None:
+    """Token ids in the vocabulary and prompts within --max-prompt-tokens (`prompt_param` names the field)."""
+    limit = raw.app.state.options.max_prompt_tokens
     if limit is not None and any(len(ids) > limit for ids in prompts):
-        raise ApiError(400, f"prompts are limited to {limit} tokens on this server", "prompt")
+        raise ApiError(400, f"prompts are limited to {limit} tokens on this server", prompt_param)
     vocab = client.engine.model_config.vocab_size
     for ids in prompts:
         if any(not 0 <= t < vocab for t in ids):
-            raise ApiError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+            raise ApiError(400, f"prompt token ids must be in [0, {vocab})", prompt_param)
+
+
+def submit(raw: HttpRequest, prompts: list[list[int]], params: SamplingParams, prompt_param: str) -> list:
+    """Admit and queue the call's sequences at once (see EngineClient.submit); one output stream per prompt."""
+    client = client_of(raw)
+    check_prompts(raw, client, prompts, prompt_param)
+    try:
+        return client.submit(prompts, params, raw.state.request_id)
+    except QueueFullError as e:
+        raise ApiError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
+    except EngineDeadError:
+        raise ApiError(503, "the engine has stopped; this server cannot serve requests", code="engine_stopped",
+                       headers={"Retry-After": "5"}) from None
+    except RequestError as e:
+        raise ApiError(400, str(e), prompt_param if e.param == "prompt" else e.param) from None
+
+
+async def with_error_event(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """SSE events; if producing them fails once the headers are out, one OpenAI-shaped error event, then the end."""
+    async with aclosing(events):
         try:
-            client.engine.check_request(len(ids), max_tokens)
-        except RequestError as e:
-            raise ApiError(400, str(e), "max_tokens") from None
+            async for event in events:
+                yield event
+        except Exception as e:
+            if isinstance(e, EngineRequestError):
+                message, code = str(e), "engine_error"
+            else:
+                log.exception("stream failed")
+                message, code = f"internal error: {type(e).__name__}", None
+            yield sse(error_body(message, "server_error", None, code))
 
 
 def usage(prompts: list[list[int]], completion_tokens: int, spec: list[SpecStats | None] = ()) -> dict:
@@ -118,13 +141,11 @@ async def completions(req: CompletionRequest, raw: HttpRequest):
     prompts = tokenize_prompts(tok, req.prompt)
     if req.max_tokens == 0 and not req.echo:
         raise ApiError(400, "max_tokens must be at least 1 unless echo is set", "max_tokens")
-    check_admission(raw, client, prompts, req.max_tokens)
     params = sampling_params(req, req.max_tokens, req.logprobs, req.logprobs if req.echo else None)
+    streams = submit(raw, prompts, params, "prompt")
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    rid_base = raw.state.request_id
-    streams = [client.generate(ids, params, f"{rid_base}-{i}") for i, ids in enumerate(prompts)]
     if req.stream:
-        return StreamingResponse(stream_completion(req, rid, created, prompts, streams, tok),
+        return StreamingResponse(with_error_event(stream_completion(req, rid, created, prompts, streams, tok)),
                                  media_type="text/event-stream")
     results = await collect_until_disconnect(raw, streams, DISCONNECT_POLL_S)
     chunks = CompletionChunks(req, prompts, tok)
@@ -181,12 +202,12 @@ async def chat_completions(req: ChatCompletionRequest, raw: HttpRequest):
     if max_tokens == 0:
         raise ApiError(400, "max_tokens must be at least 1", "max_tokens")
     prompt = render_chat(tok, req)
-    check_admission(raw, client, [prompt], max_tokens)
     params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    (stream,) = submit(raw, [prompt], params, "messages")
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    stream = client.generate(prompt, params, raw.state.request_id)
     if req.stream:
-        return StreamingResponse(stream_chat(req, rid, created, prompt, stream, tok), media_type="text/event-stream")
+        return StreamingResponse(with_error_event(stream_chat(req, rid, created, prompt, stream, tok)),
+                                 media_type="text/event-stream")
     (outs,) = await collect_until_disconnect(raw, [stream], DISCONNECT_POLL_S)
     choices, generated = [], 0
     for idx in range(req.n):

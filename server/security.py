@@ -13,6 +13,7 @@ from starlette.responses import Response
 from .protocol import error_response
 
 OPEN_PATHS = ("/health", "/metrics")
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")  # behind --api-key like /v1
 REQUEST_ID_HEADER = "X-Request-Id"
 
 
@@ -26,6 +27,7 @@ class ServerOptions:
     request_timeout_s: float = 600.0
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int | None = None  # None: the context length
+    docs: bool = True  # serve /docs, /redoc and /openapi.json (--disable-docs turns them off)
 
     def __post_init__(self) -> None:
         if self.max_waiting < 0:
@@ -69,12 +71,29 @@ class GuardMiddleware(BaseHTTPMiddleware):
                 return error_response(403, "admin endpoints are disabled: start with --admin-token")
             if not bearer_matches(request, opts.admin_token):
                 return error_response(401, "a valid admin Bearer token is required")
-        elif path.startswith("/v1") and opts.api_key and not bearer_matches(request, opts.api_key):
+        elif self.needs_api_key(path) and not bearer_matches(request, opts.api_key):
             return error_response(401, "a valid API key is required (Authorization: Bearer ...)")
+        return await self.check_body_size(request)
+
+    def needs_api_key(self, path: str) -> bool:
+        return bool(self.options.api_key) and (path.startswith("/v1") or path in DOCS_PATHS)
+
+    async def check_body_size(self, request: Request) -> Response | None:
+        """413 for a body over --max-body-bytes: at once from Content-Length, else while reading a chunked
+        body (reading stops at the limit, so an endless upload costs at most the limit in memory)."""
+        limit = self.options.max_body_bytes
+        too_big = error_response(413, f"the request body exceeds {limit} bytes")
         length = request.headers.get("content-length")
-        too_big = error_response(413, f"the request body exceeds {opts.max_body_bytes} bytes")
         if length is not None:
-            return too_big if not length.isdigit() or int(length) > opts.max_body_bytes else None
-        if request.method in ("POST", "PUT") and len(await request.body()) > opts.max_body_bytes:
-            return too_big  # chunked upload without a length: read (starlette caches it) and measure
+            return too_big if not length.isdigit() or int(length) > limit else None
+        if request.method not in ("POST", "PUT", "PATCH"):
+            return None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return too_big
+            chunks.append(chunk)
+        # Starlette's BaseHTTPMiddleware replays a body read here (`Request._body`) to the route.
+        request._body = b"".join(chunks)
         return None

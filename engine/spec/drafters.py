@@ -68,8 +68,10 @@ class EagleDrafter:
         seq.draft_state = EagleState(features)
 
     def on_verify(self, seq: Sequence, features: torch.Tensor | None) -> None:
-        """Features [m, 3H] of the positions the target kept: the next proposal reads them first."""
-        seq.draft_state.pending = features
+        """Features [m, 3H] of the positions the target kept: the next proposal reads them first. Appended: a
+        proposal that failed part-way (its batch retried without drafts) may have left some unread."""
+        state = seq.draft_state
+        state.pending = features if not len(state.pending) else torch.cat([state.pending, features])
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence]) -> list[Proposal]:

@@ -8,6 +8,9 @@ operation, rather than its pytest plugin (`schemathesis.pytest.from_fixture` rew
 node ids and breaks with pytest releases).
 """
 
+import json
+
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -34,7 +37,8 @@ def steer_body(body) -> None:
         for key in ("max_tokens", "max_completion_tokens"):
             if isinstance(body.get(key), int) and body[key] > MAX_TOKENS_CAP:
                 body[key] = MAX_TOKENS_CAP
-        body.setdefault("max_tokens", MAX_TOKENS_CAP)
+        if body.get("max_tokens") is None:  # absent or null: the rest of the context, up to n=16 times over
+            body["max_tokens"] = MAX_TOKENS_CAP
 
 
 def fuzz_operation(operation, server: ServerProcess) -> None:
@@ -58,3 +62,22 @@ def test_no_server_errors(fuzz_server, subtests):
     for operation in operations:
         with subtests.test(operation=operation.label):
             fuzz_operation(operation, fuzz_server)
+
+
+# Strings the strategies rarely produce: lone UTF-16 surrogates, sent as JSON escapes ("\ud800"). Each is a 400.
+SURROGATE_CASES = [
+    ("/v1/completions", {"model": MODEL, "prompt": "\ud800", "max_tokens": 2}),
+    ("/v1/completions", {"model": MODEL, "prompt": ["ok", "\udc00x"], "max_tokens": 2}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "a\udbff"}]}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text",
+                                                                                          "text": "\ud800"}]}]}),
+    ("/v1/chat/completions", {"model": "\ud800", "messages": [{"role": "user", "content": "Hi"}]}),
+    ("/v1/chat/completions", {"model": MODEL, "user": "\udfff", "messages": [{"role": "user", "content": "Hi"}]}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), SURROGATE_CASES)
+def test_lone_surrogates_are_400(fuzz_server, path, body):
+    r = httpx.post(f"{fuzz_server.url}{path}", content=json.dumps(body), timeout=60,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
