@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from optiserve.engine.model import Linear, Transformer
+from optiserve.engine.model import Linear, Transformer, with_layers
 from optiserve.engine.runner import ModelRunner
 
 SAMPLE_ROWS = 2048  # input rows kept per linear for the AWQ searches (fewer rows made noisier, worse choices)
@@ -73,7 +73,11 @@ def _record_input(stats: dict[str, InputStats], name: str):
 
 @torch.inference_mode()
 def calibrate(model: Transformer, windows: list[list[int]], progress: bool = True) -> CalibStats:
-    """Run `windows` through `model` and collect `CalibStats` (the model is left unchanged)."""
+    """Run `windows` through `model` and collect `CalibStats` (the model is left unchanged).
+
+    The hooks sit on a private copy of the modules (sharing the weight tensors, which nothing writes): `model` may
+    be the one an engine is serving, and its requests' activations must not enter the statistics."""
+    model = with_layers(model, {})
     n_layers, device = model.cfg.num_layers, model.embed.weight.device
     stats: dict[str, InputStats] = {}
     k_amax = [torch.zeros((), device=device) for _ in range(n_layers)]

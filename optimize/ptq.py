@@ -12,13 +12,11 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from optiserve.engine.model import Transformer
+from optiserve.engine.model import Transformer, with_layers
 from optiserve.engine.quant import FORMATS, QuantLinear, input_scale_for, quantize_fused, quantize_weight
 from optiserve.kernels.int4 import int4_scale_from_amax
 
@@ -72,16 +70,6 @@ def plan_linear(fmt: str, name: str, w: torch.Tensor, stats: InputStats, sizes: 
         return LinearPlan(list(w.split(sizes)), stats.amax)
     smoothed_amax = (stats.channel_amax / s).amax()
     return LinearPlan(list((w * s).split(sizes)), smoothed_amax, pre_quant_scale=1.0 / s, int4_scales=int4_scales)
-
-
-def with_layers(model: Transformer, layers: dict[str, nn.Module]) -> Transformer:
-    """A copy of `model` with the named submodules replaced; every other tensor is shared, not copied."""
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    new = copy.deepcopy(model, memo=shared)
-    for name, layer in layers.items():
-        parent, child = name.rsplit(".", 1)
-        setattr(new.get_submodule(parent), child, layer)
-    return new
 
 
 def plan_model(model: Transformer, fmt: str, stats: CalibStats,
