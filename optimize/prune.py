@@ -225,7 +225,7 @@ def run_prune(model: str, req: PruneRequest, output: str, data: list[str] | None
     from .calibrate import calibrate
     from .data import default_calib_path, read_texts, token_windows
     from .export import export_checkpoint
-    from .startup import QuantResult
+    from .ptq import QuantResult
 
     model_dir = resolve_model_dir(model)
     cfg = ModelConfig.from_dir(model_dir)

@@ -9,8 +9,8 @@ from dataclasses import fields
 import torch
 
 from optiserve.engine.runner import ModelRunner
-from optiserve.optimize.calibrate import CalibStats, InputStats, calibrate
-from optiserve.optimize.startup import QuantRequest, calibration_windows
+from optiserve.optimize.calibrate import CalibStats, InputStats
+from optiserve.optimize.startup import QuantRequest, calibration_stats
 
 REQ = QuantRequest(calib_samples=2, calib_seq_len=64)
 TRAFFIC = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]  # an odd row count, as served requests bring
@@ -32,11 +32,12 @@ def assert_equal_stats(a: CalibStats, b: CalibStats) -> None:
         assert all(torch.equal(s, t) for s, t in zip(getattr(a, per_layer), getattr(b, per_layer), strict=True))
 
 
-def test_calibration_ignores_the_served_models_traffic(engine):
-    """The served model's forward runs in another thread during calibration (as the engine thread does during a
-    swap); the statistics equal those of a calibration run alone, exactly."""
-    windows = calibration_windows(engine.tokenizer, REQ)
-    alone = calibrate(engine.master, windows, progress=False)
+def test_swap_statistics_equal_startup_statistics(engine, tmp_path, monkeypatch):
+    """A swap calibrates while the engine thread runs the served model's forward; its statistics (as computed, and
+    as read back from the cache) equal those of a start-up calibration with the same arguments, exactly."""
+    monkeypatch.setenv("OPTISERVE_CACHE", str(tmp_path / "startup"))
+    startup = calibration_stats(engine.model_dir, engine.master, engine.tokenizer, REQ)
+    monkeypatch.setenv("OPTISERVE_CACHE", str(tmp_path / "swap"))
     served = ModelRunner(engine.master, 1, 64, engine.master.embed.weight.dtype)
     stop, forwards = threading.Event(), []
 
@@ -50,10 +51,11 @@ def test_calibration_ignores_the_served_models_traffic(engine):
     try:
         while not forwards:  # traffic is flowing before calibration starts
             stop.wait(0.01)
-        busy = calibrate(engine.master, windows, progress=False)
+        swap = calibration_stats(engine.model_dir, engine.master, engine.tokenizer, REQ)
     finally:
         stop.set()
         thread.join()
     assert len(forwards) > 1
-    assert all(s.rows == sum(len(w) for w in windows) for s in busy.linears.values())
-    assert_equal_stats(busy, alone)
+    assert all(s.rows == REQ.calib_samples * REQ.calib_seq_len for s in swap.linears.values())
+    assert_equal_stats(swap, startup)
+    assert_equal_stats(calibration_stats(engine.model_dir, engine.master, engine.tokenizer, REQ), startup)  # cached
