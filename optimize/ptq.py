@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from optiserve.engine.kv_quant import KVFormat
 from optiserve.engine.model import Transformer, with_layers
@@ -85,7 +86,7 @@ def plan_model(model: Transformer, fmt: str, stats: CalibStats,
                smoothquant_alpha: float = SMOOTHQUANT_ALPHA) -> dict[str, LinearPlan]:
     """PTQ's decision (smoothing, input range) for every quantizable linear of `model`, by module name."""
     plans = {}
-    for name, linear in quantizable_linears(model).items():
+    for name, linear in tqdm(quantizable_linears(model).items(), desc=f"quantize {fmt}", unit="linear"):
         w = linear.weight.float()  # [out, in]
         plans[name] = plan_linear(fmt, name, w, stats.linears[name], shard_sizes(model, name), smoothquant_alpha)
     return plans
