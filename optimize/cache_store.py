@@ -34,16 +34,23 @@ def read_entry(path: Path, read: Callable[[Path], T]) -> T | None:
 
 
 def write_entry(path: Path, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp_dir)` and rename the directory to `path`; if another writer got there first, keep theirs."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    """Run `write(tmp_dir)` and rename the directory to `path`; if another writer got there first, keep theirs.
+    A cache that cannot be written (read-only, full) costs only the next start's time: a warning, no failure."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as e:
+        log.warning("cannot write PTQ cache entry %s (%s); it will be recomputed next time", path, e)
+        return
     try:
         write(tmp)
         os.replace(tmp, path)
-    except OSError:
-        if not path.is_dir():
-            raise
-        log.info("PTQ cache entry %s was written meanwhile by another process; keeping it", path)
+    except Exception as e:  # the result is in hand: failing to cache it must not fail the start or the swap
+        if path.is_dir():
+            log.info("PTQ cache entry %s was written meanwhile by another writer; keeping it", path)
+        else:
+            log.warning("cannot write PTQ cache entry %s (%s: %s); it will be recomputed next time", path,
+                        type(e).__name__, e)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -118,6 +118,19 @@ def test_two_writers_of_one_key_never_share_a_file(tmp_path):
     assert [p.name for p in entry.parent.iterdir()] == ["key"]
 
 
+def test_a_failed_write_is_a_warning_and_leaves_nothing(tmp_path, caplog):
+    entry = tmp_path / "ptq" / "key"
+
+    def write(tmp: Path) -> None:
+        (tmp / "part").write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with caplog.at_level(logging.WARNING):
+        write_entry(entry, write)
+    assert str(entry) in caplog.text and "No space left" in caplog.text
+    assert list(entry.parent.iterdir()) == []
+
+
 @pytest.mark.parametrize("damaged", ["model.safetensors", "config.json"])
 def test_a_damaged_model_dir_fails_in_one_line(engine, tmp_path, damaged):
     model = tmp_path / "model"
