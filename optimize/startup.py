@@ -75,10 +75,13 @@ def file_identity(path: Path) -> list:
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def cache_key(model_dir: Path, req: QuantRequest) -> str:
-    """Changes when the model's files, the formats, the calibration data or its settings, or PTQ's code change."""
+def cache_key(model_dir: Path, model: Transformer, req: QuantRequest) -> str:
+    """Changes when the model's files, the dtype or device it runs in, the formats, the calibration data or its
+    settings, or PTQ's code change."""
     model_files = sorted([*model_dir.glob("*.safetensors"), model_dir / "config.json"])
-    parts = {"model": [file_identity(f) for f in model_files], **asdict(req), "calib": file_identity(req.calib_path),
+    weight = model.embed.weight
+    parts = {"model": [file_identity(f) for f in model_files], "dtype": str(weight.dtype),
+             "device": weight.device.type, **asdict(req), "calib": file_identity(req.calib_path),
              "code": code_fingerprint()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -90,7 +93,7 @@ def calibration_windows(tokenizer, req: QuantRequest) -> list[list[int]]:
 
 def calibration_stats(model_dir: Path, model: Transformer, tokenizer, req: QuantRequest) -> CalibStats:
     """Calibration statistics, shared by every format (cached apart from the quantized weights)."""
-    path = ptq_cache_dir() / f"calib-{cache_key(model_dir, replace(req, quant='none', kv_cache='none'))}"
+    path = ptq_cache_dir() / f"calib-{cache_key(model_dir, model, replace(req, quant='none', kv_cache='none'))}"
     stats = read_entry(path, lambda p: load_stats(p, model.embed.weight.device))
     if stats is None:
         windows = calibration_windows(tokenizer, req)
@@ -120,7 +123,7 @@ def prepare_quantized(model_dir: Path, model: Transformer, tokenizer, req: Quant
         if req.kv_cache == "none":
             return QuantResult(model)
         return QuantResult(model, kv_format_for(req.kv_cache, calibration_stats(model_dir, model, tokenizer, req)))
-    path = ptq_cache_dir() / cache_key(model_dir, req)
+    path = ptq_cache_dir() / cache_key(model_dir, model, req)
     cached = read_entry(path, lambda p: load_quantized_layers(p, model))
     if cached is not None:
         log.info("loaded calibrated %s / KV %s from %s", req.quant, req.kv_cache, path)

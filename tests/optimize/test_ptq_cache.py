@@ -32,8 +32,8 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
 
 def entries(engine, cache_dir: Path) -> tuple[Path, Path]:
     """(the quantized-weights entry, the calibration-statistics entry) of `REQ`."""
-    calib = f"calib-{cache_key(engine.model_dir, CALIB_KEY_REQ)}"
-    return cache_dir / cache_key(engine.model_dir, REQ), cache_dir / calib
+    calib = f"calib-{cache_key(engine.model_dir, engine.master, CALIB_KEY_REQ)}"
+    return cache_dir / cache_key(engine.model_dir, engine.master, REQ), cache_dir / calib
 
 
 def assert_same_result(a, b) -> None:
