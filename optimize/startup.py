@@ -126,7 +126,7 @@ def prepare_quantized(model_dir: Path, model: Transformer, tokenizer, req: Quant
     path = ptq_cache_dir() / cache_key(model_dir, model, req)
     cached = read_entry(path, lambda p: load_quantized_layers(p, model))
     if cached is not None:
-        log.info("loaded calibrated %s / KV %s from %s", req.quant, req.kv_cache, path)
+        log.info("loading calibrated %s / KV %s from %s", req.quant, req.kv_cache, path)
         return QuantResult(cached.model, cached.kv)
     stats = calibration_stats(model_dir, model, tokenizer, req)
     result = QuantResult(quantize_model(model, req.quant, stats, req.smoothquant_alpha),
