@@ -93,7 +93,18 @@ class ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise ModelLoadError(f"{model_dir}: no config.json (not a Hugging Face checkpoint dir)")
-        return cls.from_dict(json.loads(path.read_text()))
+        return cls.from_dict(read_json(path))
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; a file that is unreadable or not a JSON object is a `ModelLoadError` naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: unreadable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return data
 
 
 def check_device(name: str) -> str:

@@ -12,6 +12,8 @@ Every `Linear` is a module of its own so quantization can replace it.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -182,3 +184,14 @@ class Transformer(nn.Module):
         """Logits [B, S, V] if `all_logits` else [B, V] for each row's last position."""
         x, _ = self.hidden_states(tokens, positions, cache, mask)
         return self.logits(x if all_logits else x[:, -1])
+
+
+def with_layers(model: Transformer, layers: dict[str, nn.Module]) -> Transformer:
+    """A copy of `model` with the named submodules replaced; every other tensor is shared, not copied (modules are
+    new objects, so hooks or replacements on the copy never reach `model`)."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    new = copy.deepcopy(model, memo=shared)
+    for name, layer in layers.items():
+        parent, child = name.rsplit(".", 1)
+        setattr(new.get_submodule(parent), child, layer)
+    return new

@@ -19,7 +19,6 @@ Ours only: an NVFP4 KV cache's per-layer mean keys in `optiserve_kv_means.json` 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +30,9 @@ from optiserve.kernels.int4 import Int4Tensor, unpack_int4_reference
 from optiserve.kernels.int8 import Int8Tensor
 from optiserve.kernels.nvfp4 import NVFP4Tensor
 
-from .config import ModelConfig, ModelLoadError
+from .config import ModelConfig, ModelLoadError, read_json
 from .kv_quant import KVFormat, kv_scale_from_modelopt
-from .model import Transformer
+from .model import Transformer, with_layers
 from .quant import FORMATS, PackedWeight, QuantLinear
 from .weights import load_model, read_state_dict, rope_row_perm
 
@@ -53,10 +52,10 @@ def read_hf_quant_config(model_dir: Path) -> dict | None:
     """The `quantization` section of a ModelOpt checkpoint (from hf_quant_config.json or config.json), else None."""
     path = Path(model_dir) / HF_QUANT_CONFIG
     if path.is_file():
-        return json.loads(path.read_text()).get("quantization", {})
+        return read_json(path).get("quantization", {})
     cfg_path = Path(model_dir) / "config.json"
     if cfg_path.is_file():
-        qc = json.loads(cfg_path.read_text()).get("quantization_config") or {}
+        qc = read_json(cfg_path).get("quantization_config") or {}
         if qc.get("quant_method") == "modelopt":
             return {"quant_algo": qc.get("quant_algo"), "kv_cache_quant_algo": _kv_algo_of(qc.get("kv_cache_scheme")),
                     "group_size": _group_size_of(qc), "exclude_modules": qc.get("ignore", [])}
@@ -159,7 +158,10 @@ def read_kv_means(model_dir: Path, cfg: ModelConfig, device: str = "cpu") -> lis
     path = model_dir / KV_MEANS_FILE
     if not path.is_file():
         return None
-    means = torch.tensor(json.loads(path.read_text())["k_mean"], dtype=torch.float32)  # [L, KV, D], HF order
+    try:
+        means = torch.tensor(read_json(path)["k_mean"], dtype=torch.float32)  # [L, KV, D], HF order
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"{path}: no k_mean table ({e})") from None
     if means.shape != (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim):
         raise ModelLoadError(f"{path}: k_mean has shape {tuple(means.shape)}, the model needs "
                              f"{(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)}")
@@ -198,53 +200,82 @@ def _module_specs(cfg: ModelConfig, i: int) -> list[tuple[str, str, list[str], i
     ]
 
 
+Packed = tuple[list[PackedWeight], torch.Tensor | None, torch.Tensor | None]  # shards, input_scale, pre_quant_scale
+
+
+def _pop_packed_layers(model_dir: Path, state: dict[str, torch.Tensor], cfg: ModelConfig, fmt: str,
+                       dtype: torch.dtype, float_copies: bool) -> dict[str, Packed]:
+    """Each quantized module's packed shards (q/k/v and gate/up re-fused, q/k rows interleaved), popped from
+    `state`; `float_copies` leaves each projection's dequantized weight in `state` (HF layout) for `load_model`."""
+    H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    layers: dict[str, Packed] = {}
+    for i in range(cfg.num_layers):
+        for name, prefix, projs, in_features in _module_specs(cfg, i):
+            shards, input_scales, pqs = [], [], None
+            for proj in projs:
+                key = prefix + proj + "."
+                try:
+                    t = {s: state.pop(key + s) for s in ("weight", "weight_scale")}
+                    if fmt in ("nvfp4", "nvfp4-w4a16"):
+                        t["weight_scale_2"] = state.pop(key + "weight_scale_2")
+                    if FORMATS[fmt].quantizes_activations:
+                        input_scales.append(state.pop(key + "input_scale").float().reshape(()))
+                except KeyError as e:
+                    raise ModelLoadError(f"{model_dir}: weights lack {e.args[0]!r}") from None
+                packed = tensors_to_packed(fmt, t, in_features, dtype)
+                if key + "pre_quant_scale" in state:
+                    pqs = state.pop(key + "pre_quant_scale")
+                if float_copies:
+                    state[key + "weight"] = packed.dequantize(torch.float32)
+                if proj in ("q_proj", "k_proj"):
+                    packed = permute_rows(packed, rope_row_perm(H if proj == "q_proj" else KV, D, to_hf=False))
+                shards.append(packed)
+            input_scale = torch.stack(input_scales).amax() if input_scales else None  # shared, as fused
+            layers[name] = (shards, input_scale, pqs)
+    return layers
+
+
+def _quant_linears(base: Transformer, fmt: str, layers: dict[str, Packed], device: str) -> dict[str, QuantLinear]:
+    """`QuantLinear`s on `device` in `base`'s dtype, each with the bias of the module it replaces in `base`."""
+    dtype = base.embed.weight.dtype
+    return {name: QuantLinear(fmt, [_to_device(s, device) for s in shards], base.get_submodule(name).bias,
+                              _opt(input_scale, device),
+                              None if pqs is None else pqs.to(device=device, dtype=torch.float32), dtype)
+            for name, (shards, input_scale, pqs) in layers.items()}
+
+
 def load_quantized_checkpoint(model_dir: Path, max_len: int, dtype: torch.dtype,
                               device: str = "cpu") -> QuantizedCheckpoint:
     """Build our `Transformer` from a ModelOpt unified HF checkpoint: unquantized tensors load as usual, each
-    projection becomes a `QuantLinear` from its packed tensors (q/k/v and gate/up re-fused, q/k rows interleaved)."""
+    projection becomes a `QuantLinear` from its packed tensors."""
+    fmt, kv_fmt = _checkpoint_formats(model_dir)
+    cfg = ModelConfig.from_dir(model_dir)
+    state = read_state_dict(model_dir)
+    layers = _pop_packed_layers(model_dir, state, cfg, fmt, dtype, float_copies=True) if fmt != "none" else {}
+    kv = _load_kv_format(model_dir, state, cfg, kv_fmt, device)
+    model = load_model(model_dir, max_len, dtype, device, state=state)
+    return QuantizedCheckpoint(with_layers(model, _quant_linears(model, fmt, layers, device)), fmt, kv)
 
+
+def load_quantized_layers(model_dir: Path, base: Transformer) -> QuantizedCheckpoint:
+    """A ModelOpt checkpoint exported from `base` (the same model unquantized), rebuilt on top of it: a copy of
+    `base` whose linears are the checkpoint's, every other tensor shared with `base` (none read from disk)."""
+    fmt, kv_fmt = _checkpoint_formats(model_dir)
+    cfg, device = ModelConfig.from_dir(model_dir), str(base.embed.weight.device)
+    if cfg != base.cfg:
+        raise ModelLoadError(f"{model_dir}: its config.json is not the model's")
+    state = read_state_dict(model_dir)
+    dtype = base.embed.weight.dtype
+    layers = _pop_packed_layers(model_dir, state, cfg, fmt, dtype, float_copies=False) if fmt != "none" else {}
+    kv = _load_kv_format(model_dir, state, cfg, kv_fmt, device)
+    return QuantizedCheckpoint(with_layers(base, _quant_linears(base, fmt, layers, device)), fmt, kv)
+
+
+def _checkpoint_formats(model_dir: Path) -> tuple[str, str]:
     quant = read_hf_quant_config(model_dir)
     if quant is None:
         raise ModelLoadError(f"{model_dir}: not a ModelOpt checkpoint")
-    fmt, kv_fmt = formats_of(quant)
-    cfg = ModelConfig.from_dir(model_dir)
-    state = read_state_dict(model_dir)
-    H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    layers: dict[str, tuple[list[PackedWeight], torch.Tensor | None, torch.Tensor | None]] = {}
-    if fmt != "none":
-        for i in range(cfg.num_layers):
-            for name, prefix, projs, in_features in _module_specs(cfg, i):
-                shards, input_scales, pqs = [], [], None
-                for proj in projs:
-                    key = prefix + proj + "."
-                    try:
-                        t = {s: state.pop(key + s) for s in ("weight", "weight_scale")}
-                        if fmt in ("nvfp4", "nvfp4-w4a16"):
-                            t["weight_scale_2"] = state.pop(key + "weight_scale_2")
-                    except KeyError as e:
-                        raise ModelLoadError(f"{model_dir}: weights lack {e.args[0]!r}") from None
-                    packed = tensors_to_packed(fmt, t, in_features, dtype)
-                    if FORMATS[fmt].quantizes_activations:
-                        input_scales.append(state.pop(key + "input_scale").float().reshape(()))
-                    if key + "pre_quant_scale" in state:
-                        pqs = state.pop(key + "pre_quant_scale")
-                    # a float copy in HF layout so the usual loader finds every tensor; replaced below
-                    state[key + "weight"] = packed.dequantize(torch.float32)
-                    if proj in ("q_proj", "k_proj"):
-                        packed = permute_rows(packed, rope_row_perm(H if proj == "q_proj" else KV, D, to_hf=False))
-                    shards.append(packed)
-                input_scale = torch.stack(input_scales).amax() if input_scales else None  # shared, as fused
-                layers[name] = (shards, input_scale, pqs)
-    kv = _load_kv_format(model_dir, state, cfg, kv_fmt, device)
-    model = load_model(model_dir, max_len, dtype, device, state=state)
-    for name, (shards, input_scale, pqs) in layers.items():
-        parent, child = name.rsplit(".", 1)
-        linear = model.get_submodule(name)
-        shards = [_to_device(s, device) for s in shards]
-        layer = QuantLinear(fmt, shards, linear.bias, _opt(input_scale, device),
-                            None if pqs is None else pqs.to(device=device, dtype=torch.float32), dtype)
-        setattr(model.get_submodule(parent), child, layer)
-    return QuantizedCheckpoint(model, fmt, kv)
+    return formats_of(quant)
 
 
 def _opt(t: torch.Tensor | None, device: str) -> torch.Tensor | None:

@@ -79,14 +79,23 @@ def default_served_name(model: str, model_dir: Path) -> str:
     return DEFAULT_MODEL_NAME if model == "default" else model_dir.resolve().name
 
 
-def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file; a truncated or corrupt file is a `ModelLoadError` naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise ModelLoadError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     files = sorted(model_dir.glob("*.safetensors"))
     if files:
         state: dict[str, torch.Tensor] = {}
         for f in files:
-            state.update(load_file(str(f)))
+            state.update(read_safetensors(f))
         return state
     bins = sorted(model_dir.glob("pytorch_model*.bin"))
     if not bins:

@@ -7,13 +7,17 @@ of K and of V as written to the cache, and the mean key (the NVFP4 KV cache cent
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from optiserve.engine.model import Linear, Transformer
+from optiserve.engine.config import read_json
+from optiserve.engine.model import Linear, Transformer, with_layers
 from optiserve.engine.runner import ModelRunner
+from optiserve.engine.weights import read_safetensors
 
 SAMPLE_ROWS = 2048  # input rows kept per linear for the AWQ searches (fewer rows made noisier, worse choices)
 SAMPLE_ROWS_PER_WINDOW = 64  # taken from each calibration window, so all 32 default windows contribute
@@ -73,7 +77,11 @@ def _record_input(stats: dict[str, InputStats], name: str):
 
 @torch.inference_mode()
 def calibrate(model: Transformer, windows: list[list[int]], progress: bool = True) -> CalibStats:
-    """Run `windows` through `model` and collect `CalibStats` (the model is left unchanged)."""
+    """Run `windows` through `model` and collect `CalibStats` (the model is left unchanged).
+
+    The hooks sit on a private copy of the modules (sharing the weight tensors, which nothing writes): `model` may
+    be the one an engine is serving, and its requests' activations must not enter the statistics."""
+    model = with_layers(model, {})
     n_layers, device = model.cfg.num_layers, model.embed.weight.device
     stats: dict[str, InputStats] = {}
     k_amax = [torch.zeros((), device=device) for _ in range(n_layers)]
@@ -99,3 +107,34 @@ def calibrate(model: Transformer, windows: list[list[int]], progress: bool = Tru
             h.remove()
     tokens = sum(len(w) for w in windows)
     return CalibStats(stats, k_amax, v_amax, [(s / tokens).float() for s in k_sum])
+
+
+STATS_TENSORS, STATS_JSON = "stats.safetensors", "stats.json"  # a cached `CalibStats`: tensors, and row counts
+
+
+def save_stats(stats: CalibStats, out_dir: Path) -> None:
+    """Write `stats` as safetensors (every tensor, each sample chunk in its own dtype) + JSON (row counts)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, s in stats.linears.items():
+        tensors |= {f"{name}.amax": s.amax, f"{name}.channel_amax": s.channel_amax,
+                    f"{name}.channel_abs_sum": s.channel_abs_sum}
+        tensors |= {f"{name}.sample.{j}": t for j, t in enumerate(s.sample)}
+    for per_layer in ("k_amax", "v_amax", "k_mean"):
+        tensors |= {f"{per_layer}.{i}": t for i, t in enumerate(getattr(stats, per_layer))}
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out_dir / STATS_TENSORS))
+    meta = {"layers": len(stats.k_amax),
+            "linears": {name: {"rows": s.rows, "sample_chunks": len(s.sample)} for name, s in stats.linears.items()}}
+    (out_dir / STATS_JSON).write_text(json.dumps(meta))
+
+
+def load_stats(in_dir: Path, device: torch.device | str) -> CalibStats:
+    """The `CalibStats` `save_stats` wrote (ModelLoadError naming the file, or KeyError, if it is damaged)."""
+    meta = read_json(in_dir / STATS_JSON)
+    t = {k: v.to(device) for k, v in read_safetensors(in_dir / STATS_TENSORS).items()}
+    linears = {name: InputStats(t[f"{name}.amax"], t[f"{name}.channel_amax"], t[f"{name}.channel_abs_sum"],
+                                int(m["rows"]), [t[f"{name}.sample.{j}"] for j in range(m["sample_chunks"])])
+               for name, m in meta["linears"].items()}
+    per_layer = {k: [t[f"{k}.{i}"] for i in range(meta["layers"])] for k in ("k_amax", "v_amax", "k_mean")}
+    return CalibStats(linears, **per_layer)

@@ -107,7 +107,7 @@ def run_distill(model: str, teacher_model: str, data: list[str], output: str, tr
 
     from .data import training_windows
     from .export import export_checkpoint
-    from .startup import QuantResult
+    from .ptq import QuantResult
 
     d = init_distributed()
     student_dir, teacher_dir = resolve_model_dir(model), main_first(d, lambda: resolve_model_dir(teacher_model))

@@ -32,7 +32,7 @@ from optiserve.engine.quantized_checkpoint import (
 )
 from optiserve.engine.weights import rope_row_perm
 
-from .startup import QuantResult
+from .ptq import QuantResult
 from .train import STATE_FILE
 
 log = logging.getLogger(__name__)

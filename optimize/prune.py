@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from optiserve.engine.config import ModelConfig
 from optiserve.engine.model import Linear, Transformer
@@ -112,12 +113,18 @@ def choose_layers(model: Transformer, windows: list[list[int]], n_layers: int) -
     x, _ = model.hidden_states(tokens, positions, None, mask)
     ref_logp = F.log_softmax(model.logits(x), dim=-1)
     kept = list(range(model.cfg.num_layers))
-    while len(kept) > n_layers:
-        states = [model.embed(tokens)]
-        for i in kept[:-1]:
-            states.append(model.layers[i](states[-1], freqs, None, positions, mask))
-        scores = [_kl_without(model, states, ref_logp, kept, j, mask, freqs, positions) for j in range(len(kept))]
-        kept.pop(min(range(len(kept)), key=scores.__getitem__))
+    trials = sum(range(n_layers + 1, len(kept) + 1))  # one KL per candidate layer, per layer dropped
+    with tqdm(total=trials, desc="choosing layers to drop", unit="trial") as bar:
+        while len(kept) > n_layers:
+            states = [model.embed(tokens)]
+            for i in kept[:-1]:
+                states.append(model.layers[i](states[-1], freqs, None, positions, mask))
+            scores = []
+            for j in range(len(kept)):
+                scores.append(_kl_without(model, states, ref_logp, kept, j, mask, freqs, positions))
+                bar.update()
+            kept.pop(min(range(len(kept)), key=scores.__getitem__))
+            bar.set_postfix(layers=len(kept))
     return kept
 
 
@@ -225,7 +232,7 @@ def run_prune(model: str, req: PruneRequest, output: str, data: list[str] | None
     from .calibrate import calibrate
     from .data import default_calib_path, read_texts, token_windows
     from .export import export_checkpoint
-    from .startup import QuantResult
+    from .ptq import QuantResult
 
     model_dir = resolve_model_dir(model)
     cfg = ModelConfig.from_dir(model_dir)

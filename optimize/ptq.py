@@ -12,13 +12,13 @@
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from tqdm import tqdm
 
-from optiserve.engine.model import Transformer
+from optiserve.engine.kv_quant import KVFormat
+from optiserve.engine.model import Transformer, with_layers
 from optiserve.engine.quant import FORMATS, QuantLinear, input_scale_for, quantize_fused, quantize_weight
 from optiserve.kernels.int4 import int4_scale_from_amax
 
@@ -28,6 +28,14 @@ from .calibrate import CalibStats, InputStats, quantizable_linears
 SMOOTHQUANT_ALPHA = 1.0  # ModelOpt's `SmoothQuantCalibConfig.alpha` default, what INT8_SMOOTHQUANT_CFG uses
 SMOOTH_SCALE_MIN, SMOOTH_SCALE_MAX = 1e-4, 1e4  # ModelOpt clamps pre_quant_scale (1/s) to this range
 INACTIVE_AMAX = 2.0**-31  # input channels at most this large get s = 1 (ModelOpt's zero-channel mask)
+
+
+@dataclass
+class QuantResult:
+    """A (quantized) model and the KV-cache format it runs with."""
+
+    model: Transformer
+    kv: KVFormat = field(default_factory=KVFormat)
 
 
 @dataclass
@@ -74,21 +82,11 @@ def plan_linear(fmt: str, name: str, w: torch.Tensor, stats: InputStats, sizes: 
     return LinearPlan(list((w * s).split(sizes)), smoothed_amax, pre_quant_scale=1.0 / s, int4_scales=int4_scales)
 
 
-def with_layers(model: Transformer, layers: dict[str, nn.Module]) -> Transformer:
-    """A copy of `model` with the named submodules replaced; every other tensor is shared, not copied."""
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    new = copy.deepcopy(model, memo=shared)
-    for name, layer in layers.items():
-        parent, child = name.rsplit(".", 1)
-        setattr(new.get_submodule(parent), child, layer)
-    return new
-
-
 def plan_model(model: Transformer, fmt: str, stats: CalibStats,
                smoothquant_alpha: float = SMOOTHQUANT_ALPHA) -> dict[str, LinearPlan]:
     """PTQ's decision (smoothing, input range) for every quantizable linear of `model`, by module name."""
     plans = {}
-    for name, linear in quantizable_linears(model).items():
+    for name, linear in tqdm(quantizable_linears(model).items(), desc=f"quantize {fmt}", unit="linear"):
         w = linear.weight.float()  # [out, in]
         plans[name] = plan_linear(fmt, name, w, stats.linears[name], shard_sizes(model, name), smoothquant_alpha)
     return plans

@@ -25,8 +25,8 @@ from optiserve.engine.quant import FORMATS, fake_quant_activation, input_scale_f
 
 from .calibrate import CalibStats, quantizable_linears
 from .distill import DistillLoss, distill_loss_fn, with_layer_map
-from .ptq import SMOOTHQUANT_ALPHA, LinearPlan, plan_model, quant_linear, with_layers
-from .startup import QuantRequest, QuantResult, calibration_stats
+from .ptq import SMOOTHQUANT_ALPHA, LinearPlan, QuantResult, plan_model, quant_linear, with_layers
+from .startup import QuantRequest, calibration_stats
 from .train import (
     EVAL_WINDOW,
     LossFn,

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
+from functools import cache
 from pathlib import Path
 
 import torch
 
 from optiserve.engine.kv_quant import KV_FORMATS, KVFormat, kv_scale_for
 from optiserve.engine.model import Transformer
-from optiserve.engine.quant import PACKED_TYPES, WEIGHT_FORMATS, QuantLinear, check_format
+from optiserve.engine.quant import WEIGHT_FORMATS, check_format
+from optiserve.engine.quantized_checkpoint import load_quantized_layers
 from optiserve.engine.weights import cache_root
 
-from .calibrate import CalibStats, calibrate, quantizable_linears
+from .cache_store import read_entry, write_entry
+from .calibrate import CalibStats, calibrate, load_stats, save_stats
 from .data import default_calib_path, read_texts, token_windows
-from .ptq import SMOOTHQUANT_ALPHA, quantize_model, with_layers
+from .export import export_checkpoint
+from .ptq import SMOOTHQUANT_ALPHA, QuantResult, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -46,51 +51,39 @@ class QuantRequest:
         return Path(self.calib_data) if self.calib_data else default_calib_path()
 
 
-# Bump when PTQ's math changes, so results cached by an older optiserve are not reused
-# (2: SmoothQuant clamps pre_quant_scale and leaves inactive channels unscaled, as ModelOpt does;
-#  3: fused q/k/v and gate/up share one per-tensor weight scale;
-#  4: calibration records the mean key per layer for the NVFP4 KV cache and a larger, seeded AWQ sample; AWQ clips
-#     INT4 groups; the NVFP4 KV global scale is formed as (amax/448)/6).
-CACHE_VERSION = 4
+# The code whose output the cache holds: an edit to any of it (or another torch) makes new keys, so results an
+# older optiserve cached are never reused.
+FINGERPRINTED_MODULES = ("optiserve.engine.quant", "optiserve.engine.kv_quant", "optiserve.engine.quantized_checkpoint",
+                         "optiserve.optimize.awq", "optiserve.optimize.calibrate", "optiserve.optimize.export",
+                         "optiserve.optimize.ptq", "optiserve.optimize.startup")
+FINGERPRINTED_PACKAGES = ("optiserve.kernels",)  # every module in it
 
 
-@dataclass
-class QuantResult:
-    model: Transformer
-    kv: KVFormat = field(default_factory=KVFormat)
+@cache
+def code_fingerprint() -> str:
+    files = [Path(importlib.import_module(m).__file__) for m in FINGERPRINTED_MODULES]
+    for pkg in FINGERPRINTED_PACKAGES:
+        files += sorted(Path(importlib.import_module(pkg).__file__).parent.glob("*.py"))
+    digest = hashlib.sha256(torch.__version__.encode())
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
 
 
-def cache_key(model_dir: Path, req: QuantRequest) -> str:
-    """Changes when the model, the formats, the calibration data or its settings, or PTQ's math (CACHE_VERSION)
-    change."""
-    calib = req.calib_path.resolve()
-    stat = calib.stat()
-    parts = {"model": str(model_dir.resolve()), **asdict(req), "calib": [str(calib), stat.st_size, stat.st_mtime],
-             "version": CACHE_VERSION}
+def file_identity(path: Path) -> list:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def cache_key(model_dir: Path, model: Transformer, req: QuantRequest) -> str:
+    """Changes when the model's files, the dtype or device it runs in, the formats, the calibration data or its
+    settings, or PTQ's code change."""
+    model_files = sorted([*model_dir.glob("*.safetensors"), model_dir / "config.json"])
+    weight = model.embed.weight
+    parts = {"model": [file_identity(f) for f in model_files], "dtype": str(weight.dtype),
+             "device": weight.device.type, **asdict(req), "calib": file_identity(req.calib_path),
+             "code": code_fingerprint()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def save_quantized(path: Path, result: QuantResult) -> None:
-    layers = {name: {"fmt": m.fmt, "shards": [asdict(s) for s in m.shards], "input_scale": m.input_scale,
-                     "pre_quant_scale": m.pre_quant_scale}
-              for name, m in result.model.named_modules() if isinstance(m, QuantLinear)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"layers": layers, "kv": asdict(result.kv)}, tmp)
-    tmp.rename(path)
-
-
-def load_quantized(path: Path, model: Transformer) -> QuantResult:
-    """Rebuild the quantized model from cached packed shards (no calibration, no search)."""
-    # our own cache file (dtypes and dataclass fields), onto the model's device whichever device wrote it
-    saved = torch.load(path, map_location=model.embed.weight.device, weights_only=False)
-    linears = quantizable_linears(model)
-    layers = {}
-    for name, entry in saved["layers"].items():
-        shards = [PACKED_TYPES[entry["fmt"]](**s) for s in entry["shards"]]
-        layers[name] = QuantLinear(entry["fmt"], shards, linears[name].bias, entry["input_scale"],
-                                   entry["pre_quant_scale"], model.embed.weight.dtype)
-    return QuantResult(with_layers(model, layers), KVFormat(**saved["kv"]))
 
 
 def calibration_windows(tokenizer, req: QuantRequest) -> list[list[int]]:
@@ -100,16 +93,18 @@ def calibration_windows(tokenizer, req: QuantRequest) -> list[list[int]]:
 
 def calibration_stats(model_dir: Path, model: Transformer, tokenizer, req: QuantRequest) -> CalibStats:
     """Calibration statistics, shared by every format (cached apart from the quantized weights)."""
-    path = cache_root() / "ptq" / f"calib-{cache_key(model_dir, replace(req, quant='none', kv_cache='none'))}.pt"
-    if path.is_file():
-        return torch.load(path, map_location=model.embed.weight.device, weights_only=False)  # our own cache file
-    windows = calibration_windows(tokenizer, req)
-    log.info("calibrating on %d x %d tokens of %s", len(windows), req.calib_seq_len, req.calib_path)
-    stats = calibrate(model, windows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(stats, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").rename(path)
+    path = ptq_cache_dir() / f"calib-{cache_key(model_dir, model, replace(req, quant='none', kv_cache='none'))}"
+    stats = read_entry(path, lambda p: load_stats(p, model.embed.weight.device))
+    if stats is None:
+        windows = calibration_windows(tokenizer, req)
+        log.info("calibrating on %d x %d tokens of %s", len(windows), req.calib_seq_len, req.calib_path)
+        stats = calibrate(model, windows)
+        write_entry(path, lambda tmp: save_stats(stats, tmp))
     return stats
+
+
+def ptq_cache_dir() -> Path:
+    return cache_root() / "ptq"
 
 
 def kv_format_for(name: str, stats: CalibStats) -> KVFormat:
@@ -121,15 +116,20 @@ def kv_format_for(name: str, stats: CalibStats) -> KVFormat:
 
 
 def prepare_quantized(model_dir: Path, model: Transformer, tokenizer, req: QuantRequest) -> QuantResult:
-    """The model quantized as `req` asks (from the cache when the same request ran before)."""
-    if req.quant == "none" and req.kv_cache == "none":
-        return QuantResult(model)
-    path = cache_root() / "ptq" / f"{cache_key(model_dir, req)}.pt"
-    if path.is_file():
+    """The model quantized as `req` asks. Quantized weights come from the cache when the same request ran before:
+    an export directory (ModelOpt's layout, optimize/export.py) read back onto `model` by the checkpoint loader.
+    A KV-cache format alone is formed from the (cached) calibration statistics."""
+    if req.quant == "none":
+        if req.kv_cache == "none":
+            return QuantResult(model)
+        return QuantResult(model, kv_format_for(req.kv_cache, calibration_stats(model_dir, model, tokenizer, req)))
+    path = ptq_cache_dir() / cache_key(model_dir, model, req)
+    cached = read_entry(path, lambda p: load_quantized_layers(p, model))
+    if cached is not None:
         log.info("loading calibrated %s / KV %s from %s", req.quant, req.kv_cache, path)
-        return load_quantized(path, model)
+        return QuantResult(cached.model, cached.kv)
     stats = calibration_stats(model_dir, model, tokenizer, req)
-    qmodel = model if req.quant == "none" else quantize_model(model, req.quant, stats, req.smoothquant_alpha)
-    result = QuantResult(qmodel, kv_format_for(req.kv_cache, stats))
-    save_quantized(path, result)
+    result = QuantResult(quantize_model(model, req.quant, stats, req.smoothquant_alpha),
+                         kv_format_for(req.kv_cache, stats))
+    write_entry(path, lambda tmp: export_checkpoint(model_dir, result, req.quant, tmp))
     return result
