@@ -1,4 +1,4 @@
-"""`optiserve qat | qad | prune | distill`: the model-optimization commands (logic in optiserve.optimize).
+"""`optiserve qat | qad | prune | distill | train-draft`: the model-optimization commands (logic in optiserve.optimize).
 
 The training commands run unchanged under `torchrun --nproc_per_node N -m optiserve.server.cli ...` (data
 parallel over torch.distributed; see optimize/train.py). Heavy imports stay inside the functions.
@@ -7,11 +7,9 @@ parallel over torch.distributed; see optimize/train.py). Heavy imports stay insi
 from __future__ import annotations
 
 import argparse
+import contextlib
 
-from .cli import add_model_args
-from .cli_quant import add_quant_args, quant_request
-
-TRAIN_COMMANDS = ("qat", "qad", "distill")
+from .args import add_model_args, add_quant_args, quant_request
 
 
 def add_train_args(p: argparse.ArgumentParser, lr: float, seq_len: int) -> None:
@@ -37,8 +35,7 @@ def add_distill_loss_args(p: argparse.ArgumentParser, kl_help: str) -> None:
                    help="weight of the intermediate-state (normalised MSE) loss; needs equal hidden sizes")
 
 
-def add_optimize_commands(sub: argparse._SubParsersAction) -> None:
-    """Add the qat, qad, prune and distill subcommands to the `optiserve` parser."""
+def add_commands(sub: argparse._SubParsersAction) -> None:
     for name, help_text in (("qat", "quantization-aware training: fake quant + STE from PTQ, ModelOpt export"),
                             ("qad", "quantization-aware distillation from the unquantized model")):
         p = sub.add_parser(name, help=help_text)
@@ -47,6 +44,7 @@ def add_optimize_commands(sub: argparse._SubParsersAction) -> None:
         add_train_args(p, lr=1e-5, seq_len=256)
         if name == "qad":
             add_distill_loss_args(p, "the KL to the unquantized model")
+        p.set_defaults(run=run_qat)
     pr = sub.add_parser("prune", help="Minitron-style width or depth pruning to a parameter budget")
     add_model_args(pr)
     pr.add_argument("--target-params", type=float, required=True, help="parameter budget (embeddings count)")
@@ -56,11 +54,26 @@ def add_optimize_commands(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--calib-samples", type=int, default=8)
     pr.add_argument("--calib-seq-len", type=int, default=256)
     pr.add_argument("--json", default=None, help="write the summary to this file")
+    pr.set_defaults(run=run_prune)
     ds = sub.add_parser("distill", help="distil a teacher into a (pruned) checkpoint: logit KL (+ hidden states)")
     ds.add_argument("--model", required=True, help="the student checkpoint dir (e.g. from `optiserve prune`)")
     ds.add_argument("--teacher", default="default", help="'default' or a checkpoint dir")
     add_train_args(ds, lr=2e-5, seq_len=256)
     add_distill_loss_args(ds, "the KL to the teacher")
+    ds.set_defaults(run=run_distill)
+    td = sub.add_parser("train-draft", help="train an EAGLE-3 draft head on the target's own outputs")
+    add_model_args(td)
+    td.add_argument("--data", nargs="+", required=True,
+                    help="chat jsonl (the target answers its instructions) and/or text files (labelled in a prefill)")
+    td.add_argument("--output", required=True, help="directory for the head, its model card and checkpoints")
+    td.add_argument("--max-prompts", type=int, default=None, help="use the first N rows of each jsonl")
+    td.add_argument("--max-answer-tokens", type=int, default=256)
+    td.add_argument("--text-tokens", type=int, default=100_000, help="tokens used from each text file")
+    td.add_argument("--draft-vocab-size", type=int, default=4096)
+    td.add_argument("--ttt-steps", type=int, default=3, help="training-time-test depth")
+    td.add_argument("--epochs", type=float, default=2.0)
+    td.add_argument("--lr", type=float, default=1e-3)
+    td.set_defaults(run=run_train_draft)
 
 
 def train_config(args: argparse.Namespace):
@@ -76,34 +89,51 @@ def train_config(args: argparse.Namespace):
                        warmup=args.warmup, save_every=args.save_every, seed=args.seed, fresh=args.fresh)
 
 
-def run_optimize_command(args: argparse.Namespace) -> bool:
-    """Run `args` if it is one of this module's commands; False if it is not."""
-    if args.command not in (*TRAIN_COMMANDS, "prune"):
-        return False
-    if args.command == "prune":
-        from optiserve.optimize.prune import PruneRequest, run_prune
+def run_prune(args: argparse.Namespace) -> None:
+    from optiserve.optimize.prune import PruneRequest, run_prune
 
-        run_prune(args.model, PruneRequest(int(args.target_params), args.axis), args.output, args.data,
-                  args.calib_samples, args.calib_seq_len, args.json)
-        return True
+    run_prune(args.model, PruneRequest(int(args.target_params), args.axis), args.output, args.data,
+              args.calib_samples, args.calib_seq_len, args.json)
+
+
+def run_qat(args: argparse.Namespace) -> None:
+    """qat, and qad (QAT whose loss is the distillation loss from the unquantized model)."""
     from optiserve.optimize.distill import DistillLoss
+    from optiserve.optimize.qat import run_qat
 
-    common = {"eval_data": args.eval_data, "eval_windows": args.eval_windows, "json_path": args.json}
+    loss = DistillLoss(args.data_loss, args.hidden_loss) if args.command == "qad" else None
+    with process_group_cleanup():
+        run_qat(args.model, quant_request(args), args.data, args.output, train_config(args), loss, **eval_args(args))
+
+
+def run_distill(args: argparse.Namespace) -> None:
+    from optiserve.optimize.distill import DistillLoss, run_distill
+
+    with process_group_cleanup():
+        run_distill(args.model, args.teacher, args.data, args.output, train_config(args),
+                    DistillLoss(args.data_loss, args.hidden_loss), **eval_args(args))
+
+
+def run_train_draft(args: argparse.Namespace) -> None:
+    from optiserve.optimize.draft_train import DraftTrainConfig, train_draft
+
+    cfg = DraftTrainConfig(args.draft_vocab_size, args.ttt_steps, epochs=args.epochs, lr=args.lr,
+                           max_answer_tokens=args.max_answer_tokens, max_prompts=args.max_prompts,
+                           text_tokens=args.text_tokens)
+    train_draft(args.model, args.data, args.output, cfg)
+
+
+def eval_args(args: argparse.Namespace) -> dict:
+    return {"eval_data": args.eval_data, "eval_windows": args.eval_windows, "json_path": args.json}
+
+
+@contextlib.contextmanager
+def process_group_cleanup():
+    """Under torchrun, leave torch.distributed's process group cleanly whether training ends or fails."""
     try:
-        if args.command == "distill":
-            from optiserve.optimize.distill import run_distill
-
-            run_distill(args.model, args.teacher, args.data, args.output, train_config(args),
-                        DistillLoss(args.data_loss, args.hidden_loss), **common)
-        else:
-            from optiserve.optimize.qat import run_qat
-
-            loss = DistillLoss(args.data_loss, args.hidden_loss) if args.command == "qad" else None
-            run_qat(args.model, quant_request(args), args.data, args.output, train_config(args), loss, **common)
+        yield
     finally:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
-    return True
-

@@ -1,4 +1,5 @@
-"""`optiserve eval | quantize` and the PTQ options `serve` shares with them (logic in optiserve.optimize)."""
+"""`optiserve eval | quantize`: a format's perplexity and KL, and a ModelOpt-layout checkpoint (logic in
+optiserve.optimize)."""
 
 from __future__ import annotations
 
@@ -6,42 +7,10 @@ import argparse
 
 from optiserve.engine.config import check_device
 
-from .cli import add_device_arg, add_model_args
+from .args import add_device_arg, add_model_args, add_quant_args, quant_request
 
 
-def add_quant_args(p: argparse.ArgumentParser) -> None:
-    from optiserve.engine.kv_quant import KV_FORMATS
-    from optiserve.engine.quant import WEIGHT_FORMATS
-    from optiserve.optimize.startup import QuantRequest
-
-    p.add_argument("--quant", default="none", choices=WEIGHT_FORMATS, help="weight (and activation) format")
-    p.add_argument("--kv-cache", default="none", choices=KV_FORMATS, help="KV cache format")
-    p.add_argument("--calib-data", default=None, help="text or jsonl (default: the slice shipped with optiserve)")
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences")
-    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence")
-    p.add_argument("--smoothquant-alpha", type=float, default=QuantRequest.smoothquant_alpha,
-                   help="SmoothQuant migration strength (int8; default ModelOpt's)")
-
-
-def quant_request(args: argparse.Namespace):
-    from optiserve.optimize.startup import QuantRequest
-
-    return QuantRequest(args.quant, args.kv_cache, args.calib_data, args.calib_samples, args.calib_seq_len,
-                        args.smoothquant_alpha)
-
-
-def apply_quant(engine, req) -> None:
-    """Quantize a loaded engine's weights/KV cache as `req` asks (start-up PTQ, cached)."""
-    if req.quant == "none" and req.kv_cache == "none":
-        return
-    from optiserve.engine.llm_engine import WeightSet
-    from optiserve.optimize.startup import prepare_quantized
-
-    q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
-    engine.use_weights(WeightSet(q.model, req.quant, q.kv))
-
-
-def add_quant_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add the eval and quantize subcommands to the `optiserve` parser."""
     ev = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against the unquantized model")
     add_model_args(ev)
@@ -55,12 +24,14 @@ def add_quant_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--json", default=None, help="write the results to this file")
     ev.add_argument("--compare-modelopt", action="store_true",
                     help="also quantize with NVIDIA ModelOpt (same windows, same calibration data); print both")
+    ev.set_defaults(run=run_eval)
 
     qz = sub.add_parser("quantize", help="calibrate, quantize and write a ModelOpt-layout Hugging Face checkpoint")
     add_model_args(qz)
     add_device_arg(qz)
     add_quant_args(qz)
     qz.add_argument("--output", required=True, help="directory to write the checkpoint to")
+    qz.set_defaults(run=run_quantize)
 
 
 def run_eval(args: argparse.Namespace) -> None:

@@ -1,0 +1,64 @@
+"""Argument helpers shared by the command groups: the model, device, speculation and PTQ options, and the engine
+they describe."""
+
+from __future__ import annotations
+
+import argparse
+
+from optiserve.engine.config import EngineConfig
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF checkpoint dir")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu",
+                   help="cpu, or cuda[:N]: weights stay packed and run through the Triton / FP8 GEMM kernels")
+
+
+def add_spec_args(p: argparse.ArgumentParser, default: str = "none") -> None:
+    p.add_argument("--speculative", default=default,
+                   help="none | auto (the shipped draft head for the default model, or DIR/draft_head) | ngram | "
+                        "a draft head dir from `optiserve train-draft`")
+    p.add_argument("--num-speculative-tokens", type=int, default=5, help="draft chain length")
+
+
+def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
+    fields = {"model": args.model, "dtype": args.dtype, "device": getattr(args, "device", EngineConfig.device),
+              "speculative": getattr(args, "speculative", "none"),
+              "num_speculative_tokens": getattr(args, "num_speculative_tokens", EngineConfig.num_speculative_tokens)}
+    return EngineConfig(**{**fields, **overrides})
+
+
+def add_quant_args(p: argparse.ArgumentParser) -> None:
+    from optiserve.engine.kv_quant import KV_FORMATS
+    from optiserve.engine.quant import WEIGHT_FORMATS
+    from optiserve.optimize.startup import QuantRequest
+
+    p.add_argument("--quant", default="none", choices=WEIGHT_FORMATS, help="weight (and activation) format")
+    p.add_argument("--kv-cache", default="none", choices=KV_FORMATS, help="KV cache format")
+    p.add_argument("--calib-data", default=None, help="text or jsonl (default: the slice shipped with optiserve)")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--smoothquant-alpha", type=float, default=QuantRequest.smoothquant_alpha,
+                   help="SmoothQuant migration strength (int8; default ModelOpt's)")
+
+
+def quant_request(args: argparse.Namespace):
+    from optiserve.optimize.startup import QuantRequest
+
+    return QuantRequest(args.quant, args.kv_cache, args.calib_data, args.calib_samples, args.calib_seq_len,
+                        args.smoothquant_alpha)
+
+
+def apply_quant(engine, req) -> None:
+    """Quantize a loaded engine's weights/KV cache as `req` asks (start-up PTQ, cached)."""
+    if req.quant == "none" and req.kv_cache == "none":
+        return
+    from optiserve.engine.llm_engine import WeightSet
+    from optiserve.optimize.startup import prepare_quantized
+
+    q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
+    engine.use_weights(WeightSet(q.model, req.quant, q.kv))

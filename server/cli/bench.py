@@ -1,0 +1,117 @@
+"""`optiserve bench decode | spec | load | serve`: benchmarks that print and write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .args import add_model_args, add_quant_args, add_spec_args, apply_quant, engine_config, quant_request
+from .serve import add_serve_args
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks that print and write JSON")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    decode = bench_sub.add_parser("decode", help="decode tok/s: our engine vs HF transformers generate")
+    add_model_args(decode)
+    decode.add_argument("--batch", type=int, default=1)
+    decode.add_argument("--tokens", type=int, default=128)
+    decode.add_argument("--against", default=None, help="also time our engine on this model, same run")
+    decode.add_argument("--json", default=None, help="write the results to this file")
+    spec = bench_sub.add_parser("spec", help="decode tok/s with and without speculation, τ and acceptance rate")
+    add_model_args(spec)
+    add_quant_args(spec)
+    add_spec_args(spec, default="auto")
+    spec.add_argument("--prompts", required=True, help="jsonl with `instruction` per row, or one prompt per line")
+    spec.add_argument("--offset", type=int, default=0, help="first prompt row (e.g. past those used in training)")
+    spec.add_argument("--num-prompts", type=int, default=16)
+    spec.add_argument("--max-tokens", type=int, default=128)
+    spec.add_argument("--json", default=None, help="write the results to this file")
+    load = bench_sub.add_parser("load", help="drive a running server's HTTP API with concurrent clients")
+    load.add_argument("--url", default="http://127.0.0.1:8000")
+    load.add_argument("--model", default=None, help="model id (default: the server's)")
+    load.add_argument("--concurrency", type=int, default=8)
+    load.add_argument("--duration", type=float, default=30.0, help="seconds")
+    load.add_argument("--max-tokens", type=int, default=32)
+    load.add_argument("--prompts", default=None, help="jsonl with `instruction`, or one prompt per line")
+    load.add_argument("--api-key", default=os.environ.get("OPTISERVE_API_KEY"))
+    load.add_argument("--swaps", default="", help="comma-separated quant[:kv] formats to swap to during the run")
+    load.add_argument("--admin-token", default=os.environ.get("OPTISERVE_ADMIN_TOKEN"))
+    load.add_argument("--bad-fraction", type=float, default=0.0, help="share of invalid requests (each must get 4xx)")
+    load.add_argument("--disconnect-fraction", type=float, default=0.0, help="share of streams dropped mid-way")
+    load.add_argument("--seed", type=int, default=0, help="seeds the mix of good, bad and dropped requests")
+    load.add_argument("--json", default=None, help="write the results to this file")
+    sb = bench_sub.add_parser("serve", help="start a server, stream greedy chats at each concurrency (TTFT, ITL, "
+                              "tok/s), then the engine alone on the same requests")
+    sb.add_argument("--concurrency", default="1,8", help="comma-separated concurrency levels")
+    sb.add_argument("--requests", type=int, default=0, help="requests per level (default: 2x concurrency, >= 4)")
+    sb.add_argument("--max-tokens", type=int, default=64)
+    sb.add_argument("--prompt-tokens", type=int, default=0, help="pad each prompt to about N tokens (0: as is)")
+    sb.add_argument("--shared-prefix-tokens", type=int, default=0, help="a system prompt shared by every request")
+    sb.add_argument("--no-engine", action="store_true", help="skip the in-process engine comparison")
+    sb.add_argument("--json", default=None, help="write the results to this file")
+    sb.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: arguments for `optiserve serve`")
+    decode.set_defaults(run=run_bench_decode)
+    spec.set_defaults(run=run_bench_spec)
+    load.set_defaults(run=run_bench_load)
+    sb.set_defaults(run=run_bench_serve)
+
+
+def run_bench_decode(args: argparse.Namespace) -> None:
+    from optiserve.engine.bench import bench_decode
+
+    bench_decode(args.model, args.batch, args.tokens, args.dtype, args.json, args.against)
+
+
+def run_bench_spec(args: argparse.Namespace) -> None:
+    from optiserve.engine.bench import chat_prompt_ids
+    from optiserve.engine.llm_engine import LLMEngine
+    from optiserve.engine.spec.bench import bench_spec, load_prompt_file
+
+    if args.speculative == "none":
+        raise ValueError("bench spec compares against speculation: give --speculative auto|ngram|DIR")
+    req = quant_request(args)
+    engines = [LLMEngine(engine_config(args, max_batch=1, speculative=s)) for s in ("none", args.speculative)]
+    for engine in engines:
+        apply_quant(engine, req)
+    prompts = chat_prompt_ids(engines[0].tokenizer, load_prompt_file(args.prompts, args.offset, args.num_prompts))
+    label = {"model": args.model, "quant": req.quant, "kv_cache": req.kv_cache, "speculative": args.speculative,
+             "num_speculative_tokens": args.num_speculative_tokens, "prompts_file": args.prompts,
+             "offset": args.offset}
+    bench_spec(engines[0], engines[1], prompts, args.max_tokens, label, args.json)
+
+
+def run_bench_load(args: argparse.Namespace) -> None:
+    from optiserve.server.load_bench import LoadConfig, bench_load, load_prompts
+
+    cfg = LoadConfig(args.url, args.model, args.concurrency, args.duration, args.max_tokens, args.api_key,
+                     load_prompts(args.prompts), [s for s in args.swaps.split(",") if s], args.admin_token,
+                     args.bad_fraction, args.disconnect_fraction, args.seed)
+    bench_load(cfg, args.json)
+
+
+def run_bench_serve(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from optiserve.engine.bench import load_instructions
+    from optiserve.engine.llm_engine import LLMEngine
+    from optiserve.engine.weights import resolve_model_dir
+    from optiserve.server.serve_bench import ServeBenchConfig, bench_serve
+
+    serve_cli = [a for a in args.serve_args if a != "--"]
+    serve_parser = argparse.ArgumentParser(prog="optiserve serve")
+    add_serve_args(serve_parser)
+    serve_args = serve_parser.parse_args(serve_cli)
+    levels = [int(c) for c in args.concurrency.split(",") if c]
+    cfg = ServeBenchConfig(levels, args.requests, args.max_tokens, args.prompt_tokens, args.shared_prefix_tokens,
+                           serve_cli)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(serve_args.model))
+
+    def make_engine() -> LLMEngine:
+        engine = LLMEngine(engine_config(serve_args, max_batch=1, max_model_len=serve_args.max_model_len))
+        apply_quant(engine, quant_request(serve_args))
+        return engine
+
+    count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    bench_serve(cfg, load_instructions(max(cfg.requests_at(c) for c in levels)), count,
+                None if args.no_engine else make_engine, args.json)
