@@ -1,18 +1,38 @@
-// y = x @ W.T + b in fp32 for W row-major [out, in]: blocks of 4 weight rows x up to 4 input rows of dot
-// products, weight rows split across threads. Every output is one dot product accumulated alone, in the same
-// order whatever the number of input rows, so a many-row call gives each row bit for bit what a 1-row call gives.
+// y = x @ W.T + b in fp32 for W row-major [out, in]: register blocks of R weight rows x M input rows of dot
+// products, weight rows split across threads. Up to MAX_ROWS_PER_PASS input rows share one pass over the weights,
+// so a speculative verify reads each weight once, as a decode step does. Every output is one dot product
+// accumulated alone, in the same order whatever R and M, so a many-row call gives each row bit for bit what a
+// 1-row call gives.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "ops.h"
 #include "vec.h"
 
-constexpr int64_t ROWS_PER_CHUNK = 16;  // weight rows kept in L1 while every 4-row block of x passes over them
+// A block holds R*M accumulators and R weight vectors in registers (one spare); x is read from L1.
+constexpr int MAX_ROWS_PER_PASS = std::min(16, NUM_VREGS - 2);  // R = 1: M accumulators + 1 weight register
+constexpr int MAX_WEIGHT_ROWS = 4;  // enough independent weight streams to keep the memory bus busy
+constexpr int64_t ROWS_PER_CHUNK = 16;  // weight rows kept in L1 while every pass of x goes over them
 constexpr int64_t PREFETCH = 256;       // floats ahead along each weight row
 
-// Y[m, o] = dot(X[m, :], W[o, :]) + b[o] for R weight rows from o0 and M input rows: R*M accumulators.
+// Weight rows per block for M input rows: the most whose R*M accumulators and R weights fit the registers.
+constexpr int weight_rows_for(int M) { return std::max(1, std::min(MAX_WEIGHT_ROWS, (NUM_VREGS - 1) / (M + 1))); }
+
+// Input rows per pass when there are more than one pass takes (prefill): the M whose block does the most FMAs
+// per vector loaded (R*M per R+M), as compute, not the weight read, bounds a many-row GEMM.
+constexpr int compute_bound_rows() {
+  int best = 1;
+  for (int M = 1; M <= MAX_ROWS_PER_PASS; M++) {
+    int R = weight_rows_for(M), Rb = weight_rows_for(best);
+    if (R * M * (Rb + best) > Rb * best * (R + M)) best = M;
+  }
+  return best;
+}
+
+// Y[m, o] = dot(X[m, :], W[o, :]) + b[o] for R weight rows from o0 and M input rows.
 template <int R, int M>
 static inline void block(const float* W, const float* X, const float* b, float* Y, int64_t in, int64_t out,
                          int64_t o0) {
@@ -22,43 +42,54 @@ static inline void block(const float* W, const float* X, const float* b, float* 
   const float* w0 = W + o0 * in;
   int64_t i = 0;
   for (; i + V <= in; i += V) {
-    vf xv[M];
-    for (int m = 0; m < M; m++) xv[m] = vload(X + m * in + i);
+    vf w[R];
     for (int r = 0; r < R; r++) {
       prefetch(w0 + r * in + i + PREFETCH);
-      vf w = vload(w0 + r * in + i);
-      for (int m = 0; m < M; m++) acc[r][m] = vfma(w, xv[m], acc[r][m]);
+      w[r] = vload(w0 + r * in + i);
+    }
+    for (int m = 0; m < M; m++) {
+      vf xv = vload(X + m * in + i);
+      for (int r = 0; r < R; r++) acc[r][m] = vfma(w[r], xv, acc[r][m]);
     }
   }
   for (int r = 0; r < R; r++)
     for (int m = 0; m < M; m++) {
       float s = hsum(acc[r][m]) + (b ? b[o0 + r] : 0.0f);
-      for (int64_t j = i; j < in; j++) s += w0[r * in + j] * X[m * in + j];
+      for (int64_t j = i; j < in; j++) s = std::fma(w0[r * in + j], X[m * in + j], s);  // fused alike everywhere
       Y[m * out + o0 + r] = s;
     }
 }
 
+// Weight rows [begin, end) against M input rows.
 template <int M>
 static void rows(const float* W, const float* X, const float* b, float* Y, int64_t in, int64_t out, int64_t begin,
                  int64_t end) {
+  constexpr int R = weight_rows_for(M);
   int64_t o = begin;
-  for (; o + 4 <= end; o += 4) block<4, M>(W, X, b, Y, in, out, o);
+  for (; o + R <= end; o += R) block<R, M>(W, X, b, Y, in, out, o);
   for (; o < end; o++) block<1, M>(W, X, b, Y, in, out, o);
 }
 
+// `rows` for m <= M input rows, M chosen at compile time.
+template <int M>
+static void pass(int64_t m, const float* W, const float* X, const float* b, float* Y, int64_t in, int64_t out,
+                 int64_t begin, int64_t end) {
+  if constexpr (M > 1) {
+    if (m < M) return pass<M - 1>(m, W, X, b, Y, in, out, begin, end);
+  }
+  rows<M>(W, X, b, Y, in, out, begin, end);
+}
+
+// Up to MAX_ROWS_PER_PASS input rows (decode batches, speculative verify) share one pass over each weight row;
+// more (prefill) go in compute-bound passes over each chunk of weight rows while it sits in L1.
 static void gemm_rows(const float* W, const float* X, const float* b, float* Y, int64_t n, int64_t in, int64_t out) {
+  const int64_t per_pass = n <= MAX_ROWS_PER_PASS ? n : compute_bound_rows();
   at::parallel_for(0, out, ROWS_PER_CHUNK, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; o += ROWS_PER_CHUNK) {
       int64_t oe = std::min(end, o + ROWS_PER_CHUNK);
-      for (int64_t m = 0; m < n; m += 4) {
-        const float* Xm = X + m * in;
-        float* Ym = Y + m * out;
-        switch (std::min<int64_t>(4, n - m)) {
-          case 1: rows<1>(W, Xm, b, Ym, in, out, o, oe); break;
-          case 2: rows<2>(W, Xm, b, Ym, in, out, o, oe); break;
-          case 3: rows<3>(W, Xm, b, Ym, in, out, o, oe); break;
-          default: rows<4>(W, Xm, b, Ym, in, out, o, oe); break;
-        }
+      for (int64_t m = 0; m < n; m += per_pass) {
+        int64_t rows_now = std::min<int64_t>(per_pass, n - m);
+        pass<MAX_ROWS_PER_PASS>(rows_now, W, X + m * in, b, Y + m * out, in, out, o, oe);
       }
     }
   });
