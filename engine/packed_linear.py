@@ -8,8 +8,8 @@ each row bit for bit the 1-row result. Activations are quantized here first for 
 (`quant.fake_quant_activation`, the same step the compute copy takes).
 
 One record per format (`PackedFormat`): the kernel's format code and how its shards are passed. The extension is
-built apart from `ops` (its own name, same flags and cache rule), and `load()` is None where it cannot be built:
-`QuantLinear` then keeps its fp32 compute copy.
+built apart from `ops` (its own name, same flags and cache rule), and `load()` is None where it cannot be built or
+`OPTISERVE_PACKED_KERNEL=0`: `QuantLinear` then keeps its fp32 compute copy.
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ def build(cflags: list[str] = ops.CFLAGS) -> ModuleType:
 
 @functools.cache
 def load() -> ModuleType | None:
-    """The built kernel, or None if the CPU kernels are disabled or cannot be built here."""
-    if os.environ.get("OPTISERVE_CPU_KERNELS", "1") == "0":
+    """The built kernel, or None if the CPU kernels (or this one: OPTISERVE_PACKED_KERNEL=0) are disabled or cannot
+    be built here."""
+    if "0" in (os.environ.get("OPTISERVE_CPU_KERNELS", "1"), os.environ.get("OPTISERVE_PACKED_KERNEL", "1")):
         return None
     try:
         return build()
