@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 
 #if defined(__AVX2__)
@@ -67,47 +68,85 @@ static inline void decode_nvfp4_row(const uint8_t* q, const uint8_t* s, float s2
 
 // ---- INT4 (AWQ export layout): q [K] bytes holding rows 2i (low nibble) and 2i+1 (high), scales [G] per row ----
 // value = code * scale[k / group], one fp32 product as in `dequantize_int4_reference`.
-static inline void decode_int4_pair(const uint8_t* q, const float* se, const float* so, int64_t k, int64_t group,
-                                    float* even, float* odd) {
+static inline void decode_int4_span(const uint8_t* q, float se, float so, int64_t n, float* even, float* odd) {
   int64_t j = 0;
 #if defined(__AVX512F__)
-  for (; j + 16 <= k; j += 16) {  // a group is a multiple of 16 wide, so these 16 share its scales
+  const __m512 vse = _mm512_set1_ps(se), vso = _mm512_set1_ps(so);
+  for (; j + 16 <= n; j += 16) {
     __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j)));
     __m512 lo = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 28), 28));  // sign-extend the nibble
     __m512 hi = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 28));
-    _mm512_storeu_ps(even + j, _mm512_mul_ps(lo, _mm512_set1_ps(se[j / group])));
-    _mm512_storeu_ps(odd + j, _mm512_mul_ps(hi, _mm512_set1_ps(so[j / group])));
+    _mm512_storeu_ps(even + j, _mm512_mul_ps(lo, vse));
+    _mm512_storeu_ps(odd + j, _mm512_mul_ps(hi, vso));
   }
 #elif defined(__AVX2__)
-  for (; j + 8 <= k; j += 8) {
+  const __m256 vse = _mm256_set1_ps(se), vso = _mm256_set1_ps(so);
+  for (; j + 8 <= n; j += 8) {
     __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j)));
     __m256 lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28));
     __m256 hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 28));
-    _mm256_storeu_ps(even + j, _mm256_mul_ps(lo, _mm256_set1_ps(se[j / group])));
-    _mm256_storeu_ps(odd + j, _mm256_mul_ps(hi, _mm256_set1_ps(so[j / group])));
+    _mm256_storeu_ps(even + j, _mm256_mul_ps(lo, vse));
+    _mm256_storeu_ps(odd + j, _mm256_mul_ps(hi, vso));
   }
 #endif
-  for (; j < k; j++) {
-    even[j] = (float)((int8_t)(q[j] << 4) >> 4) * se[j / group];
-    odd[j] = (float)((int8_t)q[j] >> 4) * so[j / group];
+  for (; j < n; j++) {
+    even[j] = (float)((int8_t)(q[j] << 4) >> 4) * se;
+    odd[j] = (float)((int8_t)q[j] >> 4) * so;
   }
+}
+
+static inline void decode_int4_pair(const uint8_t* q, const float* se, const float* so, int64_t k, int64_t group,
+                                    float* even, float* odd) {
+  for (int64_t g = 0, j = 0; j < k; g++, j += group)
+    decode_int4_span(q + j, se[g], so[g], std::min(group, k - j), even + j, odd + j);
 }
 
 // ---- INT8, per-channel scale: value = code * scale (`dequantize_int8_reference`) ----
 static inline void decode_int8_row(const int8_t* q, float scale, int64_t k, float* dst) {
-  for (int64_t j = 0; j < k; j++) dst[j] = (float)q[j] * scale;  // vectorized by the compiler
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  for (; j + 16 <= k; j += 16) {
+    __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j)));
+    _mm512_storeu_ps(dst + j, _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(scale)));
+  }
+#elif defined(__AVX2__)
+  for (; j + 8 <= k; j += 8) {
+    __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j)));
+    _mm256_storeu_ps(dst + j, _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(scale)));
+  }
+#endif
+  for (; j < k; j++) dst[j] = (float)q[j] * scale;
 }
 
 // ---- FP8 E4M3, per-tensor scale: value = e4m3(bits) * scale (`dequantize_fp8_reference`) ----
-// Bits -> fp32 without a gather: a normal code moves its exponent and mantissa into place and rebiases (+120), a
-// subnormal one is mantissa * 2^-9; both exact, so the compiler can vectorize the loop.
+// Bits -> fp32 in registers: a normal code moves exponent and mantissa into place and rebiases the exponent
+// (+120), a subnormal one (exponent 0) is mantissa * 2^-9; both exact.
 static inline void decode_fp8_row(const uint8_t* q, float scale, int64_t k, float* dst) {
-  for (int64_t j = 0; j < k; j++) {
-    uint32_t b = q[j], em = b & 0x7F;
-    uint32_t normal_bits = (em << 20) + (120u << 23);
-    float normal;
-    std::memcpy(&normal, &normal_bits, 4);
-    float mag = (em >> 3) ? normal : (float)(em & 7) * 0.001953125f;
-    dst[j] = ((b & 0x80) ? -mag : mag) * scale;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  for (; j + 16 <= k; j += 16) {
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j)));
+    __m512i em = _mm512_and_si512(b, _mm512_set1_epi32(0x7F));
+    __m512 normal = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(em, 20), _mm512_set1_epi32(120 << 23)));
+    __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(em, _mm512_set1_epi32(7))),
+                               _mm512_set1_ps(0.001953125f));
+    __mmask16 is_normal = _mm512_cmpge_epi32_mask(em, _mm512_set1_epi32(8));
+    __m512i mag = _mm512_castps_si512(_mm512_mask_blend_ps(is_normal, sub, normal));
+    __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
+    _mm512_storeu_ps(dst + j, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(mag, sign)), _mm512_set1_ps(scale)));
   }
+#elif defined(__AVX2__)
+  for (; j + 8 <= k; j += 8) {
+    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j)));
+    __m256i em = _mm256_and_si256(b, _mm256_set1_epi32(0x7F));
+    __m256 normal = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(em, 20), _mm256_set1_epi32(120 << 23)));
+    __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(em, _mm256_set1_epi32(7))),
+                               _mm256_set1_ps(0.001953125f));
+    __m256 is_normal = _mm256_castsi256_ps(_mm256_cmpgt_epi32(em, _mm256_set1_epi32(7)));
+    __m256i mag = _mm256_castps_si256(_mm256_blendv_ps(sub, normal, is_normal));
+    __m256i sign = _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 24);
+    _mm256_storeu_ps(dst + j, _mm256_mul_ps(_mm256_castsi256_ps(_mm256_or_si256(mag, sign)), _mm256_set1_ps(scale)));
+  }
+#endif
+  for (; j < k; j++) dst[j] = E4M3.v[q[j]] * scale;
 }
