@@ -10,7 +10,9 @@ import torch
 
 from optiserve.engine import packed_linear as pl
 from optiserve.engine.quant import QuantLinear, quantize_fused, quantize_weight, weight_bytes
+from optiserve.engine.runner import ModelRunner
 from tests.engine.test_ops import cpu_flags
+from tests.kernels.test_packed_compute import quantized_default_model
 
 KERNEL = pl.load()
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="the packed CPU kernel is not built here")
@@ -101,3 +103,19 @@ def test_the_avx2_build_is_correct_too():
             assert torch.equal(pl.packed_linear(torch.eye(k), ops, None, avx2).t(), dequantized(shards))
             x, b = torch.randn(16, k, generator=gen), torch.randn(n, generator=gen)
             assert_product_up_to_order(assert_rows_alone(avx2, x, ops, b), x, dequantized(shards), b)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_quantized_verify_rows_equal_decode_steps_bit_for_bit(engine, chat_prompt_ids, fmt):
+    """On the quantized default model computed from packed weights (W4A4 included: its activation codes would flip
+    on any last-bit difference), one forward over [last, 5 drafts] gives each row's logits as 6 decode steps do."""
+    q = quantized_default_model(engine, fmt)
+    assert all(m.cpu_operands is not None for m in q.modules() if isinstance(m, QuantLinear))
+    prompt = chat_prompt_ids[1]
+    runner, start = ModelRunner(q, 1, len(prompt) + 8, torch.float32), len(prompt) - 1
+    rows = [prompt[-1], *torch.randint(0, 1000, (5,), generator=torch.Generator().manual_seed(1)).tolist()]
+    runner.prefill(0, prompt[:-1])
+    verified, _ = runner.verify([rows], [start])
+    runner.prefill(0, prompt[:-1])
+    decoded = torch.stack([runner.decode([t], [start + i])[0] for i, t in enumerate(rows)])  # [6, V]
+    assert torch.equal(verified[0], decoded)
