@@ -1,10 +1,10 @@
 """Quantized linear layers for the engine; the format math itself lives in `kernels/`.
 
 A `QuantLinear` keeps the packed weights (what export writes and a GPU computes from) and computes in one of two ways:
-  * "copy" (the CPU default): a compute copy holding exactly the format's dequantized values, multiplied by our CPU
-    linear kernel. The numerics are the format's, the speed is fp32's (dequantizing every step in plain torch costs
-    ~30x the fp32 forward on this model).
-  * "packed" (the CUDA default): no copy; every forward computes from the packed tensors. FP8 runs
+  * "copy" (the CPU fallback where the packed kernel cannot be built, and for non-fp32 layers): a compute copy holding
+    exactly the format's dequantized values, multiplied by our CPU linear kernel.
+  * "packed" (the default): no copy; every forward computes from the packed tensors. On the CPU (fp32) the C++
+    kernel of `packed_linear` decodes tiles of weight rows in cache and multiplies them. On CUDA FP8 runs
     `torch._scaled_mm` (FP8 tensor cores, sm89+), INT8 `torch._int_mm` with the scales applied to its int32 sums,
     NVFP4 and INT4 the fused dequantize-GEMM Triton kernels of `kernels.gemm`. Resident bytes are the packed bytes.
 Both quantize activations the same way for the formats that quantize them (fp8, int8, nvfp4 W4A4), so the two
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from optiserve.engine import ops
+from optiserve.engine import ops, packed_linear
 from optiserve.kernels.formats import FP8_E4M3_MAX, INT8_MAXBOUND
 from optiserve.kernels.fp8 import FP8Tensor, fp8_per_tensor_scale
 from optiserve.kernels.gemm import int4_linear, nvfp4_linear
@@ -153,9 +153,19 @@ def packed_matmul(fmt: str, x: torch.Tensor, w: PackedWeight, input_scale: torch
     raise ValueError(f"no packed matmul for {fmt!r}")
 
 
+def cpu_packed_kernel(fmt: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the C++ packed kernel computes a layer: fp32 on the CPU, where it is built."""
+    return device.type == "cpu" and dtype == torch.float32 and packed_linear.available(fmt)
+
+
+def default_compute(fmt: str, device: torch.device, dtype: torch.dtype) -> str:
+    """From the packed tensors on a GPU and where the CPU kernel runs; else from the fp32 compute copy."""
+    return "packed" if device.type == "cuda" or cpu_packed_kernel(fmt, device, dtype) else "copy"
+
+
 class QuantLinear(nn.Module):
     """A linear layer in a quantized format: packed shards, computed from a dequantized copy or from the packed
-    tensors themselves (`compute`: "copy" or "packed"; default "packed" when the shards are on a GPU).
+    tensors themselves (`compute`: "copy" or "packed"; default: `default_compute`).
     `use_kernel` is passed to the kernels (None: Triton on CUDA; True runs it through the interpreter on CPU)."""
 
     def __init__(self, fmt: str, shards: list[PackedWeight], bias: torch.Tensor | None,
@@ -164,9 +174,12 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.fmt, self.shards, self.dtype = fmt, shards, dtype
         self.spec = FORMATS[fmt]
-        self.compute = compute or ("packed" if shards[0].qdata.is_cuda else "copy")
+        self.compute = compute or default_compute(fmt, shards[0].qdata.device, dtype)
         check_format(self.compute, COMPUTE_MODES, "compute")
         self.use_kernel = use_kernel
+        self.cpu_operands = None  # the packed CPU kernel's view of the shards, when it computes this layer
+        if self.compute == "packed" and use_kernel is None and cpu_packed_kernel(fmt, shards[0].qdata.device, dtype):
+            self.cpu_operands = packed_linear.operands(fmt, shards)
         self.bias = bias
         self.input_scale = input_scale
         self.pre_quant_scale = pre_quant_scale
@@ -207,6 +220,10 @@ class QuantLinear(nn.Module):
         return ops.linear(x, self.weight_t, self.bias)
 
     def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_operands is not None and x.dtype == torch.float32 and not x.requires_grad:
+            if self.spec.quantizes_activations:
+                x = fake_quant_activation(self.fmt, x, self.input_scale)
+            return packed_linear.packed_linear(x, self.cpu_operands, self.bias)  # [..., N]
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, K]
         y = torch.cat([packed_matmul(self.fmt, x2, s, self.input_scale, self.use_kernel) for s in self.shards], -1)
         if self.bias is not None:

@@ -22,6 +22,12 @@ def packed_copy(layer: QuantLinear, use_kernel: bool | None = True) -> QuantLine
                        compute="packed", use_kernel=use_kernel)
 
 
+def copy_of(layer: QuantLinear) -> QuantLinear:
+    """The same packed shards and scales, computed from an fp32 compute copy."""
+    return QuantLinear(layer.fmt, layer.shards, layer.bias, layer.input_scale, layer.pre_quant_scale, layer.dtype,
+                       compute="copy")
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["triton", "torch"])
 def test_packed_linear_matches_the_compute_copy(fmt, use_kernel):
@@ -30,7 +36,7 @@ def test_packed_linear_matches_the_compute_copy(fmt, use_kernel):
     x = torch.randn(3, 7, 256, generator=g)  # [B, S, K]: 21 rows, two row blocks of the GEMM kernels
     input_scale = torch.tensor(x.abs().max().item() / ACTIVATION_DIVISOR.get(fmt, 1.0))
     copy = QuantLinear(fmt, [quantize_weight(fmt, w_q), quantize_weight(fmt, w_k)], torch.randn(96, generator=g),
-                       input_scale, torch.rand(256, generator=g) + 0.5, torch.float32)
+                       input_scale, torch.rand(256, generator=g) + 0.5, torch.float32, compute="copy")
     packed = packed_copy(copy, use_kernel)
     assert not hasattr(packed, "weight_t")  # no dequantized copy is held
     y, y_ref = packed(x), copy(x)
@@ -97,5 +103,6 @@ def test_packed_model_gives_the_served_logits(engine, chat_prompt_ids, fmt):
     expected = ModelRunner(q, 1, len(ids), torch.float32).prefill(0, ids, all_logits=True)
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
     assert torch.equal(logits.argmax(-1), expected.argmax(-1))
-    (fmt_bytes, resident), (_, copy_resident) = weight_bytes(packed), weight_bytes(q)
+    copy = with_layers(q, {n: copy_of(m) for n, m in q.named_modules() if isinstance(m, QuantLinear)})
+    (fmt_bytes, resident), (_, copy_resident) = weight_bytes(packed), weight_bytes(copy)
     assert resident == fmt_bytes < copy_resident

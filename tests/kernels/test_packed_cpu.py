@@ -1,0 +1,121 @@
+"""The CPU kernel that multiplies from packed weights (`engine.packed_linear`), at three levels: its decoded weights
+are bit for bit the `kernels/` references' dequantized values; each result is the fp32 product of those values and
+the input up to summation order, with rows independent of each other (a verify row is a decode row); a
+`QuantLinear` computes through it by default, holds no fp32 copy and agrees with the copy it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optiserve.engine import packed_linear as pl
+from optiserve.engine.quant import QuantLinear, quantize_fused, quantize_weight, weight_bytes
+from optiserve.engine.runner import ModelRunner
+from tests.engine.test_ops import cpu_flags
+from tests.kernels.test_packed_compute import quantized_default_model
+
+KERNEL = pl.load()
+pytestmark = pytest.mark.skipif(KERNEL is None, reason="the packed CPU kernel is not built here")
+FORMATS = ["nvfp4-w4a16", "int4", "int8", "fp8", "nvfp4"]
+SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (30, 37), (64, 100)]  # (N, K): the model's and odd
+ACTIVATION_DIVISOR = {"fp8": 448.0, "int8": 127.0, "nvfp4": 6 * 448.0}  # amax -> the calibrated input_scale
+
+
+def packed(fmt: str, shapes: list[tuple[int, int]], seed: int = 0) -> list:
+    gen = torch.Generator().manual_seed(seed)
+    return quantize_fused(fmt, [torch.randn(n, k, generator=gen) for n, k in shapes])
+
+
+def dequantized(shards: list) -> torch.Tensor:
+    return torch.cat([s.dequantize(torch.float32) for s in shards])  # [N, K]
+
+
+def assert_product_up_to_order(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    """y equals x @ w.T + b computed exactly, within what fp32 summation in another order can move it."""
+    exact = x.double() @ w.double().t() + (0 if b is None else b.double())
+    bound = (x.double().abs() @ w.double().abs().t()) * (x.shape[-1] + 2) * 2.0**-24 + 1e-30
+    assert ((y.double() - exact).abs() <= bound).all()
+
+
+def assert_rows_alone(kernel, x: torch.Tensor, ops: pl.PackedOperands, b: torch.Tensor | None) -> torch.Tensor:
+    y = pl.packed_linear(x, ops, b, kernel)
+    alone = torch.cat([pl.packed_linear(x[i : i + 1], ops, b, kernel) for i in range(x.shape[0])])
+    assert torch.equal(y, alone), f"{x.shape[0]} rows: a row differs from its 1-row call"
+    return y
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_decoded_weights_are_the_reference_bits(fmt, n, k):
+    """x = the identity: each output is one weight times 1.0, so y.T is the decoded weight itself."""
+    shards = packed(fmt, [(n, k)])
+    y = pl.packed_linear(torch.eye(k), pl.operands(fmt, shards), None)  # [K, N]
+    assert torch.equal(y.t(), dequantized(shards))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_product_and_rows_alone_for_1_to_16_rows(fmt, n, k):
+    shards = packed(fmt, [(n, k)], seed=n + k)
+    ops, w = pl.operands(fmt, shards), dequantized(shards)
+    gen = torch.Generator().manual_seed(k)
+    b = torch.randn(n, generator=gen)
+    for m in [1, 2, 3, 4, 5, 7, 8, 13, 16, 20]:
+        x = torch.randn(m, k, generator=gen)
+        assert_product_up_to_order(assert_rows_alone(KERNEL, x, ops, b), x, w, b)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fused_shards_write_side_by_side(fmt):
+    shards = packed(fmt, [(576, 576), (192, 576), (192, 576)])  # q/k/v, one per-tensor scale for all
+    gen = torch.Generator().manual_seed(1)
+    x, b = torch.randn(2, 3, 576, generator=gen), torch.randn(960, generator=gen)
+    y = pl.packed_linear(x, pl.operands(fmt, shards), b)  # [2, 3, 960]
+    assert y.shape == (2, 3, 960)
+    assert_product_up_to_order(y.reshape(6, -1), x.reshape(6, -1), dequantized(shards), b)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quant_linear_computes_packed_without_a_copy(fmt):
+    gen = torch.Generator().manual_seed(2)
+    shards = [quantize_weight(fmt, torch.randn(n, 576, generator=gen)) for n in (1536, 1536)]  # gate/up
+    x = torch.randn(5, 576, generator=gen)
+    args = (fmt, shards, None, torch.tensor(x.abs().max().item() / ACTIVATION_DIVISOR.get(fmt, 1.0)),
+            torch.rand(576, generator=gen) + 0.5 if fmt == "int4" else None, torch.float32)
+    layer, copy = QuantLinear(*args), QuantLinear(*args, compute="copy")
+    assert layer.compute == "packed" and layer.cpu_operands is not None and not hasattr(layer, "weight_t")
+    assert layer.resident_bytes() == layer.packed_bytes() < copy.resident_bytes() / 3  # 1 byte or less a weight
+    y, y_copy = layer(x), copy(x)
+    torch.testing.assert_close(y, y_copy, rtol=1e-5, atol=1e-5 * y_copy.abs().max().item())
+    model = torch.nn.Sequential(layer)
+    assert weight_bytes(model) == (layer.packed_bytes(), layer.packed_bytes())
+
+
+@pytest.mark.skipif(not {"avx512f", "avx2", "fma"} <= cpu_flags(), reason="builds for AVX2 on an AVX-512 CPU")
+def test_the_avx2_build_is_correct_too():
+    """Machines differ (AVX2-only or AVX-512): build for AVX2 here, check bit-exact decode and rows alone."""
+    avx2 = pl.build(["-O3", "-march=haswell", "-fopenmp"])
+    gen = torch.Generator().manual_seed(3)
+    for fmt in FORMATS:
+        for n, k in [(576, 576), (30, 37)]:
+            shards = packed(fmt, [(n, k)])
+            ops = pl.operands(fmt, shards)
+            assert torch.equal(pl.packed_linear(torch.eye(k), ops, None, avx2).t(), dequantized(shards))
+            x, b = torch.randn(16, k, generator=gen), torch.randn(n, generator=gen)
+            assert_product_up_to_order(assert_rows_alone(avx2, x, ops, b), x, dequantized(shards), b)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_quantized_verify_rows_equal_decode_steps_bit_for_bit(engine, chat_prompt_ids, fmt):
+    """On the quantized default model computed from packed weights (W4A4 included: its activation codes would flip
+    on any last-bit difference), one forward over [last, 5 drafts] gives each row's logits as 6 decode steps do."""
+    q = quantized_default_model(engine, fmt)
+    assert all(m.cpu_operands is not None for m in q.modules() if isinstance(m, QuantLinear))
+    prompt = chat_prompt_ids[1]
+    runner, start = ModelRunner(q, 1, len(prompt) + 8, torch.float32), len(prompt) - 1
+    rows = [prompt[-1], *torch.randint(0, 1000, (5,), generator=torch.Generator().manual_seed(1)).tolist()]
+    runner.prefill(0, prompt[:-1])
+    verified, _ = runner.verify([rows], [start])
+    runner.prefill(0, prompt[:-1])
+    decoded = torch.stack([runner.decode([t], [start + i])[0] for i, t in enumerate(rows)])  # [6, V]
+    assert torch.equal(verified[0], decoded)
