@@ -53,7 +53,8 @@ class QuantRequest:
 
 # The code whose output the cache holds: an edit to any of it (or another torch) makes new keys, so results an
 # older optiserve cached are never reused.
-FINGERPRINTED_MODULES = ("optiserve.engine.quant", "optiserve.engine.kv_quant", "optiserve.engine.quantized_checkpoint",
+FINGERPRINTED_MODULES = ("optiserve.engine.quant", "optiserve.engine.kv_quant", "optiserve.engine.layout",
+                         "optiserve.engine.quantized_checkpoint",
                          "optiserve.optimize.awq", "optiserve.optimize.calibrate", "optiserve.optimize.export",
                          "optiserve.optimize.ptq", "optiserve.optimize.startup")
 FINGERPRINTED_PACKAGES = ("optiserve.kernels",)  # every module in it

@@ -10,9 +10,9 @@ import torch
 from safetensors import safe_open
 
 from optiserve.engine.config import EngineConfig, ModelConfig, SamplingParams
+from optiserve.engine.layout import rope_row_perm
 from optiserve.engine.llm_engine import LLMEngine, WeightSet, run_to_completion
 from optiserve.engine.quantized_checkpoint import KV_MEANS_FILE, permute_rows, read_kv_means
-from optiserve.engine.weights import rope_row_perm
 from optiserve.kernels.int4 import Int4Tensor
 from optiserve.kernels.nvfp4 import NVFP4Tensor
 from optiserve.optimize.export import export_checkpoint
