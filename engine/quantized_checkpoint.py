@@ -19,7 +19,6 @@ Ours only: an NVFP4 KV cache's per-layer mean keys in `optiserve_kv_means.json` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from .kv_quant import KVFormat, kv_scale_from_modelopt
 from .layout import LAYER_LINEARS, rope_row_perm
 from .model import Transformer, with_layers
 from .quant import FORMATS, PackedWeight, QuantLinear
+from .weight_set import WeightSet
 from .weights import load_model, read_state_dict
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
@@ -144,13 +144,6 @@ def _expect(t: torch.Tensor, dtype: torch.dtype, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- loading ---
-@dataclass
-class QuantizedCheckpoint:
-    model: Transformer
-    weight_format: str
-    kv: KVFormat
-
-
 def read_kv_means(model_dir: Path, cfg: ModelConfig, device: str = "cpu") -> list[torch.Tensor] | None:
     """The per-layer mean keys [KV, D] (our RoPE layout) an optiserve export keeps beside the checkpoint, or None
     (a ModelOpt checkpoint has none: the NVFP4 cache then rotates keys without centring them)."""
@@ -240,7 +233,7 @@ def _quant_linears(base: Transformer, fmt: str, layers: dict[str, Packed], devic
 
 
 def load_quantized_checkpoint(model_dir: Path, max_len: int, dtype: torch.dtype,
-                              device: str = "cpu") -> QuantizedCheckpoint:
+                              device: str = "cpu") -> WeightSet:
     """Build our `Transformer` from a ModelOpt unified HF checkpoint: unquantized tensors load as usual, each
     projection becomes a `QuantLinear` from its packed tensors."""
     fmt, kv_fmt = _checkpoint_formats(model_dir)
@@ -249,10 +242,10 @@ def load_quantized_checkpoint(model_dir: Path, max_len: int, dtype: torch.dtype,
     layers = _pop_packed_layers(model_dir, state, cfg, fmt, dtype, float_copies=True) if fmt != "none" else {}
     kv = _load_kv_format(model_dir, state, cfg, kv_fmt, device)
     model = load_model(model_dir, max_len, dtype, device, state=state)
-    return QuantizedCheckpoint(with_layers(model, _quant_linears(model, fmt, layers, device)), fmt, kv)
+    return WeightSet(with_layers(model, _quant_linears(model, fmt, layers, device)), fmt, kv)
 
 
-def load_quantized_layers(model_dir: Path, base: Transformer) -> QuantizedCheckpoint:
+def load_quantized_layers(model_dir: Path, base: Transformer) -> WeightSet:
     """A ModelOpt checkpoint exported from `base` (the same model unquantized), rebuilt on top of it: a copy of
     `base` whose linears are the checkpoint's, every other tensor shared with `base` (none read from disk)."""
     fmt, kv_fmt = _checkpoint_formats(model_dir)
@@ -263,7 +256,7 @@ def load_quantized_layers(model_dir: Path, base: Transformer) -> QuantizedCheckp
     dtype = base.embed.weight.dtype
     layers = _pop_packed_layers(model_dir, state, cfg, fmt, dtype, float_copies=False) if fmt != "none" else {}
     kv = _load_kv_format(model_dir, state, cfg, kv_fmt, device)
-    return QuantizedCheckpoint(with_layers(base, _quant_linears(base, fmt, layers, device)), fmt, kv)
+    return WeightSet(with_layers(base, _quant_linears(base, fmt, layers, device)), fmt, kv)
 
 
 def _checkpoint_formats(model_dir: Path) -> tuple[str, str]:

@@ -29,8 +29,8 @@ from optiserve.engine.quantized_checkpoint import (
     packed_to_tensors,
     permute_rows,
 )
+from optiserve.engine.weight_set import WeightSet
 
-from .ptq import QuantResult
 from .train import STATE_FILE
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,9 @@ def hf_quantization_config(hf_quant: dict) -> dict:
     return out
 
 
-def export_state_dict(result: QuantResult, weight_format: str) -> dict[str, torch.Tensor]:
+def export_state_dict(weights: WeightSet) -> dict[str, torch.Tensor]:
     """Our (quantized) `Transformer` -> the HF state dict ModelOpt would write."""
-    model = result.model
+    model, kv = weights.model, weights.kv
     cfg = model.cfg
     out = {hf: model.get_parameter(ours) for ours, hf in MODEL_TENSORS.items()}
     if not cfg.tie_word_embeddings:
@@ -94,14 +94,14 @@ def export_state_dict(result: QuantResult, weight_format: str) -> dict[str, torc
         for linear in LAYER_LINEARS:
             module = layer.get_submodule(linear.ours)
             if isinstance(module, QuantLinear):
-                out.update(packed_projections(module, linear, cfg, i, weight_format))
+                out.update(packed_projections(module, linear, cfg, i, weights.weight_format))
             else:
                 out.update(split_projections(module.weight, linear, cfg, i, "weight"))
             if module.bias is not None:  # q/k/v biases (qwen2)
                 out.update(split_projections(module.bias, linear, cfg, i, "bias"))
-        if result.kv.name != "none":
-            out[hf_layer + "self_attn.k_proj.k_scale"] = kv_scale_to_modelopt(result.kv.name, result.kv.k_scales[i])
-            out[hf_layer + "self_attn.v_proj.v_scale"] = kv_scale_to_modelopt(result.kv.name, result.kv.v_scales[i])
+        if kv.name != "none":
+            out[hf_layer + "self_attn.k_proj.k_scale"] = kv_scale_to_modelopt(kv.name, kv.k_scales[i])
+            out[hf_layer + "self_attn.v_proj.v_scale"] = kv_scale_to_modelopt(kv.name, kv.v_scales[i])
     return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in out.items()}
 
 
@@ -141,11 +141,9 @@ def write_kv_means(output: Path, kv: KVFormat, head_dim: int) -> None:
     (output / KV_MEANS_FILE).write_text(json.dumps({"k_mean": means.tolist()}))
 
 
-def export_checkpoint(source_dir: Path, result: QuantResult, weight_format: str, output: Path,
-                      config_updates: dict | None = None) -> Path:
-    """Write `result` to `output` in ModelOpt's unified HF layout (formats "none": a plain HF checkpoint);
-    tokenizer etc. are copied from `source_dir`, its config.json with `config_updates` (a pruned model's sizes).
-    The KV-cache format is `result.kv`'s."""
+def export_checkpoint(source_dir: Path, weights: WeightSet, output: Path, config_updates: dict | None = None) -> Path:
+    """Write `weights` to `output` in ModelOpt's unified HF layout (formats "none": a plain HF checkpoint);
+    tokenizer etc. are copied from `source_dir`, its config.json with `config_updates` (a pruned model's sizes)."""
     from safetensors.torch import save_file
 
     source_dir, output = Path(source_dir), Path(output)
@@ -154,9 +152,9 @@ def export_checkpoint(source_dir: Path, result: QuantResult, weight_format: str,
         if f.is_file() and f.name not in SKIP_FILES and not f.name.endswith((".safetensors", ".bin", ".gguf")) \
                 and not f.name.startswith("model.safetensors"):
             shutil.copy2(f, output / f.name)
-    kv_format = result.kv.name
-    state = export_state_dict(result, weight_format)
-    write_kv_means(output, result.kv, result.model.cfg.head_dim)
+    weight_format, kv_format = weights.weight_format, weights.kv_format
+    state = export_state_dict(weights)
+    write_kv_means(output, weights.kv, weights.model.cfg.head_dim)
     save_file(state, str(output / "model.safetensors"), metadata={"format": "pt"})
     config = {**json.loads((source_dir / "config.json").read_text()), **(config_updates or {})}
     ModelConfig.from_dict(config)  # the architecture we can serve again

@@ -12,12 +12,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from optiserve.engine.kv_quant import KVFormat
 from optiserve.engine.layout import layer_linear
 from optiserve.engine.model import Transformer, with_layers
 from optiserve.engine.quant import FORMATS, QuantLinear, input_scale_for, quantize_fused, quantize_weight
@@ -29,14 +28,6 @@ from .calibrate import CalibStats, InputStats, quantizable_linears
 SMOOTHQUANT_ALPHA = 1.0  # ModelOpt's `SmoothQuantCalibConfig.alpha` default, what INT8_SMOOTHQUANT_CFG uses
 SMOOTH_SCALE_MIN, SMOOTH_SCALE_MAX = 1e-4, 1e4  # ModelOpt clamps pre_quant_scale (1/s) to this range
 INACTIVE_AMAX = 2.0**-31  # input channels at most this large get s = 1 (ModelOpt's zero-channel mask)
-
-
-@dataclass
-class QuantResult:
-    """A (quantized) model and the KV-cache format it runs with."""
-
-    model: Transformer
-    kv: KVFormat = field(default_factory=KVFormat)
 
 
 @dataclass

@@ -57,8 +57,6 @@ def apply_quant(engine, req) -> None:
     """Quantize a loaded engine's weights/KV cache as `req` asks (start-up PTQ, cached)."""
     if req.quant == "none" and req.kv_cache == "none":
         return
-    from optiserve.engine.llm_engine import WeightSet
     from optiserve.optimize.startup import prepare_quantized
 
-    q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
-    engine.use_weights(WeightSet(q.model, req.quant, q.kv))
+    engine.use_weights(prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req))

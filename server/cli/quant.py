@@ -95,5 +95,5 @@ def run_quantize(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = load_model(model_dir, max(req.calib_seq_len, 16), getattr(torch, args.dtype), check_device(args.device))
     q = prepare_quantized(model_dir, model, tokenizer, req)
-    out = export_checkpoint(model_dir, q, req.quant, args.output)
+    out = export_checkpoint(model_dir, q, args.output)
     print(f"wrote {out}")
