@@ -27,7 +27,7 @@ from optiserve.engine.weight_set import WeightSet
 from .calibrate import CalibStats, quantizable_linears
 from .distill import DistillLoss, distill_loss_fn, with_layer_map
 from .ptq import SMOOTHQUANT_ALPHA, LinearPlan, plan_model, quant_linear, with_layers
-from .startup import QuantRequest, calibration_stats
+from .ptq_pipeline import QuantRequest, calibration_stats
 from .train import (
     EVAL_WINDOW,
     LossFn,

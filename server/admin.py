@@ -16,7 +16,7 @@ from optiserve.engine.llm_engine import EngineDeadError, LLMEngine, SwapError
 from optiserve.engine.quant import WEIGHT_FORMATS, QuantLinear, check_format, weight_bytes
 from optiserve.optimize.data import read_texts, token_windows
 from optiserve.optimize.evaluate import evaluate
-from optiserve.optimize.startup import QuantRequest, prepare_quantized
+from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
 
 from .openai_api import ApiError
 

@@ -96,7 +96,7 @@ def test_nvfp4_kv_encoding_beats_plain_nvfp4_on_the_real_model(engine, chat_prom
     next-token distributions) than ModelOpt's plain NVFP4 encoding with the same calibrated scales."""
     from optiserve.optimize.calibrate import calibrate
     from optiserve.optimize.evaluate import evaluate
-    from optiserve.optimize.startup import kv_format_for
+    from optiserve.optimize.ptq_pipeline import kv_format_for
 
     model = engine.master
     windows = [ids for ids in chat_prompt_ids if len(ids) >= 16][:4]

@@ -13,7 +13,7 @@ from optiserve.engine import ops
 from optiserve.engine.config import EngineConfig, SamplingParams
 from optiserve.engine.llm_engine import LLMEngine, WeightSet
 from optiserve.engine.sequence import Request, RequestOutput, SpecStats
-from optiserve.optimize.startup import QuantRequest, prepare_quantized
+from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
 
 TIE_GAP = 1e-4
 EXACT = ops.decode_attention_available(torch.float32, torch.device("cpu"))

@@ -16,7 +16,7 @@ from optiserve.engine.quantized_checkpoint import KV_MEANS_FILE, permute_rows, r
 from optiserve.kernels.int4 import Int4Tensor
 from optiserve.kernels.nvfp4 import NVFP4Tensor
 from optiserve.optimize.export import export_checkpoint
-from optiserve.optimize.startup import QuantRequest, prepare_quantized
+from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
 CASES = {"nvfp4+kv": ("nvfp4", "nvfp4"), "int4": ("int4", "none"), "fp8+kv": ("fp8", "fp8"), "int8": ("int8", "none"),

@@ -1,4 +1,5 @@
-"""PTQ at server start-up: calibrate once, quantize, and cache the result so the next start skips calibration."""
+"""The PTQ pipeline, as the server start-up, `optiserve quantize`, `eval`, QAT and the admin swap run it: calibrate
+(statistics cached), quantize, and cache the result as an export directory so the next run skips both."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ class QuantRequest:
 FINGERPRINTED_MODULES = ("optiserve.engine.quant", "optiserve.engine.kv_quant", "optiserve.engine.layout",
                          "optiserve.engine.quantized_checkpoint",
                          "optiserve.optimize.awq", "optiserve.optimize.calibrate", "optiserve.optimize.export",
-                         "optiserve.optimize.ptq", "optiserve.optimize.startup")
+                         "optiserve.optimize.ptq", "optiserve.optimize.ptq_pipeline")
 FINGERPRINTED_PACKAGES = ("optiserve.kernels",)  # every module in it
 
 
