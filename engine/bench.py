@@ -12,46 +12,26 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from itertools import islice, pairwise
+from itertools import pairwise
 from pathlib import Path
 
 import torch
 
 from . import ops
+from .chat import CHAT_INSTRUCTIONS, chat_prompt_ids
 from .config import EngineConfig, SamplingParams
 from .llm_engine import LLMEngine, run_to_completion
 from .quant import weight_bytes
+from .spec.bench import load_prompt_file
 
-INSTRUCTIONS_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval" / "instructions.jsonl"
-FALLBACK_INSTRUCTIONS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain photosynthesis in two sentences.",
-    "List three prime numbers and say why they are prime.",
-    "How do I reverse a list in Python?",
-    "Give me a tip for staying focused while studying.",
-    "What is the difference between weather and climate?",
-    "Translate 'good morning' into Spanish and French.",
-]
 WARMUP_TOKENS = 8
 
 
-def load_instructions(n: int) -> list[str]:
-    """The first `n` alpaca_eval instructions if the shared data is present, else the built-in list (cycled)."""
-    pool = FALLBACK_INSTRUCTIONS
-    if INSTRUCTIONS_FILE.is_file():
-        with INSTRUCTIONS_FILE.open() as f:
-            pool = [json.loads(line)["instruction"] for line in islice(f, max(n, 1))] or pool
+def load_instructions(n: int, prompts_file: str | None = None) -> list[str]:
+    """The first `n` prompts of `prompts_file` (jsonl with `instruction`, or one per line) or of the built-in chat
+    instructions, cycled when there are fewer."""
+    pool = load_prompt_file(prompts_file, 0, max(n, 1)) if prompts_file else CHAT_INSTRUCTIONS
     return [pool[i % len(pool)] for i in range(n)]
-
-
-def chat_prompt_ids(tokenizer, instructions: list[str]) -> list[list[int]]:
-    """Token ids of each instruction as a single-turn chat with the generation prompt appended."""
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": s}], tokenize=False, add_generation_prompt=True)
-        for s in instructions
-    ]
-    return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
 
 def step_times(stamps: list[float]) -> list[float]:
@@ -131,9 +111,11 @@ def bench_decode(
     dtype: str = "float32",
     json_path: str | None = None,
     against: str | None = None,
+    prompts_file: str | None = None,
 ) -> dict:
     """Greedy decode throughput of our engine and of HF `generate` on the same chat prompts; print and return it.
-    With `against` (another model, e.g. the unpruned one), our engine on both models in the same run, too."""
+    With `against` (another model, e.g. the unpruned one), our engine on both models in the same run, too.
+    Prompts: the first `batch` of `prompts_file`, else the built-in chat instructions."""
     from transformers import AutoModelForCausalLM
 
     if tokens < 3:
@@ -141,7 +123,7 @@ def bench_decode(
     engine = LLMEngine(EngineConfig(model=model, dtype=dtype, max_batch=batch))
     other = against and LLMEngine(EngineConfig(model=against, dtype=dtype, max_batch=batch))
     engines = [engine, other] if other else [engine]
-    prompts = chat_prompt_ids(engine.tokenizer, load_instructions(batch))
+    prompts = chat_prompt_ids(engine.tokenizer, load_instructions(batch, prompts_file))
     hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=getattr(torch, dtype)).eval()
     tok = engine.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

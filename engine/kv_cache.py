@@ -23,8 +23,8 @@ class CacheShape:
     head_dim: int
 
     @property
-    def bytes_per_token(self) -> int:
-        """K and V of one token across all layers, at 4 bytes per element is the fp32 figure."""
+    def elements_per_token(self) -> int:
+        """Elements of K and V for one token across all layers (times an element's bytes: the bytes)."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
 
@@ -53,7 +53,7 @@ class KVCache:
 
     @property
     def bytes_per_token(self) -> int:
-        return self.shape.bytes_per_token * self.k.element_size()
+        return self.shape.elements_per_token * self.k.element_size()
 
     @property
     def kv_format(self) -> str:
@@ -67,7 +67,7 @@ class KVCache:
         """Bytes per token of K and V in the cache's format (the fp32 compute copy is `bytes_per_token`)."""
         if self.kv.name == "none":
             return float(self.bytes_per_token)
-        return self.shape.bytes_per_token * self.kv.bytes_per_element
+        return self.shape.elements_per_token * self.kv.bytes_per_element
 
     def begin(self, first_slot: int, batch: int, attn_len: int) -> None:
         """Select the slots [first_slot, first_slot+batch) and attention length for the next forward."""

@@ -29,7 +29,8 @@ from .sampler import make_generator, sample_each, token_logprobs
 from .scheduler import Scheduler
 from .sequence import Request, RequestOutput, Sequence
 from .spec.decoder import Accepted, make_spec_decoder
-from .swap import SwapError, SwapQueue, WeightSet, WeightSwitcher, release_freed_memory
+from .swap import SwapError, SwapQueue, WeightSwitcher, release_freed_memory
+from .weight_set import WeightSet
 from .weights import default_served_name, load_model, resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class LLMEngine:
         self.weights = WeightSet(model, "none")
         self.switcher = WeightSwitcher(self.runner, self.spec, self._run_prefill)
         if quantized is not None:
-            self._apply_weights(WeightSet(model, quantized.weight_format, quantized.kv))
+            self._apply_weights(quantized)
         self.fault_seed = fault_seed_from_env()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None

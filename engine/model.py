@@ -27,8 +27,8 @@ class Linear(nn.Module):
     """y = x @ W.T + b; quantized formats replace this module.
 
     The parameter is `weight_t` [in, out], on CPU held as the transpose of a row-major [out, in] tensor: the fp32
-    kernel `ops.linear` reads each output's weights as one contiguous row (~40 GB/s at batch 1 vs ~20 for
-    MKL), and ATen's bf16 GEMV also reads that layout faster. Only fp32 without the kernel keeps [in, out]
+    kernel `ops.linear` reads each output's weights as one contiguous row (faster than MKL at batch 1), and
+    ATen's bf16 GEMV also reads that layout faster. Only fp32 without the kernel keeps [in, out]
     contiguous, which MKL reads faster than F.linear's layout. `weight` gives the usual [out, in] view.
     """
 

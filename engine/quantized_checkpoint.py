@@ -19,7 +19,6 @@ Ours only: an NVFP4 KV cache's per-layer mean keys in `optiserve_kv_means.json` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,9 +31,11 @@ from optiserve.kernels.nvfp4 import NVFP4Tensor
 
 from .config import ModelConfig, ModelLoadError, read_json
 from .kv_quant import KVFormat, kv_scale_from_modelopt
+from .layout import LAYER_LINEARS, rope_row_perm
 from .model import Transformer, with_layers
 from .quant import FORMATS, PackedWeight, QuantLinear
-from .weights import load_model, read_state_dict, rope_row_perm
+from .weight_set import WeightSet
+from .weights import load_model, read_state_dict
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 # our weight format -> ModelOpt `quant_algo` (process_layer_quant_config)
@@ -43,8 +44,6 @@ QUANT_ALGOS = {"fp8": "FP8", "nvfp4": "NVFP4", "nvfp4-w4a16": "W4A16_NVFP4", "in
 KV_ALGOS = {"fp8": "FP8", "nvfp4": "NVFP4"}  # `kv_cache_quant_algo` (_compute_kv_cache_dtype)
 GROUP_SIZES = {"nvfp4": NVFP4_BLOCK_SIZE, "nvfp4-w4a16": NVFP4_BLOCK_SIZE, "int4": INT4_GROUP_SIZE}
 KV_MEANS_FILE = "optiserve_kv_means.json"  # beside an export with an NVFP4 KV cache; other runtimes ignore it
-ATTN_PROJ = ("q_proj", "k_proj", "v_proj")
-MLP_PROJ = ("gate_proj", "up_proj")
 
 
 # ------------------------------------------------------------------------------------------------ detection ---
@@ -145,13 +144,6 @@ def _expect(t: torch.Tensor, dtype: torch.dtype, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- loading ---
-@dataclass
-class QuantizedCheckpoint:
-    model: Transformer
-    weight_format: str
-    kv: KVFormat
-
-
 def read_kv_means(model_dir: Path, cfg: ModelConfig, device: str = "cpu") -> list[torch.Tensor] | None:
     """The per-layer mean keys [KV, D] (our RoPE layout) an optiserve export keeps beside the checkpoint, or None
     (a ModelOpt checkpoint has none: the NVFP4 cache then rotates keys without centring them)."""
@@ -189,17 +181,6 @@ def _load_kv_format(model_dir: Path, state: dict[str, torch.Tensor], cfg: ModelC
     return KVFormat(kv_fmt, k_scales, v_scales, means)
 
 
-def _module_specs(cfg: ModelConfig, i: int) -> list[tuple[str, str, list[str], int]]:
-    """(our module name, HF prefix, HF projections fused into it, in_features) for layer i."""
-    p = f"model.layers.{i}."
-    return [
-        (f"layers.{i}.attn.qkv", f"{p}self_attn.", list(ATTN_PROJ), cfg.hidden_size),
-        (f"layers.{i}.attn.o", f"{p}self_attn.", ["o_proj"], cfg.num_heads * cfg.head_dim),
-        (f"layers.{i}.mlp.gate_up", f"{p}mlp.", list(MLP_PROJ), cfg.hidden_size),
-        (f"layers.{i}.mlp.down", f"{p}mlp.", ["down_proj"], cfg.intermediate_size),
-    ]
-
-
 Packed = tuple[list[PackedWeight], torch.Tensor | None, torch.Tensor | None]  # shards, input_scale, pre_quant_scale
 
 
@@ -207,32 +188,39 @@ def _pop_packed_layers(model_dir: Path, state: dict[str, torch.Tensor], cfg: Mod
                        dtype: torch.dtype, float_copies: bool) -> dict[str, Packed]:
     """Each quantized module's packed shards (q/k/v and gate/up re-fused, q/k rows interleaved), popped from
     `state`; `float_copies` leaves each projection's dequantized weight in `state` (HF layout) for `load_model`."""
-    H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     layers: dict[str, Packed] = {}
     for i in range(cfg.num_layers):
-        for name, prefix, projs, in_features in _module_specs(cfg, i):
+        for linear in LAYER_LINEARS:
             shards, input_scales, pqs = [], [], None
-            for proj in projs:
-                key = prefix + proj + "."
-                try:
-                    t = {s: state.pop(key + s) for s in ("weight", "weight_scale")}
-                    if fmt in ("nvfp4", "nvfp4-w4a16"):
-                        t["weight_scale_2"] = state.pop(key + "weight_scale_2")
-                    if FORMATS[fmt].quantizes_activations:
-                        input_scales.append(state.pop(key + "input_scale").float().reshape(()))
-                except KeyError as e:
-                    raise ModelLoadError(f"{model_dir}: weights lack {e.args[0]!r}") from None
-                packed = tensors_to_packed(fmt, t, in_features, dtype)
+            for proj in linear.projections:
+                key = f"{linear.hf_prefix(i)}{proj.name}."
+                packed, input_scale = _pop_projection(model_dir, state, key, fmt, linear.in_features(cfg), dtype)
+                if input_scale is not None:
+                    input_scales.append(input_scale)
                 if key + "pre_quant_scale" in state:
                     pqs = state.pop(key + "pre_quant_scale")
                 if float_copies:
                     state[key + "weight"] = packed.dequantize(torch.float32)
-                if proj in ("q_proj", "k_proj"):
-                    packed = permute_rows(packed, rope_row_perm(H if proj == "q_proj" else KV, D, to_hf=False))
-                shards.append(packed)
+                perm = proj.row_perm(cfg)
+                shards.append(packed if perm is None else permute_rows(packed, perm))
             input_scale = torch.stack(input_scales).amax() if input_scales else None  # shared, as fused
-            layers[name] = (shards, input_scale, pqs)
+            layers[linear.module_name(i)] = (shards, input_scale, pqs)
     return layers
+
+
+def _pop_projection(model_dir: Path, state: dict[str, torch.Tensor], key: str, fmt: str, in_features: int,
+                    dtype: torch.dtype) -> tuple[PackedWeight, torch.Tensor | None]:
+    """One HF projection's packed weight (HF row order) and input scale, popped from `state`."""
+    try:
+        t = {s: state.pop(key + s) for s in ("weight", "weight_scale")}
+        if fmt in ("nvfp4", "nvfp4-w4a16"):
+            t["weight_scale_2"] = state.pop(key + "weight_scale_2")
+        input_scale = None
+        if FORMATS[fmt].quantizes_activations:
+            input_scale = state.pop(key + "input_scale").float().reshape(())
+    except KeyError as e:
+        raise ModelLoadError(f"{model_dir}: weights lack {e.args[0]!r}") from None
+    return tensors_to_packed(fmt, t, in_features, dtype), input_scale
 
 
 def _quant_linears(base: Transformer, fmt: str, layers: dict[str, Packed], device: str) -> dict[str, QuantLinear]:
@@ -245,7 +233,7 @@ def _quant_linears(base: Transformer, fmt: str, layers: dict[str, Packed], devic
 
 
 def load_quantized_checkpoint(model_dir: Path, max_len: int, dtype: torch.dtype,
-                              device: str = "cpu") -> QuantizedCheckpoint:
+                              device: str = "cpu") -> WeightSet:
     """Build our `Transformer` from a ModelOpt unified HF checkpoint: unquantized tensors load as usual, each
     projection becomes a `QuantLinear` from its packed tensors."""
     fmt, kv_fmt = _checkpoint_formats(model_dir)
@@ -254,10 +242,10 @@ def load_quantized_checkpoint(model_dir: Path, max_len: int, dtype: torch.dtype,
     layers = _pop_packed_layers(model_dir, state, cfg, fmt, dtype, float_copies=True) if fmt != "none" else {}
     kv = _load_kv_format(model_dir, state, cfg, kv_fmt, device)
     model = load_model(model_dir, max_len, dtype, device, state=state)
-    return QuantizedCheckpoint(with_layers(model, _quant_linears(model, fmt, layers, device)), fmt, kv)
+    return WeightSet(with_layers(model, _quant_linears(model, fmt, layers, device)), fmt, kv)
 
 
-def load_quantized_layers(model_dir: Path, base: Transformer) -> QuantizedCheckpoint:
+def load_quantized_layers(model_dir: Path, base: Transformer) -> WeightSet:
     """A ModelOpt checkpoint exported from `base` (the same model unquantized), rebuilt on top of it: a copy of
     `base` whose linears are the checkpoint's, every other tensor shared with `base` (none read from disk)."""
     fmt, kv_fmt = _checkpoint_formats(model_dir)
@@ -268,7 +256,7 @@ def load_quantized_layers(model_dir: Path, base: Transformer) -> QuantizedCheckp
     dtype = base.embed.weight.dtype
     layers = _pop_packed_layers(model_dir, state, cfg, fmt, dtype, float_copies=False) if fmt != "none" else {}
     kv = _load_kv_format(model_dir, state, cfg, kv_fmt, device)
-    return QuantizedCheckpoint(with_layers(base, _quant_linears(base, fmt, layers, device)), fmt, kv)
+    return WeightSet(with_layers(base, _quant_linears(base, fmt, layers, device)), fmt, kv)
 
 
 def _checkpoint_formats(model_dir: Path) -> tuple[str, str]:

@@ -14,10 +14,10 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
-from .kv_quant import KVFormat
 from .model import Transformer
 from .runner import ModelRunner
 from .sequence import Sequence
+from .weight_set import WeightSet
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +33,6 @@ def release_freed_memory() -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-@dataclass
-class WeightSet:
-    """The model the engine serves and the formats it is in."""
-
-    model: Transformer
-    weight_format: str
-    kv: KVFormat = field(default_factory=KVFormat)
-
-    @property
-    def kv_format(self) -> str:
-        return self.kv.name
 
 
 @dataclass

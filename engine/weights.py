@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig, ModelLoadError
+from .layout import HF_LAYER, LAYER_LINEARS, LAYER_NORMS, MODEL_TENSORS, LayerLinear
 from .model import Transformer
 
 log = logging.getLogger(__name__)
@@ -123,43 +124,29 @@ def rope_frequencies(model_dir: Path) -> tuple[torch.Tensor, float]:
     return ROPE_INIT_FUNCTIONS[rope_type](hf_cfg)
 
 
-def rope_row_perm(n_heads: int, head_dim: int, to_hf: bool = False) -> torch.Tensor:
-    """Row order taking HF's half-split q/k rows to our interleaved pairs (or back, `to_hf`), as an index vector."""
-    half = torch.arange(head_dim // 2)
-    per_head = torch.stack([half, half + head_dim // 2], dim=1).flatten()  # [0, D/2, 1, D/2+1, ...]
-    if to_hf:
-        per_head = torch.argsort(per_head)
-    return (torch.arange(n_heads)[:, None] * head_dim + per_head[None, :]).flatten()
-
-
-def interleave_rope_rows(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
-    """Reorder each head's rows from HF's half-split RoPE layout to interleaved pairs."""
-    return w[rope_row_perm(n_heads, head_dim)]
-
-
 def hf_to_ours(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Map an HF Llama-family state dict onto `Transformer`'s fused, interleaved layout."""
-    H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    embed = state["model.embed_tokens.weight"]
-    out = {"embed.weight": embed, "norm.weight": state["model.norm.weight"]}
-    out["lm_head.weight_t"] = (embed if cfg.tie_word_embeddings else state["lm_head.weight"]).t()
+    """Map an HF Llama-family state dict onto `Transformer`'s fused, interleaved layout (engine/layout.py)."""
+    out = {ours: state[hf] for ours, hf in MODEL_TENSORS.items()}
+    out["lm_head.weight_t"] = (out["embed.weight"] if cfg.tie_word_embeddings else state["lm_head.weight"]).t()
     for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        for suffix in ("weight", "bias") if cfg.qkv_bias else ("weight",):
-            q = interleave_rope_rows(state[f"{p}self_attn.q_proj.{suffix}"], H, D)
-            k = interleave_rope_rows(state[f"{p}self_attn.k_proj.{suffix}"], KV, D)
-            qkv = torch.cat([q, k, state[f"{p}self_attn.v_proj.{suffix}"]])
-            if suffix == "weight":
-                out[f"layers.{i}.attn.qkv.weight_t"] = qkv.T
-            else:
-                out[f"layers.{i}.attn.qkv.bias"] = qkv
-        out[f"layers.{i}.attn.o.weight_t"] = state[f"{p}self_attn.o_proj.weight"].T
-        gate, up = state[f"{p}mlp.gate_proj.weight"], state[f"{p}mlp.up_proj.weight"]
-        out[f"layers.{i}.mlp.gate_up.weight_t"] = torch.cat([gate, up]).T
-        out[f"layers.{i}.mlp.down.weight_t"] = state[f"{p}mlp.down_proj.weight"].T
-        out[f"layers.{i}.attn_norm.weight"] = state[f"{p}input_layernorm.weight"]
-        out[f"layers.{i}.mlp_norm.weight"] = state[f"{p}post_attention_layernorm.weight"]
+        hf_layer = HF_LAYER.format(i=i)
+        out.update({f"layers.{i}.{ours}": state[hf_layer + hf] for ours, hf in LAYER_NORMS.items()})
+        for linear in LAYER_LINEARS:
+            out[linear.module_name(i) + ".weight_t"] = fuse_projections(state, cfg, linear, i, "weight").T
+            if cfg.qkv_bias and linear.ours == "attn.qkv":
+                out[linear.module_name(i) + ".bias"] = fuse_projections(state, cfg, linear, i, "bias")
     return out
+
+
+def fuse_projections(state: dict[str, torch.Tensor], cfg: ModelConfig, linear: LayerLinear, i: int,
+                     suffix: str) -> torch.Tensor:
+    """The HF projections' `suffix` tensors of one of our linears, q/k rows interleaved, stacked as it holds them."""
+    parts = []
+    for proj in linear.projections:
+        t = state[f"{linear.hf_prefix(i)}{proj.name}.{suffix}"]
+        perm = proj.row_perm(cfg)
+        parts.append(t if perm is None else t[perm])
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def load_model(model_dir: Path, max_len: int, dtype: torch.dtype, device: str = "cpu",

@@ -103,11 +103,11 @@ def run_distill(model: str, teacher_model: str, data: list[str], output: str, tr
     """Distil `teacher_model` into the (pruned) checkpoint `model`; writes a plain HF checkpoint to `output`."""
     from transformers import AutoTokenizer
 
+    from optiserve.engine.weight_set import WeightSet
     from optiserve.engine.weights import load_model, resolve_model_dir
 
     from .data import training_windows
     from .export import export_checkpoint
-    from .ptq import QuantResult
 
     d = init_distributed()
     student_dir, teacher_dir = resolve_model_dir(model), main_first(d, lambda: resolve_model_dir(teacher_model))
@@ -129,7 +129,7 @@ def run_distill(model: str, teacher_model: str, data: list[str], output: str, tr
         return None
     sync_tied_head(student)
     student.requires_grad_(False)
-    out = export_checkpoint(student_dir, QuantResult(student), "none", Path(output))
+    out = export_checkpoint(student_dir, WeightSet(student), Path(output))
     extra = {"command": "distill", "model": model, "teacher": teacher_model, "output": str(out),
              "loss": asdict(loss_cfg)}
     return report(summary, extra, teacher, eval_data, eval_windows, tokenizer, json_path)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from optiserve.engine.bench import chat_prompt_ids
+from optiserve.engine.chat import chat_prompt_ids
 from optiserve.engine.model import Transformer
 from optiserve.engine.spec.draft_head import DraftConfig, DraftHead
 

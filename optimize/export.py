@@ -18,21 +18,19 @@ import torch
 
 from optiserve.engine.config import ModelConfig
 from optiserve.engine.kv_quant import KVFormat, kv_scale_to_modelopt
+from optiserve.engine.layout import HF_LAYER, LAYER_LINEARS, LAYER_NORMS, MODEL_TENSORS, LayerLinear, rope_row_perm
 from optiserve.engine.quant import FORMATS, QuantLinear
 from optiserve.engine.quantized_checkpoint import (
-    ATTN_PROJ,
     GROUP_SIZES,
     HF_QUANT_CONFIG,
     KV_ALGOS,
     KV_MEANS_FILE,
-    MLP_PROJ,
     QUANT_ALGOS,
     packed_to_tensors,
     permute_rows,
 )
-from optiserve.engine.weights import rope_row_perm
+from optiserve.engine.weight_set import WeightSet
 
-from .ptq import QuantResult
 from .train import STATE_FILE
 
 log = logging.getLogger(__name__)
@@ -83,50 +81,55 @@ def hf_quantization_config(hf_quant: dict) -> dict:
     return out
 
 
-def export_state_dict(result: QuantResult, weight_format: str) -> dict[str, torch.Tensor]:
+def export_state_dict(weights: WeightSet) -> dict[str, torch.Tensor]:
     """Our (quantized) `Transformer` -> the HF state dict ModelOpt would write."""
-    model = result.model
+    model, kv = weights.model, weights.kv
     cfg = model.cfg
-    H, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model.embed.weight,
-                                    "model.norm.weight": model.norm.weight}
+    out = {hf: model.get_parameter(ours) for ours, hf in MODEL_TENSORS.items()}
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = model.lm_head.weight
-    spec = FORMATS.get(weight_format)
     for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        out[p + "input_layernorm.weight"] = layer.attn_norm.weight
-        out[p + "post_attention_layernorm.weight"] = layer.mlp_norm.weight
-        perms = {"q_proj": rope_row_perm(H, D, to_hf=True), "k_proj": rope_row_perm(KV, D, to_hf=True)}
-        sizes = {"q_proj": H * D, "k_proj": KV * D, "v_proj": KV * D, "gate_proj": cfg.intermediate_size,
-                 "up_proj": cfg.intermediate_size, "o_proj": cfg.hidden_size, "down_proj": cfg.hidden_size}
-        for module, prefix, projs in ((layer.attn.qkv, "self_attn.", ATTN_PROJ),
-                                      (layer.attn.o, "self_attn.", ("o_proj",)),
-                                      (layer.mlp.gate_up, "mlp.", MLP_PROJ),
-                                      (layer.mlp.down, "mlp.", ("down_proj",))):
-            rows = [sizes[x] for x in projs]
+        hf_layer = HF_LAYER.format(i=i)
+        out.update({hf_layer + hf: layer.get_parameter(ours) for ours, hf in LAYER_NORMS.items()})
+        for linear in LAYER_LINEARS:
+            module = layer.get_submodule(linear.ours)
             if isinstance(module, QuantLinear):
-                assert module.fmt == weight_format, (module.fmt, weight_format)
-                shards = module.shards
-                for proj, shard in zip(projs, shards, strict=True):
-                    key = p + prefix + proj + "."
-                    if proj in perms:
-                        shard = permute_rows(shard, perms[proj])
-                    out.update({key + k: v for k, v in packed_to_tensors(shard).items()})
-                    if spec.quantizes_activations:
-                        out[key + "input_scale"] = module.input_scale.float().reshape(())
-                    if module.pre_quant_scale is not None:
-                        out[key + "pre_quant_scale"] = module.pre_quant_scale
+                out.update(packed_projections(module, linear, cfg, i, weights.weight_format))
             else:
-                for proj, w in zip(projs, module.weight.split(rows), strict=True):
-                    out[p + prefix + proj + ".weight"] = w[perms[proj]] if proj in perms else w
+                out.update(split_projections(module.weight, linear, cfg, i, "weight"))
             if module.bias is not None:  # q/k/v biases (qwen2)
-                for proj, b in zip(projs, module.bias.split(rows), strict=True):
-                    out[p + prefix + proj + ".bias"] = b[perms[proj]] if proj in perms else b
-        if result.kv.name != "none":
-            out[p + "self_attn.k_proj.k_scale"] = kv_scale_to_modelopt(result.kv.name, result.kv.k_scales[i])
-            out[p + "self_attn.v_proj.v_scale"] = kv_scale_to_modelopt(result.kv.name, result.kv.v_scales[i])
+                out.update(split_projections(module.bias, linear, cfg, i, "bias"))
+        if kv.name != "none":
+            out[hf_layer + "self_attn.k_proj.k_scale"] = kv_scale_to_modelopt(kv.name, kv.k_scales[i])
+            out[hf_layer + "self_attn.v_proj.v_scale"] = kv_scale_to_modelopt(kv.name, kv.v_scales[i])
     return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in out.items()}
+
+
+def split_projections(t: torch.Tensor, linear: LayerLinear, cfg: ModelConfig, i: int,
+                      suffix: str) -> dict[str, torch.Tensor]:
+    """A float weight [out, in] (or bias [out]) of one of our linears as HF's projections, q/k rows half-split."""
+    out = {}
+    for proj, part in zip(linear.projections, t.split(linear.rows(cfg)), strict=True):
+        perm = proj.row_perm(cfg, to_hf=True)
+        out[f"{linear.hf_prefix(i)}{proj.name}.{suffix}"] = part if perm is None else part[perm]
+    return out
+
+
+def packed_projections(module: QuantLinear, linear: LayerLinear, cfg: ModelConfig, i: int,
+                       weight_format: str) -> dict[str, torch.Tensor]:
+    """A `QuantLinear`'s shards as HF projections in ModelOpt's tensor names, q/k rows half-split."""
+    assert module.fmt == weight_format, (module.fmt, weight_format)
+    out = {}
+    for proj, shard in zip(linear.projections, module.shards, strict=True):
+        key = f"{linear.hf_prefix(i)}{proj.name}."
+        perm = proj.row_perm(cfg, to_hf=True)
+        shard = shard if perm is None else permute_rows(shard, perm)
+        out.update({key + k: v for k, v in packed_to_tensors(shard).items()})
+        if FORMATS[weight_format].quantizes_activations:
+            out[key + "input_scale"] = module.input_scale.float().reshape(())
+        if module.pre_quant_scale is not None:
+            out[key + "pre_quant_scale"] = module.pre_quant_scale
+    return out
 
 
 def write_kv_means(output: Path, kv: KVFormat, head_dim: int) -> None:
@@ -138,11 +141,9 @@ def write_kv_means(output: Path, kv: KVFormat, head_dim: int) -> None:
     (output / KV_MEANS_FILE).write_text(json.dumps({"k_mean": means.tolist()}))
 
 
-def export_checkpoint(source_dir: Path, result: QuantResult, weight_format: str, output: Path,
-                      config_updates: dict | None = None) -> Path:
-    """Write `result` to `output` in ModelOpt's unified HF layout (formats "none": a plain HF checkpoint);
-    tokenizer etc. are copied from `source_dir`, its config.json with `config_updates` (a pruned model's sizes).
-    The KV-cache format is `result.kv`'s."""
+def export_checkpoint(source_dir: Path, weights: WeightSet, output: Path, config_updates: dict | None = None) -> Path:
+    """Write `weights` to `output` in ModelOpt's unified HF layout (formats "none": a plain HF checkpoint);
+    tokenizer etc. are copied from `source_dir`, its config.json with `config_updates` (a pruned model's sizes)."""
     from safetensors.torch import save_file
 
     source_dir, output = Path(source_dir), Path(output)
@@ -151,9 +152,9 @@ def export_checkpoint(source_dir: Path, result: QuantResult, weight_format: str,
         if f.is_file() and f.name not in SKIP_FILES and not f.name.endswith((".safetensors", ".bin", ".gguf")) \
                 and not f.name.startswith("model.safetensors"):
             shutil.copy2(f, output / f.name)
-    kv_format = result.kv.name
-    state = export_state_dict(result, weight_format)
-    write_kv_means(output, result.kv, result.model.cfg.head_dim)
+    weight_format, kv_format = weights.weight_format, weights.kv_format
+    state = export_state_dict(weights)
+    write_kv_means(output, weights.kv, weights.model.cfg.head_dim)
     save_file(state, str(output / "model.safetensors"), metadata={"format": "pt"})
     config = {**json.loads((source_dir / "config.json").read_text()), **(config_updates or {})}
     ModelConfig.from_dict(config)  # the architecture we can serve again

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from optiserve.kernels.formats import NVFP4_BLOCK_SIZE, NVFP4_GLOBAL_DIVISOR
 
 from .evaluate import EvalResult, QualityTotals
-from .startup import QuantRequest, calibration_windows
+from .ptq_pipeline import QuantRequest, calibration_windows
 
 MTQ_CONFIGS = {"fp8": "FP8_DEFAULT_CFG", "int8": "INT8_SMOOTHQUANT_CFG", "int4": "INT4_AWQ_CFG"}
 METHODS = {"none": "unquantized", **MTQ_CONFIGS, "nvfp4": "NVFP4QTensor W4A4", "nvfp4-w4a16": "NVFP4QTensor W4A16"}

@@ -227,12 +227,12 @@ def run_prune(model: str, req: PruneRequest, output: str, data: list[str] | None
 
     from transformers import AutoTokenizer
 
+    from optiserve.engine.weight_set import WeightSet
     from optiserve.engine.weights import load_model, resolve_model_dir
 
     from .calibrate import calibrate
     from .data import default_calib_path, read_texts, token_windows
     from .export import export_checkpoint
-    from .ptq import QuantResult
 
     model_dir = resolve_model_dir(model)
     cfg = ModelConfig.from_dir(model_dir)
@@ -247,8 +247,7 @@ def run_prune(model: str, req: PruneRequest, output: str, data: list[str] | None
         prune_depth(net, kept)
     else:
         prune_width(net, calibrate(net, windows), pick_width(cfg, req.target_params))
-    out = export_checkpoint(model_dir, QuantResult(net), "none", Path(output),
-                            config_updates=config_updates(net.cfg, kept))
+    out = export_checkpoint(model_dir, WeightSet(net), Path(output), config_updates=config_updates(net.cfg, kept))
     summary = {"command": "prune", "model": model, "axis": req.axis, "target_params": req.target_params,
                "params_before": count_params(cfg), "params_after": count_params(net.cfg),
                "layers": net.cfg.num_layers, "hidden_size": net.cfg.hidden_size,

@@ -12,12 +12,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from optiserve.engine.kv_quant import KVFormat
+from optiserve.engine.layout import layer_linear
 from optiserve.engine.model import Transformer, with_layers
 from optiserve.engine.quant import FORMATS, QuantLinear, input_scale_for, quantize_fused, quantize_weight
 from optiserve.kernels.int4 import int4_scale_from_amax
@@ -31,14 +31,6 @@ INACTIVE_AMAX = 2.0**-31  # input channels at most this large get s = 1 (ModelOp
 
 
 @dataclass
-class QuantResult:
-    """A (quantized) model and the KV-cache format it runs with."""
-
-    model: Transformer
-    kv: KVFormat = field(default_factory=KVFormat)
-
-
-@dataclass
 class LinearPlan:
     """What PTQ decided for one (possibly fused) linear layer."""
 
@@ -49,13 +41,8 @@ class LinearPlan:
 
 
 def shard_sizes(model: Transformer, name: str) -> list[int]:
-    """Row counts of the HF projections fused into module `name` (q/k/v, gate/up), else one shard."""
-    cfg = model.cfg
-    if name.endswith("attn.qkv"):
-        return [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
-    if name.endswith("mlp.gate_up"):
-        return [cfg.intermediate_size] * 2
-    return [dict(model.named_modules())[name].weight_t.shape[1]]
+    """Row counts of the HF projections fused into module `name` (q/k/v, gate/up; engine/layout.py)."""
+    return layer_linear(name).rows(model.cfg)
 
 
 def smooth_scale(stats: InputStats, w: torch.Tensor, alpha: float) -> torch.Tensor:

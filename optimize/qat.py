@@ -22,11 +22,12 @@ from torch import nn
 
 from optiserve.engine.model import RMSNorm, Transformer
 from optiserve.engine.quant import FORMATS, fake_quant_activation, input_scale_for, quantize_fused
+from optiserve.engine.weight_set import WeightSet
 
 from .calibrate import CalibStats, quantizable_linears
 from .distill import DistillLoss, distill_loss_fn, with_layer_map
-from .ptq import SMOOTHQUANT_ALPHA, LinearPlan, QuantResult, plan_model, quant_linear, with_layers
-from .startup import QuantRequest, calibration_stats
+from .ptq import SMOOTHQUANT_ALPHA, LinearPlan, plan_model, quant_linear, with_layers
+from .ptq_pipeline import QuantRequest, calibration_stats
 from .train import (
     EVAL_WINDOW,
     LossFn,
@@ -103,13 +104,14 @@ def trainable(student: Transformer) -> dict[str, nn.Parameter]:
     return params
 
 
-def to_quant_result(student: Transformer) -> QuantResult:
+def to_quant_result(student: Transformer) -> WeightSet:
     """The trained student with every `QATLinear` packed as PTQ packs (no KV-cache quantization)."""
     dtype = student.embed.weight.dtype
     student.requires_grad_(False)
-    layers = {n: quant_linear(m.fmt, m.plan(), m.bias, dtype) for n, m in student.named_modules()
-              if isinstance(m, QATLinear)}
-    return QuantResult(with_layers(student, layers))
+    qat = {n: m for n, m in student.named_modules() if isinstance(m, QATLinear)}
+    (fmt,) = {m.fmt for m in qat.values()} or {"none"}  # QAT trains one format
+    layers = {n: quant_linear(m.fmt, m.plan(), m.bias, dtype) for n, m in qat.items()}
+    return WeightSet(with_layers(student, layers), fmt)
 
 
 def qat_loss_fn(student: Transformer) -> LossFn:
@@ -153,7 +155,7 @@ def run_qat(model: str, req: QuantRequest, data: list[str], output: str, train_c
     summary = train(trainable(student), loss_fn, windows, train_cfg, Path(output), d, command)
     if not d.main:
         return None
-    out = export_checkpoint(model_dir, to_quant_result(student), req.quant, Path(output))
+    out = export_checkpoint(model_dir, to_quant_result(student), Path(output))
     extra = {"command": command, "model": model, "quant": req.quant, "output": str(out), "data": data,
              "train": asdict(train_cfg), **({"loss": asdict(distill)} if distill else {})}
     return report(summary, extra, teacher, eval_data, eval_windows, tokenizer, json_path)

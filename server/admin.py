@@ -12,11 +12,11 @@ from fastapi import Request as HttpRequest
 from pydantic import BaseModel, ConfigDict
 
 from optiserve.engine.kv_quant import KV_FORMATS
-from optiserve.engine.llm_engine import EngineDeadError, LLMEngine, SwapError, WeightSet
+from optiserve.engine.llm_engine import EngineDeadError, LLMEngine, SwapError
 from optiserve.engine.quant import WEIGHT_FORMATS, QuantLinear, check_format, weight_bytes
 from optiserve.optimize.data import read_texts, token_windows
 from optiserve.optimize.evaluate import evaluate
-from optiserve.optimize.startup import QuantRequest, prepare_quantized
+from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
 
 from .openai_api import ApiError
 
@@ -69,7 +69,7 @@ class QuantAdmin:
                 q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
             except Exception as e:
                 raise SwapError(f"could not build the {quant}/{kv_cache} weights: {type(e).__name__}: {e}") from e
-            engine.use_weights(WeightSet(q.model, quant, q.kv))
+            engine.use_weights(q)
             self.last_swap_s = time.monotonic() - start
             windows = token_windows(engine.tokenizer, read_texts(req.calib_path), PROBE_LEN, PROBE_WINDOWS)
             result = evaluate(q.model, windows, engine.master, progress=False, kv=q.kv)

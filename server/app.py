@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from optiserve.engine.llm_engine import LLMEngine
-from optiserve.optimize.startup import QuantRequest
+from optiserve.optimize.ptq_pipeline import QuantRequest
 
 from .admin import QuantAdmin
 from .admin import router as admin_router

@@ -18,11 +18,11 @@ import httpx
 import pytest
 import torch
 
-from optiserve.engine.bench import FALLBACK_INSTRUCTIONS
+from optiserve.engine.chat import CHAT_INSTRUCTIONS, chat_prompt_ids
 from optiserve.engine.config import EngineConfig
 from optiserve.engine.llm_engine import LLMEngine
 
-CHAT_PROMPTS = FALLBACK_INSTRUCTIONS  # 8 short single-turn chat prompts
+CHAT_PROMPTS = CHAT_INSTRUCTIONS  # 8 short single-turn chat prompts
 SERVER_START_TIMEOUT_S = 300
 
 
@@ -38,12 +38,9 @@ def hf_model(engine):
     return AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="session")
-def chat_prompt_ids(engine) -> list[list[int]]:
-    tok = engine.tokenizer
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-             for p in CHAT_PROMPTS]
-    return [tok(t, add_special_tokens=False).input_ids for t in texts]
+@pytest.fixture(name="chat_prompt_ids", scope="session")
+def chat_prompt_ids_fixture(engine) -> list[list[int]]:
+    return chat_prompt_ids(engine.tokenizer, CHAT_PROMPTS)
 
 
 def free_port() -> int:

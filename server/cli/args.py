@@ -35,7 +35,7 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     from optiserve.engine.kv_quant import KV_FORMATS
     from optiserve.engine.quant import WEIGHT_FORMATS
-    from optiserve.optimize.startup import QuantRequest
+    from optiserve.optimize.ptq_pipeline import QuantRequest
 
     p.add_argument("--quant", default="none", choices=WEIGHT_FORMATS, help="weight (and activation) format")
     p.add_argument("--kv-cache", default="none", choices=KV_FORMATS, help="KV cache format")
@@ -47,7 +47,7 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
 
 
 def quant_request(args: argparse.Namespace):
-    from optiserve.optimize.startup import QuantRequest
+    from optiserve.optimize.ptq_pipeline import QuantRequest
 
     return QuantRequest(args.quant, args.kv_cache, args.calib_data, args.calib_samples, args.calib_seq_len,
                         args.smoothquant_alpha)
@@ -57,8 +57,6 @@ def apply_quant(engine, req) -> None:
     """Quantize a loaded engine's weights/KV cache as `req` asks (start-up PTQ, cached)."""
     if req.quant == "none" and req.kv_cache == "none":
         return
-    from optiserve.engine.llm_engine import WeightSet
-    from optiserve.optimize.startup import prepare_quantized
+    from optiserve.optimize.ptq_pipeline import prepare_quantized
 
-    q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
-    engine.use_weights(WeightSet(q.model, req.quant, q.kv))
+    engine.use_weights(prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req))

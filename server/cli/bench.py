@@ -17,6 +17,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     decode.add_argument("--batch", type=int, default=1)
     decode.add_argument("--tokens", type=int, default=128)
     decode.add_argument("--against", default=None, help="also time our engine on this model, same run")
+    decode.add_argument("--prompts", default=None, help="jsonl with `instruction` per row, or one prompt per line "
+                        "(default: a built-in set of chat instructions)")
     decode.add_argument("--json", default=None, help="write the results to this file")
     spec = bench_sub.add_parser("spec", help="decode tok/s with and without speculation, τ and acceptance rate")
     add_model_args(spec)
@@ -49,6 +51,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sb.add_argument("--prompt-tokens", type=int, default=0, help="pad each prompt to about N tokens (0: as is)")
     sb.add_argument("--shared-prefix-tokens", type=int, default=0, help="a system prompt shared by every request")
     sb.add_argument("--no-engine", action="store_true", help="skip the in-process engine comparison")
+    sb.add_argument("--prompts", default=None, help="jsonl with `instruction` per row, or one prompt per line "
+                    "(default: a built-in set of chat instructions)")
     sb.add_argument("--json", default=None, help="write the results to this file")
     sb.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: arguments for `optiserve serve`")
     decode.set_defaults(run=run_bench_decode)
@@ -60,11 +64,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def run_bench_decode(args: argparse.Namespace) -> None:
     from optiserve.engine.bench import bench_decode
 
-    bench_decode(args.model, args.batch, args.tokens, args.dtype, args.json, args.against)
+    bench_decode(args.model, args.batch, args.tokens, args.dtype, args.json, args.against, args.prompts)
 
 
 def run_bench_spec(args: argparse.Namespace) -> None:
-    from optiserve.engine.bench import chat_prompt_ids
+    from optiserve.engine.chat import chat_prompt_ids
     from optiserve.engine.llm_engine import LLMEngine
     from optiserve.engine.spec.bench import bench_spec, load_prompt_file
 
@@ -113,5 +117,5 @@ def run_bench_serve(args: argparse.Namespace) -> None:
         return engine
 
     count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
-    bench_serve(cfg, load_instructions(max(cfg.requests_at(c) for c in levels)), count,
+    bench_serve(cfg, load_instructions(max(cfg.requests_at(c) for c in levels), args.prompts), count,
                 None if args.no_engine else make_engine, args.json)

@@ -63,7 +63,7 @@ def run_eval(args: argparse.Namespace) -> None:
     if req.quant == "none" and req.kv_cache == "none":
         result = evaluate(model, windows)
     else:
-        from optiserve.optimize.startup import prepare_quantized
+        from optiserve.optimize.ptq_pipeline import prepare_quantized
 
         q = prepare_quantized(model_dir, model, tokenizer, req)
         result = evaluate(q.model, windows, reference=model, kv=q.kv)
@@ -84,7 +84,7 @@ def run_quantize(args: argparse.Namespace) -> None:
     from optiserve.engine.quantized_checkpoint import is_modelopt_checkpoint
     from optiserve.engine.weights import load_model, resolve_model_dir
     from optiserve.optimize.export import export_checkpoint
-    from optiserve.optimize.startup import prepare_quantized
+    from optiserve.optimize.ptq_pipeline import prepare_quantized
 
     req = quant_request(args)
     if req.quant == "none" and req.kv_cache == "none":
@@ -95,5 +95,5 @@ def run_quantize(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = load_model(model_dir, max(req.calib_seq_len, 16), getattr(torch, args.dtype), check_device(args.device))
     q = prepare_quantized(model_dir, model, tokenizer, req)
-    out = export_checkpoint(model_dir, q, req.quant, args.output)
+    out = export_checkpoint(model_dir, q, args.output)
     print(f"wrote {out}")

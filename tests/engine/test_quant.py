@@ -64,7 +64,7 @@ def test_nvfp4_kv_cache_stores_rotated_centred_keys():
     codes = quantize_nvfp4_kv((k[0] - mean) @ rot, s2)
     assert torch.allclose(keys, codes.dequantize() @ rot + mean, rtol=0, atol=1e-6)
     assert not torch.equal(keys, k[0])  # quantization did change the values
-    assert cache.packed_bytes_per_token() <= 0.30 * cache.shape.bytes_per_token * 2  # vs bf16
+    assert cache.packed_bytes_per_token() <= 0.30 * cache.shape.elements_per_token * 2  # vs bf16
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
@@ -96,7 +96,7 @@ def test_nvfp4_kv_encoding_beats_plain_nvfp4_on_the_real_model(engine, chat_prom
     next-token distributions) than ModelOpt's plain NVFP4 encoding with the same calibrated scales."""
     from optiserve.optimize.calibrate import calibrate
     from optiserve.optimize.evaluate import evaluate
-    from optiserve.optimize.startup import kv_format_for
+    from optiserve.optimize.ptq_pipeline import kv_format_for
 
     model = engine.master
     windows = [ids for ids in chat_prompt_ids if len(ids) >= 16][:4]

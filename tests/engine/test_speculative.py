@@ -13,7 +13,7 @@ from optiserve.engine import ops
 from optiserve.engine.config import EngineConfig, SamplingParams
 from optiserve.engine.llm_engine import LLMEngine, WeightSet
 from optiserve.engine.sequence import Request, RequestOutput, SpecStats
-from optiserve.optimize.startup import QuantRequest, prepare_quantized
+from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
 
 TIE_GAP = 1e-4
 EXACT = ops.decode_attention_available(torch.float32, torch.device("cpu"))
@@ -84,8 +84,7 @@ def test_greedy_identical_on_a_quantized_model(base, chat_prompt_ids):
     quant, kv = ("nvfp4", "nvfp4") if EXACT else ("nvfp4-w4a16", "none")
     req = QuantRequest(quant, kv, calib_samples=4, calib_seq_len=128)
     for engine in (base, spec):
-        q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
-        engine.use_weights(WeightSet(q.model, req.quant, q.kv))
+        engine.use_weights(prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req))
     try:
         ref = generate(base, chat_prompt_ids[:4], GREEDY, at_once=False)
         assert_same_greedy(ref, generate(spec, chat_prompt_ids[:4], GREEDY, at_once=True))

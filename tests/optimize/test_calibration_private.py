@@ -10,7 +10,7 @@ import torch
 
 from optiserve.engine.runner import ModelRunner
 from optiserve.optimize.calibrate import CalibStats, InputStats
-from optiserve.optimize.startup import QuantRequest, calibration_stats
+from optiserve.optimize.ptq_pipeline import QuantRequest, calibration_stats
 
 REQ = QuantRequest(calib_samples=2, calib_seq_len=64)
 TRAFFIC = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]  # an odd row count, as served requests bring

@@ -10,13 +10,13 @@ import torch
 from safetensors import safe_open
 
 from optiserve.engine.config import EngineConfig, ModelConfig, SamplingParams
+from optiserve.engine.layout import rope_row_perm
 from optiserve.engine.llm_engine import LLMEngine, WeightSet, run_to_completion
 from optiserve.engine.quantized_checkpoint import KV_MEANS_FILE, permute_rows, read_kv_means
-from optiserve.engine.weights import rope_row_perm
 from optiserve.kernels.int4 import Int4Tensor
 from optiserve.kernels.nvfp4 import NVFP4Tensor
 from optiserve.optimize.export import export_checkpoint
-from optiserve.optimize.startup import QuantRequest, prepare_quantized
+from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
 CASES = {"nvfp4+kv": ("nvfp4", "nvfp4"), "int4": ("int4", "none"), "fp8+kv": ("fp8", "fp8"), "int8": ("int8", "none"),
@@ -25,7 +25,7 @@ CASES = {"nvfp4+kv": ("nvfp4", "nvfp4"), "int4": ("int4", "none"), "fp8+kv": ("f
 
 def reference_tokens(engine: LLMEngine, req: QuantRequest, prompts):
     q = prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req)
-    engine.use_weights(WeightSet(q.model, req.quant, q.kv))
+    engine.use_weights(q)
     try:
         return q, run_to_completion(engine, prompts, GREEDY)
     finally:
@@ -38,7 +38,7 @@ def exported(request, engine, chat_prompt_ids, tmp_path_factory):
     req = QuantRequest(quant, kv, calib_samples=4, calib_seq_len=128)
     prompts = chat_prompt_ids[:3]
     q, ref = reference_tokens(engine, req, prompts)
-    out = export_checkpoint(engine.model_dir, q, quant, tmp_path_factory.mktemp(request.param) / "ckpt")
+    out = export_checkpoint(engine.model_dir, q, tmp_path_factory.mktemp(request.param) / "ckpt")
     return req, out, prompts, ref, q
 
 

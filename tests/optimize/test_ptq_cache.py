@@ -18,7 +18,7 @@ import torch
 from optiserve.engine.quant import QuantLinear
 from optiserve.optimize.cache_store import write_entry
 from optiserve.optimize.calibrate import STATS_JSON, STATS_TENSORS
-from optiserve.optimize.startup import QuantRequest, cache_key, prepare_quantized
+from optiserve.optimize.ptq_pipeline import QuantRequest, cache_key, prepare_quantized
 
 REQ = QuantRequest("int8", "fp8", calib_samples=2, calib_seq_len=64)
 CALIB_KEY_REQ = QuantRequest("none", "none", calib_samples=2, calib_seq_len=64)

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from optiserve.engine.config import EngineConfig
 from optiserve.engine.faults import FAULT_SEED_ENV
 from optiserve.engine.llm_engine import LLMEngine
-from optiserve.optimize.startup import QuantRequest
+from optiserve.optimize.ptq_pipeline import QuantRequest
 from optiserve.server.app import create_app
 from optiserve.server.security import ServerOptions
 from tests.conftest import CHAT_PROMPTS, ServerProcess

@@ -1,4 +1,5 @@
-"""PTQ at server start-up: calibrate once, quantize, and cache the result so the next start skips calibration."""
+"""The PTQ pipeline, as the server start-up, `optiserve quantize`, `eval`, QAT and the admin swap run it: calibrate
+(statistics cached), quantize, and cache the result as an export directory so the next run skips both."""
 
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ from optiserve.engine.kv_quant import KV_FORMATS, KVFormat, kv_scale_for
 from optiserve.engine.model import Transformer
 from optiserve.engine.quant import WEIGHT_FORMATS, check_format
 from optiserve.engine.quantized_checkpoint import load_quantized_layers
+from optiserve.engine.weight_set import WeightSet
 from optiserve.engine.weights import cache_root
 
 from .cache_store import read_entry, write_entry
 from .calibrate import CalibStats, calibrate, load_stats, save_stats
 from .data import default_calib_path, read_texts, token_windows
 from .export import export_checkpoint
-from .ptq import SMOOTHQUANT_ALPHA, QuantResult, quantize_model
+from .ptq import SMOOTHQUANT_ALPHA, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +55,10 @@ class QuantRequest:
 
 # The code whose output the cache holds: an edit to any of it (or another torch) makes new keys, so results an
 # older optiserve cached are never reused.
-FINGERPRINTED_MODULES = ("optiserve.engine.quant", "optiserve.engine.kv_quant", "optiserve.engine.quantized_checkpoint",
+FINGERPRINTED_MODULES = ("optiserve.engine.quant", "optiserve.engine.kv_quant", "optiserve.engine.layout",
+                         "optiserve.engine.quantized_checkpoint",
                          "optiserve.optimize.awq", "optiserve.optimize.calibrate", "optiserve.optimize.export",
-                         "optiserve.optimize.ptq", "optiserve.optimize.startup")
+                         "optiserve.optimize.ptq", "optiserve.optimize.ptq_pipeline")
 FINGERPRINTED_PACKAGES = ("optiserve.kernels",)  # every module in it
 
 
@@ -115,21 +118,21 @@ def kv_format_for(name: str, stats: CalibStats) -> KVFormat:
                     stats.k_mean if name == "nvfp4" else None)
 
 
-def prepare_quantized(model_dir: Path, model: Transformer, tokenizer, req: QuantRequest) -> QuantResult:
+def prepare_quantized(model_dir: Path, model: Transformer, tokenizer, req: QuantRequest) -> WeightSet:
     """The model quantized as `req` asks. Quantized weights come from the cache when the same request ran before:
     an export directory (ModelOpt's layout, optimize/export.py) read back onto `model` by the checkpoint loader.
     A KV-cache format alone is formed from the (cached) calibration statistics."""
     if req.quant == "none":
         if req.kv_cache == "none":
-            return QuantResult(model)
-        return QuantResult(model, kv_format_for(req.kv_cache, calibration_stats(model_dir, model, tokenizer, req)))
+            return WeightSet(model)
+        return WeightSet(model, kv=kv_format_for(req.kv_cache, calibration_stats(model_dir, model, tokenizer, req)))
     path = ptq_cache_dir() / cache_key(model_dir, model, req)
     cached = read_entry(path, lambda p: load_quantized_layers(p, model))
     if cached is not None:
         log.info("loading calibrated %s / KV %s from %s", req.quant, req.kv_cache, path)
-        return QuantResult(cached.model, cached.kv)
+        return cached
     stats = calibration_stats(model_dir, model, tokenizer, req)
-    result = QuantResult(quantize_model(model, req.quant, stats, req.smoothquant_alpha),
-                         kv_format_for(req.kv_cache, stats))
-    write_entry(path, lambda tmp: export_checkpoint(model_dir, result, req.quant, tmp))
+    result = WeightSet(quantize_model(model, req.quant, stats, req.smoothquant_alpha), req.quant,
+                       kv_format_for(req.kv_cache, stats))
+    write_entry(path, lambda tmp: export_checkpoint(model_dir, result, tmp))
     return result
