@@ -13,6 +13,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -83,10 +84,7 @@ async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, prompt: str, s
             tokens = r.json()["usage"]["completion_tokens"] if ok else 0
             return Sample(ok, r.status_code, time.perf_counter() - start, None, tokens)
         async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
+            async for chunk in sse_chunks(r):
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
                 elif ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
@@ -94,6 +92,13 @@ async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, prompt: str, s
             return Sample(r.status_code == 200, r.status_code, time.perf_counter() - start, ttft, tokens)
     except httpx.HTTPError:
         return Sample(False, 0, time.perf_counter() - start, None, 0)
+
+
+async def sse_chunks(response: httpx.Response) -> AsyncIterator[dict]:
+    """The JSON chunks of an OpenAI-style event stream, up to `data: [DONE]`."""
+    async for line in response.aiter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
 
 
 async def resident_bytes(client: httpx.AsyncClient) -> float | None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from .load_bench import percentiles
+from .load_bench import percentiles, sse_chunks
 
 FILLER = ("Context: the committee met on Tuesday to review the quarterly figures, the hiring plan and the "
           "schedule for the new office, and agreed to meet again next month. ")
@@ -86,10 +86,7 @@ async def stream_one(client: httpx.AsyncClient, model: str, messages: list[dict]
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in sse_chunks(r):
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):

@@ -95,7 +95,12 @@ def test_greedy_identical_on_a_quantized_model(base, chat_prompt_ids):
 @pytest.mark.skipif(not EXACT, reason="a claim about the CPU kernels (PyTorch rounds 6 rows unlike 1)")
 def test_verify_rows_equal_decode_steps_bit_for_bit(base, chat_prompt_ids):
     """One forward over [last, 5 drafts] gives each row's logits exactly as 6 one-token decode steps do."""
-    runner, prompt = base.runner, chat_prompt_ids[1]
+    assert_verify_equals_decode_steps(base.runner, chat_prompt_ids[1])
+
+
+def assert_verify_equals_decode_steps(runner, prompt: list[int]) -> None:
+    """Verify [last prompt token, 5 random drafts] in one forward, then decode the same 6 tokens one at a time
+    from the same prefilled cache: the logits must be equal bit for bit."""
     start = len(prompt) - 1
     rows = [prompt[-1], *torch.randint(0, 1000, (5,), generator=torch.Generator().manual_seed(1)).tolist()]
     runner.prefill(0, prompt[:-1])

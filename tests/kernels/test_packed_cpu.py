@@ -12,6 +12,7 @@ from optiserve.engine import packed_linear as pl
 from optiserve.engine.quant import QuantLinear, quantize_fused, quantize_weight, weight_bytes
 from optiserve.engine.runner import ModelRunner
 from tests.engine.test_ops import cpu_flags
+from tests.engine.test_speculative import assert_verify_equals_decode_steps
 from tests.kernels.test_packed_compute import quantized_default_model
 
 KERNEL = pl.load()
@@ -112,10 +113,4 @@ def test_quantized_verify_rows_equal_decode_steps_bit_for_bit(engine, chat_promp
     q = quantized_default_model(engine, fmt)
     assert all(m.cpu_operands is not None for m in q.modules() if isinstance(m, QuantLinear))
     prompt = chat_prompt_ids[1]
-    runner, start = ModelRunner(q, 1, len(prompt) + 8, torch.float32), len(prompt) - 1
-    rows = [prompt[-1], *torch.randint(0, 1000, (5,), generator=torch.Generator().manual_seed(1)).tolist()]
-    runner.prefill(0, prompt[:-1])
-    verified, _ = runner.verify([rows], [start])
-    runner.prefill(0, prompt[:-1])
-    decoded = torch.stack([runner.decode([t], [start + i])[0] for i, t in enumerate(rows)])  # [6, V]
-    assert torch.equal(verified[0], decoded)
+    assert_verify_equals_decode_steps(ModelRunner(q, 1, len(prompt) + 8, torch.float32), prompt)
