@@ -8,7 +8,6 @@ import os
 # (engine -> kernels). Set the interpreter here, before that, so tests/kernels can run the kernels on the CPU.
 # Servers started by the tests inherit it; on CPU tensors the engine uses the torch reference path regardless.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 from optiserve.engine.chat import CHAT_INSTRUCTIONS, chat_prompt_ids
 from optiserve.engine.config import EngineConfig
 from optiserve.engine.llm_engine import LLMEngine
+from optiserve.server.serve_bench import free_port
 
 CHAT_PROMPTS = CHAT_INSTRUCTIONS  # 8 short single-turn chat prompts
 SERVER_START_TIMEOUT_S = 300
@@ -41,12 +41,6 @@ def hf_model(engine):
 @pytest.fixture(name="chat_prompt_ids", scope="session")
 def chat_prompt_ids_fixture(engine) -> list[list[int]]:
     return chat_prompt_ids(engine.tokenizer, CHAT_PROMPTS)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:
