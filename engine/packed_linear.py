@@ -1,4 +1,4 @@
-"""The CPU matmul from packed weights: y = x @ W.T (+ b) for NVFP4 (W4A16 and W4A4), INT4, INT8 and FP8 shards,
+"""The CPU matmul from packed weights: y = x @ W.T (+ b) for NVFP4 (W4A16 and W4A4), INT4, INT8, FP8 and bf16 shards,
 computed by `csrc/packed_linear.cpp` without an fp32 copy of the weight.
 
 The kernel decodes a few weight rows at a time into a tile in cache (bit for bit the values of the format's
@@ -56,12 +56,17 @@ def _fp8(s) -> tuple[torch.Tensor, torch.Tensor, float]:  # E4M3 bits [N, K], pe
     return s.qdata.view(torch.uint8), s.scale, float(s.scale)
 
 
+def _bf16(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:  # a plain bf16 weight [N, K] -> bytes [N, 2K]
+    return w.contiguous().view(torch.uint8), torch.empty(0), 1.0
+
+
 PACKED_FORMATS = {
     "nvfp4": PackedFormat(0, _nvfp4),
     "nvfp4-w4a16": PackedFormat(0, _nvfp4),
     "int4": PackedFormat(1, _int4),
     "int8": PackedFormat(2, _int8),
     "fp8": PackedFormat(3, _fp8),
+    "bf16": PackedFormat(4, _bf16),
 }
 
 
