@@ -26,7 +26,8 @@ from optiserve.kernels.formats import E2M1_MAX
 from optiserve.kernels.fp8 import FP8Tensor
 from optiserve.kernels.nvfp4_kv import quantize_nvfp4_kv
 
-from .quant import check_format, input_scale_for
+from .weight_formats import check_format
+from .weight_formats.fp8 import FP8_ACTIVATIONS
 
 KV_FORMATS = ("none", "fp8", "nvfp4")
 
@@ -76,7 +77,7 @@ def kv_scale_for(fmt: str, amax: torch.Tensor) -> torch.Tensor:
     """The per-layer `k_scale`/`v_scale`: amax/448 for fp8; for nvfp4 the NVFP4 global scale, formed from ModelOpt's
     `k_scale` = amax/448 as a runtime reading the checkpoint forms it, (amax/448)/6, so export round-trips it exactly
     (amax/2688 in one division can differ in the last bit, and no fp32 value then divides back to it)."""
-    return kv_scale_from_modelopt(fmt, input_scale_for("fp8", amax))  # ModelOpt's amax / 448, read back
+    return kv_scale_from_modelopt(fmt, FP8_ACTIVATIONS.input_scale(amax))  # ModelOpt's amax / 448, read back
 
 
 def kv_scale_to_modelopt(fmt: str, scale: torch.Tensor) -> torch.Tensor:

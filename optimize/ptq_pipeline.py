@@ -15,8 +15,8 @@ import torch
 
 from optiserve.engine.kv_quant import KV_FORMATS, KVFormat, kv_scale_for
 from optiserve.engine.model import Transformer
-from optiserve.engine.quant import WEIGHT_FORMATS, check_format
 from optiserve.engine.quantized_checkpoint import load_quantized_layers
+from optiserve.engine.weight_formats import WEIGHT_FORMATS, check_format
 from optiserve.engine.weight_set import WeightSet
 from optiserve.engine.weights import cache_root
 
@@ -59,7 +59,7 @@ FINGERPRINTED_MODULES = ("optiserve.engine.quant", "optiserve.engine.kv_quant", 
                          "optiserve.engine.quantized_checkpoint",
                          "optiserve.optimize.awq", "optiserve.optimize.calibrate", "optiserve.optimize.export",
                          "optiserve.optimize.ptq", "optiserve.optimize.ptq_pipeline")
-FINGERPRINTED_PACKAGES = ("optiserve.kernels",)  # every module in it
+FINGERPRINTED_PACKAGES = ("optiserve.kernels", "optiserve.engine.weight_formats")  # every module in them
 
 
 @cache
