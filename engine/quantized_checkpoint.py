@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig, ModelLoadError, read_json
-from .kv_quant import KVFormat, kv_scale_from_modelopt
+from .kv_quant import KV_BY_ALGO, KV_CACHE_FORMATS, KVFormat, kv_scale_from_modelopt
 from .layout import LAYER_LINEARS, rope_row_perm
 from .model import Transformer, with_layers
 from .quant import QuantLinear
@@ -34,7 +34,6 @@ from .weight_set import WeightSet
 from .weights import load_model, read_state_dict
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
-KV_ALGOS = {"fp8": "FP8", "nvfp4": "NVFP4"}  # `kv_cache_quant_algo` (_compute_kv_cache_dtype)
 KV_MEANS_FILE = "optiserve_kv_means.json"  # beside an export with an NVFP4 KV cache; other runtimes ignore it
 
 
@@ -73,14 +72,13 @@ def is_modelopt_checkpoint(model_dir: Path) -> bool:
 def formats_of(quant: dict) -> tuple[str, str]:
     """(our weight format, our KV format) for a ModelOpt `quantization` section."""
     algo, kv_algo = quant.get("quant_algo"), quant.get("kv_cache_quant_algo")
-    fmt = BY_QUANT_ALGO.get(algo) if algo else None
-    kv = {v: k for k, v in KV_ALGOS.items()}.get(kv_algo) if kv_algo else "none"
-    if (algo and fmt is None) or kv is None:
+    fmt, kv = BY_QUANT_ALGO.get(algo), KV_BY_ALGO.get(kv_algo)
+    if (algo and fmt is None) or (kv_algo and kv is None):
         raise ModelLoadError(f"unsupported ModelOpt checkpoint: quant_algo {algo!r}, kv_cache_quant_algo {kv_algo!r} "
-                             f"(supported: {', '.join(BY_QUANT_ALGO)}; KV {', '.join(KV_ALGOS.values())})")
+                             f"(supported: {', '.join(BY_QUANT_ALGO)}; KV {', '.join(KV_BY_ALGO)})")
     if fmt and fmt.group_size is not None and quant.get("group_size") not in (None, fmt.group_size):
         raise ModelLoadError(f"unsupported {algo} group_size {quant.get('group_size')} (need {fmt.group_size})")
-    return fmt.name if fmt else "none", kv
+    return fmt.name if fmt else "none", kv.name if kv else "none"
 
 
 # ----------------------------------------------------------------------------------------------- loading ---
@@ -117,7 +115,7 @@ def _load_kv_format(model_dir: Path, state: dict[str, torch.Tensor], cfg: ModelC
             raise ModelLoadError(f"{model_dir}: KV cache is {kv_fmt} but layer {i} has no k_scale/v_scale")
         k_scales.append(kv_scale_from_modelopt(kv_fmt, k).to(device))
         v_scales.append(kv_scale_from_modelopt(kv_fmt, v).to(device))
-    means = read_kv_means(model_dir, cfg, device) if kv_fmt == "nvfp4" else None
+    means = read_kv_means(model_dir, cfg, device) if KV_CACHE_FORMATS[kv_fmt].centres_keys else None
     return KVFormat(kv_fmt, k_scales, v_scales, means)
 
 

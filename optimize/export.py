@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from optiserve.engine.config import ModelConfig
-from optiserve.engine.kv_quant import KVFormat, kv_scale_to_modelopt
+from optiserve.engine.kv_quant import KV_CACHE_FORMATS, KVFormat, kv_scale_to_modelopt
 from optiserve.engine.layout import HF_LAYER, LAYER_LINEARS, LAYER_NORMS, MODEL_TENSORS, LayerLinear, rope_row_perm
 from optiserve.engine.quant import QuantLinear
-from optiserve.engine.quantized_checkpoint import HF_QUANT_CONFIG, KV_ALGOS, KV_MEANS_FILE
+from optiserve.engine.quantized_checkpoint import HF_QUANT_CONFIG, KV_MEANS_FILE
 from optiserve.engine.weight_formats import BY_QUANT_ALGO, FORMATS
 from optiserve.engine.weight_set import WeightSet
 
@@ -42,7 +42,7 @@ def hf_quant_config(weight_format: str, kv_format: str) -> dict:
         quant.update(fmt.modelopt.extra_config)
         quant["exclude_modules"] = ["lm_head"]  # ModelOpt leaves the LM head unquantized (a disabled quantizer)
     if kv_format != "none":
-        quant["kv_cache_quant_algo"] = KV_ALGOS[kv_format]
+        quant["kv_cache_quant_algo"] = KV_CACHE_FORMATS[kv_format].kv_cache_quant_algo
     return {"producer": {"name": "modelopt", "version": MODELOPT_VERSION}, "quantization": quant}
 
 

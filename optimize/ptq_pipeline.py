@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from optiserve.engine.kv_quant import KV_FORMATS, KVFormat, kv_scale_for
+from optiserve.engine.kv_quant import KV_CACHE_FORMATS, KV_FORMATS, KVFormat, kv_scale_for
 from optiserve.engine.model import Transformer
 from optiserve.engine.quantized_checkpoint import load_quantized_layers
 from optiserve.engine.weight_formats import WEIGHT_FORMATS, check_format
@@ -115,7 +115,7 @@ def kv_format_for(name: str, stats: CalibStats) -> KVFormat:
     if name == "none":
         return KVFormat()
     return KVFormat(name, [kv_scale_for(name, a) for a in stats.k_amax], [kv_scale_for(name, a) for a in stats.v_amax],
-                    stats.k_mean if name == "nvfp4" else None)
+                    stats.k_mean if KV_CACHE_FORMATS[name].centres_keys else None)
 
 
 def prepare_quantized(model_dir: Path, model: Transformer, tokenizer, req: QuantRequest) -> WeightSet:

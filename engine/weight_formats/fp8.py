@@ -8,7 +8,7 @@ import torch
 from optiserve.kernels.formats import FP8_E4M3_MAX
 from optiserve.kernels.fp8 import FP8Tensor, fp8_per_tensor_scale
 
-from .record import ActivationQuant, CpuKernel, ModelOptLayout, Tensors, WeightFormat, expect_dtype
+from .record import ActivationQuant, CpuKernel, Tensors, WeightFormat, expect_dtype, single_scale_layout
 
 FP8_ACTIVATIONS = ActivationQuant(
     kind="fp8 per tensor",
@@ -42,19 +42,15 @@ def fp8_kernel_operands(s: FP8Tensor) -> tuple[torch.Tensor, torch.Tensor, float
 FP8 = WeightFormat(
     name="fp8",
     packed_type=FP8Tensor,
-    weight_scales="per-tensor",
-    group_size=None,
+    weight_scales="per-tensor", group_size=None,
     quantize=lambda w, scale: FP8Tensor.from_float(w, scale),
     tensor_scale_from_amax=fp8_per_tensor_scale,
     permute_rows=lambda p, perm: FP8Tensor(p.qdata[perm].contiguous(), p.scale, p.dtype),
     activations=FP8_ACTIVATIONS,
     matmul=fp8_matmul,
     cpu_kernel=CpuKernel(3, fp8_kernel_operands),
-    modelopt=ModelOptLayout(
-        quant_algo="FP8",
-        tensors=("weight", "weight_scale"),
-        to_tensors=lambda p: {"weight": p.qdata, "weight_scale": p.scale.float()},
-        from_tensors=fp8_from_tensors,
+    modelopt=single_scale_layout(
+        "FP8", fp8_from_tensors,
         config_group={"input_activations": {"dynamic": False, "num_bits": 8, "type": "float"},
                       "weights": {"dynamic": False, "num_bits": 8, "type": "float"}, "targets": ["Linear"]},
     ),

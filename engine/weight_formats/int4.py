@@ -10,7 +10,7 @@ from optiserve.kernels.formats import INT4_GROUP_SIZE
 from optiserve.kernels.gemm import int4_linear
 from optiserve.kernels.int4 import Int4Tensor, unpack_int4_reference
 
-from .record import CpuKernel, ModelOptLayout, Tensors, WeightFormat, expect_dtype
+from .record import CpuKernel, Tensors, WeightFormat, expect_dtype, single_scale_layout
 
 
 def int4_from_tensors(t: Tensors, in_features: int, dtype: torch.dtype) -> Int4Tensor:
@@ -34,15 +34,12 @@ def int4_kernel_operands(s: Int4Tensor) -> tuple[torch.Tensor, torch.Tensor, flo
 INT4 = WeightFormat(
     name="int4",
     packed_type=Int4Tensor,
-    weight_scales="per-group",
-    group_size=INT4_GROUP_SIZE,
+    weight_scales="per-group", group_size=INT4_GROUP_SIZE,
     algorithm="awq_lite",
     quantize=lambda w, scale: Int4Tensor.from_float(w, scale=scale),  # scale: AWQ's searched group scales
     permute_rows=int4_permute_rows,
     matmul=lambda x, w, input_scale, use_kernel: int4_linear(x, w, use_kernel=use_kernel),
     cpu_kernel=CpuKernel(1, int4_kernel_operands),
-    modelopt=ModelOptLayout(quant_algo="W4A16_AWQ", tensors=("weight", "weight_scale"),
-                            to_tensors=lambda p: {"weight": p.qdata, "weight_scale": p.scale.float()},
-                            from_tensors=int4_from_tensors,
-                            extra_config={"has_zero_point": False, "pre_quant_scale": True}),
+    modelopt=single_scale_layout("W4A16_AWQ", int4_from_tensors,
+                                 extra_config={"has_zero_point": False, "pre_quant_scale": True}),
 )

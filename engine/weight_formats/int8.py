@@ -9,7 +9,7 @@ import torch
 from optiserve.kernels.formats import INT8_MAXBOUND
 from optiserve.kernels.int8 import Int8Tensor
 
-from .record import ActivationQuant, CpuKernel, ModelOptLayout, Tensors, WeightFormat, expect_dtype
+from .record import ActivationQuant, CpuKernel, Tensors, WeightFormat, expect_dtype, single_scale_layout
 
 CUBLAS_INT8_MIN_ROWS = 17  # cuBLAS's int8 GEMM (`torch._int_mm` on CUDA) wants more than 16 rows
 
@@ -52,8 +52,7 @@ def int8_kernel_operands(s: Int8Tensor) -> tuple[torch.Tensor, torch.Tensor, flo
 INT8 = WeightFormat(
     name="int8",
     packed_type=Int8Tensor,
-    weight_scales="per-channel",
-    group_size=None,
+    weight_scales="per-channel", group_size=None,
     algorithm="smoothquant",
     quantize=lambda w, scale: Int8Tensor.from_float(w, per_channel=True, scale=scale),
     permute_rows=int8_permute_rows,
@@ -61,7 +60,5 @@ INT8 = WeightFormat(
     matmul=int8_matmul,
     cpu_kernel=CpuKernel(2, int8_kernel_operands),
     # ModelOpt writes no config_groups for W8A8_SQ_PER_CHANNEL ("TODO: Handle other quantization algorithms")
-    modelopt=ModelOptLayout(quant_algo="W8A8_SQ_PER_CHANNEL", tensors=("weight", "weight_scale"),
-                            to_tensors=lambda p: {"weight": p.qdata, "weight_scale": p.scale.float()},
-                            from_tensors=int8_from_tensors),
+    modelopt=single_scale_layout("W8A8_SQ_PER_CHANNEL", int8_from_tensors),
 )

@@ -57,8 +57,7 @@ def nvfp4_format(name: str, quant_algo: str, activations: ActivationQuant | None
     return WeightFormat(
         name=name,
         packed_type=NVFP4Tensor,
-        weight_scales="per-block",
-        group_size=NVFP4_BLOCK_SIZE,
+        weight_scales="per-block", group_size=NVFP4_BLOCK_SIZE,
         quantize=lambda w, scale: NVFP4Tensor.from_float(w, scale),
         tensor_scale_from_amax=nvfp4_per_tensor_scale,
         permute_rows=nvfp4_permute_rows,

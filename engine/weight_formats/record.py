@@ -99,6 +99,20 @@ class WeightFormat:
         return [self.quantize(s.contiguous(), scale) for s in shards]
 
 
+WEIGHT_AND_SCALE = ("weight", "weight_scale")  # a projection's entries when the format has one kind of scale
+
+
+def weight_and_scale(p: PackedWeight) -> Tensors:
+    """`weight` (the codes) and `weight_scale` (fp32) of one projection: FP8, INT8 and INT4."""
+    return {"weight": p.qdata, "weight_scale": p.scale.float()}
+
+
+def single_scale_layout(quant_algo: str, from_tensors: Callable[[Tensors, int, torch.dtype], PackedWeight],
+                        **fields) -> ModelOptLayout:
+    """The layout of a format with one scale entry (FP8, INT8, INT4): `weight` (codes), `weight_scale` (fp32)."""
+    return ModelOptLayout(quant_algo, WEIGHT_AND_SCALE, weight_and_scale, from_tensors, **fields)
+
+
 def expect_dtype(t: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
     """`t` contiguous, or a clear load error when a checkpoint stores it in another dtype."""
     if t.dtype != dtype:
