@@ -18,6 +18,7 @@ from . import ops, packed_linear
 from .config import check_lm_head_dtype
 from .model import Transformer, with_layers
 from .quant import quantize_weight
+from .weight_formats import weight_format
 
 KERNEL_FORMAT = {"bfloat16": "bf16", "int8": "int8", "fp8": "fp8"}  # --lm-head-dtype -> packed kernel format
 
@@ -36,8 +37,9 @@ class LowPrecisionHead(nn.Module):
         self.held = nn.ParameterList(nn.Parameter(t, requires_grad=False) for t in held)
         self.operands = None
         self.weight_t = None  # the fallback's dequantized copy [H, V], when the kernel does not compute the head
-        if w.device.type == "cpu" and packed_linear.available(self.fmt):
-            self.operands = packed_linear.operands(self.fmt, [self.packed])
+        if w.device.type == "cpu" and packed_linear.load() is not None:
+            self.operands = (packed_linear.bf16_operands(self.packed) if self.fmt == "bf16"
+                             else packed_linear.operands(weight_format(self.fmt), [self.packed]))
         else:
             self.weight_t = nn.Parameter(self.dequantized().t(), requires_grad=False)
 

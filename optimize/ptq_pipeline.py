@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from optiserve.engine.kv_quant import KV_FORMATS, KVFormat, kv_scale_for
+from optiserve.engine.cache_store import file_identity, read_entry, write_entry
+from optiserve.engine.kv_quant import KV_CACHE_FORMATS, KV_FORMATS, KVFormat, kv_scale_for
 from optiserve.engine.model import Transformer
-from optiserve.engine.quant import WEIGHT_FORMATS, check_format
 from optiserve.engine.quantized_checkpoint import load_quantized_layers
+from optiserve.engine.weight_formats import WEIGHT_FORMATS, check_format
 from optiserve.engine.weight_set import WeightSet
 from optiserve.engine.weights import cache_root
 
-from .cache_store import read_entry, write_entry
 from .calibrate import CalibStats, calibrate, load_stats, save_stats
 from .data import default_calib_path, read_texts, token_windows
 from .export import export_checkpoint
@@ -59,7 +59,7 @@ FINGERPRINTED_MODULES = ("optiserve.engine.quant", "optiserve.engine.kv_quant", 
                          "optiserve.engine.quantized_checkpoint",
                          "optiserve.optimize.awq", "optiserve.optimize.calibrate", "optiserve.optimize.export",
                          "optiserve.optimize.ptq", "optiserve.optimize.ptq_pipeline")
-FINGERPRINTED_PACKAGES = ("optiserve.kernels",)  # every module in it
+FINGERPRINTED_PACKAGES = ("optiserve.kernels", "optiserve.engine.weight_formats")  # every module in them
 
 
 @cache
@@ -71,11 +71,6 @@ def code_fingerprint() -> str:
     for f in files:
         digest.update(f.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def file_identity(path: Path) -> list:
-    stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
 def cache_key(model_dir: Path, model: Transformer, req: QuantRequest) -> str:
@@ -115,7 +110,7 @@ def kv_format_for(name: str, stats: CalibStats) -> KVFormat:
     if name == "none":
         return KVFormat()
     return KVFormat(name, [kv_scale_for(name, a) for a in stats.k_amax], [kv_scale_for(name, a) for a in stats.v_amax],
-                    stats.k_mean if name == "nvfp4" else None)
+                    stats.k_mean if KV_CACHE_FORMATS[name].centres_keys else None)
 
 
 def prepare_quantized(model_dir: Path, model: Transformer, tokenizer, req: QuantRequest) -> WeightSet:

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict
 
 from optiserve.engine.kv_quant import KV_FORMATS
 from optiserve.engine.llm_engine import EngineDeadError, LLMEngine, SwapError
-from optiserve.engine.quant import WEIGHT_FORMATS, QuantLinear, check_format, weight_bytes
+from optiserve.engine.quant import QuantLinear, weight_bytes
+from optiserve.engine.weight_formats import WEIGHT_FORMATS, check_format
 from optiserve.optimize.data import read_texts, token_windows
 from optiserve.optimize.evaluate import evaluate
 from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
@@ -96,8 +97,9 @@ async def post_quantization(body: SwapRequest, raw: HttpRequest) -> dict:
             raise ApiError(400, str(e), param) from None
     admin = admin_of(raw)
     if admin.engine.master is None:
-        raise ApiError(409, "this server loads a pre-quantized checkpoint and holds no unquantized weights to "
-                       "re-quantize from; restart it on the original model to change formats", "quant")
+        raise ApiError(409, "this server holds no unquantized weights to re-quantize from (it loads a "
+                       "pre-quantized checkpoint, or was started with --no-swap); restart it on the original model "
+                       "without --no-swap to change formats", "quant")
     try:
         seconds = await asyncio.to_thread(admin.swap, body.quant, body.kv_cache)
     except SwapError as e:  # the engine still serves the formats it served before (see GET)

@@ -31,7 +31,7 @@ def sqnr_db(x: torch.Tensor, ref: torch.Tensor) -> float:
 def check_bf16_kernel(kernel, n: int, k: int, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
-    ops = pl.operands("bf16", [w])
+    ops = pl.bf16_operands(w)
     assert torch.equal(pl.packed_linear(torch.eye(k), ops, None, kernel).t(), w.float())  # decoded bit for bit
     b = torch.randn(n, generator=gen)
     for m in [1, 2, 3, 5, 8, 13, 16, 20]:
