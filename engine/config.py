@@ -140,6 +140,7 @@ class EngineConfig:
     speculative_num_steps: int | None = None
     speculative_eagle_topk: int = 1
     speculative_num_draft_tokens: int | None = None
+    speculative_ngram_branch: bool = False  # n-gram lookup candidates enter the head's tree as an extra branch
 
     def __post_init__(self) -> None:
         if self.speculative_num_steps is None:
@@ -170,13 +171,14 @@ class EngineConfig:
                              f"not {n}")
         if topk > 1 and not 1 <= n <= MAX_TREE_NODES:
             raise ValueError(f"speculative_num_draft_tokens must be in [1, {MAX_TREE_NODES}] for a tree")
-        if topk > 1 and self.speculative == "ngram":
+        if (topk > 1 or self.speculative_ngram_branch) and self.speculative == "ngram":
             raise ValueError("a draft tree needs a draft head: --speculative-eagle-topk > 1 with --speculative "
                              "auto|DIR")
 
     @property
     def tree(self) -> bool:
-        return self.speculative_eagle_topk > 1
+        """Whether the head drafts a tree (a chain with an n-gram branch is one too)."""
+        return self.speculative_eagle_topk > 1 or self.speculative_ngram_branch
 
     @property
     def spec_cache_room(self) -> int:

@@ -172,5 +172,5 @@ def make_spec_decoder(cfg: EngineConfig, runner: ModelRunner, model_dir: Path) -
     if runner.model.cfg.sliding_window:
         raise ModelLoadError("a draft tree needs a model without a sliding window; use --speculative-eagle-topk 1")
     drafter = EagleTreeDrafter(head, k, cfg.speculative_eagle_topk, cfg.speculative_num_draft_tokens, slots,
-                               max_len, dtype)
+                               max_len, dtype, cfg.speculative_ngram_branch)
     return SpecDecoder(runner, drafter)

@@ -9,6 +9,10 @@ above its parent, they are a connected subtree. The head's tree slots are scratc
 re-reads the accepted positions with the target's features (as the chain does), so nothing in its cache needs
 compacting.
 
+Beyond EAGLE (`ngram_branch`): the n-gram lookup's continuation (engine/spec/ngram.py) enters the same tree as
+an extra branch from the root, sharing the nodes it agrees with, so one verify scores both; it takes at most half
+the node budget, the head's best nodes the rest. Chat answers repeat their prompt, where the head is weakest.
+
 Sampled requests get the chain (exact rejection sampling over one path); a batch with any sampled request
 drafts chains for all its sequences.
 """
@@ -21,13 +25,14 @@ from ..runner import tree_mask
 from ..sequence import Sequence
 from .draft_head import DraftHead
 from .drafters import EagleDrafter, Proposal
+from .ngram import propose_ngram
 
 
 class EagleTreeDrafter(EagleDrafter):
     def __init__(self, head: DraftHead, num_steps: int, topk: int, num_draft_tokens: int, num_slots: int,
-                 max_len: int, dtype: torch.dtype):
+                 max_len: int, dtype: torch.dtype, ngram_branch: bool = False):
         super().__init__(head, num_steps, num_slots, max_len, dtype)
-        self.topk, self.num_draft_tokens = topk, num_draft_tokens
+        self.topk, self.num_draft_tokens, self.ngram_branch = topk, num_draft_tokens, ngram_branch
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], num_draft_tokens: int | None = None) -> list[Proposal]:
@@ -37,7 +42,9 @@ class EagleTreeDrafter(EagleDrafter):
             return super().propose(seqs, min(budget, self.k))
         h, ends = self._catch_up(seqs)  # [B, 1, H], [B]
         scores, tokens, parents = self._expand(h, ends)  # candidates [B, N] each
-        return [self._best_subtree(scores[b], tokens[b], parents[b], budget) for b in range(len(seqs))]
+        lookups = [propose_ngram(s.token_ids, min(self.k, budget // 2)) if self.ngram_branch else [] for s in seqs]
+        return [with_branch(self._best_subtree(scores[b], tokens[b], parents[b], budget - len(lookups[b])),
+                            lookups[b]) for b in range(len(seqs))]
 
     def _expand(self, h: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All candidate nodes: cumulative log-probs, draft ids and parent candidate ids (-1: root), [B, N] each,
@@ -92,3 +99,19 @@ class EagleTreeDrafter(EagleDrafter):
         index = {c: i for i, c in enumerate(order)}
         ids = self.head.d2t[tokens[order]].tolist()
         return Proposal(ids, None, [index.get(parent_of[c], -1) for c in order])
+
+
+def with_branch(tree: Proposal, chain: list[int]) -> Proposal:
+    """`tree` with `chain` merged in from the root: where a node with the chain's next token already hangs from the
+    current one, the chain follows it; else it adds a node (so parents still come first)."""
+    tokens, parents = list(tree.tokens), list(tree.parents or [])
+    at = -1
+    for token in chain:
+        same = [i for i, (t, p) in enumerate(zip(tokens, parents, strict=True)) if p == at and t == token]
+        if same:
+            at = same[0]
+        else:
+            tokens.append(token)
+            parents.append(at)
+            at = len(tokens) - 1
+    return Proposal(tokens, None, parents)

@@ -29,9 +29,13 @@ def add_spec_args(p: argparse.ArgumentParser, default: str = "none") -> None:
                    help="children expanded per frontier node of the draft tree; 1: a chain")
     p.add_argument("--speculative-num-draft-tokens", type=int, default=None,
                    help="tree nodes verified per step (at most 15; default min(15, steps x topk))")
+    p.add_argument("--speculative-ngram-branch", action="store_true",
+                   help="n-gram lookup candidates join the head's draft tree as an extra branch (at most half "
+                        "the nodes)")
 
 
-TREE_FIELDS = ("speculative_num_steps", "speculative_eagle_topk", "speculative_num_draft_tokens")
+TREE_FIELDS = ("speculative_num_steps", "speculative_eagle_topk", "speculative_num_draft_tokens",
+               "speculative_ngram_branch")
 
 
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:

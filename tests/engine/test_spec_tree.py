@@ -7,13 +7,15 @@ import torch
 
 from optiserve.engine.config import EngineConfig, SamplingParams
 from optiserve.engine.llm_engine import LLMEngine, WeightSet
+from optiserve.engine.spec.drafters import Proposal
+from optiserve.engine.spec.tree_drafter import with_branch
 from optiserve.engine.tree_attention import ancestor_matrix, depths
 from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
 
 from .test_speculative import EXACT, GREEDY, assert_same_greedy, generate
 
 TREE = {"speculative": "auto", "speculative_num_steps": 4, "speculative_eagle_topk": 3,
-        "speculative_num_draft_tokens": 8}
+        "speculative_num_draft_tokens": 8, "speculative_ngram_branch": True}
 # Root (row 0) and 9 nodes, parents first: two branches from the root, a deeper one and a sibling pair.
 PARENTS = [-1, 0, 0, 1, 1, 3, 2, 6, 6, 5]
 
@@ -126,3 +128,10 @@ def test_chain_length_alias():
     assert EngineConfig(num_speculative_tokens=3).speculative_num_steps == 3
     cfg = EngineConfig(speculative="auto", speculative_num_steps=4, speculative_eagle_topk=3)
     assert (cfg.num_speculative_tokens, cfg.speculative_num_draft_tokens, cfg.spec_cache_room) == (4, 12, 13)
+
+
+def test_ngram_branch_shares_the_nodes_it_agrees_with():
+    tree = Proposal([5, 6, 7, 8], None, [-1, 0, -1, 1])  # 5 -> 6 -> 8, and 7
+    merged = with_branch(tree, [5, 6, 9, 4])  # follows 5 -> 6, then adds 9 -> 4 under 6
+    assert (merged.tokens, merged.parents) == ([5, 6, 7, 8, 9, 4], [-1, 0, -1, 1, 1, 4])
+    assert with_branch(tree, []).tokens == tree.tokens
