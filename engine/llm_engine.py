@@ -71,7 +71,7 @@ class LLMEngine:
             quantized = load_quantized_checkpoint(self.model_dir, cache_len, dtype, cfg.device)
             model = quantized.model
         else:
-            model = load_model(self.model_dir, cache_len, dtype, cfg.device)
+            model = load_model(self.model_dir, cache_len, dtype, cfg.device, mapped=True)
         self.master: Transformer | None = None if quantized else model  # unquantized weights, for format swaps
         self.runner = ModelRunner(model, cfg.max_batch, cache_len, dtype)
         self.spec = make_spec_decoder(cfg, self.runner, self.model_dir)
@@ -130,6 +130,11 @@ class LLMEngine:
         self.switcher.switch(self.weights, weights, self.scheduler.running, lambda seq, e: self._fail(seq.request, e))
         old, self.weights = self.weights, weights
         del old
+        release_freed_memory()
+
+    def drop_master(self) -> None:
+        """Let the unquantized weights go (`serve --no-swap`): format swaps are refused from then on."""
+        self.master = None
         release_freed_memory()
 
     def weight_bytes(self) -> int:

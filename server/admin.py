@@ -96,8 +96,9 @@ async def post_quantization(body: SwapRequest, raw: HttpRequest) -> dict:
             raise ApiError(400, str(e), param) from None
     admin = admin_of(raw)
     if admin.engine.master is None:
-        raise ApiError(409, "this server loads a pre-quantized checkpoint and holds no unquantized weights to "
-                       "re-quantize from; restart it on the original model to change formats", "quant")
+        raise ApiError(409, "this server holds no unquantized weights to re-quantize from (it loads a "
+                       "pre-quantized checkpoint, or was started with --no-swap); restart it on the original model "
+                       "without --no-swap to change formats", "quant")
     try:
         seconds = await asyncio.to_thread(admin.swap, body.quant, body.kv_cache)
     except SwapError as e:  # the engine still serves the formats it served before (see GET)

@@ -44,6 +44,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the context length")
     p.add_argument("--disable-docs", action="store_true",
                    help="do not serve /docs, /redoc, /openapi.json (with --api-key they need the key anyway)")
+    p.add_argument("--no-swap", action="store_true",
+                   help="drop the unquantized weights after start-up quantization (live format swaps answer 409)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running requests")
 
 
@@ -72,6 +74,8 @@ def serve(args: argparse.Namespace) -> None:
     req = quant_request(args)
     engine = LLMEngine(cfg)
     apply_quant(engine, req)
+    if args.no_swap:
+        engine.drop_master()
     app = create_app(engine, args.served_model_name, options, req)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=int(args.drain_timeout))

@@ -3,7 +3,7 @@
 import torch
 
 from optiserve.engine.config import SamplingParams
-from optiserve.engine.sampler import filter_logits, make_generator, sample, token_logprobs
+from optiserve.engine.sampler import filter_logits, make_generator, sample, sample_rows, token_logprobs
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
 
@@ -52,3 +52,15 @@ def test_degenerate_parameters_still_sample_the_best_token():
     assert torch.isfinite(filter_logits(LOGITS, tiny_p)).sum() == 1
     assert SamplingParams(temperature=1e-300).greedy
     assert sample(LOGITS[None], [tiny_p], [make_generator(0, 0)]) == [0]
+
+
+def test_a_failing_row_fails_alone_and_others_draw_as_if_alone():
+    logits = torch.stack([LOGITS, torch.full_like(LOGITS, float("nan")), LOGITS, LOGITS])  # row 1: NaN logits
+    params = [SamplingParams(temperature=1.0, seed=5), SamplingParams(temperature=1.0, seed=6),
+              SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, seed=7)]
+    failed = []
+    out = sample_rows(logits, params, [make_generator(p.seed, 0) for p in params],
+                      lambda row, e: failed.append(row))
+    assert failed == [1] and out[1] is None
+    alone = [sample(logits[r : r + 1], [params[r]], [make_generator(params[r].seed, 0)])[0] for r in (0, 2, 3)]
+    assert [out[0], out[2], out[3]] == alone

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from optiserve.engine.cache_store import write_entry
 from optiserve.engine.quant import QuantLinear
-from optiserve.optimize.cache_store import write_entry
 from optiserve.optimize.calibrate import STATS_JSON, STATS_TENSORS
 from optiserve.optimize.ptq_pipeline import QuantRequest, cache_key, prepare_quantized
 

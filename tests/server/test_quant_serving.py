@@ -44,11 +44,15 @@ def test_startup_quantization_serves_and_reports(quant_server):
     assert 'weight_format="nvfp4"' in metrics and 'kv_cache_format="fp8"' in metrics
 
 
-def test_second_start_skips_calibration(tmp_path, quant_server):
+def test_second_start_skips_calibration_and_no_swap_refuses_swaps(tmp_path, quant_server):
     start = time.monotonic()
     again = ServerProcess(tmp_path, "--max-batch", "2", "--quant", "nvfp4", "--kv-cache", "fp8", *CALIB,
-                          "--log-level", "info")
+                          "--log-level", "info", "--no-swap", "--admin-token", TOKEN)
     try:
+        assert chat(again.url).status_code == 200
+        assert httpx.get(f"{again.url}/admin/quantization", headers=AUTH).json()["swappable"] is False
+        r = swap(again.url, "int8", "none")
+        assert r.status_code == 409 and "--no-swap" in r.json()["error"]["message"], r.text
         assert chat(again.url).status_code == 200
     finally:
         again.stop()

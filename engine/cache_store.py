@@ -1,4 +1,5 @@
-"""Entries of the PTQ cache (`$OPTISERVE_CACHE/ptq`): directories of safetensors and JSON, never pickles.
+"""Entries of optiserve's caches (`$OPTISERVE_CACHE/ptq`, `/layouts`): directories of safetensors and JSON, never
+pickles.
 
 An entry is written whole into a fresh temp directory beside its final name and renamed into place, so a reader
 sees a complete entry or none, and two writers of one key never share a file (the first rename wins; entries with
@@ -28,7 +29,7 @@ def read_entry(path: Path, read: Callable[[Path], T]) -> T | None:
     try:
         return read(path)
     except Exception as e:  # whatever a damaged entry raises, it is a miss, never a failed start
-        log.warning("unreadable PTQ cache entry %s (%s: %s); recomputing it", path, type(e).__name__, e)
+        log.warning("unreadable cache entry %s (%s: %s); recomputing it", path, type(e).__name__, e)
         discard_entry(path)
         return None
 
@@ -40,19 +41,25 @@ def write_entry(path: Path, write: Callable[[Path], None]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     except OSError as e:
-        log.warning("cannot write PTQ cache entry %s (%s); it will be recomputed next time", path, e)
+        log.warning("cannot write cache entry %s (%s); it will be recomputed next time", path, e)
         return
     try:
         write(tmp)
         os.replace(tmp, path)
     except Exception as e:  # the result is in hand: failing to cache it must not fail the start or the swap
         if path.is_dir():
-            log.info("PTQ cache entry %s was written meanwhile by another writer; keeping it", path)
+            log.info("cache entry %s was written meanwhile by another writer; keeping it", path)
         else:
-            log.warning("cannot write PTQ cache entry %s (%s: %s); it will be recomputed next time", path,
+            log.warning("cannot write cache entry %s (%s: %s); it will be recomputed next time", path,
                         type(e).__name__, e)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_identity(path: Path) -> list:
+    """What a cache key records of an input file: a changed file (path, size or mtime) is a new key."""
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
 def discard_entry(path: Path) -> None:
