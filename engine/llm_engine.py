@@ -66,8 +66,8 @@ class LLMEngine:
         self.max_model_len = min(cfg.max_model_len, self.model_config.max_position_embeddings)
         dtype = getattr(torch, cfg.dtype)
         torch.manual_seed(cfg.seed)
-        # Verification writes up to k draft positions past a sequence's end before rolling back: room for them.
-        cache_len = self.max_model_len + (cfg.num_speculative_tokens + 1 if cfg.speculative != "none" else 0)
+        # Verification writes draft positions past a sequence's end before rolling back: room for them.
+        cache_len = self.max_model_len + cfg.spec_cache_room
         quantized = None
         if is_modelopt_checkpoint(self.model_dir):  # served as packed; no unquantized master copy exists
             quantized = load_quantized_checkpoint(self.model_dir, cache_len, dtype, cfg.device)

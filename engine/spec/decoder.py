@@ -11,11 +11,13 @@ import torch
 from ..config import EngineConfig, ModelLoadError
 from ..runner import ModelRunner
 from ..sequence import Sequence
+from ..tree_attention import ancestor_matrix, depths
 from .draft_head import is_draft_dir, load_draft_head
-from .drafters import EagleDrafter, NgramDrafter
-from .verify import accept
+from .drafters import EagleDrafter, NgramDrafter, Proposal
+from .tree_drafter import EagleTreeDrafter
+from .verify import accept, accept_tree_greedy
 
-Drafter = EagleDrafter | NgramDrafter
+Drafter = EagleDrafter | EagleTreeDrafter | NgramDrafter
 DEFAULT_HEAD_NAME = "smollm2-135m-instruct"
 
 
@@ -66,6 +68,8 @@ class SpecDecoder:
         t0 = time.perf_counter()
         proposals = self.drafter.propose(seqs)
         t1 = time.perf_counter()
+        if any(p.parents is not None for p in proposals):
+            return self._step_tree(seqs, proposals, t1 - t0)
         width = 1 + max(len(p.tokens) for p in proposals)
         rows = [[s.token_ids[-1], *p.tokens] + [0] * (width - 1 - len(p.tokens))  # [B, W], zero-padded
                 for s, p in zip(seqs, proposals, strict=True)]
@@ -84,6 +88,52 @@ class SpecDecoder:
                 seq.request.spec.record(k, kept - 1)
             results.append(Accepted(new, logits[b, :kept]))
         return results
+
+    def _step_tree(self, seqs: list[Sequence], proposals: list[Proposal], draft_s: float) -> list[Accepted]:
+        """Verify draft trees (root + nodes) in one target forward with a tree mask, keep each accepted path."""
+        t0 = time.perf_counter()
+        trees = [VerifyTree.of(s.token_ids[-1], p) for s, p in zip(seqs, proposals, strict=True)]
+        width = max(len(t.tokens) for t in trees)
+        for t in trees:
+            t.pad(width)
+        starts = [len(s.token_ids) - 1 for s in seqs]
+        ancestors = torch.stack([ancestor_matrix(t.parents) for t in trees])  # [B, W, W]
+        logits, features = self.runner.verify_tree([t.tokens for t in trees], starts,
+                                                   [depths(t.parents) for t in trees], ancestors,
+                                                   self.drafter.capture)  # [B, W, V], [B, W, 3H]
+        self.timing.add(draft_s, time.perf_counter() - t0, width - 1)
+        results = []
+        for b, (seq, prop, tree) in enumerate(zip(seqs, proposals, trees, strict=True)):
+            if seq.params.greedy:
+                new, path = accept_tree_greedy(tree.tokens, tree.parents, logits[b])
+            else:  # the tree drafter gives sampled requests a chain: rows 0..k in order
+                new = accept(prop.tokens, prop.probs, logits[b, : len(prop.tokens) + 1], seq.params, seq.generator)
+                path = list(range(len(new)))
+            self.runner.cache.keep_path(b, starts[b], path, starts[b] + width)
+            self.drafter.on_verify(seq, None if features is None else features[b, path])
+            if prop.tokens:
+                seq.request.spec.record(len(prop.tokens), len(path) - 1)
+            results.append(Accepted(new, logits[b, path]))
+        return results
+
+
+@dataclass
+class VerifyTree:
+    """One sequence's verify rows: the root (its last token) then the draft nodes; `parents` index rows (-1:
+    none), padding rows attend only the prefix and themselves."""
+
+    tokens: list[int]
+    parents: list[int]
+
+    @classmethod
+    def of(cls, last_token: int, prop: Proposal) -> VerifyTree:
+        node_parents = prop.parents if prop.parents is not None else list(range(-1, len(prop.tokens) - 1))
+        return cls([last_token, *prop.tokens], [-1, *(p + 1 for p in node_parents)])
+
+    def pad(self, width: int) -> None:
+        n = width - len(self.tokens)
+        self.tokens += [0] * n
+        self.parents += [-1] * n
 
 
 
@@ -116,4 +166,11 @@ def make_spec_decoder(cfg: EngineConfig, runner: ModelRunner, model_dir: Path) -
         raise ModelLoadError(f"--speculative {cfg.speculative}: {path} is not a draft head directory")
     dtype = runner.cache.k.dtype
     head = load_draft_head(path, dtype).to(runner.device).attach(runner.model)
-    return SpecDecoder(runner, EagleDrafter(head, k, runner.cache.shape.num_slots, runner.cache.shape.max_len, dtype))
+    slots, max_len = runner.cache.shape.num_slots, runner.cache.shape.max_len
+    if not cfg.tree:
+        return SpecDecoder(runner, EagleDrafter(head, k, slots, max_len, dtype))
+    if runner.model.cfg.sliding_window:
+        raise ModelLoadError("a draft tree needs a model without a sliding window; use --speculative-eagle-topk 1")
+    drafter = EagleTreeDrafter(head, k, cfg.speculative_eagle_topk, cfg.speculative_num_draft_tokens, slots,
+                               max_len, dtype, cfg.speculative_ngram_branch)
+    return SpecDecoder(runner, drafter)

@@ -27,14 +27,28 @@ def add_spec_args(p: argparse.ArgumentParser, default: str = "none") -> None:
     p.add_argument("--speculative", default=default,
                    help="none | auto (the shipped draft head for the default model, or DIR/draft_head) | ngram | "
                         "a draft head dir from `optiserve train-draft`")
-    p.add_argument("--num-speculative-tokens", type=int, default=5, help="draft chain length")
+    p.add_argument("--num-speculative-tokens", type=int, default=5,
+                   help="draft chain length (the default of --speculative-num-steps)")
+    p.add_argument("--speculative-num-steps", type=int, default=None, help="draft depth (chain or tree)")
+    p.add_argument("--speculative-eagle-topk", type=int, default=1,
+                   help="children expanded per frontier node of the draft tree; 1: a chain")
+    p.add_argument("--speculative-num-draft-tokens", type=int, default=None,
+                   help="tree nodes verified per step (at most 15; default min(15, steps x topk))")
+    p.add_argument("--speculative-ngram-branch", action="store_true",
+                   help="n-gram lookup candidates join the head's draft tree as an extra branch (at most half "
+                        "the nodes)")
+
+
+TREE_FIELDS = ("speculative_num_steps", "speculative_eagle_topk", "speculative_num_draft_tokens",
+               "speculative_ngram_branch")
 
 
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
     fields = {"model": args.model, "dtype": args.dtype, "device": getattr(args, "device", EngineConfig.device),
               "lm_head_dtype": getattr(args, "lm_head_dtype", EngineConfig.lm_head_dtype),
               "speculative": getattr(args, "speculative", "none"),
-              "num_speculative_tokens": getattr(args, "num_speculative_tokens", EngineConfig.num_speculative_tokens)}
+              "num_speculative_tokens": getattr(args, "num_speculative_tokens", EngineConfig.num_speculative_tokens),
+              **{name: getattr(args, name) for name in TREE_FIELDS if hasattr(args, name)}}
     return EngineConfig(**{**fields, **overrides})
 
 

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from .args import (
+    TREE_FIELDS,
     add_lm_head_arg,
     add_model_args,
     add_quant_args,
@@ -98,7 +99,8 @@ def run_bench_spec(args: argparse.Namespace) -> None:
         apply_quant(engine, req)
     prompts = chat_prompt_ids(engines[0].tokenizer, load_prompt_file(args.prompts, args.offset, args.num_prompts))
     label = {"model": args.model, "quant": req.quant, "kv_cache": req.kv_cache, "speculative": args.speculative,
-             "num_speculative_tokens": args.num_speculative_tokens, "prompts_file": args.prompts,
+             **{k: getattr(engines[1].cfg, k) for k in ("num_speculative_tokens", *TREE_FIELDS)},
+             "prompts_file": args.prompts,
              "offset": args.offset}
     bench_spec(engines[0], engines[1], prompts, args.max_tokens, label, args.json)
 
