@@ -132,6 +132,7 @@ class EngineConfig:
     seed: int = 0
     speculative: str = "none"  # none | auto (the shipped/adjacent draft head) | ngram | a draft head dir
     num_speculative_tokens: int = 5  # draft chain length
+    speculative_adaptive: bool = True  # per step, draft only as much as pays (engine/spec/policy.py)
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_speculative_tokens <= 16:

@@ -12,7 +12,8 @@ from ..config import EngineConfig, ModelLoadError
 from ..runner import ModelRunner
 from ..sequence import Sequence
 from .draft_head import is_draft_dir, load_draft_head
-from .drafters import EagleDrafter, NgramDrafter
+from .drafters import EagleDrafter, NgramDrafter, Proposal
+from .policy import AdaptivePolicy, PolicyConfig, StepRecord
 from .verify import accept
 
 Drafter = EagleDrafter | NgramDrafter
@@ -46,9 +47,10 @@ class Accepted:
 class SpecDecoder:
     """Drafts with `drafter`, verifies with the target through `runner`; sequences are in slots [0, B)."""
 
-    def __init__(self, runner: ModelRunner, drafter: Drafter):
+    def __init__(self, runner: ModelRunner, drafter: Drafter, policy: AdaptivePolicy | None = None):
         self.runner = runner
         self.drafter = drafter
+        self.policy = policy  # None: always draft the full chain
         self.timing = SpecTiming()
 
     def attach(self, model) -> None:
@@ -63,16 +65,18 @@ class SpecDecoder:
         return logits
 
     def step(self, seqs: list[Sequence]) -> list[Accepted]:
+        budget = self.policy.budget(seqs) if self.policy else self.drafter.k
         t0 = time.perf_counter()
-        proposals = self.drafter.propose(seqs)
+        proposals = self.drafter.propose(seqs, budget) if budget else [Proposal([], None) for _ in seqs]
         t1 = time.perf_counter()
         width = 1 + max(len(p.tokens) for p in proposals)
         rows = [[s.token_ids[-1], *p.tokens] + [0] * (width - 1 - len(p.tokens))  # [B, W], zero-padded
                 for s, p in zip(seqs, proposals, strict=True)]
         starts = [len(s.token_ids) - 1 for s in seqs]
         logits, features = self.runner.verify(rows, starts, self.drafter.capture)  # [B, W, V], [B, W, 3H]
-        self.timing.add(t1 - t0, time.perf_counter() - t1, width - 1)
-        results = []
+        t2 = time.perf_counter()
+        self.timing.add(t1 - t0, t2 - t1, width - 1)
+        results, accepted = [], []
         for b, (seq, prop) in enumerate(zip(seqs, proposals, strict=True)):
             k = len(prop.tokens)
             new = accept(prop.tokens, prop.probs, logits[b, : k + 1], seq.params, seq.generator)
@@ -80,9 +84,11 @@ class SpecDecoder:
             # Rejected drafts (and padding) leave the cache as if never written.
             self.runner.cache.truncate(b, starts[b] + kept, starts[b] + width)
             self.drafter.on_verify(seq, None if features is None else features[b, :kept])
-            if k:
-                seq.request.spec.record(k, kept - 1)
+            seq.request.spec.record(k, kept - 1)
+            accepted.append(kept - 1)
             results.append(Accepted(new, logits[b, :kept]))
+        if self.policy:
+            self.policy.observe(StepRecord(budget, [len(p.tokens) for p in proposals], accepted, t2 - t0))
         return results
 
 
@@ -109,11 +115,13 @@ def make_spec_decoder(cfg: EngineConfig, runner: ModelRunner, model_dir: Path) -
     if cfg.speculative == "none":
         return None
     k = cfg.num_speculative_tokens
+    policy = AdaptivePolicy(PolicyConfig(k)) if cfg.speculative_adaptive else None
     if cfg.speculative == "ngram":
-        return SpecDecoder(runner, NgramDrafter(k))
+        return SpecDecoder(runner, NgramDrafter(k), policy)
     path = resolve_head_dir(cfg.speculative, cfg.model, model_dir)
     if not is_draft_dir(path):
         raise ModelLoadError(f"--speculative {cfg.speculative}: {path} is not a draft head directory")
     dtype = runner.cache.k.dtype
     head = load_draft_head(path, dtype).to(runner.device).attach(runner.model)
-    return SpecDecoder(runner, EagleDrafter(head, k, runner.cache.shape.num_slots, runner.cache.shape.max_len, dtype))
+    drafter = EagleDrafter(head, k, runner.cache.shape.num_slots, runner.cache.shape.max_len, dtype)
+    return SpecDecoder(runner, drafter, policy)

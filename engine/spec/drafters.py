@@ -35,8 +35,8 @@ class NgramDrafter:
     def on_prefill(self, seq: Sequence, features: torch.Tensor | None) -> None:
         pass
 
-    def propose(self, seqs: list[Sequence]) -> list[Proposal]:
-        return [Proposal(propose_ngram(s.token_ids, self.k), None) for s in seqs]
+    def propose(self, seqs: list[Sequence], k: int | None = None) -> list[Proposal]:
+        return [Proposal(propose_ngram(s.token_ids, k or self.k), None) for s in seqs]
 
     def on_verify(self, seq: Sequence, features: torch.Tensor | None) -> None:
         pass
@@ -74,8 +74,10 @@ class EagleDrafter:
         state.pending = features if not len(state.pending) else torch.cat([state.pending, features])
 
     @torch.inference_mode()
-    def propose(self, seqs: list[Sequence]) -> list[Proposal]:
-        """Catch the head up on the pending features (one forward), then k-1 one-token steps; seqs in slots [0, B)."""
+    def propose(self, seqs: list[Sequence], k: int | None = None) -> list[Proposal]:
+        """Catch the head up on the pending features (one forward), then k-1 one-token steps (k: the chain length
+        unless a budget is given); seqs in slots [0, B)."""
+        k = k or self.k
         states: list[EagleState] = [s.draft_state for s in seqs]
         counts = [len(st.pending) for st in states]
         S = max(counts)
@@ -91,11 +93,11 @@ class EagleDrafter:
             st.draft_len, st.pending = st.draft_len + n, st.pending[:0]
         ends = torch.tensor([st.draft_len for st in states])  # the chain continues at these positions
         drafted, probs = [], []
-        for j in range(self.k):
+        for j in range(k):
             d, q = self._pick(self.head.logits(h[:, 0]), seqs)
             drafted.append(d)
             probs.append(q)
-            if j + 1 < self.k:  # the head embeds target ids, as in training: map the draft id back
+            if j + 1 < k:  # the head embeds target ids, as in training: map the draft id back
                 h = self._run(self.head.d2t[d].unsqueeze(1), h, (ends + j).unsqueeze(1))
         target_ids = self.head.d2t[torch.stack(drafted, dim=1)].tolist()  # [B, k]
         return [Proposal(ids, None if probs[0][b] is None else torch.stack([q[b] for q in probs]))

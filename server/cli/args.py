@@ -23,12 +23,16 @@ def add_spec_args(p: argparse.ArgumentParser, default: str = "none") -> None:
                    help="none | auto (the shipped draft head for the default model, or DIR/draft_head) | ngram | "
                         "a draft head dir from `optiserve train-draft`")
     p.add_argument("--num-speculative-tokens", type=int, default=5, help="draft chain length")
+    p.add_argument("--speculative-adaptive", action=argparse.BooleanOptionalAction, default=True,
+                   help="each step, draft as many tokens as the measured acceptance and step costs say pay (0: a "
+                        "plain decode step); --no-speculative-adaptive always drafts the full chain")
 
 
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
     fields = {"model": args.model, "dtype": args.dtype, "device": getattr(args, "device", EngineConfig.device),
               "speculative": getattr(args, "speculative", "none"),
-              "num_speculative_tokens": getattr(args, "num_speculative_tokens", EngineConfig.num_speculative_tokens)}
+              "num_speculative_tokens": getattr(args, "num_speculative_tokens", EngineConfig.num_speculative_tokens),
+              "speculative_adaptive": getattr(args, "speculative_adaptive", EngineConfig.speculative_adaptive)}
     return EngineConfig(**{**fields, **overrides})
 
 
