@@ -92,6 +92,14 @@ def adaptive_ngram():
     return LLMEngine(EngineConfig(max_batch=8, max_model_len=1024, speculative="ngram"))
 
 
+@pytest.fixture(autouse=True)
+def fresh_policy(request):
+    """Each engine test starts from the priors (the policy learns across requests: one test's drafter must not
+    leave its estimates to the next)."""
+    if "adaptive_ngram" in request.fixturenames:
+        request.getfixturevalue("adaptive_ngram").spec.policy = AdaptivePolicy(PolicyConfig(K))
+
+
 def totals(results) -> SpecStats:
     total = SpecStats()
     for *_, spec in results:
