@@ -38,7 +38,7 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     from optiserve.engine.kv_quant import KV_FORMATS
-    from optiserve.engine.quant import WEIGHT_FORMATS
+    from optiserve.engine.weight_formats import WEIGHT_FORMATS
     from optiserve.optimize.ptq_pipeline import QuantRequest
 
     p.add_argument("--quant", default="none", choices=WEIGHT_FORMATS, help="weight (and activation) format")
