@@ -148,6 +148,7 @@ class EngineConfig:
     speculative_eagle_topk: int = 1
     speculative_num_draft_tokens: int | None = None
     speculative_ngram_branch: bool = False  # n-gram lookup candidates enter the head's tree as an extra branch
+    speculative_adaptive: bool = True  # per step, draft only as much as pays (engine/spec/policy.py)
     lm_head_dtype: str = "float32"  # the served LM head's weights (engine/lm_head.py); the master keeps fp32
 
     def __post_init__(self) -> None:

@@ -31,7 +31,7 @@ class NgramDrafter:
     caches: tuple[KVCache, ...] = ()
 
     def __init__(self, k: int):
-        self.k = k
+        self.k = self.max_draft_tokens = k
 
     def on_prefill(self, seq: Sequence, features: torch.Tensor | None) -> None:
         pass
@@ -57,6 +57,7 @@ class EagleDrafter:
 
     def __init__(self, head: DraftHead, k: int, num_slots: int, max_len: int, dtype: torch.dtype):
         self.head, self.k = head, k
+        self.max_draft_tokens = k  # what a step may verify per sequence (a tree: its node budget)
         self.capture = head.cfg.target_layers
         c = head.cfg
         self.cache = KVCache(CacheShape(1, num_slots, c.num_kv_heads, max_len, c.head_dim), dtype)

@@ -33,6 +33,7 @@ class EagleTreeDrafter(EagleDrafter):
                  max_len: int, dtype: torch.dtype, ngram_branch: bool = False):
         super().__init__(head, num_steps, num_slots, max_len, dtype)
         self.topk, self.num_draft_tokens, self.ngram_branch = topk, num_draft_tokens, ngram_branch
+        self.max_draft_tokens = num_draft_tokens
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], num_draft_tokens: int | None = None) -> list[Proposal]:

@@ -34,6 +34,9 @@ def add_spec_args(p: argparse.ArgumentParser, default: str = "none") -> None:
                    help="children expanded per frontier node of the draft tree; 1: a chain")
     p.add_argument("--speculative-num-draft-tokens", type=int, default=None,
                    help="tree nodes verified per step (at most 15; default min(15, steps x topk))")
+    p.add_argument("--speculative-adaptive", action=argparse.BooleanOptionalAction, default=True,
+                   help="each step, draft as many tokens as the measured acceptance and step costs say pay (0: a "
+                        "plain decode step); --no-speculative-adaptive always drafts the full chain or tree")
     p.add_argument("--speculative-ngram-branch", action="store_true",
                    help="n-gram lookup candidates join the head's draft tree as an extra branch (at most half "
                         "the nodes)")
@@ -48,6 +51,7 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
               "lm_head_dtype": getattr(args, "lm_head_dtype", EngineConfig.lm_head_dtype),
               "speculative": getattr(args, "speculative", "none"),
               "num_speculative_tokens": getattr(args, "num_speculative_tokens", EngineConfig.num_speculative_tokens),
+              "speculative_adaptive": getattr(args, "speculative_adaptive", EngineConfig.speculative_adaptive),
               **{name: getattr(args, name) for name in TREE_FIELDS if hasattr(args, name)}}
     return EngineConfig(**{**fields, **overrides})
 

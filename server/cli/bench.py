@@ -44,6 +44,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     spec.add_argument("--offset", type=int, default=0, help="first prompt row (e.g. past those used in training)")
     spec.add_argument("--num-prompts", type=int, default=16)
     spec.add_argument("--max-tokens", type=int, default=128)
+    spec.add_argument("--batch", type=int, default=1, help="prompts decoded together (continuous batching)")
     spec.add_argument("--json", default=None, help="write the results to this file")
     load = bench_sub.add_parser("load", help="drive a running server's HTTP API with concurrent clients")
     load.add_argument("--url", default="http://127.0.0.1:8000")
@@ -94,15 +95,17 @@ def run_bench_spec(args: argparse.Namespace) -> None:
     if args.speculative == "none":
         raise ValueError("bench spec compares against speculation: give --speculative auto|ngram|DIR")
     req = quant_request(args)
-    engines = [LLMEngine(engine_config(args, max_batch=1, speculative=s)) for s in ("none", args.speculative)]
+    # Plain decoding, the full chain every step, and the adaptive budget: three engines, one process.
+    modes = [("none", False), (args.speculative, False), (args.speculative, True)]
+    engines = [LLMEngine(engine_config(args, max_batch=args.batch, speculative=s, speculative_adaptive=a))
+               for s, a in modes]
     for engine in engines:
         apply_quant(engine, req)
     prompts = chat_prompt_ids(engines[0].tokenizer, load_prompt_file(args.prompts, args.offset, args.num_prompts))
     label = {"model": args.model, "quant": req.quant, "kv_cache": req.kv_cache, "speculative": args.speculative,
              **{k: getattr(engines[1].cfg, k) for k in ("num_speculative_tokens", *TREE_FIELDS)},
-             "prompts_file": args.prompts,
-             "offset": args.offset}
-    bench_spec(engines[0], engines[1], prompts, args.max_tokens, label, args.json)
+             "prompts_file": args.prompts, "offset": args.offset, "batch": args.batch}
+    bench_spec(engines, prompts, args.max_tokens, label, args.json, args.batch)
 
 
 def run_bench_load(args: argparse.Namespace) -> None:
