@@ -96,11 +96,12 @@ def train_large(model: str, data: LargeDataConfig, output: str, cfg: DraftTrainC
     build_stores(engine, data, cfg, out, head_cfg.target_layers)
     train_store, held_store = StoreReader(out / "store-train"), StoreReader(out / "store-heldout")
     d2t = vocabulary(train_store, cfg.draft_vocab_size, out / "d2t.pt")
-    t2d = torch.full((head_cfg.target_vocab_size,), IGNORE)
-    t2d[d2t] = torch.arange(len(d2t))
+    t2d = inverse_vocab(d2t, head_cfg.target_vocab_size)
     rows = StoreRows(train_store, t2d, cfg.row_len)
     held = pack([held_store.sample(i) for i in range(len(held_store))], t2d, cfg.row_len)
     print(f"training on {train_store.tokens} tokens ({len(rows)} rows), held-out {held_store.tokens}", flush=True)
+    baseline = shipped_baseline(target, held_store, cfg)
+    print(f"shipped head on the held-out answers: {baseline}", flush=True)
     comparison = compare_inits(target, head_cfg, d2t, rows, held, cfg, out, compare_steps)
     best_init = max(comparison, key=lambda k: comparison[k]["tau"])
     cfg.fresh_lm_head = INITS[best_init]
@@ -114,7 +115,7 @@ def train_large(model: str, data: LargeDataConfig, output: str, cfg: DraftTrainC
         "target_layers": list(head_cfg.target_layers), "heldout_sequences": len(held_store),
         "heldout_step_accuracy": [round(a, 4) for a in step_acc],
         f"heldout_expected_tau_chain{cfg.draft_len}": round(expected_accept_length(step_acc, cfg.draft_len), 3),
-        "init_comparison": comparison, "steps": fit_info["steps"], "rows": len(rows),
+        "init_comparison": comparison, "shipped_head_heldout": baseline, "steps": fit_info["steps"], "rows": len(rows),
         "minutes": round((time.monotonic() - began) / 60, 1),
         "heldout_draft_vocab_coverage": coverage(held_store, t2d),
         "bytes_per_token": bytes_per_token(3 * head_cfg.hidden_size),
@@ -125,6 +126,24 @@ def train_large(model: str, data: LargeDataConfig, output: str, cfg: DraftTrainC
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return summary
+
+
+def inverse_vocab(d2t: torch.Tensor, target_vocab: int) -> torch.Tensor:
+    t2d = torch.full((target_vocab,), IGNORE)
+    t2d[d2t] = torch.arange(len(d2t))
+    return t2d
+
+
+def shipped_baseline(target, held_store: StoreReader, cfg: DraftTrainConfig) -> dict:
+    """The shipped head's held-out step accuracy and τ on the same held-out answers (what a new head must beat)."""
+    from optiserve.engine.spec.decoder import shipped_head_dir
+    from optiserve.engine.spec.draft_head import load_draft_head
+
+    head = load_draft_head(shipped_head_dir()).attach(target)
+    t2d = inverse_vocab(head.d2t, head.cfg.target_vocab_size)
+    held = pack([held_store.sample(i) for i in range(len(held_store))], t2d, cfg.row_len)
+    acc = evaluate_head(head, held, cfg.ttt_steps)
+    return {"step_accuracy": [round(a, 4) for a in acc], "tau": round(expected_accept_length(acc, cfg.draft_len), 4)}
 
 
 def coverage(reader: StoreReader, t2d: torch.Tensor) -> float:
