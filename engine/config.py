@@ -11,6 +11,7 @@ import torch
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 GREEDY_TEMPERATURE = 1e-5
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit seed, as OpenAI and vLLM take it
+LM_HEAD_DTYPES = ("float32", "bfloat16", "int8", "fp8")  # what the LM head's weights may be held in (lm_head.py)
 
 
 class ModelLoadError(RuntimeError):
@@ -107,6 +108,12 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def check_lm_head_dtype(name: str) -> str:
+    if name not in LM_HEAD_DTYPES:
+        raise ValueError(f"unknown lm_head dtype {name!r}; choose from {', '.join(LM_HEAD_DTYPES)}")
+    return name
+
+
 def check_device(name: str) -> str:
     """`name` if it is "cpu", or "cuda"/"cuda:N" and torch sees a CUDA GPU; else a clear ValueError."""
     try:
@@ -132,8 +139,10 @@ class EngineConfig:
     seed: int = 0
     speculative: str = "none"  # none | auto (the shipped/adjacent draft head) | ngram | a draft head dir
     num_speculative_tokens: int = 5  # draft chain length
+    lm_head_dtype: str = "float32"  # the served LM head's weights (engine/lm_head.py); the master keeps fp32
 
     def __post_init__(self) -> None:
+        check_lm_head_dtype(self.lm_head_dtype)
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError("num_speculative_tokens must be in [1, 16]")
         if self.dtype not in ("float32", "bfloat16"):

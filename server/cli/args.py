@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import argparse
 
-from optiserve.engine.config import EngineConfig
+from optiserve.engine.config import LM_HEAD_DTYPES, EngineConfig
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF checkpoint dir")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def add_lm_head_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lm-head-dtype", default="float32", choices=LM_HEAD_DTYPES,
+                   help="the LM head's weights (computed from them by the CPU kernel; the embedding stays fp32)")
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -27,6 +32,7 @@ def add_spec_args(p: argparse.ArgumentParser, default: str = "none") -> None:
 
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
     fields = {"model": args.model, "dtype": args.dtype, "device": getattr(args, "device", EngineConfig.device),
+              "lm_head_dtype": getattr(args, "lm_head_dtype", EngineConfig.lm_head_dtype),
               "speculative": getattr(args, "speculative", "none"),
               "num_speculative_tokens": getattr(args, "num_speculative_tokens", EngineConfig.num_speculative_tokens)}
     return EngineConfig(**{**fields, **overrides})
@@ -34,7 +40,7 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     from optiserve.engine.kv_quant import KV_FORMATS
-    from optiserve.engine.quant import WEIGHT_FORMATS
+    from optiserve.engine.weight_formats import WEIGHT_FORMATS
     from optiserve.optimize.ptq_pipeline import QuantRequest
 
     p.add_argument("--quant", default="none", choices=WEIGHT_FORMATS, help="weight (and activation) format")
