@@ -67,7 +67,7 @@ class SpecDecoder:
         return logits
 
     def step(self, seqs: list[Sequence]) -> list[Accepted]:
-        budget = self.policy.budget(seqs) if self.policy else self.drafter.max_draft_tokens
+        budget = self._budget(seqs)
         t0 = time.perf_counter()
         proposals = self.drafter.propose(seqs, budget) if budget else [Proposal([], None) for _ in seqs]
         t1 = time.perf_counter()
@@ -77,6 +77,13 @@ class SpecDecoder:
             self.policy.observe(StepRecord(budget, [len(p.tokens) for p in proposals],
                                            [len(r.tokens) - 1 for r in results], time.perf_counter() - t0))
         return results
+
+    def _budget(self, seqs: list[Sequence]) -> int:
+        """Draft tokens per sequence this step. A seeded sampled request must repeat run to run, and its rejection
+        sampling draws per draft: the number of drafts may not depend on measured timings, so a batch holding one
+        drafts the full budget."""
+        seeded = any(s.params.seed is not None and not s.params.greedy for s in seqs)
+        return self.policy.budget(seqs) if self.policy and not seeded else self.drafter.max_draft_tokens
 
     def _verify_chain(self, seqs: list[Sequence], proposals: list[Proposal], draft_s: float) -> list[Accepted]:
         """Verify draft chains (last token + drafts, zero-padded) in one target forward; keep each accepted prefix."""

@@ -132,3 +132,12 @@ def test_repetitive_text_keeps_ngram_drafting_on(engine, adaptive_ngram):
     # The policy's own choices: steps it drafted vs steps it chose to skip (lookups that found nothing are neither).
     assert policy.steps_drafted > policy.steps_skipped, (policy.steps_drafted, policy.steps_skipped, total)
     assert total.acceptance_rate > 0.5
+
+
+def test_seeded_sampled_requests_repeat_whatever_the_policy_learned(adaptive_ngram, chat_prompt_ids):
+    params = SamplingParams(max_tokens=24, temperature=0.8, seed=3)
+    first = generate(adaptive_ngram, chat_prompt_ids[:2], params, at_once=True)
+    # Estimates that would turn drafting off: the seeded batch must still draft as it did the first time.
+    adaptive_ngram.spec.policy = AdaptivePolicy(PolicyConfig(K, prior_acceptance=0.01, prior_cost_per_draft=5.0))
+    again = generate(adaptive_ngram, chat_prompt_ids[:2], params, at_once=True)
+    assert [ids for ids, *_ in first] == [ids for ids, *_ in again] and all(ids for ids, *_ in first)

@@ -14,8 +14,9 @@ from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
 
 from .test_speculative import EXACT, GREEDY, assert_same_greedy, generate
 
+# The full tree every step (the adaptive budget would shrink it; test_spec_policy covers that).
 TREE = {"speculative": "auto", "speculative_num_steps": 4, "speculative_eagle_topk": 3,
-        "speculative_num_draft_tokens": 8, "speculative_ngram_branch": True}
+        "speculative_num_draft_tokens": 8, "speculative_ngram_branch": True, "speculative_adaptive": False}
 # Root (row 0) and 9 nodes, parents first: two branches from the root, a deeper one and a sibling pair.
 PARENTS = [-1, 0, 0, 1, 1, 3, 2, 6, 6, 5]
 
