@@ -24,8 +24,8 @@ from .draft_card import write_model_card
 from .draft_corpus import AnswerJob, store_answers, store_references, store_text
 from .draft_fit import DraftTrainConfig, StoreRows, evaluate_head, fit, pack
 from .draft_store import StoreReader, StoreWriter, bytes_per_token
-from .draft_train import draft_vocabulary, init_head
-from .draft_ttt import IGNORE, expected_accept_length
+from .draft_train import draft_vocabulary, init_head, inverse_vocab, vocab_coverage
+from .draft_ttt import expected_accept_length
 
 INITS = {"target_rows": False, "fresh": True}  # name -> fresh_lm_head
 
@@ -117,7 +117,7 @@ def train_large(model: str, data: LargeDataConfig, output: str, cfg: DraftTrainC
         f"heldout_expected_tau_chain{cfg.draft_len}": round(expected_accept_length(step_acc, cfg.draft_len), 3),
         "init_comparison": comparison, "shipped_head_heldout": baseline, "steps": fit_info["steps"], "rows": len(rows),
         "minutes": round((time.monotonic() - began) / 60, 1),
-        "heldout_draft_vocab_coverage": coverage(held_store, t2d),
+        "heldout_draft_vocab_coverage": vocab_coverage(held_store.all_labels(), t2d),
         "bytes_per_token": bytes_per_token(3 * head_cfg.hidden_size),
     }
     final = out / "head"
@@ -126,12 +126,6 @@ def train_large(model: str, data: LargeDataConfig, output: str, cfg: DraftTrainC
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return summary
-
-
-def inverse_vocab(d2t: torch.Tensor, target_vocab: int) -> torch.Tensor:
-    t2d = torch.full((target_vocab,), IGNORE)
-    t2d[d2t] = torch.arange(len(d2t))
-    return t2d
 
 
 def shipped_baseline(target, held_store: StoreReader, cfg: DraftTrainConfig) -> dict:
@@ -144,13 +138,6 @@ def shipped_baseline(target, held_store: StoreReader, cfg: DraftTrainConfig) -> 
     held = pack([held_store.sample(i) for i in range(len(held_store))], t2d, cfg.row_len)
     acc = evaluate_head(head, held, cfg.ttt_steps)
     return {"step_accuracy": [round(a, 4) for a in acc], "tau": round(expected_accept_length(acc, cfg.draft_len), 4)}
-
-
-def coverage(reader: StoreReader, t2d: torch.Tensor) -> float:
-    """Share of the labelled tokens in `reader` that the draft vocabulary can predict at all."""
-    labels = torch.cat(list(reader.all_labels()))
-    labels = labels[labels >= 0]
-    return round(float((t2d[labels] >= 0).float().mean()), 4)
 
 
 def compare_inits(target, head_cfg, d2t, rows, held, cfg: DraftTrainConfig, out: Path, steps: int) -> dict:

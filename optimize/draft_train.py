@@ -70,6 +70,22 @@ def draft_vocabulary(labels: Iterable[torch.Tensor], size: int) -> torch.Tensor:
     return torch.tensor((ids + rest)[:size])
 
 
+def inverse_vocab(d2t: torch.Tensor, target_vocab: int) -> torch.Tensor:
+    """t2d [target_vocab]: each target id's index in the draft vocabulary, IGNORE where it has none."""
+    t2d = torch.full((target_vocab,), IGNORE)
+    t2d[d2t] = torch.arange(len(d2t))
+    return t2d
+
+
+def vocab_coverage(labels: Iterable[torch.Tensor], t2d: torch.Tensor) -> float:
+    """Share of the labelled tokens that the draft vocabulary can predict at all."""
+    hit = total = 0
+    for lab in labels:
+        lab = lab[lab >= 0]
+        hit, total = hit + int((t2d[lab] >= 0).sum()), total + len(lab)
+    return round(hit / max(1, total), 4)
+
+
 def init_head(target: Transformer, cfg: DraftConfig, d2t: torch.Tensor, fresh_lm_head: bool = False) -> DraftHead:
     """Small random layer whose attention/MLP outputs start at zero; `fc` passes the high layer through, and the
     LM head starts as the target's own rows for the draft vocabulary (training begins from a sensible predictor)
@@ -106,14 +122,12 @@ def train_draft(model: str, files: list[str], output: str, cfg: DraftTrainConfig
     head_cfg = DraftConfig.for_target(engine.model_config, cfg.draft_vocab_size)
     samples = cached_samples(engine, files, cfg, out, head_cfg.target_layers)
     d2t = draft_vocabulary((s.labels for s in samples), cfg.draft_vocab_size)
-    t2d = torch.full((head_cfg.target_vocab_size,), IGNORE)
-    t2d[d2t] = torch.arange(len(d2t))
+    t2d = inverse_vocab(d2t, head_cfg.target_vocab_size)
     chat = [s for s in samples if s.labels[0] == IGNORE]  # answers (their prompts carry no labels)
     n_hold = max(1, int(len(chat) * cfg.holdout))
     held = chat[-n_hold:]
     train = [s for s in samples if not any(s is h for h in held)]
-    coverage = float(sum(int((t2d[s.labels[s.labels >= 0]] >= 0).sum()) for s in held) /
-                     max(1, sum(int((s.labels >= 0).sum()) for s in held)))
+    coverage = vocab_coverage((s.labels for s in held), t2d)
     head = init_head(target, head_cfg, d2t, cfg.fresh_lm_head)
     train_rows, held_rows = pack(train, t2d, cfg.row_len), pack(held, t2d, cfg.row_len)
     fit_info = fit(head, train_rows, cfg, out)
@@ -124,7 +138,7 @@ def train_draft(model: str, files: list[str], output: str, cfg: DraftTrainConfig
         "train_tokens": sum(len(s.tokens) for s in train),
         "train_labelled_tokens": sum(int((s.labels >= 0).sum()) for s in train),
         "target_layers": list(head_cfg.target_layers), "heldout_sequences": len(held),
-        "heldout_draft_vocab_coverage": round(coverage, 4),
+        "heldout_draft_vocab_coverage": coverage,
         "heldout_step_accuracy": [round(a, 4) for a in step_acc],
         f"heldout_expected_tau_chain{cfg.draft_len}": round(expected_accept_length(step_acc, cfg.draft_len), 3),
         "minutes": round((time.monotonic() - began) / 60, 1), **fit_info,
