@@ -1,10 +1,11 @@
 // y = x @ W.T (+ b) in fp32 for a weight held packed (NVFP4, INT4, INT8, FP8) or in bf16, as one shard or several written side
-// by side (fused q/k/v, gate/up). A few weight rows at a time are decoded (packed_decode.h) into a per-thread tile
-// that stays in L1/L2, and every input row takes its dot products from that tile: the weight is read packed once
-// per call and no fp32 copy of it is ever held.
+// by side (fused q/k/v, gate/up). Up to DIRECT_MAX_ROWS input rows (decode, verify), each weight vector is decoded
+// in registers (packed_decode.h) and multiplied at once: a decoded tile written and read back cost more than the
+// products at batch 1. More input rows (prefill) share a per-thread tile of a few decoded weight rows that stays in
+// L1/L2. Either way the weight is read packed once per pass and no fp32 copy of it is ever held.
 // Every output is one dot product accumulated alone, in a fixed order (vector lanes along k, their sum, the bias,
-// then the tail), whatever the number of input rows and however the tiles fall, so an n-row call (speculative
-// verify) gives each row bit for bit what a 1-row call (decode) gives.
+// then the tail), whatever the number of input rows, the path and however the tiles fall, so an n-row call
+// (speculative verify) gives each row bit for bit what a 1-row call (decode) gives.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -54,10 +55,11 @@ static void decode_rows(Format fmt, const Shard& s, int64_t r0, int64_t n, int64
   }
 }
 
-// Y[m * ldy + r] = dot(X[m, :k], T[r, :k]) + b[r] for R tile rows and M input rows: R * M accumulators.
-template <int R, int M>
-static inline void dot_block(const float* T, int64_t ld, const float* X, int64_t k, const float* b, float* Y,
-                             int64_t ldy) {
+// Y[m * ldy + r] = dot(X[m, :k], W_r[:k]) + b[r] for R weight rows and M input rows: R * M accumulators. `w.vec(r, i)`
+// gives row r's V weights from i, `w.at(r, j)` one weight (the tail past the last full vector): a decoded tile or
+// the packed rows decoded in registers, the same values either way, multiplied in the same order.
+template <int R, int M, class Weights>
+static inline void dot_block(const Weights& w, const float* X, int64_t k, const float* b, float* Y, int64_t ldy) {
   vf acc[R][M];
   for (int r = 0; r < R; r++)
     for (int m = 0; m < M; m++) acc[r][m] = vzero();
@@ -66,38 +68,126 @@ static inline void dot_block(const float* T, int64_t ld, const float* X, int64_t
     vf xv[M];
     for (int m = 0; m < M; m++) xv[m] = vload(X + m * k + i);
     for (int r = 0; r < R; r++) {
-      vf w = vload(T + r * ld + i);
-      for (int m = 0; m < M; m++) acc[r][m] = vfma(w, xv[m], acc[r][m]);
+      vf wv = w.vec(r, i);
+      for (int m = 0; m < M; m++) acc[r][m] = vfma(wv, xv[m], acc[r][m]);
     }
   }
   for (int r = 0; r < R; r++)
     for (int m = 0; m < M; m++) {
       float s = hsum(acc[r][m]) + (b ? b[r] : 0.0f);
-      for (int64_t j = i; j < k; j++) s += T[r * ld + j] * X[m * k + j];
+      for (int64_t j = i; j < k; j++) s += w.at(r, j) * X[m * k + j];
       Y[m * ldy + r] = s;
     }
 }
 
-template <int M>
-static void dot_tile_rows(const float* T, int64_t ld, int64_t n, const float* X, int64_t k, const float* b, float* Y,
-                          int64_t ldy) {
+// A decoded tile: rows of ld floats.
+struct TileRows {
+  const float* T;
+  int64_t ld;
+  vf vec(int r, int64_t i) const { return vload(T + r * ld + i); }
+  float at(int r, int64_t j) const { return T[r * ld + j]; }
+  TileRows from(int64_t r) const { return {T + r * ld, ld}; }
+};
+
+template <int M, class Weights>
+static void dot_rows(const Weights& w, int64_t n, const float* X, int64_t k, const float* b, float* Y, int64_t ldy) {
   int64_t r = 0;
-  for (; r + 4 <= n; r += 4) dot_block<4, M>(T + r * ld, ld, X, k, b ? b + r : nullptr, Y + r, ldy);
-  for (; r < n; r++) dot_block<1, M>(T + r * ld, ld, X, k, b ? b + r : nullptr, Y + r, ldy);
+  for (; r + 4 <= n; r += 4) dot_block<4, M>(w.from(r), X, k, b ? b + r : nullptr, Y + r, ldy);
+  for (; r + 2 <= n; r += 2) dot_block<2, M>(w.from(r), X, k, b ? b + r : nullptr, Y + r, ldy);
+  for (; r < n; r++) dot_block<1, M>(w.from(r), X, k, b ? b + r : nullptr, Y + r, ldy);
 }
 
-// Every input row of X [m, k] against the n decoded rows of T; Y points at the tile's first output column.
-static void dot_tile(const float* T, int64_t ld, int64_t n, const float* X, int64_t m, int64_t k, const float* b,
-                     float* Y, int64_t ldy) {
+// Every input row of X [m, k] against n weight rows; Y points at their first output column.
+template <class Weights>
+static void dot_all(const Weights& w, int64_t n, const float* X, int64_t m, int64_t k, const float* b, float* Y,
+                    int64_t ldy) {
   for (int64_t i = 0; i < m; i += 4) {
     const float* Xi = X + i * k;
     float* Yi = Y + i * ldy;
     switch (std::min<int64_t>(4, m - i)) {
-      case 1: dot_tile_rows<1>(T, ld, n, Xi, k, b, Yi, ldy); break;
-      case 2: dot_tile_rows<2>(T, ld, n, Xi, k, b, Yi, ldy); break;
-      case 3: dot_tile_rows<3>(T, ld, n, Xi, k, b, Yi, ldy); break;
-      default: dot_tile_rows<4>(T, ld, n, Xi, k, b, Yi, ldy); break;
+      case 1: dot_rows<1>(w, n, Xi, k, b, Yi, ldy); break;
+      case 2: dot_rows<2>(w, n, Xi, k, b, Yi, ldy); break;
+      case 3: dot_rows<3>(w, n, Xi, k, b, Yi, ldy); break;
+      default: dot_rows<4>(w, n, Xi, k, b, Yi, ldy); break;
     }
+  }
+}
+
+// ---- Packed rows decoded in registers (k a multiple of 16: no tail): one per format, rows from `row` of a shard ----
+struct Nvfp4Rows {
+  const uint8_t* q;
+  const float* steps;  // each row's block steps, precomputed
+  int64_t nb;
+  vf vec(int r, int64_t i) const { return nvfp4_vec(q + r * nb * 8, i, steps[r * nb + i / 16]); }
+  float at(int, int64_t) const { return 0.0f; }
+  Nvfp4Rows from(int64_t r) const { return {q + r * nb * 8, steps + r * nb, nb}; }
+};
+
+struct Int4Rows {  // rows start even: row r is the low (r even) or high nibble of byte row r / 2
+  const uint8_t* q;
+  const float* scales;  // [rows, groups]
+  int64_t k, groups, group_shift;
+  vf vec(int r, int64_t i) const {
+    return int4_vec(q + (r / 2) * k, i, scales[r * groups + (i >> group_shift)], r & 1);
+  }
+  float at(int, int64_t) const { return 0.0f; }
+  Int4Rows from(int64_t r) const { return {q + r / 2 * k, scales + r * groups, k, groups, group_shift}; }
+};
+
+struct Int8Rows {
+  const int8_t* q;
+  const float* scales;
+  int64_t k;
+  vf vec(int r, int64_t i) const { return int8_vec(q + r * k, i, scales[r]); }
+  float at(int, int64_t) const { return 0.0f; }
+  Int8Rows from(int64_t r) const { return {q + r * k, scales + r, k}; }
+};
+
+struct Fp8Rows {
+  const uint8_t* q;
+  float scale;
+  int64_t k;
+  vf vec(int r, int64_t i) const { return fp8_vec(q + r * k, i, scale); }
+  float at(int, int64_t) const { return 0.0f; }
+  Fp8Rows from(int64_t r) const { return {q + r * k, scale, k}; }
+};
+
+struct Bf16Rows {
+  const uint16_t* q;
+  int64_t k;
+  vf vec(int r, int64_t i) const { return bf16_vec(q + r * k, i); }
+  float at(int, int64_t) const { return 0.0f; }
+  Bf16Rows from(int64_t r) const { return {q + r * k, k}; }
+};
+
+// Input rows up to which the weights are decoded in registers for each pass of them (decode, verify); more share a
+// decoded tile (prefill). Both give the same bits.
+constexpr int64_t DIRECT_MAX_ROWS = 4;
+
+static bool direct_applies(Format fmt, int64_t m, int64_t k, int64_t group) {
+  bool group_pow2 = fmt != INT4 || (group & (group - 1)) == 0;
+  return m <= DIRECT_MAX_ROWS && k % 16 == 0 && group_pow2;  // whole NVFP4 blocks, whole vectors
+}
+
+// Rows [r0, r0 + n) of `s` against every input row, decoded in registers (`direct_applies`); `steps` is room for
+// NVFP4's n * nb block steps.
+static void dot_direct(Format fmt, const Shard& s, int64_t r0, int64_t n, const float* X, int64_t m, int64_t k,
+                       int64_t group, float* steps, const float* b, float* Y, int64_t ldy) {
+  const float* fscale = reinterpret_cast<const float*>(s.scales);
+  if (fmt == NVFP4) {
+    int64_t nb = k / 16;
+    for (int64_t r = 0; r < n; r++) decode_fp8_row(s.scales + (r0 + r) * nb, s.tensor_scale, nb, steps + r * nb);
+    dot_all(Nvfp4Rows{s.codes + r0 * nb * 8, steps, nb}, n, X, m, k, b, Y, ldy);
+  } else if (fmt == INT4) {
+    int64_t groups = (k + group - 1) / group;
+    dot_all(Int4Rows{s.codes + r0 / 2 * k, fscale + r0 * groups, k, groups, __builtin_ctzll(group)}, n, X, m, k, b,
+            Y, ldy);
+  } else if (fmt == INT8) {
+    dot_all(Int8Rows{reinterpret_cast<const int8_t*>(s.codes) + r0 * k, fscale + r0, k}, n, X, m, k, b, Y, ldy);
+  } else if (fmt == FP8) {
+    dot_all(Fp8Rows{s.codes + r0 * k, s.tensor_scale, k}, n, X, m, k, b, Y, ldy);
+  } else {
+    dot_all(Bf16Rows{reinterpret_cast<const uint16_t*>(s.codes) + r0 * k, k}, n, X, m, k, b, Y, ldy);
   }
 }
 
@@ -156,14 +246,19 @@ at::Tensor packed_linear(int64_t format, const at::Tensor& x, const std::vector<
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   float* Y = y.data_ptr<float>();
   if (m == 0) return y;
+  bool direct = direct_applies(fmt, m, k, group);
   at::parallel_for(0, (int64_t)tiles.size(), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(tile_rows * ld);
     for (int64_t t = begin; t < end; t++) {
       const Tile& tile = tiles[t];
       const Shard& s = shards[tile.shard];
       int64_t col = s.col0 + tile.row0;
-      decode_rows(fmt, s, tile.row0, tile.rows, k, group, buf.data(), ld);
-      dot_tile(buf.data(), ld, tile.rows, X, m, k, b ? b + col : nullptr, Y + col, out);
+      if (direct) {
+        dot_direct(fmt, s, tile.row0, tile.rows, X, m, k, group, buf.data(), b ? b + col : nullptr, Y + col, out);
+      } else {
+        decode_rows(fmt, s, tile.row0, tile.rows, k, group, buf.data(), ld);
+        dot_all(TileRows{buf.data(), ld}, tile.rows, X, m, k, b ? b + col : nullptr, Y + col, out);
+      }
     }
   });
   return y;
