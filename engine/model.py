@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import ops, packed_linear
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .tree_attention import TreeMask
@@ -85,9 +85,21 @@ class Attention(nn.Module):
         attends up to its own position, within the sliding window; see `runner.mask_unless_kernel`), or a draft
         tree's `TreeMask` (rows at their own cache slots, attending the prefix and their ancestors).
         Without a cache (training) the keys are this call's own tokens."""
-        B, S, _ = x.shape
+        return self.o(self.attend(self.qkv(x), freqs, cache, positions, mask))
+
+    def attend(
+        self,
+        qkv: torch.Tensor,
+        freqs: torch.Tensor,
+        cache: KVCache | None,
+        positions: torch.Tensor,
+        mask: torch.Tensor | TreeMask | None,
+    ) -> torch.Tensor:
+        """RoPE, the KV write and attention for the projected `qkv` [B, S, (H + 2KV) * D]: [B, S, H * D], before
+        the output projection."""
+        B, S, _ = qkv.shape
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        qkv = self.qkv(x).view(B, S, H + 2 * KV, D)
+        qkv = qkv.view(B, S, H + 2 * KV, D)
         ops.rope_(qkv, freqs, H + KV)  # q and k, in place
         k, v = qkv[:, :, H : H + KV], qkv[:, :, H + KV :]
         tree = mask if isinstance(mask, TreeMask) else None
@@ -97,15 +109,14 @@ class Attention(nn.Module):
             keys, values = cache.update(self.layer_idx, positions if tree is None else tree.slots, k, v)
         if tree is not None:
             if tree.dense is None:
-                return self.o(ops.decode_attention(qkv, keys, values, tree.slots, H, self.window, tree))
+                return ops.decode_attention(qkv, keys, values, tree.slots, H, self.window, tree)
             mask = tree.dense
-        elif mask is None and ops.decode_attention_available(x.dtype, x.device):
-            return self.o(ops.decode_attention(qkv, keys, values, positions, H, self.window))
+        elif mask is None and ops.decode_attention_available(qkv.dtype, qkv.device):
+            return ops.decode_attention(qkv, keys, values, positions, H, self.window)
         # Fold the G query heads of each KV head into the query axis: [B, KV, G*S, D].
         q = qkv[:, :, :H].reshape(B, S, KV, H // KV, D).permute(0, 2, 3, 1, 4).reshape(B, KV, -1, D)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, KV, G*S, D]
-        out = out.view(B, KV, H // KV, S, D).permute(0, 3, 1, 2, 4).reshape(B, S, H * D)
-        return self.o(out)
+        return out.view(B, KV, H // KV, S, D).permute(0, 3, 1, 2, 4).reshape(B, S, H * D)
 
 
 class MLP(nn.Module):
@@ -127,8 +138,29 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, freqs, cache, positions, mask):
+        fused = self.fused_weights(x)
+        if fused is not None:
+            return self.fused_forward(x, fused, freqs, cache, positions, mask)
         x = x + self.attn(self.attn_norm(x), freqs, cache, positions, mask)
         return x + self.mlp(self.mlp_norm(x))
+
+    def fused_weights(self, x: torch.Tensor) -> tuple | None:
+        """The packed kernel's q/k/v, o, gate/up and down weights when all four are weight-only packed layers it
+        computes (`QuantLinear.fused`) and `x` is what it takes; else None."""
+        linears = (self.attn.qkv, self.attn.o, self.mlp.gate_up, self.mlp.down)
+        fused = tuple(getattr(m, "fused", None) for m in linears)
+        if None in fused or x.requires_grad or x.dtype != torch.float32 or not x.is_contiguous():
+            return None
+        return fused
+
+    def fused_forward(self, x, fused: tuple, freqs, cache, positions, mask):
+        """`forward` in three kernel calls around the attention (`csrc/packed_layer.cpp`), the same results bit for
+        bit: on a small model at 4-bit weights the ops and modules between the matmuls cost as much as they do."""
+        qkv_w, o_w, gate_up_w, down_w = fused
+        kernel = packed_linear.load()
+        qkv = kernel.norm_linear(x, self.attn_norm.weight, self.attn_norm.eps, qkv_w)
+        x = kernel.linear_add(o_w, self.attn.attend(qkv, freqs, cache, positions, mask), x)
+        return kernel.mlp_add(x, self.mlp_norm.weight, self.mlp_norm.eps, gate_up_w, down_w)
 
 
 class Transformer(nn.Module):

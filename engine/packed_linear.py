@@ -30,7 +30,7 @@ from .weight_formats import WeightFormat
 
 log = logging.getLogger(__name__)
 
-SOURCES = ["packed_linear.cpp"]
+SOURCES = ["packed_linear.cpp", "packed_layer.cpp", "rowwise.cpp"]
 
 
 def build(cflags: list[str] = ops.CFLAGS) -> ModuleType:
@@ -80,6 +80,16 @@ BF16_CODE = 4  # plain bf16 weights: no quantized format, what the LM head's `--
 def bf16_operands(w: torch.Tensor) -> PackedOperands:
     """A bf16 weight [N, K] as the kernel reads it: its bytes [N, 2K] (exact: each decodes to its fp32 value)."""
     return PackedOperands(BF16_CODE, [w.contiguous().view(torch.uint8)], [torch.empty(0)], [1.0])
+
+
+def kernel_weight(ops_: PackedOperands, bias: torch.Tensor | None, pre_scale: torch.Tensor | None):
+    """A weight-only layer as the fused layer steps take it (`csrc/packed_layer.cpp`), or None where they cannot:
+    its bias and pre-quant scale must be contiguous fp32 tensors on the CPU."""
+    for t in (bias, pre_scale):
+        if t is not None and not (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()):
+            return None
+    return load().PackedWeight(ops_.code, ops_.codes, ops_.scales, ops_.tensor_scales, bias, pre_scale,
+                               INT4_GROUP_SIZE)
 
 
 def packed_linear(x: torch.Tensor, ops_: PackedOperands, bias: torch.Tensor | None,

@@ -83,6 +83,10 @@ class QuantLinear(nn.Module):
         self.bias = bias
         self.input_scale = input_scale
         self.pre_quant_scale = pre_quant_scale
+        # What the fused decoder-layer steps compute this layer from (weight-only formats on the packed kernel).
+        self.fused = None
+        if self.cpu_operands is not None and self.format.activations is None:
+            self.fused = packed_linear.kernel_weight(self.cpu_operands, bias, pre_quant_scale)
         if self.compute == "copy":
             # Same layout as `Linear`: [in, out] as the transpose of row-major [out, in], what `ops.linear`
             # reads fastest.

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "packed_decode.h"
+#include "packed_ops.h"
 #include "vec.h"
 
 enum Format : int64_t { NVFP4 = 0, INT4 = 1, INT8 = 2, FP8 = 3, BF16 = 4 };
@@ -262,9 +263,4 @@ at::Tensor packed_linear(int64_t format, const at::Tensor& x, const std::vector<
     }
   });
   return y;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("packed_linear", &packed_linear,
-          "x @ W.T (+ bias) straight from packed NVFP4 / INT4 / INT8 / FP8 / BF16 shards (format 0..4)");
 }

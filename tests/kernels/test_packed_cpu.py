@@ -115,3 +115,29 @@ def test_quantized_verify_rows_equal_decode_steps_bit_for_bit(engine, chat_promp
     assert all(m.cpu_operands is not None for m in q.modules() if isinstance(m, QuantLinear))
     prompt = chat_prompt_ids[1]
     assert_verify_equals_decode_steps(ModelRunner(q, 1, len(prompt) + 8, torch.float32), prompt)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4-w4a16"])
+def test_fused_layer_steps_give_the_modules_results_bit_for_bit(engine, chat_prompt_ids, fmt):
+    """Weight-only formats run each decoder layer as three kernel calls around the attention
+    (`DecoderLayer.fused_forward`); with the fused weights taken away the same model runs module by module.
+    Prefill and decode logits must be equal bit for bit (same kernels, same fp32 operations)."""
+    q = quantized_default_model(engine, fmt)
+    linears = [m for m in q.modules() if isinstance(m, QuantLinear)]
+    assert all(m.fused is not None for m in linears)
+    prompt = chat_prompt_ids[0]
+
+    def logits() -> tuple[torch.Tensor, torch.Tensor]:
+        runner = ModelRunner(q, 1, len(prompt) + 2, torch.float32)
+        return runner.prefill(0, prompt, all_logits=True), runner.decode([prompt[-1]], [len(prompt)])
+
+    fused = logits()
+    saved = [m.fused for m in linears]
+    try:
+        for m in linears:
+            m.fused = None
+        modules = logits()
+    finally:
+        for m, f in zip(linears, saved, strict=True):
+            m.fused = f
+    assert torch.equal(fused[0], modules[0]) and torch.equal(fused[1], modules[1])
