@@ -34,9 +34,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "x @ W.T (+ bias) straight from packed NVFP4 / INT4 / INT8 / FP8 / BF16 shards (format 0..4)");
   using Tensors = std::vector<at::Tensor>;
   using MaybeTensor = std::optional<at::Tensor>;
-  // Pickled as its fields, so `copy.deepcopy` of a model (`model.with_layers`) shares or copies its tensors as it
-  // does the layer's own.
-  py::class_<PackedWeight>(mod, "PackedWeight")
+  // Module-local: a build for another CPU (the AVX2 test) loads beside this one. Pickled as its fields, so
+  // `copy.deepcopy` of a model (`model.with_layers`) shares or copies its tensors as it does the layer's own.
+  py::class_<PackedWeight>(mod, "PackedWeight", py::module_local())
       .def(py::init<int64_t, Tensors, Tensors, std::vector<double>, MaybeTensor, MaybeTensor, int64_t>())
       .def(py::pickle(
           [](const PackedWeight& w) {
