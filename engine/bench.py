@@ -1,17 +1,22 @@
 """Decode benchmark: our engine against HF transformers `generate`, same prompts, dtype and batch, one process
-(and, with `--against M`, our engine on another model in the same run: a pruned model against its parent).
+(and, with `--against M`, our engine on another model in the same run: a pruned model against its parent; with
+`--compare llama-cpp`, llama.cpp on the default model's own GGUF). The sides take turns, round after round.
 
 Both sides are timed per decode step (the prefill step is excluded): ours by timing each `LLMEngine.step`
 after the first (which prefills), HF by a stopping criterion that stamps the clock after every generated token.
 Figures use the median step time, so a neighbour briefly stealing a core does not skew them (`tok_s_mean` is
-total tokens over total decode time). GB/s counts the weight bytes one decode step reads, lm_head included.
+total tokens over total decode time). GB/s counts the weight bytes one decode step reads, lm_head included;
+`resident_bytes` the weight bytes each side holds.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
@@ -23,6 +28,7 @@ from .config import EngineConfig, SamplingParams
 from .llm_engine import LLMEngine, run_to_completion
 from .quant import weight_bytes
 from .spec.bench import load_prompt_file
+from .weights import default_gguf_path
 
 WARMUP_TOKENS = 8
 
@@ -84,76 +90,103 @@ def step_weight_bytes(engine: LLMEngine) -> int:
     return weight_bytes(model)[1] - model.embed.weight.nbytes
 
 
-def summarize(times: list[float], batch: int, nbytes: int) -> dict:
-    """tok/s across the batch, ms per step and weight GB/s from the median decode step; tok/s over the total too."""
+def summarize(times: list[float], batch: int, nbytes: int, resident: int) -> dict:
+    """tok/s across the batch, ms per step and weight GB/s (`nbytes` read a step) from the median decode step;
+    tok/s over the total too, and the weight bytes the side holds (`resident`)."""
     step = statistics.median(times)
     return {
         "tok_s": batch / step, "ms_per_step": 1e3 * step, "gb_s": nbytes / step / 1e9, "steps": len(times),
-        "tok_s_mean": batch * len(times) / sum(times),
+        "tok_s_mean": batch * len(times) / sum(times), "step_weight_bytes": nbytes, "resident_bytes": resident,
     }  # fmt: skip
 
 
-def time_alternating(engines: list[LLMEngine], prompts: list[list[int]], tokens: int,
-                     rounds: int = 2) -> list[list[float]]:
-    """Decode step times of each engine, the engines taking turns `rounds` times, so drift in the host's memory
-    bandwidth during the run hits every engine alike."""
-    times: list[list[float]] = [[] for _ in engines]
+def time_alternating(timers: list[Callable[[int], list[float]]], tokens: int, rounds: int = 2) -> list[list[float]]:
+    """Decode step times of each timer (our engine, HF, llama.cpp...), taking turns `rounds` times, so drift in the
+    host's memory bandwidth during the run hits every side alike."""
+    times: list[list[float]] = [[] for _ in timers]
     for _ in range(rounds):
-        for engine, t in zip(engines, times, strict=True):
-            t += time_ours(engine, prompts, tokens)
+        for timer, t in zip(timers, times, strict=True):
+            t += timer(tokens)
     return times
 
 
-def bench_decode(
-    model: str = "default",
-    batch: int = 1,
-    tokens: int = 128,
-    dtype: str = "float32",
-    json_path: str | None = None,
-    against: str | None = None,
-    prompts_file: str | None = None,
-) -> dict:
-    """Greedy decode throughput of our engine and of HF `generate` on the same chat prompts; print and return it.
-    With `against` (another model, e.g. the unpruned one), our engine on both models in the same run, too.
-    Prompts: the first `batch` of `prompts_file`, else the built-in chat instructions."""
+@dataclass
+class DecodeBench:
+    """What `bench decode` runs: our engine (in a weight / KV / LM-head format) beside HF `generate`, optionally
+    another model of ours (`against`) and llama.cpp on the default model's GGUF (`compare="llama-cpp"`)."""
+
+    model: str = "default"
+    batch: int = 1
+    tokens: int = 128
+    dtype: str = "float32"
+    lm_head_dtype: str = "float32"
+    against: str | None = None
+    compare: str | None = None
+    prompts_file: str | None = None
+    rounds: int = 2
+    label: dict = field(default_factory=dict)  # the formats applied by `prepare`, reported as given
+
+    def __post_init__(self) -> None:
+        if self.tokens < 3:
+            raise ValueError("tokens must be >= 3 (decode steps are timed after the first)")
+        if self.compare not in (None, "llama-cpp"):
+            raise ValueError(f"--compare takes llama-cpp, not {self.compare!r}")
+        if self.compare and (self.batch != 1 or self.model != "default"):
+            raise ValueError("--compare llama-cpp runs batch 1 on the default model (its GGUF)")
+
+
+def hf_resident_bytes(model) -> int:
+    """Bytes of an HF model's parameters, a tied tensor counted once."""
+    return sum({p.data_ptr(): p.nbytes for p in model.parameters()}.values())
+
+
+def bench_decode(cfg: DecodeBench, json_path: str | None = None,
+                 prepare: Callable[[LLMEngine], None] | None = None) -> dict:
+    """Greedy decode throughput of our engine (after `prepare`, e.g. PTQ), HF `generate` and, as `cfg` asks,
+    another model of ours and llama.cpp, on the same chat prompts in alternating rounds; print and return it.
+    Prompts: the first `batch` of `cfg.prompts_file`, else the built-in chat instructions."""
     from transformers import AutoModelForCausalLM
 
-    if tokens < 3:
-        raise ValueError("tokens must be >= 3 (decode steps are timed after the first)")
-    engine = LLMEngine(EngineConfig(model=model, dtype=dtype, max_batch=batch))
-    other = against and LLMEngine(EngineConfig(model=against, dtype=dtype, max_batch=batch))
-    engines = [engine, other] if other else [engine]
-    prompts = chat_prompt_ids(engine.tokenizer, load_instructions(batch, prompts_file))
-    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=getattr(torch, dtype)).eval()
+    engines = [LLMEngine(EngineConfig(model=m, dtype=cfg.dtype, max_batch=cfg.batch, lm_head_dtype=cfg.lm_head_dtype))
+               for m in (cfg.model, cfg.against) if m]
+    engine = engines[0]
+    if prepare:
+        prepare(engine)
+    prompts = chat_prompt_ids(engine.tokenizer, load_instructions(cfg.batch, cfg.prompts_file))
+    hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=getattr(torch, cfg.dtype)).eval()
     tok = engine.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    nbytes = step_weight_bytes(engine)
-    for e in engines:
-        time_ours(e, prompts, WARMUP_TOKENS)
-    times = time_alternating(engines, prompts, tokens)
-    ours = summarize(times[0], batch, nbytes)
-    time_hf(hf, pad_id, prompts, WARMUP_TOKENS)
-    ref = summarize(time_hf(hf, pad_id, prompts, tokens), batch, nbytes)
+    timers = [functools.partial(time_ours, e, prompts) for e in engines]
+    timers.append(functools.partial(time_hf, hf, pad_id, prompts))
+    llama = None
+    if cfg.compare:
+        from .llama_cpp_bench import LlamaCppDecoder
+
+        llama = LlamaCppDecoder(default_gguf_path(), torch.get_num_threads(), len(prompts[0]) + cfg.tokens + 8)
+        timers.append(functools.partial(llama.time_decode, prompts[0]))
+    for timer in timers:
+        timer(WARMUP_TOKENS)
+    times = time_alternating(timers, cfg.tokens, cfg.rounds)
+    sides = {"ours": summarize(times[0], cfg.batch, step_weight_bytes(engine), engine.weight_bytes())}
+    if cfg.against:
+        sides["against"] = summarize(times[1], cfg.batch, step_weight_bytes(engines[1]), engines[1].weight_bytes())
+    hf_bytes = hf_resident_bytes(hf)
+    sides["hf"] = summarize(times[len(engines)], cfg.batch, hf_bytes - hf.get_input_embeddings().weight.nbytes,
+                            hf_bytes)
+    if llama:  # a tied GGUF reads its token embedding as the output matrix: every byte, every step
+        sides["llama_cpp"] = summarize(times[-1], 1, llama.model_bytes, llama.model_bytes)
     result = {
-        "model": engine.served_name, "dtype": dtype, "batch": batch, "tokens": tokens, "torch": torch.__version__,
+        "model": engine.served_name, "dtype": cfg.dtype, "lm_head_dtype": cfg.lm_head_dtype, **cfg.label,
+        "batch": cfg.batch, "tokens": cfg.tokens, "rounds": cfg.rounds, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "cpu_kernels": ops.load() is not None,
-        "prompt_lens": [len(p) for p in prompts], "weight_bytes": nbytes,
-        "ours": ours, "hf": ref, "speedup": ours["tok_s"] / ref["tok_s"],
+        "prompt_lens": [len(p) for p in prompts], **sides,
+        "speedup": {k: sides["ours"]["tok_s"] / v["tok_s"] for k, v in sides.items() if k != "ours"},
     }  # fmt: skip
-    line = (
-        f"{result['model']} {dtype} batch={batch} tokens={tokens}: "
-        f"ours {ours['tok_s']:.1f} tok/s ({ours['ms_per_step']:.1f} ms/step, {ours['gb_s']:.1f} GB/s) | "
-        f"HF {ref['tok_s']:.1f} tok/s ({ref['ms_per_step']:.1f} ms/step, {ref['gb_s']:.1f} GB/s) | "
-        f"{result['speedup']:.2f}x"
-    )
-    if other:
-        other_bytes = step_weight_bytes(other)
-        theirs = summarize(times[1], batch, other_bytes)
-        result["against"] = {"model": against, "ours": theirs, "weight_bytes": other_bytes}
-        result["speedup_vs_against"] = ours["tok_s"] / theirs["tok_s"]
-        line += (f" | against {against}: {theirs['tok_s']:.1f} tok/s ({theirs['ms_per_step']:.1f} ms/step), "
-                 f"{result['speedup_vs_against']:.2f}x")
-    print(line)
+    if llama:
+        result["llama_cpp"] |= {"gguf": llama.path.name, "version": llama.version}
+    print(" | ".join(f"{k} {v['tok_s']:.1f} tok/s ({v['ms_per_step']:.1f} ms/step, {v['gb_s']:.1f} GB/s, "
+                     f"{v['resident_bytes'] / 1e6:.0f} MB)" for k, v in sides.items())
+          + " | ours/" + ", ours/".join(f"{k} {x:.2f}x" for k, x in result["speedup"].items()))
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result

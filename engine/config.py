@@ -10,7 +10,11 @@ import torch
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 GREEDY_TEMPERATURE = 1e-5
+# Draft-tree nodes verified per step: with the root, 16 rows, what the CPU linear and attention kernels take in
+# one pass (runner.KERNEL_ROWS).
+MAX_TREE_NODES = 15
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit seed, as OpenAI and vLLM take it
+LM_HEAD_DTYPES = ("float32", "bfloat16", "int8", "fp8")  # what the LM head's weights may be held in (lm_head.py)
 
 
 class ModelLoadError(RuntimeError):
@@ -107,6 +111,12 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def check_lm_head_dtype(name: str) -> str:
+    if name not in LM_HEAD_DTYPES:
+        raise ValueError(f"unknown lm_head dtype {name!r}; choose from {', '.join(LM_HEAD_DTYPES)}")
+    return name
+
+
 def check_device(name: str) -> str:
     """`name` if it is "cpu", or "cuda"/"cuda:N" and torch sees a CUDA GPU; else a clear ValueError."""
     try:
@@ -131,11 +141,24 @@ class EngineConfig:
     max_model_len: int = 2048
     seed: int = 0
     speculative: str = "none"  # none | auto (the shipped/adjacent draft head) | ngram | a draft head dir
-    num_speculative_tokens: int = 5  # draft chain length
+    num_speculative_tokens: int = 5  # draft chain length; the default of speculative_num_steps
+    # A dynamic draft tree (EAGLE-2, SGLang's names): `num_steps` depths, the top-k children of each frontier node,
+    # the best `num_draft_tokens` nodes verified. topk 1 is the chain of num_steps tokens.
+    speculative_num_steps: int | None = None
+    speculative_eagle_topk: int = 1
+    speculative_num_draft_tokens: int | None = None
+    speculative_ngram_branch: bool = False  # n-gram lookup candidates enter the head's tree as an extra branch
+    speculative_adaptive: bool = True  # per step, draft only as much as pays (engine/spec/policy.py)
+    lm_head_dtype: str = "float32"  # the served LM head's weights (engine/lm_head.py); the master keeps fp32
 
     def __post_init__(self) -> None:
+        check_lm_head_dtype(self.lm_head_dtype)
+        if self.speculative_num_steps is None:
+            self.speculative_num_steps = self.num_speculative_tokens
+        self.num_speculative_tokens = self.speculative_num_steps  # one chain length, whichever name set it
         if not 1 <= self.num_speculative_tokens <= 16:
-            raise ValueError("num_speculative_tokens must be in [1, 16]")
+            raise ValueError("num_speculative_tokens (speculative_num_steps) must be in [1, 16]")
+        self._check_tree()
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, not {self.dtype!r}")
         if self.max_batch < 1:
@@ -145,6 +168,36 @@ class EngineConfig:
         if self.device != "cpu" and self.speculative != "none":
             raise ValueError("speculative decoding runs on the CPU engine only so far; drop --speculative on a GPU")
         check_device(self.device)
+
+    def _check_tree(self) -> None:
+        steps, topk = self.speculative_num_steps, self.speculative_eagle_topk
+        if not 1 <= topk <= MAX_TREE_NODES:
+            raise ValueError(f"speculative_eagle_topk must be in [1, {MAX_TREE_NODES}]")
+        if self.speculative_num_draft_tokens is None:
+            self.speculative_num_draft_tokens = steps if topk == 1 else min(MAX_TREE_NODES, steps * topk)
+        n = self.speculative_num_draft_tokens
+        if topk == 1 and n != steps:
+            raise ValueError(f"with speculative_eagle_topk 1 the draft is a chain of num_steps ({steps}) tokens, "
+                             f"not {n}")
+        if topk > 1 and not 1 <= n <= MAX_TREE_NODES:
+            raise ValueError(f"speculative_num_draft_tokens must be in [1, {MAX_TREE_NODES}] for a tree")
+        if (topk > 1 or self.speculative_ngram_branch) and self.speculative == "ngram":
+            raise ValueError("a draft tree needs a draft head: --speculative-eagle-topk > 1 with --speculative "
+                             "auto|DIR")
+
+    @property
+    def tree(self) -> bool:
+        """Whether the head drafts a tree (a chain with an n-gram branch is one too)."""
+        return self.speculative_eagle_topk > 1 or self.speculative_ngram_branch
+
+    @property
+    def spec_cache_room(self) -> int:
+        """Cache positions past a sequence's end that speculation writes before rolling back (0 without it): the
+        verify rows, and the draft head's tree slots."""
+        if self.speculative == "none":
+            return 0
+        drafted = max(self.speculative_num_draft_tokens, self.speculative_num_steps * self.speculative_eagle_topk)
+        return 1 + drafted
 
 
 @dataclass

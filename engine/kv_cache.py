@@ -110,3 +110,12 @@ class KVCache:
         """Zero positions [start, end) of a slot, as if they were never written (rollback)."""
         self.k[:, slot, :, start:end] = 0
         self.v[:, slot, :, start:end] = 0
+
+    def keep_path(self, slot: int, start: int, rows: list[int], end: int) -> None:
+        """Keep a draft tree's accepted path: the rows at start + rows[i] (ascending, rows[0] == 0) move to start + i,
+        and every other position up to `end` is zeroed, as if only the path had been written."""
+        for i, r in enumerate(rows):
+            if r != i:  # r > i: moving in ascending order never overwrites a row still to move
+                self.k[:, slot, :, start + i] = self.k[:, slot, :, start + r]
+                self.v[:, slot, :, start + i] = self.v[:, slot, :, start + r]
+        self.truncate(slot, start + len(rows), end)

@@ -1,4 +1,6 @@
-"""KV-cache formats: how K and V are stored as they are written to the cache (`none`, `fp8`, `nvfp4`).
+"""KV-cache formats: how K and V are stored as they are written to the cache (`none`, `fp8`, `nvfp4`), one
+`KVCacheFormat` record each (as weight formats have theirs in `weight_formats/`); `KVFormat` is a format with its
+per-layer calibration.
 
 `fp8` is ModelOpt's: one calibrated per-tensor scale per layer (`k_scale`/`v_scale` = amax/448).
 `nvfp4` stores NVFP4 (blocks of 16 along head_dim, FP8 block scales, the calibrated global scale s2 per layer as
@@ -9,7 +11,7 @@ Both steps are exact in attention: a query's scores q.(k - m) = q.k - q.m all mo
 softmax ignores; and H is orthogonal, so q.k = (H q).(H k): a cache holding rotated keys rotates the query too.
 Why: keys have a few channels far larger than the rest (per-channel means and RoPE's slow pairs), so a 16-element
 block scaled by its amax leaves the others with one or two codes; centring removes the constant part and the
-rotation spreads what is left over all channels. Measured on the default model: +9.8% perplexity -> +2.2%.
+rotation spreads what is left over all channels.
 This engine's cache is a compute copy of the decoded values, so it holds H^T NVFP4(H (k - m)) + m and attention
 reads it unchanged. `k_scale`/`v_scale` stay ModelOpt's (from the amax of plain K and V), so an exported checkpoint
 means what ModelOpt's does; the mean keys travel beside it (`quantized_checkpoint.KV_MEANS_FILE`).
@@ -17,6 +19,7 @@ means what ModelOpt's does; the mean keys travel beside it (`quantized_checkpoin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -26,9 +29,30 @@ from optiserve.kernels.formats import E2M1_MAX
 from optiserve.kernels.fp8 import FP8Tensor
 from optiserve.kernels.nvfp4_kv import quantize_nvfp4_kv
 
-from .quant import check_format, input_scale_for
+from .weight_formats import check_format
+from .weight_formats.fp8 import FP8_ACTIVATIONS
 
-KV_FORMATS = ("none", "fp8", "nvfp4")
+
+@dataclass(frozen=True)
+class KVCacheFormat:
+    """One KV-cache format: what it stores, how, and how ModelOpt names it and its scales."""
+
+    name: str
+    bytes_per_element: float  # stored bytes per K/V element, block scales included
+    encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (K or V, the layer's scale) -> decoded values
+    kv_cache_quant_algo: str  # hf_quant_config.json `kv_cache_quant_algo` (ModelOpt `_compute_kv_cache_dtype`)
+    modelopt_scale_ratio: float  # ModelOpt's `k_scale`/`v_scale` (amax / 448) over our per-layer scale
+    centres_keys: bool  # keys centred on calibrated mean keys and rotated before encoding
+
+
+KV_CACHE_FORMATS = {
+    "fp8": KVCacheFormat("fp8", 1.0, lambda t, scale: FP8Tensor.from_float(t, scale).dequantize(), "FP8", 1.0, False),
+    # half a byte plus one FP8 block scale per 16 elements; our scale is the NVFP4 global scale amax / (6 * 448)
+    "nvfp4": KVCacheFormat("nvfp4", 0.5 + 1 / 16, lambda t, scale: quantize_nvfp4_kv(t, scale).dequantize(), "NVFP4",
+                           E2M1_MAX, True),
+}
+KV_FORMATS = ("none", *KV_CACHE_FORMATS)
+KV_BY_ALGO = {f.kv_cache_quant_algo: f for f in KV_CACHE_FORMATS.values()}
 
 
 @dataclass
@@ -46,17 +70,20 @@ class KVFormat:
             raise ValueError(f"a {self.name} KV cache needs per-layer k/v scales from calibration")
 
     @property
+    def format(self) -> KVCacheFormat | None:
+        return KV_CACHE_FORMATS.get(self.name)
+
+    @property
     def bytes_per_element(self) -> float:
-        """Stored bytes per K/V element: fp8 1; nvfp4 half a byte plus one FP8 scale per 16 elements."""
-        return {"fp8": 1.0, "nvfp4": 0.5 + 1 / 16}[self.name]
+        return self.format.bytes_per_element
 
     def store_keys(self, layer: int, k: torch.Tensor) -> torch.Tensor:
         """Keys [B, S, KV, D] as the cache holds them (decoded, back in the keys' own basis)."""
-        if self.name != "nvfp4":
+        if self.format is None or not self.format.centres_keys:
             return self._store(k, self.k_scales, layer)
         mean = self.k_means[layer] if self.k_means is not None else torch.zeros((), device=k.device)  # [KV, D]
         rot = hadamard(k.shape[-1], k.device)  # [D, D], symmetric: its own inverse
-        rotated = quantize_nvfp4_kv((k.float() - mean) @ rot, self.k_scales[layer]).dequantize()
+        rotated = self.format.encode((k.float() - mean) @ rot, self.k_scales[layer])
         return (rotated @ rot + mean).to(k.dtype)
 
     def store_values(self, layer: int, v: torch.Tensor) -> torch.Tensor:
@@ -65,27 +92,23 @@ class KVFormat:
 
     def _store(self, t: torch.Tensor, scales: list[torch.Tensor] | None, layer: int) -> torch.Tensor:
         t = t.contiguous()
-        if self.name == "fp8":
-            return FP8Tensor.from_float(t, scales[layer]).dequantize()
-        if self.name == "nvfp4":
-            return quantize_nvfp4_kv(t, scales[layer]).dequantize()
-        return t
+        return t if self.format is None else self.format.encode(t, scales[layer])
 
 
 def kv_scale_for(fmt: str, amax: torch.Tensor) -> torch.Tensor:
     """The per-layer `k_scale`/`v_scale`: amax/448 for fp8; for nvfp4 the NVFP4 global scale, formed from ModelOpt's
     `k_scale` = amax/448 as a runtime reading the checkpoint forms it, (amax/448)/6, so export round-trips it exactly
     (amax/2688 in one division can differ in the last bit, and no fp32 value then divides back to it)."""
-    return kv_scale_from_modelopt(fmt, input_scale_for("fp8", amax))  # ModelOpt's amax / 448, read back
+    return kv_scale_from_modelopt(fmt, FP8_ACTIVATIONS.input_scale(amax))  # ModelOpt's amax / 448, read back
 
 
 def kv_scale_to_modelopt(fmt: str, scale: torch.Tensor) -> torch.Tensor:
     """Our per-layer KV scale -> ModelOpt's amax / 448 (for NVFP4 ours is amax / (6 * 448): pick the fp32 multiple
     of 6 that divides back to exactly our value when one exists, so a round trip is bit-exact)."""
-    scale = scale.float().reshape(())
-    if fmt != "nvfp4":
+    scale, ratio = scale.float().reshape(()), KV_CACHE_FORMATS[fmt].modelopt_scale_ratio
+    if ratio == 1.0:
         return scale.clone()
-    guess = scale * E2M1_MAX
+    guess = scale * ratio
     candidates = [guess]
     for direction in (torch.tensor(float("inf")), torch.tensor(0.0)):
         c = guess
@@ -97,8 +120,8 @@ def kv_scale_to_modelopt(fmt: str, scale: torch.Tensor) -> torch.Tensor:
 
 def kv_scale_from_modelopt(fmt: str, scale: torch.Tensor) -> torch.Tensor:
     """ModelOpt's `k_scale`/`v_scale` (amax / 448) -> our per-layer KV scale, as a runtime forms it (NVFP4: / 6)."""
-    scale = scale.float().reshape(())
-    return scale / E2M1_MAX if fmt == "nvfp4" else scale
+    scale, ratio = scale.float().reshape(()), KV_CACHE_FORMATS[fmt].modelopt_scale_ratio
+    return scale if ratio == 1.0 else scale / ratio
 
 
 @cache

@@ -9,6 +9,7 @@ the sequence at fault fails alone there too.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import queue
 import threading
@@ -20,6 +21,7 @@ import torch
 from .config import EngineConfig, ModelConfig, SamplingParams
 from .detokenize import append_tokens, take_output
 from .faults import EngineDeadError, check_injected_fault, fail_request, fault_seed_from_env
+from .lm_head import with_lm_head
 from .model import Transformer
 from .quant import weight_bytes
 from .quantized_checkpoint import is_modelopt_checkpoint, load_quantized_checkpoint
@@ -64,8 +66,8 @@ class LLMEngine:
         self.max_model_len = min(cfg.max_model_len, self.model_config.max_position_embeddings)
         dtype = getattr(torch, cfg.dtype)
         torch.manual_seed(cfg.seed)
-        # Verification writes up to k draft positions past a sequence's end before rolling back: room for them.
-        cache_len = self.max_model_len + (cfg.num_speculative_tokens + 1 if cfg.speculative != "none" else 0)
+        # Verification writes draft positions past a sequence's end before rolling back: room for them.
+        cache_len = self.max_model_len + cfg.spec_cache_room
         quantized = None
         if is_modelopt_checkpoint(self.model_dir):  # served as packed; no unquantized master copy exists
             quantized = load_quantized_checkpoint(self.model_dir, cache_len, dtype, cfg.device)
@@ -73,7 +75,8 @@ class LLMEngine:
         else:
             model = load_model(self.model_dir, cache_len, dtype, cfg.device, mapped=True)
         self.master: Transformer | None = None if quantized else model  # unquantized weights, for format swaps
-        self.runner = ModelRunner(model, cfg.max_batch, cache_len, dtype)
+        served = with_lm_head(model, cfg.lm_head_dtype)
+        self.runner = ModelRunner(served, cfg.max_batch, cache_len, dtype)
         self.spec = make_spec_decoder(cfg, self.runner, self.model_dir)
         spec_caches = self.spec.drafter.caches if self.spec else ()
         self.scheduler = Scheduler(cfg.max_batch, [self.runner.cache, *spec_caches])
@@ -81,7 +84,7 @@ class LLMEngine:
         self._new: queue.SimpleQueue[Request] = queue.SimpleQueue()  # filled by callers, drained by the loop
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._swaps = SwapQueue()
-        self.weights = WeightSet(model, "none")
+        self.weights = WeightSet(served, "none")
         self.switcher = WeightSwitcher(self.runner, self.spec, self._run_prefill)
         if quantized is not None:
             self._apply_weights(quantized)
@@ -127,6 +130,8 @@ class LLMEngine:
         self._swaps.submit(weights, self._wake.set, timeout_s)
 
     def _apply_weights(self, weights: WeightSet) -> None:
+        # Every weight set serves with the configured LM head (formed here, so swaps and checkpoints keep it).
+        weights = dataclasses.replace(weights, model=with_lm_head(weights.model, self.cfg.lm_head_dtype))
         self.switcher.switch(self.weights, weights, self.scheduler.running, lambda seq, e: self._fail(seq.request, e))
         old, self.weights = self.weights, weights
         del old

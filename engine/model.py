@@ -21,6 +21,7 @@ from torch import nn
 from . import ops
 from .config import ModelConfig
 from .kv_cache import KVCache
+from .tree_attention import TreeMask
 
 
 class Linear(nn.Module):
@@ -78,21 +79,27 @@ class Attention(nn.Module):
         freqs: torch.Tensor,
         cache: KVCache | None,
         positions: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | TreeMask | None,
     ) -> torch.Tensor:
         """`freqs` [B, S, D/2, 2] (cos, sin); `mask` None for decode and verify steps over the cache (each row
-        attends up to its own position, within the sliding window; see `runner.mask_unless_kernel`).
+        attends up to its own position, within the sliding window; see `runner.mask_unless_kernel`), or a draft
+        tree's `TreeMask` (rows at their own cache slots, attending the prefix and their ancestors).
         Without a cache (training) the keys are this call's own tokens."""
         B, S, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         qkv = self.qkv(x).view(B, S, H + 2 * KV, D)
         ops.rope_(qkv, freqs, H + KV)  # q and k, in place
         k, v = qkv[:, :, H : H + KV], qkv[:, :, H + KV :]
+        tree = mask if isinstance(mask, TreeMask) else None
         if cache is None:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [B, KV, S, D]
-        else:
-            keys, values = cache.update(self.layer_idx, positions, k, v)
-        if mask is None and ops.decode_attention_available(x.dtype, x.device):
+        else:  # draft-tree rows share positions: they are written at their own slots
+            keys, values = cache.update(self.layer_idx, positions if tree is None else tree.slots, k, v)
+        if tree is not None:
+            if tree.dense is None:
+                return self.o(ops.decode_attention(qkv, keys, values, tree.slots, H, self.window, tree))
+            mask = tree.dense
+        elif mask is None and ops.decode_attention_available(x.dtype, x.device):
             return self.o(ops.decode_attention(qkv, keys, values, positions, H, self.window))
         # Fold the G query heads of each KV head into the query axis: [B, KV, G*S, D].
         q = qkv[:, :, :H].reshape(B, S, KV, H // KV, D).permute(0, 2, 3, 1, 4).reshape(B, KV, -1, D)

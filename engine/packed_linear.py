@@ -1,4 +1,4 @@
-"""The CPU matmul from packed weights: y = x @ W.T (+ b) for NVFP4 (W4A16 and W4A4), INT4, INT8 and FP8 shards,
+"""The CPU matmul from packed weights: y = x @ W.T (+ b) for NVFP4 (W4A16 and W4A4), INT4, INT8, FP8 and bf16 shards,
 computed by `csrc/packed_linear.cpp` without an fp32 copy of the weight.
 
 The kernel decodes a few weight rows at a time into a tile in cache (bit for bit the values of the format's
@@ -7,7 +7,8 @@ product of the dequantized weight and the (quantized) activations up to summatio
 each row bit for bit the 1-row result. Activations are quantized here first for the formats that quantize them
 (`quant.fake_quant_activation`, the same step the compute copy takes).
 
-One record per format (`PackedFormat`): the kernel's format code and how its shards are passed. The extension is
+Each format's record says whether and how it reaches the kernel (`WeightFormat.cpu_kernel`: the kernel's format
+code and how its shards are passed; engine/weight_formats/). The extension is
 built apart from `ops` (its own name, same flags and cache rule), and `load()` is None where it cannot be built or
 `OPTISERVE_PACKED_KERNEL=0`: `QuantLinear` then keeps its fp32 compute copy.
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -26,43 +26,11 @@ import torch
 from optiserve.engine import ops
 from optiserve.kernels.formats import INT4_GROUP_SIZE
 
+from .weight_formats import WeightFormat
+
 log = logging.getLogger(__name__)
 
 SOURCES = ["packed_linear.cpp"]
-
-
-@dataclass(frozen=True)
-class PackedFormat:
-    """How one weight format reaches the kernel: its code, and its shard -> (codes, scales, per-tensor scale)."""
-
-    code: int
-    operands: Callable[[object], tuple[torch.Tensor, torch.Tensor, float]]
-
-
-def _nvfp4(s) -> tuple[torch.Tensor, torch.Tensor, float]:  # codes [N, Kp/2], E4M3 bits [N, Kp/16], s2
-    return s.qdata, s.scale.view(torch.uint8), float(s.per_tensor_scale)
-
-
-def _int4(s) -> tuple[torch.Tensor, torch.Tensor, float]:  # codes [N/2, K] (row pairs), fp32 [N, G]
-    assert s.group_size == INT4_GROUP_SIZE, "the INT4 kernel is built for the exported group size"
-    return s.qdata, s.scale, 1.0
-
-
-def _int8(s) -> tuple[torch.Tensor, torch.Tensor, float]:  # codes [N, K], per-channel fp32 [N]
-    return s.qdata.view(torch.uint8), s.scale.reshape(-1), 1.0
-
-
-def _fp8(s) -> tuple[torch.Tensor, torch.Tensor, float]:  # E4M3 bits [N, K], per-tensor scale
-    return s.qdata.view(torch.uint8), s.scale, float(s.scale)
-
-
-PACKED_FORMATS = {
-    "nvfp4": PackedFormat(0, _nvfp4),
-    "nvfp4-w4a16": PackedFormat(0, _nvfp4),
-    "int4": PackedFormat(1, _int4),
-    "int8": PackedFormat(2, _int8),
-    "fp8": PackedFormat(3, _fp8),
-}
 
 
 def build(cflags: list[str] = ops.CFLAGS) -> ModuleType:
@@ -86,8 +54,8 @@ def load() -> ModuleType | None:
         return None
 
 
-def available(fmt: str) -> bool:
-    return fmt in PACKED_FORMATS and load() is not None
+def available(fmt: WeightFormat) -> bool:
+    return fmt.cpu_kernel is not None and load() is not None
 
 
 @dataclass(frozen=True)
@@ -100,10 +68,18 @@ class PackedOperands:
     tensor_scales: list[float]
 
 
-def operands(fmt: str, shards: list) -> PackedOperands:
-    spec = PACKED_FORMATS[fmt]
-    codes, scales, tensor_scales = zip(*(spec.operands(s) for s in shards), strict=True)
-    return PackedOperands(spec.code, list(codes), list(scales), list(tensor_scales))
+def operands(fmt: WeightFormat, shards: list) -> PackedOperands:
+    kernel = fmt.cpu_kernel
+    codes, scales, tensor_scales = zip(*(kernel.operands(s) for s in shards), strict=True)
+    return PackedOperands(kernel.code, list(codes), list(scales), list(tensor_scales))
+
+
+BF16_CODE = 4  # plain bf16 weights: no quantized format, what the LM head's `--lm-head-dtype bfloat16` holds
+
+
+def bf16_operands(w: torch.Tensor) -> PackedOperands:
+    """A bf16 weight [N, K] as the kernel reads it: its bytes [N, 2K] (exact: each decodes to its fp32 value)."""
+    return PackedOperands(BF16_CODE, [w.contiguous().view(torch.uint8)], [torch.empty(0)], [1.0])
 
 
 def packed_linear(x: torch.Tensor, ops_: PackedOperands, bias: torch.Tensor | None,

@@ -1,5 +1,6 @@
-"""Checkpoints in NVIDIA ModelOpt's unified Hugging Face export layout: the names, dtypes and layout conversions
-shared by export (`optiserve quantize`, in optimize/export.py) and by serving such a checkpoint directly.
+"""Checkpoints in NVIDIA ModelOpt's unified Hugging Face export layout, read back to serve them (export, which
+`optiserve quantize` and the PTQ cache run, is optimize/export.py). A format's `quant_algo`, tensor names and
+conversions are its record's `modelopt` (engine/weight_formats/).
 
 Layout (ModelOpt `modelopt/torch/export/unified_export_hf.py` `_export_quantized_weight` / `_write_hf_export_config`,
 `quant_utils.py` `process_layer_quant_config` / `postprocess_state_dict`, `convert_hf_config.py`
@@ -23,26 +24,16 @@ from pathlib import Path
 
 import torch
 
-from optiserve.kernels.formats import INT4_GROUP_SIZE, NVFP4_BLOCK_SIZE
-from optiserve.kernels.fp8 import FP8Tensor
-from optiserve.kernels.int4 import Int4Tensor, unpack_int4_reference
-from optiserve.kernels.int8 import Int8Tensor
-from optiserve.kernels.nvfp4 import NVFP4Tensor
-
 from .config import ModelConfig, ModelLoadError, read_json
-from .kv_quant import KVFormat, kv_scale_from_modelopt
+from .kv_quant import KV_BY_ALGO, KV_CACHE_FORMATS, KVFormat, kv_scale_from_modelopt
 from .layout import LAYER_LINEARS, rope_row_perm
 from .model import Transformer, with_layers
-from .quant import FORMATS, PackedWeight, QuantLinear
+from .quant import QuantLinear
+from .weight_formats import BY_QUANT_ALGO, FORMATS, PackedWeight, WeightFormat
 from .weight_set import WeightSet
 from .weights import load_model, read_state_dict
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
-# our weight format -> ModelOpt `quant_algo` (process_layer_quant_config)
-QUANT_ALGOS = {"fp8": "FP8", "nvfp4": "NVFP4", "nvfp4-w4a16": "W4A16_NVFP4", "int8": "W8A8_SQ_PER_CHANNEL",
-               "int4": "W4A16_AWQ"}
-KV_ALGOS = {"fp8": "FP8", "nvfp4": "NVFP4"}  # `kv_cache_quant_algo` (_compute_kv_cache_dtype)
-GROUP_SIZES = {"nvfp4": NVFP4_BLOCK_SIZE, "nvfp4-w4a16": NVFP4_BLOCK_SIZE, "int4": INT4_GROUP_SIZE}
 KV_MEANS_FILE = "optiserve_kv_means.json"  # beside an export with an NVFP4 KV cache; other runtimes ignore it
 
 
@@ -81,66 +72,13 @@ def is_modelopt_checkpoint(model_dir: Path) -> bool:
 def formats_of(quant: dict) -> tuple[str, str]:
     """(our weight format, our KV format) for a ModelOpt `quantization` section."""
     algo, kv_algo = quant.get("quant_algo"), quant.get("kv_cache_quant_algo")
-    fmt = {v: k for k, v in QUANT_ALGOS.items()}.get(algo) if algo else "none"
-    kv = {v: k for k, v in KV_ALGOS.items()}.get(kv_algo) if kv_algo else "none"
-    if fmt is None or kv is None:
+    fmt, kv = BY_QUANT_ALGO.get(algo), KV_BY_ALGO.get(kv_algo)
+    if (algo and fmt is None) or (kv_algo and kv is None):
         raise ModelLoadError(f"unsupported ModelOpt checkpoint: quant_algo {algo!r}, kv_cache_quant_algo {kv_algo!r} "
-                             f"(supported: {', '.join(QUANT_ALGOS.values())}; KV {', '.join(KV_ALGOS.values())})")
-    if fmt in GROUP_SIZES and quant.get("group_size") not in (None, GROUP_SIZES[fmt]):
-        raise ModelLoadError(f"unsupported {algo} group_size {quant.get('group_size')} (need {GROUP_SIZES[fmt]})")
-    return fmt, kv
-
-
-# ------------------------------------------------------------------------------------- row permutations ---
-def permute_rows(p: PackedWeight, perm: torch.Tensor) -> PackedWeight:
-    """The same packed weight with its output rows reordered: codes and per-row / per-block scales move together
-    (every per-tensor scale stays); int4 rows are unpacked from their byte pairs, reordered and repacked."""
-    if isinstance(p, NVFP4Tensor):
-        return NVFP4Tensor(p.qdata[perm].contiguous(), p.scale[perm].contiguous(), p.per_tensor_scale, p.shape,
-                           p.dtype, p.block_size)
-    if isinstance(p, FP8Tensor):
-        return FP8Tensor(p.qdata[perm].contiguous(), p.scale, p.dtype)
-    if isinstance(p, Int8Tensor):
-        scale = p.scale[perm].contiguous() if p.scale.dim() else p.scale
-        return Int8Tensor(p.qdata[perm].contiguous(), scale, p.dtype)
-    if isinstance(p, Int4Tensor):
-        nib = (unpack_int4_reference(p.qdata)[perm] & 0x0F).to(torch.uint8)
-        return Int4Tensor((nib[0::2] | (nib[1::2] << 4)).contiguous(), p.scale[perm].contiguous(), p.shape, p.dtype,
-                          p.group_size)
-    raise TypeError(f"unknown packed weight {type(p).__name__}")
-
-
-# ---------------------------------------------------------------------------------- packed <-> tensors ---
-def packed_to_tensors(p: PackedWeight) -> dict[str, torch.Tensor]:
-    """`weight`, `weight_scale` (and `weight_scale_2`) of one projection, as ModelOpt writes them."""
-    if isinstance(p, NVFP4Tensor):
-        return {"weight": p.qdata, "weight_scale": p.scale, "weight_scale_2": p.per_tensor_scale.float().reshape(())}
-    return {"weight": p.qdata, "weight_scale": p.scale.float()}
-
-
-def tensors_to_packed(fmt: str, t: dict[str, torch.Tensor], in_features: int, dtype: torch.dtype) -> PackedWeight:
-    w, s = t["weight"], t["weight_scale"]
-    if fmt in ("nvfp4", "nvfp4-w4a16"):
-        _expect(w, torch.uint8, "weight")
-        _expect(s, torch.float8_e4m3fn, "weight_scale")
-        return NVFP4Tensor(w.contiguous(), s.contiguous(), t["weight_scale_2"].float().reshape(()),
-                           (w.shape[0], in_features), dtype)
-    if fmt == "fp8":
-        _expect(w, torch.float8_e4m3fn, "weight")
-        return FP8Tensor(w.contiguous(), s.float().reshape(()), dtype)
-    if fmt == "int8":
-        _expect(w, torch.int8, "weight")
-        return Int8Tensor(w.contiguous(), s.float().reshape(w.shape[0]).contiguous(), dtype)
-    if fmt == "int4":
-        _expect(w, torch.uint8, "weight")
-        return Int4Tensor(w.contiguous(), s.float().contiguous(), (2 * w.shape[0], in_features), dtype,
-                          INT4_GROUP_SIZE)
-    raise ModelLoadError(f"no packed weights for {fmt!r}")
-
-
-def _expect(t: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    if t.dtype != dtype:
-        raise ModelLoadError(f"ModelOpt checkpoint: {what} is {t.dtype}, expected {dtype}")
+                             f"(supported: {', '.join(BY_QUANT_ALGO)}; KV {', '.join(KV_BY_ALGO)})")
+    if fmt and fmt.group_size is not None and quant.get("group_size") not in (None, fmt.group_size):
+        raise ModelLoadError(f"unsupported {algo} group_size {quant.get('group_size')} (need {fmt.group_size})")
+    return fmt.name if fmt else "none", kv.name if kv else "none"
 
 
 # ----------------------------------------------------------------------------------------------- loading ---
@@ -177,14 +115,14 @@ def _load_kv_format(model_dir: Path, state: dict[str, torch.Tensor], cfg: ModelC
             raise ModelLoadError(f"{model_dir}: KV cache is {kv_fmt} but layer {i} has no k_scale/v_scale")
         k_scales.append(kv_scale_from_modelopt(kv_fmt, k).to(device))
         v_scales.append(kv_scale_from_modelopt(kv_fmt, v).to(device))
-    means = read_kv_means(model_dir, cfg, device) if kv_fmt == "nvfp4" else None
+    means = read_kv_means(model_dir, cfg, device) if KV_CACHE_FORMATS[kv_fmt].centres_keys else None
     return KVFormat(kv_fmt, k_scales, v_scales, means)
 
 
 Packed = tuple[list[PackedWeight], torch.Tensor | None, torch.Tensor | None]  # shards, input_scale, pre_quant_scale
 
 
-def _pop_packed_layers(model_dir: Path, state: dict[str, torch.Tensor], cfg: ModelConfig, fmt: str,
+def _pop_packed_layers(model_dir: Path, state: dict[str, torch.Tensor], cfg: ModelConfig, fmt: WeightFormat,
                        dtype: torch.dtype, float_copies: bool) -> dict[str, Packed]:
     """Each quantized module's packed shards (q/k/v and gate/up re-fused, q/k rows interleaved), popped from
     `state`; `float_copies` leaves each projection's dequantized weight in `state` (HF layout) for `load_model`."""
@@ -202,25 +140,23 @@ def _pop_packed_layers(model_dir: Path, state: dict[str, torch.Tensor], cfg: Mod
                 if float_copies:
                     state[key + "weight"] = packed.dequantize(torch.float32)
                 perm = proj.row_perm(cfg)
-                shards.append(packed if perm is None else permute_rows(packed, perm))
+                shards.append(packed if perm is None else fmt.permute_rows(packed, perm))
             input_scale = torch.stack(input_scales).amax() if input_scales else None  # shared, as fused
             layers[linear.module_name(i)] = (shards, input_scale, pqs)
     return layers
 
 
-def _pop_projection(model_dir: Path, state: dict[str, torch.Tensor], key: str, fmt: str, in_features: int,
-                    dtype: torch.dtype) -> tuple[PackedWeight, torch.Tensor | None]:
+def _pop_projection(model_dir: Path, state: dict[str, torch.Tensor], key: str, fmt: WeightFormat,
+                    in_features: int, dtype: torch.dtype) -> tuple[PackedWeight, torch.Tensor | None]:
     """One HF projection's packed weight (HF row order) and input scale, popped from `state`."""
     try:
-        t = {s: state.pop(key + s) for s in ("weight", "weight_scale")}
-        if fmt in ("nvfp4", "nvfp4-w4a16"):
-            t["weight_scale_2"] = state.pop(key + "weight_scale_2")
+        t = {s: state.pop(key + s) for s in fmt.modelopt.tensors}
         input_scale = None
-        if FORMATS[fmt].quantizes_activations:
+        if fmt.quantizes_activations:
             input_scale = state.pop(key + "input_scale").float().reshape(())
     except KeyError as e:
         raise ModelLoadError(f"{model_dir}: weights lack {e.args[0]!r}") from None
-    return tensors_to_packed(fmt, t, in_features, dtype), input_scale
+    return fmt.modelopt.from_tensors(t, in_features, dtype), input_scale
 
 
 def _quant_linears(base: Transformer, fmt: str, layers: dict[str, Packed], device: str) -> dict[str, QuantLinear]:
@@ -239,7 +175,7 @@ def load_quantized_checkpoint(model_dir: Path, max_len: int, dtype: torch.dtype,
     fmt, kv_fmt = _checkpoint_formats(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     state = read_state_dict(model_dir)
-    layers = _pop_packed_layers(model_dir, state, cfg, fmt, dtype, float_copies=True) if fmt != "none" else {}
+    layers = _pop_packed_layers(model_dir, state, cfg, FORMATS[fmt], dtype, float_copies=True) if fmt != "none" else {}
     kv = _load_kv_format(model_dir, state, cfg, kv_fmt, device)
     model = load_model(model_dir, max_len, dtype, device, state=state)
     return WeightSet(with_layers(model, _quant_linears(model, fmt, layers, device)), fmt, kv)
@@ -254,7 +190,7 @@ def load_quantized_layers(model_dir: Path, base: Transformer) -> WeightSet:
         raise ModelLoadError(f"{model_dir}: its config.json is not the model's")
     state = read_state_dict(model_dir)
     dtype = base.embed.weight.dtype
-    layers = _pop_packed_layers(model_dir, state, cfg, fmt, dtype, float_copies=False) if fmt != "none" else {}
+    layers = _pop_packed_layers(model_dir, state, cfg, FORMATS[fmt], dtype, float_copies=False) if fmt != "none" else {}
     kv = _load_kv_format(model_dir, state, cfg, kv_fmt, device)
     return WeightSet(with_layers(base, _quant_linears(base, fmt, layers, device)), fmt, kv)
 

@@ -7,6 +7,7 @@ import torch
 from . import ops
 from .kv_cache import CacheShape, KVCache
 from .model import Transformer
+from .tree_attention import TreeMask, dense_tree_mask
 
 # Query rows per sequence up to which attention runs in the decode-attention kernel: a speculative verify (k + 1
 # rows) computed like k + 1 decode steps is bit-identical to them; longer prefills are faster in SDPA.
@@ -105,3 +106,32 @@ class ModelRunner:
         tok = torch.tensor(tokens, device=self.device)  # [B, S]
         pos = torch.tensor(starts, device=self.device)[:, None] + torch.arange(tok.shape[1], device=self.device)
         return self._forward(0, tok, pos, int(pos.max()) + 1, all_logits=True, capture=capture)
+
+    @torch.inference_mode()
+    def verify_tree(self, tokens: list[list[int]], starts: list[int], depths: list[list[int]],
+                    ancestors: torch.Tensor, capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Score a draft tree per sequence in slots [0, B) in one forward: row b's S tokens (root first) written at
+        cache indices starts[b] + [0, S), at positions starts[b] + depths[b], each attending the prefix and its
+        ancestors (`ancestors` [B, S, S] bool). Returns logits [B, S, V] and captured features [B, S, n*H]; the
+        caller keeps the accepted path (`KVCache.keep_path`)."""
+        tok = torch.tensor(tokens, device=self.device)  # [B, S]
+        base = torch.tensor(starts, device=self.device)  # [B]
+        slots = base[:, None] + torch.arange(tok.shape[1], device=self.device)  # [B, S]
+        positions = base[:, None] + torch.tensor(depths, device=self.device)  # [B, S]
+        attn_len = int(slots.max()) + 1
+        self.cache.begin(0, tok.shape[0], attn_len)
+        mask = self.tree_mask(slots, base, ancestors.to(self.device), attn_len)
+        x, captured = self.model.hidden_states(tok, positions, self.cache, mask, capture)
+        return self.model.logits(x), torch.cat(captured, dim=-1) if captured else None
+
+    def tree_mask(self, slots: torch.Tensor, base: torch.Tensor, ancestors: torch.Tensor, attn_len: int) -> TreeMask:
+        return tree_mask(slots, base, ancestors, attn_len, self.model.cfg.group_size, self.unmasked_decode)
+
+
+def tree_mask(slots: torch.Tensor, base: torch.Tensor, ancestors: torch.Tensor, attn_len: int, group: int,
+              kernel: bool) -> TreeMask:
+    """A draft tree's mask: read by the decode-attention kernel (`kernel`, up to KERNEL_ROWS rows), else dense."""
+    dense = None
+    if not (kernel and slots.shape[1] <= KERNEL_ROWS):
+        dense = fold_groups(dense_tree_mask(base, ancestors, attn_len), group)
+    return TreeMask(slots, base, ancestors, dense)

@@ -35,8 +35,10 @@ class SpecStats:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)
+    skipped_steps: int = 0  # steps decoded without drafts (the adaptive policy said no, or nothing to look up)
 
     def add(self, other: SpecStats) -> None:
+        self.skipped_steps += other.skipped_steps
         self.drafts += other.drafts
         self.draft_tokens += other.draft_tokens
         self.accepted_tokens += other.accepted_tokens
@@ -50,13 +52,17 @@ class SpecStats:
         per_pos = [n - (earlier.accepted_per_pos[i] if i < len(earlier.accepted_per_pos) else 0)
                    for i, n in enumerate(self.accepted_per_pos)]
         return SpecStats(self.drafts - earlier.drafts, self.draft_tokens - earlier.draft_tokens,
-                         self.accepted_tokens - earlier.accepted_tokens, per_pos)
+                         self.accepted_tokens - earlier.accepted_tokens, per_pos,
+                         self.skipped_steps - earlier.skipped_steps)
 
     def snapshot(self) -> SpecStats:
         return self.minus(SpecStats())
 
     def record(self, proposed: int, accepted: int) -> None:
-        """One verification of `proposed` drafts of which the first `accepted` were accepted."""
+        """One verification of `proposed` drafts of which the first `accepted` were accepted (none: a skipped step)."""
+        if not proposed:
+            self.skipped_steps += 1
+            return
         self.drafts += 1
         self.draft_tokens += proposed
         self.accepted_tokens += accepted

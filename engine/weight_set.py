@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from .kv_quant import KVFormat
 from .model import Transformer
-from .quant import WEIGHT_FORMATS, check_format
+from .weight_formats import WEIGHT_FORMATS, check_format
 
 
 @dataclass

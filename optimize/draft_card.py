@@ -12,6 +12,14 @@ DATA_LICENSES = {
 }
 
 
+def disk_budget(summary: dict) -> str:
+    if "bytes_per_token" not in summary:
+        return ""
+    gb = summary["bytes_per_token"] * summary["train_tokens"] / 1e9
+    return (f"\nFeature store (bf16 features, int32 tokens/labels): {summary['bytes_per_token']} bytes per token, "
+            f"{gb:.1f} GB for the training tokens.")
+
+
 def write_model_card(out: Path, summary: dict) -> None:
     """README.md beside the head: what it is, what data (and licenses) it was trained on, how to reproduce it."""
     data = "\n".join(f"- `{f}`: {DATA_LICENSES.get(Path(f).name, UNKNOWN_LICENSE)}" for f in summary["data"])
@@ -27,7 +35,7 @@ to target ids). Stored in bf16. Serve with `optiserve serve --model default --sp
 
 Trained tokens: {summary["train_tokens"]} ({summary["train_labelled_tokens"]} with a label), training-time test depth
 {cfg["ttt_steps"]}, {summary["steps"]} steps of {cfg["rows_per_step"]} x {cfg["row_len"]} tokens, {summary["minutes"]}
-minutes on the machine that trained it.
+minutes on the machine that trained it.{disk_budget(summary)}
 
 ## Held-out results ({summary["heldout_sequences"]} answers not trained on)
 - top-1 agreement with the target at draft steps 1..{cfg["ttt_steps"]}: {summary["heldout_step_accuracy"]}

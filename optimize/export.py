@@ -17,18 +17,11 @@ from pathlib import Path
 import torch
 
 from optiserve.engine.config import ModelConfig
-from optiserve.engine.kv_quant import KVFormat, kv_scale_to_modelopt
+from optiserve.engine.kv_quant import KV_CACHE_FORMATS, KVFormat, kv_scale_to_modelopt
 from optiserve.engine.layout import HF_LAYER, LAYER_LINEARS, LAYER_NORMS, MODEL_TENSORS, LayerLinear, rope_row_perm
-from optiserve.engine.quant import FORMATS, QuantLinear
-from optiserve.engine.quantized_checkpoint import (
-    GROUP_SIZES,
-    HF_QUANT_CONFIG,
-    KV_ALGOS,
-    KV_MEANS_FILE,
-    QUANT_ALGOS,
-    packed_to_tensors,
-    permute_rows,
-)
+from optiserve.engine.quant import QuantLinear
+from optiserve.engine.quantized_checkpoint import HF_QUANT_CONFIG, KV_MEANS_FILE
+from optiserve.engine.weight_formats import BY_QUANT_ALGO, FORMATS
 from optiserve.engine.weight_set import WeightSet
 
 from .train import STATE_FILE
@@ -42,14 +35,14 @@ def hf_quant_config(weight_format: str, kv_format: str) -> dict:
     """hf_quant_config.json, as `get_quant_config` + `process_layer_quant_config` build it for one format."""
     quant: dict = {"quant_algo": None, "kv_cache_quant_algo": None}
     if weight_format != "none":
-        quant["quant_algo"] = QUANT_ALGOS[weight_format]
-        if weight_format in GROUP_SIZES:
-            quant["group_size"] = GROUP_SIZES[weight_format]
-        if weight_format == "int4":
-            quant.update({"has_zero_point": False, "pre_quant_scale": True})
+        fmt = FORMATS[weight_format]
+        quant["quant_algo"] = fmt.modelopt.quant_algo
+        if fmt.group_size is not None:
+            quant["group_size"] = fmt.group_size
+        quant.update(fmt.modelopt.extra_config)
         quant["exclude_modules"] = ["lm_head"]  # ModelOpt leaves the LM head unquantized (a disabled quantizer)
     if kv_format != "none":
-        quant["kv_cache_quant_algo"] = KV_ALGOS[kv_format]
+        quant["kv_cache_quant_algo"] = KV_CACHE_FORMATS[kv_format].kv_cache_quant_algo
     return {"producer": {"name": "modelopt", "version": MODELOPT_VERSION}, "quantization": quant}
 
 
@@ -57,19 +50,9 @@ def hf_quantization_config(hf_quant: dict) -> dict:
     """config.json's `quantization_config`: ModelOpt's `convert_hf_quant_config_format` for our formats."""
     q = hf_quant["quantization"]
     algo, out = q.get("quant_algo"), {}
-    if algo == "FP8":
-        out["config_groups"] = {"group_0": {"input_activations": {"dynamic": False, "num_bits": 8, "type": "float"},
-                                            "weights": {"dynamic": False, "num_bits": 8, "type": "float"},
-                                            "targets": ["Linear"]}}
-    elif algo in ("NVFP4", "W4A16_NVFP4"):
-        gs = q.get("group_size", 16)
-        group = {"weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": gs},
-                 "targets": ["Linear"]}
-        if algo == "NVFP4":
-            group = {"input_activations": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": gs},
-                     **group}
+    group = BY_QUANT_ALGO[algo].modelopt.config_group if algo else None
+    if group is not None:
         out["config_groups"] = {"group_0": group}
-    # ModelOpt has no config_groups for W4A16_AWQ / W8A8_SQ_PER_CHANNEL ("TODO: Handle other quantization algorithms")
     out["ignore"] = q.get("exclude_modules") or []
     if algo:
         out["quant_algo"] = algo
@@ -119,13 +102,13 @@ def packed_projections(module: QuantLinear, linear: LayerLinear, cfg: ModelConfi
                        weight_format: str) -> dict[str, torch.Tensor]:
     """A `QuantLinear`'s shards as HF projections in ModelOpt's tensor names, q/k rows half-split."""
     assert module.fmt == weight_format, (module.fmt, weight_format)
-    out = {}
+    fmt, out = module.format, {}
     for proj, shard in zip(linear.projections, module.shards, strict=True):
         key = f"{linear.hf_prefix(i)}{proj.name}."
         perm = proj.row_perm(cfg, to_hf=True)
-        shard = shard if perm is None else permute_rows(shard, perm)
-        out.update({key + k: v for k, v in packed_to_tensors(shard).items()})
-        if FORMATS[weight_format].quantizes_activations:
+        shard = shard if perm is None else fmt.permute_rows(shard, perm)
+        out.update({key + k: v for k, v in fmt.modelopt.to_tensors(shard).items()})
+        if fmt.quantizes_activations:
             out[key + "input_scale"] = module.input_scale.float().reshape(())
         if module.pre_quant_scale is not None:
             out[key + "pre_quant_scale"] = module.pre_quant_scale

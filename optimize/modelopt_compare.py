@@ -57,10 +57,10 @@ def compare_with_modelopt(model_dir: Path, tokenizer, req: QuantRequest, windows
     if req.kv_cache != "none":
         return None
     with tempfile.TemporaryDirectory(prefix="optiserve-modelopt-") as tmp:
-        spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        spec.write_text(json.dumps({"model_dir": str(model_dir), "format": req.quant, "windows": windows,
+        job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
+        job.write_text(json.dumps({"model_dir": str(model_dir), "format": req.quant, "windows": windows,
                                     "calib_windows": calibration_windows(tokenizer, req)}))
-        proc = subprocess.run([sys.executable, "-m", __name__, str(spec), str(out)])
+        proc = subprocess.run([sys.executable, "-m", __name__, str(job), str(out)])
         if proc.returncode == EXIT_NO_MODELOPT:
             raise ValueError("--compare-modelopt: modelopt is installed but cannot be imported (see above)")
         if proc.returncode != 0:
@@ -74,17 +74,17 @@ def print_comparison(fmt: str, ours: EvalResult, theirs: dict | None) -> None:
             ("Δ vs unquantized", None, "{:+.1%}"), ("KL", "kl_divergence", "{:.4f}"),
             ("top-1 agreement", "top1_agreement", "{:.3f}")]
 
-    def cell(res: dict | None, key: str | None, spec: str) -> str:
+    def cell(res: dict | None, key: str | None, pattern: str) -> str:
         if res is None or (key is None and res["reference_perplexity"] is None):
             return "n/a"
         value = res["perplexity"] / res["reference_perplexity"] - 1 if key is None else res[key]
-        return "n/a" if value is None else spec.format(value)
+        return "n/a" if value is None else pattern.format(value)
 
     head = f"ModelOpt {theirs['modelopt_version']}" if theirs else "ModelOpt"
     print(f"\n{'':24}{'optiserve':>14}{head:>24}")
     print(f"{'format':24}{fmt:>14}{(theirs or {}).get('method', 'not run (KV cache)'):>24}")
-    for label, key, spec in rows:
-        print(f"{label:24}{cell(asdict(ours), key, spec):>14}{cell(theirs, key, spec):>24}")
+    for label, key, pattern in rows:
+        print(f"{label:24}{cell(asdict(ours), key, pattern):>14}{cell(theirs, key, pattern):>24}")
 
 
 # -------------------------------------------------------------------------------- the ModelOpt subprocess's side ---
@@ -180,15 +180,15 @@ def modelopt_result(model_dir: str, fmt: str, windows: list[list[int]], calib_wi
 
 
 def main(argv: list[str] | None = None) -> None:
-    spec_path, out_path = argv if argv is not None else sys.argv[1:]
-    spec = json.loads(Path(spec_path).read_text())
+    job_path, out_path = argv if argv is not None else sys.argv[1:]
+    job = json.loads(Path(job_path).read_text())
     try:
         import modelopt.torch.quantization  # noqa: F401  (registers ModelOpt's plugins before any model loads)
     except ImportError as e:
         print(f"optiserve: error: cannot import modelopt: {e}", file=sys.stderr)
         sys.exit(EXIT_NO_MODELOPT)
     torch.manual_seed(0)
-    result = modelopt_result(spec["model_dir"], spec["format"], spec["windows"], spec["calib_windows"])
+    result = modelopt_result(job["model_dir"], job["format"], job["windows"], job["calib_windows"])
     Path(out_path).write_text(json.dumps(result))
 
 

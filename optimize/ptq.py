@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from optiserve.engine.layout import layer_linear
 from optiserve.engine.model import Transformer, with_layers
-from optiserve.engine.quant import FORMATS, QuantLinear, input_scale_for, quantize_fused, quantize_weight
+from optiserve.engine.quant import QuantLinear, input_scale_for, quantize_fused, quantize_weight
+from optiserve.engine.weight_formats import weight_format
 from optiserve.kernels.int4 import int4_scale_from_amax
 
 from .awq import awq
@@ -57,10 +58,10 @@ def smooth_scale(stats: InputStats, w: torch.Tensor, alpha: float) -> torch.Tens
 def plan_linear(fmt: str, name: str, w: torch.Tensor, stats: InputStats, sizes: list[int],
                 smoothquant_alpha: float) -> LinearPlan:
     """Decide smoothing, input range and (int4) the searched group scales for one linear; `w` is [out, in] fp32."""
-    int4_scales = None
-    if fmt == "int8":
+    int4_scales, algorithm = None, weight_format(fmt).algorithm
+    if algorithm == "smoothquant":
         s = smooth_scale(stats, w, smoothquant_alpha)
-    elif fmt == "int4":
+    elif algorithm == "awq_lite":
         found = awq(stats, w)
         s, int4_scales = found.scale, list(int4_scale_from_amax(found.group_amax).split(sizes))
     else:
@@ -85,7 +86,7 @@ def quant_linear(fmt: str, plan: LinearPlan, bias: torch.Tensor | None, dtype: t
         shards = [quantize_weight(fmt, w.contiguous(), sc) for w, sc in zip(plan.shards, plan.int4_scales, strict=True)]
     else:
         shards = quantize_fused(fmt, plan.shards)
-    input_scale = input_scale_for(fmt, plan.input_amax) if FORMATS[fmt].quantizes_activations else None
+    input_scale = input_scale_for(fmt, plan.input_amax)  # None where activations stay unquantized
     return QuantLinear(fmt, shards, bias, input_scale, plan.pre_quant_scale, dtype)
 
 

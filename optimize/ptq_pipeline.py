@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from optiserve.engine.cache_store import file_identity, read_entry, write_entry
-from optiserve.engine.kv_quant import KV_FORMATS, KVFormat, kv_scale_for
+from optiserve.engine.kv_quant import KV_CACHE_FORMATS, KV_FORMATS, KVFormat, kv_scale_for
 from optiserve.engine.model import Transformer
-from optiserve.engine.quant import WEIGHT_FORMATS, check_format
 from optiserve.engine.quantized_checkpoint import load_quantized_layers
+from optiserve.engine.weight_formats import WEIGHT_FORMATS, check_format
 from optiserve.engine.weight_set import WeightSet
 from optiserve.engine.weights import cache_root
 
@@ -59,7 +59,7 @@ FINGERPRINTED_MODULES = ("optiserve.engine.quant", "optiserve.engine.kv_quant", 
                          "optiserve.engine.quantized_checkpoint",
                          "optiserve.optimize.awq", "optiserve.optimize.calibrate", "optiserve.optimize.export",
                          "optiserve.optimize.ptq", "optiserve.optimize.ptq_pipeline")
-FINGERPRINTED_PACKAGES = ("optiserve.kernels",)  # every module in it
+FINGERPRINTED_PACKAGES = ("optiserve.kernels", "optiserve.engine.weight_formats")  # every module in them
 
 
 @cache
@@ -110,7 +110,7 @@ def kv_format_for(name: str, stats: CalibStats) -> KVFormat:
     if name == "none":
         return KVFormat()
     return KVFormat(name, [kv_scale_for(name, a) for a in stats.k_amax], [kv_scale_for(name, a) for a in stats.v_amax],
-                    stats.k_mean if name == "nvfp4" else None)
+                    stats.k_mean if KV_CACHE_FORMATS[name].centres_keys else None)
 
 
 def prepare_quantized(model_dir: Path, model: Transformer, tokenizer, req: QuantRequest) -> WeightSet:

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from optiserve.engine.model import RMSNorm, Transformer
-from optiserve.engine.quant import FORMATS, fake_quant_activation, input_scale_for, quantize_fused
+from optiserve.engine.quant import fake_quant_activation, input_scale_for, quantize_fused
+from optiserve.engine.weight_formats import FORMATS, weight_format
 from optiserve.engine.weight_set import WeightSet
 
 from .calibrate import CalibStats, quantizable_linears
@@ -52,12 +53,12 @@ class QATLinear(nn.Module):
 
     def __init__(self, fmt: str, plan: LinearPlan, bias: torch.Tensor | None):
         super().__init__()
-        self.fmt, self.spec = fmt, FORMATS[fmt]
+        self.fmt, self.format = fmt, weight_format(fmt)
         self.sizes = [s.shape[0] for s in plan.shards]  # per-shard (q/k/v, gate/up) weight scales, as exported
         self.weight = nn.Parameter(torch.cat(plan.shards).float().clone())  # [out, in]
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
         self.input_amax = plan.input_amax
-        self.input_scale = input_scale_for(fmt, plan.input_amax) if self.spec.quantizes_activations else None
+        self.input_scale = input_scale_for(fmt, plan.input_amax)  # None where activations stay unquantized
         self.pre_quant_scale = plan.pre_quant_scale
 
     @torch.no_grad()
@@ -69,7 +70,7 @@ class QATLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale
-        if self.spec.quantizes_activations:
+        if self.format.quantizes_activations:
             with torch.no_grad():
                 xq = fake_quant_activation(self.fmt, x.detach(), self.input_scale)
             x = ste(x, xq)

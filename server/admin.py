@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict
 
 from optiserve.engine.kv_quant import KV_FORMATS
 from optiserve.engine.llm_engine import EngineDeadError, LLMEngine, SwapError
-from optiserve.engine.quant import WEIGHT_FORMATS, QuantLinear, check_format, weight_bytes
+from optiserve.engine.quant import QuantLinear, weight_bytes
+from optiserve.engine.weight_formats import WEIGHT_FORMATS, check_format
 from optiserve.optimize.data import read_texts, token_windows
 from optiserve.optimize.evaluate import evaluate
 from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized

@@ -67,7 +67,11 @@ class ServerMetrics:
                                             label, registry=r)
         self.spec_accepted_per_pos = Counter(f"{PREFIX}spec_decode_num_accepted_tokens_per_pos",
                                              "Accepted draft tokens by position.", [*label, "position"], registry=r)
-        for counter in (self.spec_drafts, self.spec_draft_tokens, self.spec_accepted_tokens, self.format_swaps):
+        # Steps a running sequence decoded without drafts: the adaptive policy judged drafting would not pay.
+        self.spec_skipped = Counter(f"{PREFIX}spec_decode_num_skipped_steps", "Decode steps without drafts.", label,
+                                    registry=r)
+        for counter in (self.spec_drafts, self.spec_draft_tokens, self.spec_accepted_tokens, self.spec_skipped,
+                        self.format_swaps):
             counter.labels(model_name)  # export the series at 0 from the start
 
     def set_model_info(self, engine) -> None:
@@ -82,6 +86,7 @@ class ServerMetrics:
         """Add new speculative decoding counts (vLLM's spec_decode_* counters)."""
         m = self.model_name
         self.spec_drafts.labels(m).inc(delta.drafts)
+        self.spec_skipped.labels(m).inc(delta.skipped_steps)
         self.spec_draft_tokens.labels(m).inc(delta.draft_tokens)
         self.spec_accepted_tokens.labels(m).inc(delta.accepted_tokens)
         for pos, n in enumerate(delta.accepted_per_pos):

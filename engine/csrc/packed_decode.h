@@ -1,4 +1,4 @@
-// Decoders from the packed weight formats to fp32 rows, one per format, each giving bit for bit the values of the
+// Decoders from the packed weight formats (and bf16) to fp32 rows, one per format, each giving bit for bit the values of the
 // format's dequantize reference in kernels/ (nvfp4.py, int4.py, int8.py, fp8.py): the same products, rounded once.
 // They write a tile of weight rows that packed_linear.cpp multiplies while it is still in cache.
 // Hot loops are written for AVX-512 and for AVX2 (E2M1 codes through a 16-entry table in registers); every other
@@ -149,4 +149,24 @@ static inline void decode_fp8_row(const uint8_t* q, float scale, int64_t k, floa
   }
 #endif
   for (; j < k; j++) dst[j] = E4M3.v[q[j]] * scale;
+}
+
+// ---- BF16: value = the bf16 bits in the top half of an fp32 (exact) ----
+static inline void decode_bf16_row(const uint16_t* q, int64_t k, float* dst) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  for (; j + 16 <= k; j += 16) {
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + j)));
+    _mm512_storeu_ps(dst + j, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+  }
+#elif defined(__AVX2__)
+  for (; j + 8 <= k; j += 8) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j)));
+    _mm256_storeu_ps(dst + j, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+  }
+#endif
+  for (; j < k; j++) {
+    uint32_t bits = (uint32_t)q[j] << 16;
+    std::memcpy(dst + j, &bits, 4);
+  }
 }

@@ -1,4 +1,4 @@
-// y = x @ W.T (+ b) in fp32 for a weight held packed (NVFP4, INT4, INT8, FP8), as one shard or several written side
+// y = x @ W.T (+ b) in fp32 for a weight held packed (NVFP4, INT4, INT8, FP8) or in bf16, as one shard or several written side
 // by side (fused q/k/v, gate/up). A few weight rows at a time are decoded (packed_decode.h) into a per-thread tile
 // that stays in L1/L2, and every input row takes its dot products from that tile: the weight is read packed once
 // per call and no fp32 copy of it is ever held.
@@ -14,14 +14,14 @@
 #include "packed_decode.h"
 #include "vec.h"
 
-enum Format : int64_t { NVFP4 = 0, INT4 = 1, INT8 = 2, FP8 = 3 };
+enum Format : int64_t { NVFP4 = 0, INT4 = 1, INT8 = 2, FP8 = 3, BF16 = 4 };
 
 constexpr int64_t TILE_BYTES = 32 * 1024;  // decoded rows per tile: what fits in L1 beside x
 
 struct Shard {
   const uint8_t* codes;
-  const uint8_t* scales;  // E4M3 bits (NVFP4) or fp32 (INT4 [rows, G], INT8 [rows])
-  float tensor_scale;     // s2 (NVFP4), the FP8 scale; unused for INT4 / INT8
+  const uint8_t* scales;  // E4M3 bits (NVFP4) or fp32 (INT4 [rows, G], INT8 [rows]); unused for BF16
+  float tensor_scale;     // s2 (NVFP4), the FP8 scale; unused for INT4 / INT8 / BF16
   int64_t rows, col0;
 };
 
@@ -46,8 +46,11 @@ static void decode_rows(Format fmt, const Shard& s, int64_t r0, int64_t n, int64
   } else if (fmt == INT8) {
     for (int64_t r = 0; r < n; r++)
       decode_int8_row(reinterpret_cast<const int8_t*>(s.codes) + (r0 + r) * k, fscale[r0 + r], k, dst + r * ld);
-  } else {
+  } else if (fmt == FP8) {
     for (int64_t r = 0; r < n; r++) decode_fp8_row(s.codes + (r0 + r) * k, s.tensor_scale, k, dst + r * ld);
+  } else {
+    for (int64_t r = 0; r < n; r++)
+      decode_bf16_row(reinterpret_cast<const uint16_t*>(s.codes) + (r0 + r) * k, k, dst + r * ld);
   }
 }
 
@@ -112,14 +115,14 @@ static Shard check_shard(Format fmt, const at::Tensor& codes, const at::Tensor& 
               codes.dim() == 2, "packed_linear: codes must be contiguous uint8 [rows, bytes] on the CPU");
   TORCH_CHECK(scales.device().is_cpu() && scales.is_contiguous(), "packed_linear: contiguous CPU scales");
   int64_t rows = fmt == INT4 ? 2 * codes.size(0) : codes.size(0);
-  int64_t row_bytes = fmt == NVFP4 ? (k + 15) / 16 * 8 : k;
+  int64_t row_bytes = fmt == NVFP4 ? (k + 15) / 16 * 8 : fmt == BF16 ? 2 * k : k;
   TORCH_CHECK(codes.size(1) == row_bytes, "packed_linear: codes have ", codes.size(1), " bytes a row, want ",
               row_bytes);
   int64_t want_scales = fmt == NVFP4 ? rows * ((k + 15) / 16) : fmt == INT4 ? rows * ((k + group - 1) / group)
                         : fmt == INT8 ? rows : 0;
-  TORCH_CHECK(fmt == FP8 || scales.numel() == want_scales, "packed_linear: ", scales.numel(), " scales, want ",
+  TORCH_CHECK(fmt == FP8 || fmt == BF16 || scales.numel() == want_scales, "packed_linear: ", scales.numel(), " scales, want ",
               want_scales);
-  TORCH_CHECK(fmt == NVFP4 || fmt == FP8 || scales.scalar_type() == at::kFloat, "packed_linear: fp32 scales");
+  TORCH_CHECK(fmt == NVFP4 || fmt == FP8 || fmt == BF16 || scales.scalar_type() == at::kFloat, "packed_linear: fp32 scales");
   TORCH_CHECK(fmt != NVFP4 || scales.scalar_type() == at::kByte, "packed_linear: E4M3 scales as uint8 bits");
   return {codes.data_ptr<uint8_t>(), static_cast<const uint8_t*>(scales.data_ptr()), (float)tensor_scale, rows, col0};
 }
@@ -129,7 +132,7 @@ at::Tensor packed_linear(int64_t format, const at::Tensor& x, const std::vector<
                          const std::vector<at::Tensor>& scales, const std::vector<double>& tensor_scales,
                          const std::optional<at::Tensor>& bias, int64_t group) {
   Format fmt = static_cast<Format>(format);
-  TORCH_CHECK(format >= NVFP4 && format <= FP8, "packed_linear: unknown format ", format);
+  TORCH_CHECK(format >= NVFP4 && format <= BF16, "packed_linear: unknown format ", format);
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "packed_linear: fp32 CPU input");
   TORCH_CHECK(codes.size() == scales.size() && codes.size() == tensor_scales.size() && !codes.empty(),
               "packed_linear: one codes, scales and tensor scale per shard");
@@ -168,5 +171,5 @@ at::Tensor packed_linear(int64_t format, const at::Tensor& x, const std::vector<
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("packed_linear", &packed_linear,
-          "x @ W.T (+ bias) straight from packed NVFP4 / INT4 / INT8 / FP8 shards (format 0..3)");
+          "x @ W.T (+ bias) straight from packed NVFP4 / INT4 / INT8 / FP8 / BF16 shards (format 0..4)");
 }

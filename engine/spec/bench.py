@@ -1,7 +1,8 @@
-"""`optiserve bench spec`: the same prompts with and without speculation, one process, batch 1, greedy.
+"""`optiserve bench spec`: the same prompts plain, with the full draft chain, and with the adaptive budget; greedy.
 
-Per prompt, the first engine step (prefill + first token) is excluded; decode tok/s is the rest's tokens over
-its time, on both sides. τ counts tokens emitted per target forward (the bonus token included), as EAGLE does.
+Per group of `--batch` prompts, the first engine step (prefill + first token) is excluded; decode tok/s is the
+rest's tokens over its time, in every mode. τ counts tokens emitted per target forward (the bonus token
+included), as EAGLE does.
 """
 
 from __future__ import annotations
@@ -26,18 +27,25 @@ def load_prompt_file(path: str, offset: int, count: int) -> list[str]:
     return picked
 
 
-def timed_decode(engine: LLMEngine, prompt: list[int], max_tokens: int) -> tuple[int, float, SpecStats | None]:
-    """Generate greedily for one prompt; (tokens after the first step, seconds they took, speculation counts)."""
-    outs: list[RequestOutput] = []
-    engine.add_request(Request("bench", prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0), outs.append))
+def timed_decode(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> tuple[int, float, SpecStats]:
+    """Generate greedily for prompts decoded together; (tokens after the first step, seconds they took,
+    speculation counts summed over the prompts)."""
+    outs: dict[int, list[RequestOutput]] = {i: [] for i in range(len(prompts))}
+    for i, ids in enumerate(prompts):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        engine.add_request(Request(f"bench-{i}", ids, params, outs[i].append))
     engine.step()
-    first = sum(len(o.token_ids) for out in outs for o in out.outputs)
+    count = lambda: sum(len(o.token_ids) for got in outs.values() for out in got for o in out.outputs)  # noqa: E731
+    first = count()
     start = time.perf_counter()
     while engine.scheduler.has_work():
         engine.step()
     seconds = time.perf_counter() - start
-    total = sum(len(o.token_ids) for out in outs for o in out.outputs)
-    return total - first, seconds, outs[-1].spec
+    stats = SpecStats()
+    for got in outs.values():
+        if got[-1].spec is not None:
+            stats.add(got[-1].spec)
+    return count() - first, seconds, stats
 
 
 def conditional_acceptance(stats: SpecStats) -> list[float]:
@@ -46,32 +54,44 @@ def conditional_acceptance(stats: SpecStats) -> list[float]:
     return [round(n / max(prev, 1), 4) for prev, n in zip(reached, reached[1:], strict=False)]
 
 
-def bench_spec(base: LLMEngine, spec: LLMEngine, prompts: list[list[int]], max_tokens: int, label: dict,
-               json_path: str | None) -> dict:
-    """Run every prompt on `base` then on `spec` (warm-up prompt first); print and write the figures."""
-    timed_decode(base, prompts[0], 8)
-    timed_decode(spec, prompts[0], 8)
-    spec.spec.timing = SpecTiming()  # forget the warm-up
-    base_tok = base_s = spec_tok = spec_s = 0.0
-    stats = SpecStats()
-    for ids in prompts:
-        n, s, _ = timed_decode(base, ids, max_tokens)
-        base_tok, base_s = base_tok + n, base_s + s
-        n, s, st = timed_decode(spec, ids, max_tokens)
-        spec_tok, spec_s = spec_tok + n, spec_s + s
-        stats.add(st)
-    t = spec.spec.timing
-    base_step = base_s / max(base_tok, 1)  # seconds per target one-token step
-    result = {
-        **label, "prompts": len(prompts), "max_tokens": max_tokens,
-        "base_tok_s": round(base_tok / base_s, 2), "spec_tok_s": round(spec_tok / spec_s, 2),
-        "speedup": round((spec_tok / spec_s) / (base_tok / base_s), 3),
+def spec_figures(stats: SpecStats, timing: SpecTiming, base_step: float) -> dict:
+    """Acceptance and draft/verify costs of one speculative mode (costs relative to a plain step)."""
+    return {
         "mean_acceptance_length": round(stats.mean_acceptance_length, 3),
         "acceptance_rate": round(stats.acceptance_rate, 4),
         "accepted_per_position": [round(n / max(stats.drafts, 1), 4) for n in stats.accepted_per_pos],
         "conditional_acceptance_per_position": conditional_acceptance(stats),
-        "draft_step_cost_vs_target_step": round(t.draft_s / max(t.draft_tokens, 1) / base_step, 4),
-        "verify_cost_vs_target_step": round(t.verify_s / max(t.steps, 1) / base_step, 3),
+        "draft_step_cost_vs_target_step": round(timing.draft_s / max(timing.draft_tokens, 1) / base_step, 4),
+        "verify_cost_vs_target_step": round(timing.verify_s / max(timing.steps, 1) / base_step, 3),
+        "steps_drafted": stats.drafts, "steps_skipped": stats.skipped_steps,
+    }
+
+
+def bench_spec(engines: list[LLMEngine], prompts: list[list[int]], max_tokens: int, label: dict,
+               json_path: str | None, batch: int = 1) -> dict:
+    """Run every group of `batch` prompts on each engine in turn — plain, full chain, adaptive (a warm-up
+    first) — and print and write the figures. Top-level figures are the full chain's; `adaptive` the policy's."""
+    base, *specs = engines
+    for engine in engines:
+        timed_decode(engine, prompts[:batch], 8)
+    for engine in specs:
+        engine.spec.timing = SpecTiming()  # forget the warm-up
+    tok, secs = [0] * len(engines), [0.0] * len(engines)
+    stats = [SpecStats() for _ in engines]
+    for at in range(0, len(prompts), batch):
+        for i, engine in enumerate(engines):  # interleaved: load drift hits every mode alike
+            n, s, st = timed_decode(engine, prompts[at : at + batch], max_tokens)
+            tok[i], secs[i] = tok[i] + n, secs[i] + s
+            stats[i].add(st)
+    rate = [t / s for t, s in zip(tok, secs, strict=True)]
+    base_step = secs[0] / max(tok[0], 1) * batch  # seconds per plain decode step of the whole batch
+    full = spec_figures(stats[1], specs[0].spec.timing, base_step)
+    result = {
+        **label, "prompts": len(prompts), "max_tokens": max_tokens,
+        "base_tok_s": round(rate[0], 2), "spec_tok_s": round(rate[1], 2), "speedup": round(rate[1] / rate[0], 3),
+        **full,
+        "adaptive": {"spec_tok_s": round(rate[2], 2), "speedup": round(rate[2] / rate[0], 3),
+                     **spec_figures(stats[2], specs[1].spec.timing, base_step)},
     }
     print(json.dumps(result, indent=2))
     if json_path:

@@ -11,11 +11,14 @@ import torch
 from ..config import EngineConfig, ModelLoadError
 from ..runner import ModelRunner
 from ..sequence import Sequence
+from ..tree_attention import ancestor_matrix, depths
 from .draft_head import is_draft_dir, load_draft_head
-from .drafters import EagleDrafter, NgramDrafter
-from .verify import accept
+from .drafters import EagleDrafter, NgramDrafter, Proposal
+from .policy import AdaptivePolicy, PolicyConfig, StepRecord
+from .tree_drafter import EagleTreeDrafter
+from .verify import accept, accept_tree_greedy
 
-Drafter = EagleDrafter | NgramDrafter
+Drafter = EagleDrafter | EagleTreeDrafter | NgramDrafter
 DEFAULT_HEAD_NAME = "smollm2-135m-instruct"
 
 
@@ -46,9 +49,10 @@ class Accepted:
 class SpecDecoder:
     """Drafts with `drafter`, verifies with the target through `runner`; sequences are in slots [0, B)."""
 
-    def __init__(self, runner: ModelRunner, drafter: Drafter):
+    def __init__(self, runner: ModelRunner, drafter: Drafter, policy: AdaptivePolicy | None = None):
         self.runner = runner
         self.drafter = drafter
+        self.policy = policy  # None: always draft the full chain or tree
         self.timing = SpecTiming()
 
     def attach(self, model) -> None:
@@ -63,15 +67,33 @@ class SpecDecoder:
         return logits
 
     def step(self, seqs: list[Sequence]) -> list[Accepted]:
+        budget = self._budget(seqs)
         t0 = time.perf_counter()
-        proposals = self.drafter.propose(seqs)
+        proposals = self.drafter.propose(seqs, budget) if budget else [Proposal([], None) for _ in seqs]
         t1 = time.perf_counter()
+        verify = self._verify_tree if any(p.parents is not None for p in proposals) else self._verify_chain
+        results = verify(seqs, proposals, t1 - t0)
+        if self.policy:  # a tree is counted as a chain of its accepted depth: nodes drafted, path kept
+            self.policy.observe(StepRecord(budget, [len(p.tokens) for p in proposals],
+                                           [len(r.tokens) - 1 for r in results], time.perf_counter() - t0))
+        return results
+
+    def _budget(self, seqs: list[Sequence]) -> int:
+        """Draft tokens per sequence this step. A seeded sampled request must repeat run to run, and its rejection
+        sampling draws per draft: the number of drafts may not depend on measured timings, so a batch holding one
+        drafts the full budget."""
+        seeded = any(s.params.seed is not None and not s.params.greedy for s in seqs)
+        return self.policy.budget(seqs) if self.policy and not seeded else self.drafter.max_draft_tokens
+
+    def _verify_chain(self, seqs: list[Sequence], proposals: list[Proposal], draft_s: float) -> list[Accepted]:
+        """Verify draft chains (last token + drafts, zero-padded) in one target forward; keep each accepted prefix."""
+        t0 = time.perf_counter()
         width = 1 + max(len(p.tokens) for p in proposals)
         rows = [[s.token_ids[-1], *p.tokens] + [0] * (width - 1 - len(p.tokens))  # [B, W], zero-padded
                 for s, p in zip(seqs, proposals, strict=True)]
         starts = [len(s.token_ids) - 1 for s in seqs]
         logits, features = self.runner.verify(rows, starts, self.drafter.capture)  # [B, W, V], [B, W, 3H]
-        self.timing.add(t1 - t0, time.perf_counter() - t1, width - 1)
+        self.timing.add(draft_s, time.perf_counter() - t0, width - 1)
         results = []
         for b, (seq, prop) in enumerate(zip(seqs, proposals, strict=True)):
             k = len(prop.tokens)
@@ -80,10 +102,54 @@ class SpecDecoder:
             # Rejected drafts (and padding) leave the cache as if never written.
             self.runner.cache.truncate(b, starts[b] + kept, starts[b] + width)
             self.drafter.on_verify(seq, None if features is None else features[b, :kept])
-            if k:
-                seq.request.spec.record(k, kept - 1)
+            seq.request.spec.record(k, kept - 1)
             results.append(Accepted(new, logits[b, :kept]))
         return results
+
+    def _verify_tree(self, seqs: list[Sequence], proposals: list[Proposal], draft_s: float) -> list[Accepted]:
+        """Verify draft trees (root + nodes) in one target forward with a tree mask, keep each accepted path."""
+        t0 = time.perf_counter()
+        trees = [VerifyTree.of(s.token_ids[-1], p) for s, p in zip(seqs, proposals, strict=True)]
+        width = max(len(t.tokens) for t in trees)
+        for t in trees:
+            t.pad(width)
+        starts = [len(s.token_ids) - 1 for s in seqs]
+        ancestors = torch.stack([ancestor_matrix(t.parents) for t in trees])  # [B, W, W]
+        logits, features = self.runner.verify_tree([t.tokens for t in trees], starts,
+                                                   [depths(t.parents) for t in trees], ancestors,
+                                                   self.drafter.capture)  # [B, W, V], [B, W, 3H]
+        self.timing.add(draft_s, time.perf_counter() - t0, width - 1)
+        results = []
+        for b, (seq, prop, tree) in enumerate(zip(seqs, proposals, trees, strict=True)):
+            if seq.params.greedy:
+                new, path = accept_tree_greedy(tree.tokens, tree.parents, logits[b])
+            else:  # the tree drafter gives sampled requests a chain: rows 0..k in order
+                new = accept(prop.tokens, prop.probs, logits[b, : len(prop.tokens) + 1], seq.params, seq.generator)
+                path = list(range(len(new)))
+            self.runner.cache.keep_path(b, starts[b], path, starts[b] + width)
+            self.drafter.on_verify(seq, None if features is None else features[b, path])
+            seq.request.spec.record(len(prop.tokens), len(path) - 1)
+            results.append(Accepted(new, logits[b, path]))
+        return results
+
+
+@dataclass
+class VerifyTree:
+    """One sequence's verify rows: the root (its last token) then the draft nodes; `parents` index rows (-1:
+    none), padding rows attend only the prefix and themselves."""
+
+    tokens: list[int]
+    parents: list[int]
+
+    @classmethod
+    def of(cls, last_token: int, prop: Proposal) -> VerifyTree:
+        node_parents = prop.parents if prop.parents is not None else list(range(-1, len(prop.tokens) - 1))
+        return cls([last_token, *prop.tokens], [-1, *(p + 1 for p in node_parents)])
+
+    def pad(self, width: int) -> None:
+        n = width - len(self.tokens)
+        self.tokens += [0] * n
+        self.parents += [-1] * n
 
 
 
@@ -104,16 +170,31 @@ def resolve_head_dir(speculative: str, model: str, model_dir: Path) -> Path:
                          "with `optiserve train-draft` and pass its directory, or use --speculative ngram")
 
 
+def adaptive_policy(cfg: EngineConfig, drafter: Drafter) -> AdaptivePolicy | None:
+    """The per-step draft budget (up to the drafter's most draft tokens), unless `--no-speculative-adaptive`."""
+    return AdaptivePolicy(PolicyConfig(drafter.max_draft_tokens)) if cfg.speculative_adaptive else None
+
+
 def make_spec_decoder(cfg: EngineConfig, runner: ModelRunner, model_dir: Path) -> SpecDecoder | None:
     """The speculative decoder `cfg.speculative` asks for, or None."""
     if cfg.speculative == "none":
         return None
     k = cfg.num_speculative_tokens
     if cfg.speculative == "ngram":
-        return SpecDecoder(runner, NgramDrafter(k))
+        drafter = NgramDrafter(k)
+        return SpecDecoder(runner, drafter, adaptive_policy(cfg, drafter))
     path = resolve_head_dir(cfg.speculative, cfg.model, model_dir)
     if not is_draft_dir(path):
         raise ModelLoadError(f"--speculative {cfg.speculative}: {path} is not a draft head directory")
     dtype = runner.cache.k.dtype
     head = load_draft_head(path, dtype).to(runner.device).attach(runner.model)
-    return SpecDecoder(runner, EagleDrafter(head, k, runner.cache.shape.num_slots, runner.cache.shape.max_len, dtype))
+    slots, max_len = runner.cache.shape.num_slots, runner.cache.shape.max_len
+    if not cfg.tree:
+        drafter = EagleDrafter(head, k, slots, max_len, dtype)
+    elif runner.model.cfg.sliding_window:
+        raise ModelLoadError("a draft tree needs a model without a sliding window; use --speculative-eagle-topk 1")
+    else:
+        drafter = EagleTreeDrafter(head, k, cfg.speculative_eagle_topk, cfg.speculative_num_draft_tokens, slots,
+                                   max_len, dtype, cfg.speculative_ngram_branch)
+    return SpecDecoder(runner, drafter, adaptive_policy(cfg, drafter))
+

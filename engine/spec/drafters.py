@@ -17,10 +17,11 @@ from .ngram import propose_ngram
 @dataclass
 class Proposal:
     """Per sequence: draft token ids (target vocabulary) and, for sampled drafts, the distributions they were
-    drawn from [k, V] (None: greedy drafts or deterministic lookup)."""
+    drawn from [k, V] (None: greedy drafts or deterministic lookup); a chain unless `parents` is given."""
 
     tokens: list[int]
     probs: torch.Tensor | None
+    parents: list[int] | None = None  # a draft tree: each token's parent index (-1: the root), parents first
 
 
 class NgramDrafter:
@@ -30,13 +31,14 @@ class NgramDrafter:
     caches: tuple[KVCache, ...] = ()
 
     def __init__(self, k: int):
-        self.k = k
+        self.k = self.max_draft_tokens = k
 
     def on_prefill(self, seq: Sequence, features: torch.Tensor | None) -> None:
         pass
 
-    def propose(self, seqs: list[Sequence]) -> list[Proposal]:
-        return [Proposal(propose_ngram(s.token_ids, self.k), None) for s in seqs]
+    def propose(self, seqs: list[Sequence], num_draft_tokens: int | None = None) -> list[Proposal]:
+        k = self.k if num_draft_tokens is None else min(num_draft_tokens, self.k)
+        return [Proposal(propose_ngram(s.token_ids, k) if k else [], None) for s in seqs]
 
     def on_verify(self, seq: Sequence, features: torch.Tensor | None) -> None:
         pass
@@ -55,6 +57,7 @@ class EagleDrafter:
 
     def __init__(self, head: DraftHead, k: int, num_slots: int, max_len: int, dtype: torch.dtype):
         self.head, self.k = head, k
+        self.max_draft_tokens = k  # what a step may verify per sequence (a tree: its node budget)
         self.capture = head.cfg.target_layers
         c = head.cfg
         self.cache = KVCache(CacheShape(1, num_slots, c.num_kv_heads, max_len, c.head_dim), dtype)
@@ -74,8 +77,27 @@ class EagleDrafter:
         state.pending = features if not len(state.pending) else torch.cat([state.pending, features])
 
     @torch.inference_mode()
-    def propose(self, seqs: list[Sequence]) -> list[Proposal]:
-        """Catch the head up on the pending features (one forward), then k-1 one-token steps; seqs in slots [0, B)."""
+    def propose(self, seqs: list[Sequence], num_draft_tokens: int | None = None) -> list[Proposal]:
+        """Catch the head up on the pending features (one forward), then k-1 one-token steps; seqs in slots [0, B).
+        `num_draft_tokens` (<= k) shortens the chain for this step."""
+        k = self.k if num_draft_tokens is None else min(num_draft_tokens, self.k)
+        if k == 0:
+            return [Proposal([], None) for _ in seqs]
+        h, ends = self._catch_up(seqs)
+        drafted, probs = [], []
+        for j in range(k):
+            d, q = self._pick(self.head.logits(h[:, 0]), seqs)
+            drafted.append(d)
+            probs.append(q)
+            if j + 1 < k:  # the head embeds target ids, as in training: map the draft id back
+                h = self._run(self.head.d2t[d].unsqueeze(1), h, (ends + j).unsqueeze(1))
+        target_ids = self.head.d2t[torch.stack(drafted, dim=1)].tolist()  # [B, k]
+        return [Proposal(ids, None if probs[0][b] is None else torch.stack([q[b] for q in probs]))
+                for b, ids in enumerate(target_ids)]
+
+    def _catch_up(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the head over each sequence's pending features (one forward); returns each row's last output state
+        [B, 1, H] (it predicts the first draft) and the positions where drafting continues [B]."""
         states: list[EagleState] = [s.draft_state for s in seqs]
         counts = [len(st.pending) for st in states]
         S = max(counts)
@@ -89,17 +111,7 @@ class EagleDrafter:
         h = h[torch.arange(len(seqs)), torch.tensor(counts) - 1].unsqueeze(1)  # each row's last real pair
         for st, n in zip(states, counts, strict=True):
             st.draft_len, st.pending = st.draft_len + n, st.pending[:0]
-        ends = torch.tensor([st.draft_len for st in states])  # the chain continues at these positions
-        drafted, probs = [], []
-        for j in range(self.k):
-            d, q = self._pick(self.head.logits(h[:, 0]), seqs)
-            drafted.append(d)
-            probs.append(q)
-            if j + 1 < self.k:  # the head embeds target ids, as in training: map the draft id back
-                h = self._run(self.head.d2t[d].unsqueeze(1), h, (ends + j).unsqueeze(1))
-        target_ids = self.head.d2t[torch.stack(drafted, dim=1)].tolist()  # [B, k]
-        return [Proposal(ids, None if probs[0][b] is None else torch.stack([q[b] for q in probs]))
-                for b, ids in enumerate(target_ids)]
+        return h, torch.tensor([st.draft_len for st in states])
 
     def _run(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The head over `tokens` [B, S] at `positions` [B, S] in cache slots [0, B)."""

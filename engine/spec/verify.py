@@ -27,6 +27,25 @@ def accept_greedy(drafts: list[int], target_logits: torch.Tensor) -> list[int]:
     return out
 
 
+def accept_tree_greedy(tokens: list[int], parents: list[int],
+                       target_logits: torch.Tensor) -> tuple[list[int], list[int]]:
+    """A verified draft tree, row 0 the root (`parents[r]` < r, -1 for the root and unused rows), `target_logits`
+    [W, V] scored at each row: follow the child equal to the target's argmax from the root while there is one.
+    Returns the emitted tokens (accepted + bonus) and the rows of the accepted path (root first)."""
+    best = target_logits.argmax(-1).tolist()
+    children: dict[int, list[int]] = {}
+    for r, p in enumerate(parents):
+        children.setdefault(p, []).append(r)
+    path, out = [0], []
+    while True:
+        here = path[-1]
+        out.append(best[here])
+        follow = next((c for c in children.get(here, ()) if tokens[c] == best[here]), None)
+        if follow is None:
+            return out, path
+        path.append(follow)
+
+
 def accept_sampled(
     drafts: list[int],
     draft_probs: torch.Tensor,

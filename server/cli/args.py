@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import argparse
 
-from optiserve.engine.config import EngineConfig
+from optiserve.engine.config import LM_HEAD_DTYPES, EngineConfig
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local HF checkpoint dir")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def add_lm_head_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lm-head-dtype", default="float32", choices=LM_HEAD_DTYPES,
+                   help="the LM head's weights (computed from them by the CPU kernel; the embedding stays fp32)")
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -22,19 +27,38 @@ def add_spec_args(p: argparse.ArgumentParser, default: str = "none") -> None:
     p.add_argument("--speculative", default=default,
                    help="none | auto (the shipped draft head for the default model, or DIR/draft_head) | ngram | "
                         "a draft head dir from `optiserve train-draft`")
-    p.add_argument("--num-speculative-tokens", type=int, default=5, help="draft chain length")
+    p.add_argument("--num-speculative-tokens", type=int, default=5,
+                   help="draft chain length (the default of --speculative-num-steps)")
+    p.add_argument("--speculative-num-steps", type=int, default=None, help="draft depth (chain or tree)")
+    p.add_argument("--speculative-eagle-topk", type=int, default=1,
+                   help="children expanded per frontier node of the draft tree; 1: a chain")
+    p.add_argument("--speculative-num-draft-tokens", type=int, default=None,
+                   help="tree nodes verified per step (at most 15; default min(15, steps x topk))")
+    p.add_argument("--speculative-adaptive", action=argparse.BooleanOptionalAction, default=True,
+                   help="each step, draft as many tokens as the measured acceptance and step costs say pay (0: a "
+                        "plain decode step); --no-speculative-adaptive always drafts the full chain or tree")
+    p.add_argument("--speculative-ngram-branch", action="store_true",
+                   help="n-gram lookup candidates join the head's draft tree as an extra branch (at most half "
+                        "the nodes)")
+
+
+TREE_FIELDS = ("speculative_num_steps", "speculative_eagle_topk", "speculative_num_draft_tokens",
+               "speculative_ngram_branch")
 
 
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
     fields = {"model": args.model, "dtype": args.dtype, "device": getattr(args, "device", EngineConfig.device),
+              "lm_head_dtype": getattr(args, "lm_head_dtype", EngineConfig.lm_head_dtype),
               "speculative": getattr(args, "speculative", "none"),
-              "num_speculative_tokens": getattr(args, "num_speculative_tokens", EngineConfig.num_speculative_tokens)}
+              "num_speculative_tokens": getattr(args, "num_speculative_tokens", EngineConfig.num_speculative_tokens),
+              "speculative_adaptive": getattr(args, "speculative_adaptive", EngineConfig.speculative_adaptive),
+              **{name: getattr(args, name) for name in TREE_FIELDS if hasattr(args, name)}}
     return EngineConfig(**{**fields, **overrides})
 
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     from optiserve.engine.kv_quant import KV_FORMATS
-    from optiserve.engine.quant import WEIGHT_FORMATS
+    from optiserve.engine.weight_formats import WEIGHT_FORMATS
     from optiserve.optimize.ptq_pipeline import QuantRequest
 
     p.add_argument("--quant", default="none", choices=WEIGHT_FORMATS, help="weight (and activation) format")

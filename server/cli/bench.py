@@ -5,15 +5,30 @@ from __future__ import annotations
 import argparse
 import os
 
-from .args import add_model_args, add_quant_args, add_spec_args, apply_quant, engine_config, quant_request
+from .args import (
+    TREE_FIELDS,
+    add_lm_head_arg,
+    add_model_args,
+    add_quant_args,
+    add_spec_args,
+    apply_quant,
+    engine_config,
+    quant_request,
+)
 from .serve import add_serve_args
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks that print and write JSON")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    decode = bench_sub.add_parser("decode", help="decode tok/s: our engine vs HF transformers generate")
+    decode = bench_sub.add_parser("decode", help="decode tok/s: our engine vs HF transformers generate "
+                                  "(and llama.cpp with --compare llama-cpp)")
     add_model_args(decode)
+    add_lm_head_arg(decode)
+    add_quant_args(decode)
+    decode.add_argument("--compare", default=None, choices=["llama-cpp"],
+                        help="also time llama.cpp (llama-cpp-python, optional extra) on the default model's GGUF")
+    decode.add_argument("--rounds", type=int, default=2, help="alternating rounds over every side")
     decode.add_argument("--batch", type=int, default=1)
     decode.add_argument("--tokens", type=int, default=128)
     decode.add_argument("--against", default=None, help="also time our engine on this model, same run")
@@ -22,12 +37,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     decode.add_argument("--json", default=None, help="write the results to this file")
     spec = bench_sub.add_parser("spec", help="decode tok/s with and without speculation, τ and acceptance rate")
     add_model_args(spec)
+    add_lm_head_arg(spec)
     add_quant_args(spec)
     add_spec_args(spec, default="auto")
     spec.add_argument("--prompts", required=True, help="jsonl with `instruction` per row, or one prompt per line")
     spec.add_argument("--offset", type=int, default=0, help="first prompt row (e.g. past those used in training)")
     spec.add_argument("--num-prompts", type=int, default=16)
     spec.add_argument("--max-tokens", type=int, default=128)
+    spec.add_argument("--batch", type=int, default=1, help="prompts decoded together (continuous batching)")
     spec.add_argument("--json", default=None, help="write the results to this file")
     load = bench_sub.add_parser("load", help="drive a running server's HTTP API with concurrent clients")
     load.add_argument("--url", default="http://127.0.0.1:8000")
@@ -62,9 +79,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def run_bench_decode(args: argparse.Namespace) -> None:
-    from optiserve.engine.bench import bench_decode
+    from optiserve.engine.bench import DecodeBench, bench_decode
 
-    bench_decode(args.model, args.batch, args.tokens, args.dtype, args.json, args.against, args.prompts)
+    req = quant_request(args)
+    cfg = DecodeBench(args.model, args.batch, args.tokens, args.dtype, args.lm_head_dtype, args.against, args.compare,
+                      args.prompts, args.rounds, {"quant": req.quant, "kv_cache": req.kv_cache})
+    bench_decode(cfg, args.json, lambda engine: apply_quant(engine, req))
 
 
 def run_bench_spec(args: argparse.Namespace) -> None:
@@ -75,14 +95,17 @@ def run_bench_spec(args: argparse.Namespace) -> None:
     if args.speculative == "none":
         raise ValueError("bench spec compares against speculation: give --speculative auto|ngram|DIR")
     req = quant_request(args)
-    engines = [LLMEngine(engine_config(args, max_batch=1, speculative=s)) for s in ("none", args.speculative)]
+    # Plain decoding, the full chain every step, and the adaptive budget: three engines, one process.
+    modes = [("none", False), (args.speculative, False), (args.speculative, True)]
+    engines = [LLMEngine(engine_config(args, max_batch=args.batch, speculative=s, speculative_adaptive=a))
+               for s, a in modes]
     for engine in engines:
         apply_quant(engine, req)
     prompts = chat_prompt_ids(engines[0].tokenizer, load_prompt_file(args.prompts, args.offset, args.num_prompts))
     label = {"model": args.model, "quant": req.quant, "kv_cache": req.kv_cache, "speculative": args.speculative,
-             "num_speculative_tokens": args.num_speculative_tokens, "prompts_file": args.prompts,
-             "offset": args.offset}
-    bench_spec(engines[0], engines[1], prompts, args.max_tokens, label, args.json)
+             **{k: getattr(engines[1].cfg, k) for k in ("num_speculative_tokens", *TREE_FIELDS)},
+             "prompts_file": args.prompts, "offset": args.offset, "batch": args.batch}
+    bench_spec(engines, prompts, args.max_tokens, label, args.json, args.batch)
 
 
 def run_bench_load(args: argparse.Namespace) -> None:

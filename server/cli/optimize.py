@@ -74,6 +74,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     td.add_argument("--epochs", type=float, default=2.0)
     td.add_argument("--lr", type=float, default=1e-3)
     td.set_defaults(run=run_train_draft)
+    tl = sub.add_parser("train-draft-large", help="train a draft head on ~10x the data: an on-disk feature store, "
+                        "sampled answers, early stopping on held-out tau (resumable stages)")
+    add_model_args(tl)
+    tl.add_argument("--instructions", required=True, help="AlpacaEval-style jsonl (instruction, output)")
+    tl.add_argument("--texts", nargs="*", default=[], help="text files labelled in a prefill (never a test split)")
+    tl.add_argument("--output", required=True, help="stores, answers, checkpoints and the head; rerun to resume")
+    tl.add_argument("--train-rows", type=int, nargs=2, default=(0, 650), metavar=("START", "STOP"))
+    tl.add_argument("--heldout-rows", type=int, nargs=2, default=(650, 700), metavar=("START", "STOP"))
+    tl.add_argument("--temperatures", type=float, nargs="+", default=(0.7, 1.0), help="sampled-answer temperatures")
+    tl.add_argument("--max-samples", type=int, default=16, help="sampled answers per prompt and temperature")
+    tl.add_argument("--target-tokens", type=int, default=3_200_000, help="stop adding data past this many tokens")
+    tl.add_argument("--max-batch", type=int, default=16)
+    tl.add_argument("--max-answer-tokens", type=int, default=256)
+    tl.add_argument("--epochs", type=float, default=4.0)
+    tl.add_argument("--max-steps", type=int, default=None)
+    tl.add_argument("--lr", type=float, default=5e-4)
+    tl.add_argument("--eval-every", type=int, default=250, help="steps between held-out tau evaluations")
+    tl.add_argument("--patience", type=int, default=4, help="evaluations without improvement before stopping")
+    tl.add_argument("--compare-steps", type=int, default=300, help="steps per LM-head init in the comparison")
+    tl.set_defaults(run=run_train_draft_large)
 
 
 def train_config(args: argparse.Namespace):
@@ -121,6 +141,17 @@ def run_train_draft(args: argparse.Namespace) -> None:
                            max_answer_tokens=args.max_answer_tokens, max_prompts=args.max_prompts,
                            text_tokens=args.text_tokens)
     train_draft(args.model, args.data, args.output, cfg)
+
+
+def run_train_draft_large(args: argparse.Namespace) -> None:
+    from optiserve.optimize.draft_fit import DraftTrainConfig
+    from optiserve.optimize.draft_large import LargeDataConfig, train_large
+
+    data = LargeDataConfig(args.instructions, args.texts, args.train_rows, args.heldout_rows, args.temperatures,
+                           args.max_samples, args.target_tokens, args.max_batch)
+    cfg = DraftTrainConfig(epochs=args.epochs, lr=args.lr, max_answer_tokens=args.max_answer_tokens,
+                           max_steps=args.max_steps, eval_every=args.eval_every, patience=args.patience)
+    train_large(args.model, data, args.output, cfg, args.compare_steps)
 
 
 def eval_args(args: argparse.Namespace) -> dict:

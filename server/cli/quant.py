@@ -7,13 +7,14 @@ import argparse
 
 from optiserve.engine.config import check_device
 
-from .args import add_device_arg, add_model_args, add_quant_args, quant_request
+from .args import add_device_arg, add_lm_head_arg, add_model_args, add_quant_args, quant_request
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add the eval and quantize subcommands to the `optiserve` parser."""
     ev = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against the unquantized model")
     add_model_args(ev)
+    add_lm_head_arg(ev)
     add_device_arg(ev)
     add_quant_args(ev)
     ev.add_argument("--data", required=True, help="text or jsonl file, e.g. ../shared/data/wikitext-2/test.txt")
@@ -38,6 +39,7 @@ def run_eval(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoTokenizer
 
+    from optiserve.engine.lm_head import with_lm_head
     from optiserve.engine.quantized_checkpoint import is_modelopt_checkpoint
     from optiserve.engine.weights import load_model, resolve_model_dir
     from optiserve.optimize.data import read_texts, token_windows
@@ -60,14 +62,16 @@ def run_eval(args: argparse.Namespace) -> None:
         write_result(result, {"model": args.model, "data": args.data, "reference": args.reference}, args.json)
         return
     model = load_model(model_dir, args.window, getattr(torch, args.dtype), device)
+    head = args.lm_head_dtype
     if req.quant == "none" and req.kv_cache == "none":
-        result = evaluate(model, windows)
+        result = evaluate(with_lm_head(model, head), windows, reference=None if head == "float32" else model)
     else:
         from optiserve.optimize.ptq_pipeline import prepare_quantized
 
         q = prepare_quantized(model_dir, model, tokenizer, req)
-        result = evaluate(q.model, windows, reference=model, kv=q.kv)
-    extra = {"model": args.model, "data": args.data, "quant": req.quant, "kv_cache": req.kv_cache}
+        result = evaluate(with_lm_head(q.model, head), windows, reference=model, kv=q.kv)
+    extra = {"model": args.model, "data": args.data, "quant": req.quant, "kv_cache": req.kv_cache,
+             "lm_head_dtype": head}
     if args.compare_modelopt:
         from optiserve.optimize.modelopt_compare import compare_with_modelopt, print_comparison
 

@@ -7,6 +7,7 @@ import os
 
 from .args import (
     add_device_arg,
+    add_lm_head_arg,
     add_model_args,
     add_quant_args,
     add_spec_args,
@@ -25,6 +26,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """Every `serve` option (also parsed by `bench serve` for the engine it compares against)."""
     add_model_args(p)
+    add_lm_head_arg(p)
     add_device_arg(p)
     add_quant_args(p)
     add_spec_args(p)

@@ -58,7 +58,9 @@ def base():
 
 @pytest.fixture(scope="module", params=["auto", "ngram"])
 def speculative(request):
-    return LLMEngine(EngineConfig(max_batch=4, max_model_len=1024, speculative=request.param))
+    # The full chain every step (no adaptive policy): what these tests check is drafting and verifying.
+    return LLMEngine(EngineConfig(max_batch=4, max_model_len=1024, speculative=request.param,
+                                  speculative_adaptive=False))
 
 
 def test_greedy_identical_at_batch_1_and_4(base, speculative, chat_prompt_ids):

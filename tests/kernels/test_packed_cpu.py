@@ -11,6 +11,7 @@ import torch
 from optiserve.engine import packed_linear as pl
 from optiserve.engine.quant import QuantLinear, quantize_fused, quantize_weight, weight_bytes
 from optiserve.engine.runner import ModelRunner
+from optiserve.engine.weight_formats import weight_format
 from tests.engine.test_ops import cpu_flags
 from tests.engine.test_speculative import assert_verify_equals_decode_steps
 from tests.kernels.test_packed_compute import quantized_default_model
@@ -50,7 +51,7 @@ def assert_rows_alone(kernel, x: torch.Tensor, ops: pl.PackedOperands, b: torch.
 def test_decoded_weights_are_the_reference_bits(fmt, n, k):
     """x = the identity: each output is one weight times 1.0, so y.T is the decoded weight itself."""
     shards = packed(fmt, [(n, k)])
-    y = pl.packed_linear(torch.eye(k), pl.operands(fmt, shards), None)  # [K, N]
+    y = pl.packed_linear(torch.eye(k), pl.operands(weight_format(fmt), shards), None)  # [K, N]
     assert torch.equal(y.t(), dequantized(shards))
 
 
@@ -58,7 +59,7 @@ def test_decoded_weights_are_the_reference_bits(fmt, n, k):
 @pytest.mark.parametrize(("n", "k"), SHAPES)
 def test_product_and_rows_alone_for_1_to_16_rows(fmt, n, k):
     shards = packed(fmt, [(n, k)], seed=n + k)
-    ops, w = pl.operands(fmt, shards), dequantized(shards)
+    ops, w = pl.operands(weight_format(fmt), shards), dequantized(shards)
     gen = torch.Generator().manual_seed(k)
     b = torch.randn(n, generator=gen)
     for m in [1, 2, 3, 4, 5, 7, 8, 13, 16, 20]:
@@ -71,7 +72,7 @@ def test_fused_shards_write_side_by_side(fmt):
     shards = packed(fmt, [(576, 576), (192, 576), (192, 576)])  # q/k/v, one per-tensor scale for all
     gen = torch.Generator().manual_seed(1)
     x, b = torch.randn(2, 3, 576, generator=gen), torch.randn(960, generator=gen)
-    y = pl.packed_linear(x, pl.operands(fmt, shards), b)  # [2, 3, 960]
+    y = pl.packed_linear(x, pl.operands(weight_format(fmt), shards), b)  # [2, 3, 960]
     assert y.shape == (2, 3, 960)
     assert_product_up_to_order(y.reshape(6, -1), x.reshape(6, -1), dequantized(shards), b)
 
@@ -100,7 +101,7 @@ def test_the_avx2_build_is_correct_too():
     for fmt in FORMATS:
         for n, k in [(576, 576), (30, 37)]:
             shards = packed(fmt, [(n, k)])
-            ops = pl.operands(fmt, shards)
+            ops = pl.operands(weight_format(fmt), shards)
             assert torch.equal(pl.packed_linear(torch.eye(k), ops, None, avx2).t(), dequantized(shards))
             x, b = torch.randn(16, k, generator=gen), torch.randn(n, generator=gen)
             assert_product_up_to_order(assert_rows_alone(avx2, x, ops, b), x, dequantized(shards), b)

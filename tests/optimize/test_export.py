@@ -12,9 +12,8 @@ from safetensors import safe_open
 from optiserve.engine.config import EngineConfig, ModelConfig, SamplingParams
 from optiserve.engine.layout import rope_row_perm
 from optiserve.engine.llm_engine import LLMEngine, WeightSet, run_to_completion
-from optiserve.engine.quantized_checkpoint import KV_MEANS_FILE, permute_rows, read_kv_means
-from optiserve.kernels.int4 import Int4Tensor
-from optiserve.kernels.nvfp4 import NVFP4Tensor
+from optiserve.engine.quantized_checkpoint import KV_MEANS_FILE, read_kv_means
+from optiserve.engine.weight_formats import FORMATS
 from optiserve.optimize.export import export_checkpoint
 from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
 
@@ -116,12 +115,11 @@ def test_names_dtypes_and_config(exported):
         assert t[p + "mlp.down_proj.pre_quant_scale"].shape == (1536,)
 
 
-@pytest.mark.parametrize("kind", ["nvfp4", "int4"])
-def test_rope_row_permutation_commutes_with_packing(kind):
+@pytest.mark.parametrize("fmt", list(FORMATS.values()), ids=list(FORMATS))
+def test_rope_row_permutation_commutes_with_packing(fmt):
     """Permuting packed rows (scales too; int4 unpacked and repacked) equals quantizing the permuted rows."""
     w = torch.randn(4 * 64, 256)
     perm = rope_row_perm(4, 64, to_hf=True)
-    cls = NVFP4Tensor if kind == "nvfp4" else Int4Tensor
-    packed = permute_rows(cls.from_float(w), perm)
-    assert torch.equal(packed.dequantize(torch.float32), cls.from_float(w).dequantize(torch.float32)[perm])
-    assert torch.equal(permute_rows(packed, rope_row_perm(4, 64, to_hf=False)).qdata, cls.from_float(w).qdata)
+    packed = fmt.permute_rows(fmt.quantize(w, None), perm)
+    assert torch.equal(packed.dequantize(torch.float32), fmt.quantize(w, None).dequantize(torch.float32)[perm])
+    assert torch.equal(fmt.permute_rows(packed, rope_row_perm(4, 64, to_hf=False)).qdata, fmt.quantize(w, None).qdata)

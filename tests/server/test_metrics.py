@@ -23,6 +23,7 @@ EXPECTED = {
     "optiserve:spec_decode_num_drafts": "counter",
     "optiserve:spec_decode_num_draft_tokens": "counter",
     "optiserve:spec_decode_num_accepted_tokens": "counter",
+    "optiserve:spec_decode_num_skipped_steps": "counter",
     "optiserve:model_info": "gauge",  # an Info metric is exposed as a gauge with labels
     "optiserve:model_weight_bytes": "gauge",
     "optiserve:kv_cache_bytes_per_token": "gauge",

@@ -14,7 +14,9 @@ MODEL = "SmolLM2-135M-Instruct"
 
 @pytest.fixture(scope="module")
 def spec_server(tmp_path_factory):
-    proc = ServerProcess(tmp_path_factory.mktemp("spec"), "--max-batch", "4", "--speculative", "auto")
+    # The full 5-token chain every step, so the counts below are exact (the adaptive budget is in test_spec_policy).
+    proc = ServerProcess(tmp_path_factory.mktemp("spec"), "--max-batch", "4", "--speculative", "auto",
+                         "--no-speculative-adaptive")
     yield proc.url
     proc.stop()
 

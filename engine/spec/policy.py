@@ -1,0 +1,114 @@
+"""When to draft: each step, the draft budget that maximises expected tokens per second, measured online.
+
+Expected tokens of a step drafting k tokens per sequence: 1 + sum_{j<=k} prod_{i<j} c_i, with c_i the EMA of
+P(draft position i accepted | position i-1 accepted). Its cost, relative to a plain decode step at that batch
+size: 1 + r_B * k, with r_B the EMA of the measured extra cost per draft token (drafting + verify rows) at batch
+B. Rows are nearly free at batch 1 (the weights are read once) and cost compute at batch 8, so r_B grows with B
+and drafting turns off under load unless acceptance is high. Budget 0 is a plain decode step; it also refreshes
+the plain-step time. While off, a full-budget probe every `probe_every` steps keeps c and r current.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PolicyConfig:
+    max_budget: int  # the drafter's chain length (num_speculative_tokens)
+    ema: float = 0.1  # weight of a new observation
+    probe_every: int = 16  # steps between probes while off, and between plain-step re-timings while on
+    prior_acceptance: float = 0.5  # c_i before any observation: optimistic enough to try drafting
+    prior_cost_per_draft: float = 0.1  # r_B before any observation
+
+    def __post_init__(self) -> None:
+        if self.max_budget < 1:
+            raise ValueError("max_budget must be >= 1")
+        if not 0.0 < self.ema <= 1.0:
+            raise ValueError("ema must be in (0, 1]")
+        if self.probe_every < 2:
+            raise ValueError("probe_every must be >= 2")
+
+
+@dataclass
+class StepRecord:
+    """One speculative (or plain) step as it happened: the budget asked, per sequence the drafts proposed and
+    how many of them were accepted, and the step's wall time (drafting + verifying)."""
+
+    budget: int
+    drafted: list[int]
+    accepted: list[int]
+    seconds: float
+
+
+@dataclass
+class BatchCost:
+    """Per batch size: seconds of a plain step, and extra cost per draft token relative to it (EMAs)."""
+
+    plain_s: float | None = None
+    per_draft: float | None = None
+    since_plain: int = 0  # steps since the plain-step time was last measured
+    since_draft: int = 0  # steps since the last drafting step
+
+
+@dataclass
+class AdaptivePolicy:
+    cfg: PolicyConfig
+    acceptance: list[float] = field(default_factory=list)  # c_i, [max_budget]
+    costs: dict[int, BatchCost] = field(default_factory=dict)
+    steps_drafted: int = 0
+    steps_skipped: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.acceptance:
+            self.acceptance = [self.cfg.prior_acceptance] * self.cfg.max_budget
+
+    def expected_tokens(self, k: int) -> float:
+        """Tokens a step drafting k emits on average, the target's own token included."""
+        total, reach = 1.0, 1.0
+        for c in self.acceptance[:k]:
+            reach *= c
+            total += reach
+        return total
+
+    def relative_cost(self, batch: int, k: int) -> float:
+        cost = self.costs.get(batch, BatchCost())
+        r = cost.per_draft if cost.per_draft is not None else self.cfg.prior_cost_per_draft
+        return 1.0 + r * k
+
+    def best_budget(self, batch: int) -> int:
+        """argmax_k tokens/second relative to plain decoding; 0 when no k gains."""
+        gains = [self.expected_tokens(k) / self.relative_cost(batch, k) for k in range(self.cfg.max_budget + 1)]
+        return max(range(len(gains)), key=lambda k: (gains[k], -k))
+
+    def budget(self, seqs: list) -> int:
+        """Draft tokens per sequence for the coming step of `seqs` (0: a plain decode step)."""
+        cost = self.costs.setdefault(len(seqs), BatchCost())
+        cost.since_plain += 1
+        cost.since_draft += 1
+        k = self.best_budget(len(seqs))
+        if cost.plain_s is None or (k and cost.since_plain > self.cfg.probe_every):
+            return 0  # time a plain step first, and re-time it now and then: context length and load drift
+        if k == 0 and cost.since_draft > self.cfg.probe_every:
+            return self.cfg.max_budget  # a probe, so drafting can come back
+        return k
+
+    def observe(self, rec: StepRecord) -> None:
+        """Fold one step's acceptance and timing into the estimates."""
+        cost = self.costs.setdefault(len(rec.drafted), BatchCost())
+        width = max(rec.drafted, default=0)
+        if rec.budget == 0 or width == 0:
+            self.steps_skipped += rec.budget == 0
+            cost.plain_s = self._ema(cost.plain_s, rec.seconds)
+            cost.since_plain = 0
+            return
+        self.steps_drafted += 1
+        cost.since_draft = 0
+        if cost.plain_s is not None:
+            cost.per_draft = self._ema(cost.per_draft, max(rec.seconds / cost.plain_s - 1.0, 0.0) / width)
+        for drafted, accepted in zip(rec.drafted, rec.accepted, strict=True):
+            for i in range(min(accepted + 1, drafted)):  # positions tried: up to the first rejection
+                self.acceptance[i] = self._ema(self.acceptance[i], float(i < accepted))
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.cfg.ema * (new - old)

@@ -1,0 +1,143 @@
+"""The adaptive draft budget: decisions on recorded figures, and on the real model (lossless, off when drafts
+are always wrong, on when they are mostly right)."""
+
+import pytest
+
+from optiserve.engine.chat import chat_prompt_ids
+from optiserve.engine.config import EngineConfig, SamplingParams
+from optiserve.engine.llm_engine import LLMEngine
+from optiserve.engine.sequence import SpecStats
+from optiserve.engine.spec.drafters import NgramDrafter, Proposal
+from optiserve.engine.spec.policy import AdaptivePolicy, PolicyConfig, StepRecord
+
+from .test_speculative import assert_same_greedy, generate
+
+K = 5
+PLAIN_S = 0.030  # a plain decode step's seconds (any value: the policy works with ratios to it)
+
+
+def policy_after(batch: int, acceptance: list[float], step_cost: float, steps: int = 500,
+                 ema: float = 0.01) -> AdaptivePolicy:
+    """A policy fed `steps` full-chain steps whose drafts are accepted position by position with the given
+    conditional rates (each row draws a quantile from a fixed scrambled cycle of 100) and that cost `step_cost`
+    plain steps each; a slow EMA so the estimates settle on the recorded rates."""
+    policy = AdaptivePolicy(PolicyConfig(K, ema=ema))
+    policy.observe(StepRecord(0, [0] * batch, [0] * batch, PLAIN_S))
+    for step in range(steps):
+        accepted = []
+        for b in range(batch):
+            n, reach = 0, 1.0
+            for c in acceptance:  # row b accepts position i while its quantile stays under the running rate
+                reach *= c
+                if (37 * (b + step * batch)) % 100 / 100 >= reach:
+                    break
+                n += 1
+            accepted.append(n)
+        policy.observe(StepRecord(K, [K] * batch, accepted, step_cost * PLAIN_S))
+    return policy
+
+
+def test_recorded_head_at_batch_1_drafts_one_token():
+    """The issue's figures for the shipped head: 26% / 20% / 1% conditional acceptance, 6-row step 1.58x a plain
+    one (draft 0.043 per token, verify 1.36): only the first draft pays."""
+    policy = policy_after(1, [0.26, 0.2, 0.01, 0.01, 0.01], 1.58)
+    assert policy.best_budget(1) == 1
+
+
+def test_recorded_head_at_batch_8_turns_off():
+    """At batch 8 the verify rows cost compute (measured 3.4x a plain step for 6 rows): drafting does not pay."""
+    policy = policy_after(8, [0.26, 0.2, 0.01, 0.01, 0.01], 3.4)
+    assert policy.best_budget(8) == 0
+
+
+def test_high_acceptance_keeps_the_full_chain():
+    policy = policy_after(1, [0.8] * K, 1.58)
+    assert policy.best_budget(1) == K
+
+
+def test_off_policy_probes_and_comes_back():
+    """Off after poor steps; a probe within `probe_every` steps; good probes turn drafting back on."""
+    policy = policy_after(1, [0.0] * K, 1.58, steps=50, ema=0.1)  # the serving EMA
+    budgets = []
+    for _ in range(policy.cfg.probe_every + 1):
+        k = policy.budget([None])
+        budgets.append(k)
+        if k:
+            policy.observe(StepRecord(k, [k], [k], 1.58 * PLAIN_S))
+        else:
+            policy.observe(StepRecord(0, [0], [0], PLAIN_S))
+    assert budgets[0] == 0 and K in budgets
+    for _ in range(30):  # every probe accepted in full
+        policy.observe(StepRecord(K, [K], [K], 1.58 * PLAIN_S))
+    assert policy.best_budget(1) == K
+
+
+class WrongTokenDrafter(NgramDrafter):
+    """A drafter whose acceptance is ~0 by construction: it always proposes the last vocabulary id, a token
+    the chat model never emits. It stands for a head that does not match its target."""
+
+    def __init__(self, k: int, token: int):
+        super().__init__(k)
+        self.token = token
+
+    def propose(self, seqs, k=None):
+        return [Proposal([self.token] * (k or self.k), None) for _ in seqs]
+
+
+GREEDY = SamplingParams(max_tokens=48, temperature=0, logprobs=2, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def adaptive_ngram():
+    return LLMEngine(EngineConfig(max_batch=8, max_model_len=1024, speculative="ngram"))
+
+
+@pytest.fixture(autouse=True)
+def fresh_policy(request):
+    """Each engine test starts from the priors (the policy learns across requests: one test's drafter must not
+    leave its estimates to the next)."""
+    if "adaptive_ngram" in request.fixturenames:
+        request.getfixturevalue("adaptive_ngram").spec.policy = AdaptivePolicy(PolicyConfig(K))
+
+
+def totals(results) -> SpecStats:
+    total = SpecStats()
+    for *_, spec in results:
+        total.add(spec)
+    return total
+
+
+def test_wrong_drafts_turn_drafting_off_and_output_stays_identical(engine, adaptive_ngram, chat_prompt_ids):
+    prompts = chat_prompt_ids[:4]
+    ref = generate(engine, prompts, GREEDY, at_once=True)
+    ngram = adaptive_ngram.spec.drafter
+    adaptive_ngram.spec.drafter = WrongTokenDrafter(K, adaptive_ngram.model_config.vocab_size - 1)
+    try:
+        got = generate(adaptive_ngram, prompts, GREEDY, at_once=True)
+    finally:
+        adaptive_ngram.spec.drafter = ngram
+    assert_same_greedy(ref, got)
+    total = totals(got)
+    assert total.accepted_tokens == 0
+    assert total.skipped_steps > 3 * total.drafts  # probes only
+
+
+def test_repetitive_text_keeps_ngram_drafting_on(engine, adaptive_ngram):
+    # The model answers with the digits cycling 1234567890...: lookup finds the continuation from the second cycle.
+    ids = chat_prompt_ids(engine.tokenizer, ["Count from 1 to 40, separated by commas."])
+    ref = generate(engine, ids, GREEDY, at_once=True)
+    got = generate(adaptive_ngram, ids, GREEDY, at_once=True)
+    assert_same_greedy(ref, got)
+    total, policy = totals(got), adaptive_ngram.spec.policy
+    # The policy's own choices: steps it drafted vs steps it chose to skip (lookups that found nothing are neither).
+    assert policy.steps_drafted > policy.steps_skipped, (policy.steps_drafted, policy.steps_skipped, total)
+    assert total.acceptance_rate > 0.5
+
+
+def test_seeded_sampled_requests_repeat_whatever_the_policy_learned(adaptive_ngram, chat_prompt_ids):
+    params = SamplingParams(max_tokens=24, temperature=0.8, seed=3)
+    first = generate(adaptive_ngram, chat_prompt_ids[:2], params, at_once=True)
+    # Estimates that would turn drafting off: the seeded batch must still draft as it did the first time.
+    adaptive_ngram.spec.policy = AdaptivePolicy(PolicyConfig(K, prior_acceptance=0.01, prior_cost_per_draft=5.0))
+    again = generate(adaptive_ngram, chat_prompt_ids[:2], params, at_once=True)
+    assert [ids for ids, *_ in first] == [ids for ids, *_ in again] and all(ids for ids, *_ in first)

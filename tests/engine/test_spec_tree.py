@@ -1,0 +1,138 @@
+"""The dynamic draft tree on the real model: tree-mask verify equals a forward over each root-to-node path,
+keeping the accepted path leaves the cache as if only it was written, and greedy output with trees equals plain
+decoding (fp32 and a packed weight format)."""
+
+import pytest
+import torch
+
+from optiserve.engine.config import EngineConfig, SamplingParams
+from optiserve.engine.llm_engine import LLMEngine, WeightSet
+from optiserve.engine.spec.drafters import Proposal
+from optiserve.engine.spec.tree_drafter import with_branch
+from optiserve.engine.tree_attention import ancestor_matrix, depths
+from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
+
+from .test_speculative import EXACT, GREEDY, assert_same_greedy, generate
+
+# The full tree every step (the adaptive budget would shrink it; test_spec_policy covers that).
+TREE = {"speculative": "auto", "speculative_num_steps": 4, "speculative_eagle_topk": 3,
+        "speculative_num_draft_tokens": 8, "speculative_ngram_branch": True, "speculative_adaptive": False}
+# Root (row 0) and 9 nodes, parents first: two branches from the root, a deeper one and a sibling pair.
+PARENTS = [-1, 0, 0, 1, 1, 3, 2, 6, 6, 5]
+
+
+def random_tree_tokens(seed: int) -> list[int]:
+    return torch.randint(0, 1000, (len(PARENTS),), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def path_to(row: int) -> list[int]:
+    path = [row]
+    while PARENTS[path[-1]] >= 0:
+        path.append(PARENTS[path[-1]])
+    return path[::-1]
+
+
+def verify_tree(runner, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """Prefill all but the last prompt token, then verify the tree rooted at it; logits [W, V]."""
+    runner.cache.truncate(0, 0, runner.cache.shape.max_len)
+    runner.prefill(0, prompt[:-1])
+    start = len(prompt) - 1
+    logits, _ = runner.verify_tree([tokens], [start], [depths(PARENTS)], ancestor_matrix(PARENTS)[None])
+    return logits[0]
+
+
+def verify_chain(runner, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    runner.cache.truncate(0, 0, runner.cache.shape.max_len)
+    runner.prefill(0, prompt[:-1])
+    return runner.verify([tokens], [len(prompt) - 1])[0][0]
+
+
+@pytest.fixture(scope="module")
+def base():
+    return LLMEngine(EngineConfig(max_batch=4, max_model_len=1024))
+
+
+def test_tree_verify_equals_a_forward_over_each_path(base, chat_prompt_ids):
+    """Every row of a tree verify scores as a chain verify over the path root..row does (bit for bit with the CPU
+    kernels: the tree row attends the same keys in the same order)."""
+    prompt = chat_prompt_ids[2]
+    tokens = [prompt[-1], *random_tree_tokens(0)[1:]]
+    tree = verify_tree(base.runner, prompt, tokens)
+    for row in range(len(PARENTS)):
+        chain = verify_chain(base.runner, prompt, [tokens[r] for r in path_to(row)])[-1]
+        if EXACT:
+            assert torch.equal(tree[row], chain), row
+        else:
+            torch.testing.assert_close(tree[row], chain, rtol=1e-4, atol=1e-4)
+
+
+def test_keeping_a_path_leaves_the_cache_as_if_only_it_was_written(base, chat_prompt_ids):
+    runner, prompt = base.runner, chat_prompt_ids[0]
+    tokens = [prompt[-1], *random_tree_tokens(1)[1:]]
+    start, path = len(prompt) - 1, path_to(9)  # rows 0, 1, 3, 5, 9: moved to start + 0..4
+    verify_tree(runner, prompt, tokens)
+    runner.cache.keep_path(0, start, path, start + len(tokens))
+    k_kept, v_kept = runner.cache.k[:, 0].clone(), runner.cache.v[:, 0].clone()
+    verify_chain(runner, prompt, [tokens[r] for r in path])
+    if EXACT:
+        assert torch.equal(k_kept, runner.cache.k[:, 0]) and torch.equal(v_kept, runner.cache.v[:, 0])
+    else:
+        torch.testing.assert_close(k_kept, runner.cache.k[:, 0], rtol=1e-4, atol=1e-4)
+    assert k_kept[:, :, start + len(path) :].abs().sum() == 0
+
+
+@pytest.fixture(scope="module")
+def tree_engine():
+    return LLMEngine(EngineConfig(max_batch=4, max_model_len=1024, **TREE))
+
+
+def test_greedy_identical_with_trees(base, tree_engine, chat_prompt_ids):
+    ref = generate(base, chat_prompt_ids[:4], GREEDY, at_once=False)
+    got = generate(tree_engine, chat_prompt_ids[:4], GREEDY, at_once=True)
+    assert_same_greedy(ref, got)
+    spec = [s for *_, s in got]
+    assert all(s.drafts > 0 for s in spec)
+    assert sum(s.draft_tokens for s in spec) > 4 * sum(s.drafts for s in spec)  # trees, not single drafts
+
+
+def test_greedy_identical_with_trees_on_a_packed_format(base, tree_engine, chat_prompt_ids):
+    req = QuantRequest("int4", "none", calib_samples=4, calib_seq_len=128)
+    for engine in (base, tree_engine):
+        engine.use_weights(prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req))
+    try:
+        ref = generate(base, chat_prompt_ids[4:6], GREEDY, at_once=False)
+        assert_same_greedy(ref, generate(tree_engine, chat_prompt_ids[4:6], GREEDY, at_once=True))
+    finally:
+        for engine in (base, tree_engine):
+            engine.use_weights(WeightSet(engine.master, "none"))
+
+
+def test_sampled_requests_draft_chains_and_stay_seeded(tree_engine, chat_prompt_ids):
+    params = SamplingParams(max_tokens=16, temperature=0.8, seed=3)
+    first = generate(tree_engine, chat_prompt_ids[:2], params, at_once=True)
+    again = generate(tree_engine, chat_prompt_ids[:2], params, at_once=True)
+    assert [ids for ids, *_ in first] == [ids for ids, *_ in again] and all(ids for ids, *_ in first)
+
+
+@pytest.mark.parametrize("fields", [
+    {"speculative_eagle_topk": 1, "speculative_num_draft_tokens": 7},  # a chain has num_steps tokens
+    {"speculative_eagle_topk": 4, "speculative_num_draft_tokens": 16},  # past one 16-row verify
+    {"speculative_eagle_topk": 0},
+    {"speculative": "ngram", "speculative_eagle_topk": 2},
+])
+def test_tree_settings_are_checked(fields):
+    with pytest.raises(ValueError):
+        EngineConfig(**{"speculative": "auto", **fields})
+
+
+def test_chain_length_alias():
+    assert EngineConfig(num_speculative_tokens=3).speculative_num_steps == 3
+    cfg = EngineConfig(speculative="auto", speculative_num_steps=4, speculative_eagle_topk=3)
+    assert (cfg.num_speculative_tokens, cfg.speculative_num_draft_tokens, cfg.spec_cache_room) == (4, 12, 13)
+
+
+def test_ngram_branch_shares_the_nodes_it_agrees_with():
+    tree = Proposal([5, 6, 7, 8], None, [-1, 0, -1, 1])  # 5 -> 6 -> 8, and 7
+    merged = with_branch(tree, [5, 6, 9, 4])  # follows 5 -> 6, then adds 9 -> 4 under 6
+    assert (merged.tokens, merged.parents) == ([5, 6, 7, 8, 9, 4], [-1, 0, -1, 1, 1, 4])
+    assert with_branch(tree, []).tokens == tree.tokens

@@ -1,0 +1,122 @@
+"""The draft-head feature store: shards round-trip, a killed writer leaves a readable prefix that a rerun
+continues, and training streams rows from it equal to rows packed in memory (and resumes from its checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from optiserve.engine.spec.draft_head import DraftConfig
+from optiserve.optimize.draft_data import DraftSample, label_sequence, text_chunks
+from optiserve.optimize.draft_fit import DraftTrainConfig, StoreRows, fit, pack
+from optiserve.optimize.draft_store import MANIFEST, StoreReader, StoreWriter
+from optiserve.optimize.draft_train import draft_vocabulary, init_head
+
+WIDTH = 12
+
+
+def unit_sample(unit: int) -> DraftSample:
+    """A deterministic sample per unit, of varying length, so any unit can be checked after a resume."""
+    g = torch.Generator().manual_seed(unit)
+    n = 3 + unit % 5
+    return DraftSample(torch.randint(0, 49152, (n,), generator=g), torch.randint(-100, 49152, (n,), generator=g),
+                       torch.randn(n, WIDTH, generator=g).to(torch.bfloat16))
+
+
+def assert_units(reader: StoreReader, units: range) -> None:
+    assert len(reader) == len(units)
+    for i, unit in enumerate(units):
+        want, got = unit_sample(unit), reader.sample(i)
+        assert torch.equal(got.tokens, want.tokens) and torch.equal(got.labels, want.labels)
+        assert torch.equal(got.features, want.features)
+
+
+def test_store_round_trips_across_shards(tmp_path):
+    writer = StoreWriter(tmp_path, WIDTH, shard_tokens=20)
+    for unit in range(30):
+        writer.add("job", unit + 1, [unit_sample(unit)])
+    writer.flush()
+    reader = StoreReader(tmp_path)
+    assert len(reader.manifest["shards"]) > 3
+    assert_units(reader, range(30))
+    assert StoreWriter(tmp_path, WIDTH).done("job") == 30
+    with pytest.raises(ValueError, match="wide"):
+        StoreWriter(tmp_path, WIDTH + 1)
+
+
+WRITER = """
+import sys, time
+from tests.optimize.test_draft_store import WIDTH, unit_sample
+from optiserve.optimize.draft_store import StoreWriter
+w = StoreWriter(sys.argv[1], WIDTH, shard_tokens=15)
+for unit in range(w.done("job"), 10_000):
+    w.add("job", unit + 1, [unit_sample(unit)])
+    time.sleep(0.01)
+"""
+
+
+def test_killed_writer_leaves_a_readable_prefix_that_a_rerun_continues(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            path = tmp_path / MANIFEST
+            if path.is_file() and len(json.loads(path.read_text())["shards"]) >= 3:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the writer wrote no shards")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    prefix = StoreReader(tmp_path)
+    stored = StoreWriter(tmp_path, WIDTH).done("job")
+    assert stored > 0
+    assert_units(prefix, range(stored))  # every stored unit exactly once, none half-written
+    writer = StoreWriter(tmp_path, WIDTH, shard_tokens=15)
+    for unit in range(writer.done("job"), stored + 7):
+        writer.add("job", unit + 1, [unit_sample(unit)])
+    writer.flush()
+    assert_units(StoreReader(tmp_path), range(stored + 7))
+
+
+@pytest.fixture(scope="module")
+def labelled(engine, train_text) -> list[DraftSample]:
+    """Real target features and labels for a few 96-token chunks of training text."""
+    layers = DraftConfig.for_target(engine.model_config, 512).target_layers
+    chunks = text_chunks(engine.tokenizer, train_text.read_text(), 96)[:6]
+    return [label_sequence(engine.runner.model, t, layers, 0, own_tokens=False) for t, _ in chunks]
+
+
+def test_training_streams_from_the_store_and_resumes(engine, labelled, tmp_path):
+    writer = StoreWriter(tmp_path / "store", labelled[0].features.shape[1], shard_tokens=200)
+    for i, s in enumerate(labelled):
+        writer.add("text", i + 1, [s])
+    writer.flush()
+    reader = StoreReader(tmp_path / "store")
+    cfg = DraftTrainConfig(draft_vocab_size=512, row_len=200, rows_per_step=2, max_steps=2, warmup_steps=1,
+                           eval_every=1, ttt_steps=2)
+    d2t = draft_vocabulary(reader.all_labels(), cfg.draft_vocab_size)
+    t2d = torch.full((49152,), -100)
+    t2d[d2t] = torch.arange(len(d2t))
+    rows = StoreRows(reader, t2d, cfg.row_len)
+    in_memory = pack(labelled, t2d, cfg.row_len)
+    assert len(rows) == len(in_memory) == 3
+    for a, b in zip(rows, in_memory, strict=True):  # streamed rows are the rows packed from memory
+        assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
+    head_cfg = DraftConfig.for_target(engine.model_config, cfg.draft_vocab_size)
+    held = in_memory[-1:]
+    first = fit(init_head(engine.runner.model, head_cfg, d2t), rows, cfg, tmp_path / "run", held)
+    assert first["steps"] == 2 and len(first["history"]) == 2
+    assert (tmp_path / "run" / "best" / "best.pt").is_file()
+    cfg.max_steps = 3
+    resumed = fit(init_head(engine.runner.model, head_cfg, d2t, fresh_lm_head=True), rows, cfg, tmp_path / "run",
+                  held)
+    assert resumed["steps"] == 3 and [h["step"] for h in resumed["history"]] == [1, 2, 3]
+    assert resumed["best_tau"] >= first["best_tau"] > 1.0
