@@ -76,10 +76,9 @@ class LLMEngine:
             model = load_model(self.model_dir, cache_len, dtype, cfg.device, mapped=True)
         self.master: Transformer | None = None if quantized else model  # unquantized weights, for format swaps
         served = with_lm_head(model, cfg.lm_head_dtype)
-        self.runner = ModelRunner(served, cfg.max_batch, cache_len, dtype)
+        self.runner = ModelRunner(served, cfg.max_batch, cache_len, dtype, cfg.kv_block_size, cfg.kv_cache_memory)
         self.spec = make_spec_decoder(cfg, self.runner, self.model_dir)
-        spec_caches = self.spec.drafter.caches if self.spec else ()
-        self.scheduler = Scheduler(cfg.max_batch, [self.runner.cache, *spec_caches])
+        self.scheduler = Scheduler(cfg.max_batch, self.runner.cache.tables)
         self.eos_ids = set(self.model_config.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}
         self._new: queue.SimpleQueue[Request] = queue.SimpleQueue()  # filled by callers, drained by the loop
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()

@@ -94,7 +94,8 @@ class Attention(nn.Module):
         if cache is None:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [B, KV, S, D]
         else:  # draft-tree rows share positions: they are written at their own slots
-            keys, values = cache.update(self.layer_idx, positions if tree is None else tree.slots, k, v)
+            cache.update(self.layer_idx, positions if tree is None else tree.slots, k, v)
+            keys, values = cache.window(self.layer_idx)
         if tree is not None:
             if tree.dense is None:
                 return self.o(ops.decode_attention(qkv, keys, values, tree.slots, H, self.window, tree))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .kv_cache import CacheShape, KVCache
+from .kv_cache import CacheShape, KVCache, blocks_for_memory
 from .model import Transformer
 from .tree_attention import TreeMask, dense_tree_mask
 
@@ -46,12 +46,18 @@ def fold_groups(allowed: torch.Tensor, group: int) -> torch.Tensor:
 class ModelRunner:
     """Owns the model and its KV cache; every forward goes through here."""
 
-    def __init__(self, model: Transformer, num_slots: int, max_len: int, dtype: torch.dtype):
+    def __init__(self, model: Transformer, num_slots: int, max_len: int, dtype: torch.dtype, block_size: int = 16,
+                 kv_cache_memory: int | None = None):
+        """`block_size` 0: one block of max_len per slot; `kv_cache_memory` (bytes) sizes the block pool (default:
+        every slot at max_len)."""
         self.model = model
         cfg = model.cfg
         self.max_len = max_len
         self.device = model.embed.weight.device
-        shape = CacheShape(cfg.num_layers, num_slots, cfg.num_kv_heads, max_len, cfg.head_dim)
+        shape = CacheShape(cfg.num_layers, num_slots, cfg.num_kv_heads, max_len, cfg.head_dim, block_size)
+        if kv_cache_memory is not None:
+            bytes_per_token = shape.elements_per_token * dtype.itemsize
+            shape.num_blocks = blocks_for_memory(kv_cache_memory, shape.block_size, bytes_per_token)
         self.cache = KVCache(shape, dtype, self.device)
         self.unmasked_decode = ops.decode_attention_available(dtype, self.device)
 
@@ -59,10 +65,12 @@ class ModelRunner:
         """The attention mask for queries at `positions` [B, S] (None where `mask_unless_kernel` needs none)."""
         return mask_unless_kernel(positions, attn_len, self.model.cfg.group_size, window, self.unmasked_decode)
 
-    def _forward(self, first_slot: int, tokens: torch.Tensor, positions: torch.Tensor, attn_len: int,
+    def _forward(self, first_slot: int, tokens: torch.Tensor, positions: torch.Tensor,
                  all_logits: bool, capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits ([B, S, V] if `all_logits` else [B, V]) and the captured layers' outputs [B, S, n*H] (or None)."""
-        self.cache.begin(first_slot, positions.shape[0], attn_len)
+        lengths = (positions.amax(1) + 1).tolist()  # [B] each row's cache positions, its own included
+        self.cache.begin(first_slot, lengths)
+        attn_len = max(lengths)
         mask = self.mask_for(positions, attn_len, self.model.cfg.sliding_window)
         x, captured = self.model.hidden_states(tokens, positions, self.cache, mask, capture)
         logits = self.model.logits(x if all_logits else x[:, -1])
@@ -79,7 +87,7 @@ class ModelRunner:
         """`prefill`, also returning the outputs of the `capture` layers at every position [S, n*H]."""
         tokens = torch.tensor([token_ids], device=self.device)  # [1, S]
         positions = torch.arange(len(token_ids), device=self.device).unsqueeze(0)
-        logits, features = self._forward(slot, tokens, positions, len(token_ids), all_logits, capture)
+        logits, features = self._forward(slot, tokens, positions, all_logits, capture)
         return logits[0], None if features is None else features[0]
 
     @torch.inference_mode()
@@ -87,7 +95,7 @@ class ModelRunner:
         """One token for each of the sequences in slots [0, B); returns logits [B, V]."""
         tokens = torch.tensor([[t] for t in last_tokens], device=self.device)  # [B, 1]
         pos = torch.tensor([[p] for p in positions], device=self.device)  # [B, 1]
-        return self._forward(0, tokens, pos, max(positions) + 1, all_logits=False)[0]
+        return self._forward(0, tokens, pos, all_logits=False)[0]
 
     @torch.inference_mode()
     def decode_at(self, slot: int, token: int, position: int,
@@ -95,7 +103,7 @@ class ModelRunner:
         """One token for the sequence in `slot` alone (a failed batch retried one by one): logits [1, V] and
         the captured features [1, 1, n*H] (or None)."""
         tokens = torch.tensor([[token]], device=self.device)
-        return self._forward(slot, tokens, torch.tensor([[position]], device=self.device), position + 1, False, capture)
+        return self._forward(slot, tokens, torch.tensor([[position]], device=self.device), False, capture)
 
     @torch.inference_mode()
     def verify(self, tokens: list[list[int]], starts: list[int],
@@ -105,7 +113,7 @@ class ModelRunner:
         Returns logits [B, S, V] and captured features [B, S, n*H]; the caller rolls back rejected positions."""
         tok = torch.tensor(tokens, device=self.device)  # [B, S]
         pos = torch.tensor(starts, device=self.device)[:, None] + torch.arange(tok.shape[1], device=self.device)
-        return self._forward(0, tok, pos, int(pos.max()) + 1, all_logits=True, capture=capture)
+        return self._forward(0, tok, pos, all_logits=True, capture=capture)
 
     @torch.inference_mode()
     def verify_tree(self, tokens: list[list[int]], starts: list[int], depths: list[list[int]],
@@ -118,8 +126,9 @@ class ModelRunner:
         base = torch.tensor(starts, device=self.device)  # [B]
         slots = base[:, None] + torch.arange(tok.shape[1], device=self.device)  # [B, S]
         positions = base[:, None] + torch.tensor(depths, device=self.device)  # [B, S]
-        attn_len = int(slots.max()) + 1
-        self.cache.begin(0, tok.shape[0], attn_len)
+        lengths = (slots.amax(1) + 1).tolist()  # [B]
+        self.cache.begin(0, lengths)
+        attn_len = max(lengths)
         mask = self.tree_mask(slots, base, ancestors.to(self.device), attn_len)
         x, captured = self.model.hidden_states(tok, positions, self.cache, mask, capture)
         return self.model.logits(x), torch.cat(captured, dim=-1) if captured else None

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from collections import deque
 
-from .kv_cache import KVCache
+from .kv_cache import SlotTables
 from .sequence import SeqStatus, Sequence
 
 
 class Scheduler:
     """Admits waiting sequences into free slots at step boundaries and keeps running slots packed."""
 
-    def __init__(self, num_slots: int, caches: list[KVCache]):
+    def __init__(self, num_slots: int, tables: SlotTables):
         self.num_slots = num_slots
-        self.caches = caches  # the target's KV cache first, then any drafter's (slots move together)
+        self.tables = tables  # each slot's KV blocks (the target's and any drafter's caches read them)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -34,14 +34,15 @@ class Scheduler:
         return admitted
 
     def release(self, seq: Sequence) -> None:
-        """Take a sequence out (finished or aborted); the last running one moves into its slot."""
+        """Take a sequence out (finished or aborted): its blocks go back; the last running one moves into its slot
+        (its block table does, no KV is copied)."""
         if seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
         elif seq.status is SeqStatus.RUNNING:
             slot, last = seq.slot, self.running[-1]
+            self.tables.free(slot)
             if last is not seq:
-                for cache in self.caches:
-                    cache.move(last.slot, slot, len(last.token_ids))
+                self.tables.move(last.slot, slot)
                 self.running[slot], last.slot = last, slot
             self.running.pop()
         seq.status, seq.slot = SeqStatus.FINISHED, -1
@@ -50,6 +51,5 @@ class Scheduler:
         return [s for s in (*self.waiting, *self.running) if s.request.request_id == request_id]
 
     def kv_usage(self) -> float:
-        """Fraction of the KV cache's token positions held by running sequences (0-1, like vLLM)."""
-        used = sum(len(s.token_ids) for s in self.running)
-        return used / (self.num_slots * self.caches[0].shape.max_len)
+        """Fraction of the KV cache's blocks held by running sequences (0-1, like vLLM)."""
+        return self.tables.pool.usage
