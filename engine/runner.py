@@ -9,8 +9,11 @@ from .kv_cache import CacheShape, KVCache, blocks_for_memory
 from .model import Transformer
 from .tree_attention import TreeMask, dense_tree_mask
 
-# Query rows per sequence up to which attention runs in the decode-attention kernel: a speculative verify (k + 1
-# rows) computed like k + 1 decode steps is bit-identical to them; longer prefills are faster in SDPA.
+# Draft-tree rows per sequence up to which the decode-attention kernel reads the tree mask (config.MAX_TREE_NODES
+# keeps trees within it). Decode, verify and prefill rows of any number run in the kernel where it is built: each
+# row computed alone, so a verify is bit-identical to decode steps and a prompt prefilled after a cached prefix to
+# the same prompt prefilled whole (SDPA rounds a row differently with other query rows beside it; prefill takes
+# as long either way).
 KERNEL_ROWS = 16
 
 
@@ -29,10 +32,10 @@ def attention_mask(positions: torch.Tensor, attn_len: int, group: int, window: i
 def mask_unless_kernel(positions: torch.Tensor, attn_len: int, group: int, window: int | None,
                        kernel: bool) -> torch.Tensor | None:
     """The attention mask for queries at `positions` [B, S] over cached keys, or None where the attention needs
-    none: up to KERNEL_ROWS rows go through the decode-attention kernel (`kernel`: it runs here), and one row
-    without a sliding window attends exactly its keys [0, attn_len); longer prefills use SDPA with the mask."""
+    none: the decode-attention kernel (`kernel`: it runs here) bounds each row itself, and one row without a
+    sliding window attends exactly its keys [0, attn_len); elsewhere SDPA takes the mask."""
     B, S = positions.shape
-    if (kernel and S <= KERNEL_ROWS) or (S == 1 and B == 1 and window is None):
+    if kernel or (S == 1 and B == 1 and window is None):
         return None
     return attention_mask(positions, attn_len, group, window)
 
