@@ -79,11 +79,12 @@ class BlockPool:
         return -(-num_tokens // self.block_size)
 
     # ---- a sequence's life ------------------------------------------------------------------------------
-    def allocate(self, prompt: list[int]) -> tuple[BlockTable, int]:
+    def allocate(self, prompt: list[int], lookup: bool = True) -> tuple[BlockTable, int]:
         """Blocks for a new sequence's prompt; returns its table and how many leading tokens are already cached
-        (a multiple of block_size, always < len(prompt): the last token is computed for its logits)."""
+        (a multiple of block_size, always < len(prompt): the last token is computed for its logits). `lookup`
+        False computes the whole prompt (e.g. its logprobs are wanted)."""
         table, parent = BlockTable(), NO_PARENT
-        cacheable = (len(prompt) - 1) // self.block_size if self.prefix_caching else 0
+        cacheable = (len(prompt) - 1) // self.block_size if self.prefix_caching and lookup else 0
         for i in range(cacheable):
             tokens = tuple(prompt[i * self.block_size : (i + 1) * self.block_size])
             block_id = self._lookup(parent, tokens)
@@ -148,6 +149,13 @@ class BlockPool:
             raise
         copies = [(table.blocks[full], child.blocks[full])] if num_tokens % self.block_size else []
         return child, copies
+
+    def forget_all(self) -> None:
+        """No block's content is findable any more (the weights that computed it are gone); tables holding keyed
+        blocks must reset their `num_keyed` too."""
+        for block in self.blocks:
+            block.key, block.parent, block.tokens = None, NO_PARENT, ()
+        self.by_key.clear()
 
     def free_table(self, table: BlockTable) -> None:
         """A finished (or preempted) sequence: its blocks go back, keyed ones stay findable until evicted."""

@@ -70,6 +70,23 @@ class SlotTables:
     def block_size(self) -> int:
         return self.pool.block_size
 
+    def admit(self, slot: int, prompt: list[int], lookup: bool) -> int:
+        """Blocks for a new sequence's prompt in `slot`, cached prefix blocks shared when the pool caches prefixes
+        (and `lookup`); returns how many leading prompt tokens are cached (their KV is there already)."""
+        self.free(slot)  # anything a caller of the runner left there
+        self.tables[slot], cached = self.pool.allocate(prompt, lookup)
+        return cached
+
+    def commit(self, slot: int, tokens: list[int]) -> None:
+        """`tokens` have their KV written in `slot`: the full blocks they fill become findable by prefix."""
+        self.pool.commit(self.tables[slot], tokens)
+
+    def forget_prefixes(self) -> None:
+        """After a weight swap: cached KV was computed by other weights, none of it may be found again."""
+        self.pool.forget_all()
+        for table in self.tables:
+            table.num_keyed = 0
+
     def reserve(self, slot: int, num_tokens: int) -> None:
         """Blocks for positions [0, num_tokens) of `slot` (raises NoFreeBlocks, taking none, if the pool is short)."""
         self.pool.grow(self.tables[slot], num_tokens)
@@ -96,10 +113,12 @@ class KVCache:
     """K/V pools [layers, num_blocks, block_size, kv_heads, head_dim] plus the block tables of the current forward."""
 
     def __init__(self, shape: CacheShape, dtype: torch.dtype, device: str | torch.device = "cpu",
-                 tables: SlotTables | None = None):
+                 tables: SlotTables | None = None, prefix_caching: bool = False):
+        """`tables`: another cache's, to share (a drafter's); else the cache's own pool, caching prompt prefixes
+        for reuse if `prefix_caching`."""
         self.shape = shape
         if tables is None:
-            tables = SlotTables(BlockPool(shape.num_blocks, shape.block_size, prefix_caching=False),
+            tables = SlotTables(BlockPool(shape.num_blocks, shape.block_size, prefix_caching),
                                 shape.num_slots, shape.max_len)
         if (tables.pool.num_blocks, tables.block_size) != (shape.num_blocks, shape.block_size):
             raise ValueError("a cache sharing block tables needs the same number and size of blocks")

@@ -50,9 +50,9 @@ class ModelRunner:
     """Owns the model and its KV cache; every forward goes through here."""
 
     def __init__(self, model: Transformer, num_slots: int, max_len: int, dtype: torch.dtype, block_size: int = 16,
-                 kv_cache_memory: int | None = None):
+                 kv_cache_memory: int | None = None, prefix_caching: bool = False):
         """`block_size` 0: one block of max_len per slot; `kv_cache_memory` (bytes) sizes the block pool (default:
-        every slot at max_len)."""
+        every slot at max_len); `prefix_caching` keeps full prompt blocks findable for reuse."""
         self.model = model
         cfg = model.cfg
         self.max_len = max_len
@@ -61,7 +61,7 @@ class ModelRunner:
         if kv_cache_memory is not None:
             bytes_per_token = shape.elements_per_token * dtype.itemsize
             shape.num_blocks = blocks_for_memory(kv_cache_memory, shape.block_size, bytes_per_token)
-        self.cache = KVCache(shape, dtype, self.device)
+        self.cache = KVCache(shape, dtype, self.device, prefix_caching=prefix_caching)
         self.unmasked_decode = ops.decode_attention_available(dtype, self.device)
 
     def mask_for(self, positions: torch.Tensor, attn_len: int, window: int | None) -> torch.Tensor | None:
@@ -80,16 +80,18 @@ class ModelRunner:
         return logits, torch.cat(captured, dim=-1) if captured else None
 
     @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: list[int], all_logits: bool = False) -> torch.Tensor:
-        """Process a whole prompt into `slot`; logits [S, V] if `all_logits`, else [V] for the last token."""
-        return self.prefill_features(slot, token_ids, all_logits)[0]
+    def prefill(self, slot: int, token_ids: list[int], all_logits: bool = False, start: int = 0) -> torch.Tensor:
+        """Process a prompt into `slot`, positions [start, S) (those before `start` are cached already); logits
+        [S - start, V] if `all_logits`, else [V] for the last token."""
+        return self.prefill_features(slot, token_ids, all_logits, start=start)[0]
 
     @torch.inference_mode()
     def prefill_features(self, slot: int, token_ids: list[int], all_logits: bool = False,
-                         capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`prefill`, also returning the outputs of the `capture` layers at every position [S, n*H]."""
-        tokens = torch.tensor([token_ids], device=self.device)  # [1, S]
-        positions = torch.arange(len(token_ids), device=self.device).unsqueeze(0)
+                         capture: tuple[int, ...] = (), start: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`prefill`, also returning the outputs of the `capture` layers at every computed position [S - start,
+        n*H]."""
+        tokens = torch.tensor([token_ids[start:]], device=self.device)  # [1, S - start]
+        positions = torch.arange(start, len(token_ids), device=self.device).unsqueeze(0)
         logits, features = self._forward(slot, tokens, positions, all_logits, capture)
         return logits[0], None if features is None else features[0]
 

@@ -60,9 +60,11 @@ class SpecDecoder:
         if isinstance(self.drafter, EagleDrafter):
             self.drafter.head.attach(model)
 
-    def prefill(self, seq: Sequence, token_ids: list[int], all_logits: bool = False) -> torch.Tensor:
-        """The target's prefill, handing the captured features to the drafter."""
-        logits, features = self.runner.prefill_features(seq.slot, token_ids, all_logits, self.drafter.capture)
+    def prefill(self, seq: Sequence, token_ids: list[int], all_logits: bool = False, start: int = 0) -> torch.Tensor:
+        """The target's prefill from `start` (a drafter reading features gets 0: no prefix caching), handing the
+        captured features to the drafter."""
+        logits, features = self.runner.prefill_features(seq.slot, token_ids, all_logits, self.drafter.capture,
+                                                         start)
         self.drafter.on_prefill(seq, features)
         return logits
 

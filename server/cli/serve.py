@@ -40,6 +40,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="bytes of KV-cache blocks (default: --max-batch sequences of --max-model-len)")
     p.add_argument("--kv-block-size", type=int, default=EngineConfig.kv_block_size,
                    help="tokens per KV-cache block (0: one block of the whole context per sequence, unpaged)")
+    p.add_argument("--enable-prefix-caching", action="store_true",
+                   help="reuse the KV of full prompt blocks seen before (a shared system prompt is prefilled once)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the dir name)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--api-key", default=os.environ.get("OPTISERVE_API_KEY"),
