@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # Triton decides interpreter-or-compiler when it is first imported, and importing optiserve.engine imports it
 # (engine -> kernels). Set the interpreter here, before that, so tests/kernels can run the kernels on the CPU.
@@ -41,6 +44,17 @@ def hf_model(engine):
 @pytest.fixture(name="chat_prompt_ids", scope="session")
 def chat_prompt_ids_fixture(engine) -> list[list[int]]:
     return chat_prompt_ids(engine.tokenizer, CHAT_PROMPTS)
+
+
+@contextmanager
+def scratch_dir(tmp_path_factory, name: str) -> Iterator[Path]:
+    """A module fixture's directory, deleted when the fixture ends: exported and pruned models are hundreds of MB
+    each, and tmp_path_factory keeps its directories to the end of the run."""
+    path = tmp_path_factory.mktemp(name)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class ServerProcess:

@@ -1,15 +1,20 @@
 """When to draft: each step, the draft budget that maximises expected tokens per second, measured online.
 
-Expected tokens of a step drafting k tokens per sequence: 1 + sum_{j<=k} prod_{i<j} c_i, with c_i the EMA of
-P(draft position i accepted | position i-1 accepted). Its cost, relative to a plain decode step at that batch
-size: 1 + r_B * k, with r_B the EMA of the measured extra cost per draft token (drafting + verify rows) at batch
-B. Rows are nearly free at batch 1 (the weights are read once) and cost compute at batch 8, so r_B grows with B
-and drafting turns off under load unless acceptance is high. Budget 0 is a plain decode step; it also refreshes
-the plain-step time. While off, a full-budget probe every `probe_every` steps keeps c and r current.
+Expected tokens of a step drafting k tokens per sequence: 1 + sum_{j<=k} prod_{i<j} c_i, with c_i the EMA of P(draft
+position i accepted | position i-1 accepted). Its cost, relative to a plain decode step at that batch size: 1 + r_B
+* k, with r_B the EMA of the measured extra cost per draft token (drafting + verify rows) at batch B. Rows are
+nearly free at batch 1 (the weights are read once) and cost compute at batch 8, so r_B grows with B and drafting
+turns off under load unless acceptance is high. A batch size not measured yet borrows r from the nearest one that is
+(the prior only before any). Budget 0 is a plain decode step; it also refreshes the plain-step time. While off, a
+one-token probe keeps c_1 and r current, every `probe_every` steps or less often where a probe costs more (at batch
+8 a draft row costs compute): its extra cost r_B stays within `probe_overhead` of the steps between (up to
+`max_probe_every`). A row that accepts its whole chain says nothing of the next position: its estimate drifts back
+toward the prior, so a chain that shrank can grow again.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -17,7 +22,9 @@ from dataclasses import dataclass, field
 class PolicyConfig:
     max_budget: int  # the drafter's chain length (num_speculative_tokens)
     ema: float = 0.1  # weight of a new observation
-    probe_every: int = 16  # steps between probes while off, and between plain-step re-timings while on
+    probe_every: int = 16  # steps before the first probe while off, and between plain-step re-timings while on
+    probe_overhead: float = 0.02  # a probe's extra cost over the plain steps between probes, at most
+    max_probe_every: int = 64  # ... but never rarer: one noisy timing must not keep drafting off for long
     prior_acceptance: float = 0.5  # c_i before any observation: optimistic enough to try drafting
     prior_cost_per_draft: float = 0.1  # r_B before any observation
 
@@ -26,8 +33,10 @@ class PolicyConfig:
             raise ValueError("max_budget must be >= 1")
         if not 0.0 < self.ema <= 1.0:
             raise ValueError("ema must be in (0, 1]")
-        if self.probe_every < 2:
-            raise ValueError("probe_every must be >= 2")
+        if not 2 <= self.probe_every <= self.max_probe_every:
+            raise ValueError("need 2 <= probe_every <= max_probe_every")
+        if not 0.0 < self.probe_overhead <= 1.0:
+            raise ValueError("probe_overhead must be in (0, 1]")
 
 
 @dataclass
@@ -72,9 +81,19 @@ class AdaptivePolicy:
         return total
 
     def relative_cost(self, batch: int, k: int) -> float:
-        cost = self.costs.get(batch, BatchCost())
-        r = cost.per_draft if cost.per_draft is not None else self.cfg.prior_cost_per_draft
-        return 1.0 + r * k
+        return 1.0 + self.per_draft(batch) * k
+
+    def per_draft(self, batch: int) -> float:
+        """r at `batch`, else at the nearest measured batch size (the larger on a tie: cost grows with B)."""
+        known = {b: c.per_draft for b, c in self.costs.items() if c.per_draft is not None}
+        if not known:
+            return self.cfg.prior_cost_per_draft
+        return known[batch] if batch in known else known[min(known, key=lambda b: (abs(b - batch), -b))]
+
+    def probe_interval(self, batch: int) -> int:
+        """Steps between one-token probes while off at `batch`."""
+        wanted = math.ceil(self.per_draft(batch) / self.cfg.probe_overhead)
+        return min(max(self.cfg.probe_every, wanted), self.cfg.max_probe_every)
 
     def best_budget(self, batch: int) -> int:
         """argmax_k tokens/second relative to plain decoding; 0 when no k gains."""
@@ -83,19 +102,19 @@ class AdaptivePolicy:
 
     def budget(self, seqs: list) -> int:
         """Draft tokens per sequence for the coming step of `seqs` (0: a plain decode step)."""
-        cost = self.costs.setdefault(len(seqs), BatchCost())
+        cost = self._cost(len(seqs))
         cost.since_plain += 1
         cost.since_draft += 1
         k = self.best_budget(len(seqs))
         if cost.plain_s is None or (k and cost.since_plain > self.cfg.probe_every):
             return 0  # time a plain step first, and re-time it now and then: context length and load drift
-        if k == 0 and cost.since_draft > self.cfg.probe_every:
-            return self.cfg.max_budget  # a probe, so drafting can come back
+        if k == 0 and cost.since_draft > self.probe_interval(len(seqs)):
+            return 1  # the cheapest probe: it measures c_1 and r, so drafting can come back
         return k
 
     def observe(self, rec: StepRecord) -> None:
         """Fold one step's acceptance and timing into the estimates."""
-        cost = self.costs.setdefault(len(rec.drafted), BatchCost())
+        cost = self._cost(len(rec.drafted))
         width = max(rec.drafted, default=0)
         if rec.budget == 0 or width == 0:
             self.steps_skipped += rec.budget == 0
@@ -109,6 +128,11 @@ class AdaptivePolicy:
         for drafted, accepted in zip(rec.drafted, rec.accepted, strict=True):
             for i in range(min(accepted + 1, drafted)):  # positions tried: up to the first rejection
                 self.acceptance[i] = self._ema(self.acceptance[i], float(i < accepted))
+            if 0 < drafted == accepted < self.cfg.max_budget:  # the next position was never tried
+                self.acceptance[drafted] = self._ema(self.acceptance[drafted], self.cfg.prior_acceptance)
+
+    def _cost(self, batch: int) -> BatchCost:
+        return self.costs.setdefault(batch, BatchCost())
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else old + self.cfg.ema * (new - old)

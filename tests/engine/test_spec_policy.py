@@ -55,21 +55,42 @@ def test_high_acceptance_keeps_the_full_chain():
     assert policy.best_budget(1) == K
 
 
-def test_off_policy_probes_and_comes_back():
-    """Off after poor steps; a probe within `probe_every` steps; good probes turn drafting back on."""
-    policy = policy_after(1, [0.0] * K, 1.58, steps=50, ema=0.1)  # the serving EMA
+def test_recorded_head_at_batch_8_keeps_other_batch_sizes_off():
+    """A batch size never measured borrows r from the nearest measured one: batch 7 (sequences finishing) and
+    batch 16 stay off without paying for full-chain steps to learn it again."""
+    policy = policy_after(8, [0.26, 0.2, 0.01, 0.01, 0.01], 3.4)
+    assert policy.best_budget(7) == policy.best_budget(16) == 0
+    assert policy_after(1, [0.26, 0.2, 0.01, 0.01, 0.01], 1.58).best_budget(2) == 1
+
+
+def run_policy(policy: AdaptivePolicy, steps: int, accepts: bool) -> list[int]:
+    """Ask `steps` budgets at batch 1; every draft accepted (or none); each draft token costs 0.116 plain steps."""
     budgets = []
-    for _ in range(policy.cfg.probe_every + 1):
+    for _ in range(steps):
         k = policy.budget([None])
         budgets.append(k)
-        if k:
-            policy.observe(StepRecord(k, [k], [k], 1.58 * PLAIN_S))
-        else:
-            policy.observe(StepRecord(0, [0], [0], PLAIN_S))
-    assert budgets[0] == 0 and K in budgets
-    for _ in range(30):  # every probe accepted in full
-        policy.observe(StepRecord(K, [K], [K], 1.58 * PLAIN_S))
-    assert policy.best_budget(1) == K
+        policy.observe(StepRecord(k, [k], [k if accepts else 0], (1 + 0.116 * k) * PLAIN_S))
+    return budgets
+
+
+def test_off_policy_probes_one_token_and_comes_back_to_the_full_chain():
+    """Off after poor steps; a one-token probe within `probe_every` steps; good probes turn drafting back on and
+    the chain grows back to K (an accepted chain's next position drifts back to the prior)."""
+    policy = policy_after(1, [0.0] * K, 1.58, steps=50, ema=0.1)  # the serving EMA
+    budgets = run_policy(policy, policy.cfg.probe_every + 1, accepts=True)
+    assert budgets[0] == 0 and budgets[-1] == 1
+    assert run_policy(policy, 60, accepts=True)[-1] == K
+
+
+def test_probes_are_rarer_where_they_cost_more():
+    """While off, one-token probes: every `probe_every` steps where a draft row is cheap (batch 1), and where it
+    costs compute (batch 8, r ~0.6) so rarely that their extra cost stays within `probe_overhead`."""
+    policy = policy_after(1, [0.0] * K, 1.58, steps=50, ema=0.1)
+    budgets = run_policy(policy, 200, accepts=False)
+    assert set(budgets) == {0, 1} and 200 // (policy.cfg.probe_every + 1) <= sum(budgets) <= 200 // 16
+    batch8 = policy_after(8, [0.26, 0.2, 0.01, 0.01, 0.01], 3.4)
+    r = batch8.per_draft(8)
+    assert batch8.probe_interval(8) * batch8.cfg.probe_overhead >= r > 0.3
 
 
 class WrongTokenDrafter(NgramDrafter):
@@ -130,7 +151,7 @@ def test_repetitive_text_keeps_ngram_drafting_on(engine, adaptive_ngram):
     assert_same_greedy(ref, got)
     total, policy = totals(got), adaptive_ngram.spec.policy
     # The policy's own choices: steps it drafted vs steps it chose to skip (lookups that found nothing are neither).
-    assert policy.steps_drafted > policy.steps_skipped, (policy.steps_drafted, policy.steps_skipped, total)
+    assert policy.steps_drafted > policy.steps_skipped, (policy.steps_drafted, policy.steps_skipped, total, policy)
     assert total.acceptance_rate > 0.5
 
 

@@ -16,6 +16,7 @@ from optiserve.engine.quantized_checkpoint import KV_MEANS_FILE, read_kv_means
 from optiserve.engine.weight_formats import FORMATS
 from optiserve.optimize.export import export_checkpoint
 from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
+from tests.conftest import scratch_dir
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
 CASES = {"nvfp4+kv": ("nvfp4", "nvfp4"), "int4": ("int4", "none"), "fp8+kv": ("fp8", "fp8"), "int8": ("int8", "none"),
@@ -37,8 +38,8 @@ def exported(request, engine, chat_prompt_ids, tmp_path_factory):
     req = QuantRequest(quant, kv, calib_samples=4, calib_seq_len=128)
     prompts = chat_prompt_ids[:3]
     q, ref = reference_tokens(engine, req, prompts)
-    out = export_checkpoint(engine.model_dir, q, tmp_path_factory.mktemp(request.param) / "ckpt")
-    return req, out, prompts, ref, q
+    with scratch_dir(tmp_path_factory, request.param) as tmp:
+        yield req, export_checkpoint(engine.model_dir, q, tmp / "ckpt"), prompts, ref, q
 
 
 def test_round_trip_same_greedy_tokens(exported):

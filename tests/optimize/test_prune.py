@@ -18,6 +18,7 @@ from optiserve.optimize.evaluate import evaluate
 from optiserve.optimize.prune import PruneRequest, count_params, run_prune
 from optiserve.optimize.train import TrainConfig
 from optiserve.server.cli import main
+from tests.conftest import scratch_dir
 
 from .conftest import serves_chat
 
@@ -35,13 +36,14 @@ def test_impossible_targets_exit_with_an_error(engine, tmp_path, capsys):
 def pruned(engine, train_text, tmp_path_factory):
     """Depth: one layer fewer; width: MLP channels (and what else fits) down to ~88% of the parameters."""
     total = count_params(ModelConfig.from_dir(engine.model_dir))
-    out = {}
-    for axis, target in (("depth", total - 3_000_000), ("width", int(total * 0.88))):
-        path = tmp_path_factory.mktemp(axis) / f"pruned-{axis}"
-        summary = run_prune("default", PruneRequest(target, axis), str(path), [str(train_text)], 1, 32)
-        assert summary["params_after"] <= target
-        out[axis] = path
-    return out
+    with scratch_dir(tmp_path_factory, "pruned") as tmp:
+        out = {}
+        for axis, target in (("depth", total - 3_000_000), ("width", int(total * 0.88))):
+            path = tmp / f"pruned-{axis}"
+            summary = run_prune("default", PruneRequest(target, axis), str(path), [str(train_text)], 1, 32)
+            assert summary["params_after"] <= target
+            out[axis] = path
+        yield out
 
 
 @pytest.mark.parametrize("axis", ["depth", "width"])
