@@ -150,6 +150,9 @@ class EngineConfig:
     speculative_ngram_branch: bool = False  # n-gram lookup candidates enter the head's tree as an extra branch
     speculative_adaptive: bool = True  # per step, draft only as much as pays (engine/spec/policy.py)
     lm_head_dtype: str = "float32"  # the served LM head's weights (engine/lm_head.py); the master keeps fp32
+    kv_block_size: int = 16  # tokens per KV block; 0: one block of the whole context per sequence (unpaged)
+    kv_cache_memory: int | None = None  # bytes of KV blocks (the target's); None: max_batch full-length sequences
+    enable_prefix_caching: bool = False  # full prompt blocks reused across requests by content (block_manager.py)
 
     def __post_init__(self) -> None:
         check_lm_head_dtype(self.lm_head_dtype)
@@ -165,6 +168,13 @@ class EngineConfig:
             raise ValueError("max_batch must be >= 1")
         if self.max_model_len < 16:
             raise ValueError("max_model_len must be >= 16")
+        if self.kv_block_size < 0:
+            raise ValueError("kv_block_size must be >= 0 (0: one block per sequence)")
+        if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
+            raise ValueError("kv_cache_memory must be a positive number of bytes")
+        if self.enable_prefix_caching and self.speculative not in ("none", "ngram"):
+            raise ValueError("prefix caching works with --speculative none or ngram: a draft head reads the "
+                             "target's features at every prompt position")
         if self.device != "cpu" and self.speculative != "none":
             raise ValueError("speculative decoding runs on the CPU engine only so far; drop --speculative on a GPU")
         check_device(self.device)

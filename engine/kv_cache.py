@@ -1,8 +1,15 @@
-"""A slot-based KV cache: one fixed row of `max_len` positions per running sequence.
+"""A paged KV cache: one pool of fixed-size blocks per layer, and a block table per running slot.
 
-Sequences in a forward occupy a contiguous run of slots, so attention reads a plain view of the cache
-(no gather copy). The scheduler keeps running sequences packed in slots 0..n-1 by moving the last
-sequence into a finished one's slot (`move`), which copies one sequence's KV once, at a step boundary.
+Each layer's K and V live in a pool [num_blocks, block_size, kv_heads, head_dim]; slot s holds its positions in
+the blocks `SlotTables.tables[s]` lists (block i: positions [i * block_size, (i + 1) * block_size)). Blocks come
+from one `BlockPool` as a forward writes past a slot's last block and go back when the slot is freed or rolled
+back, so memory follows the tokens held, not max_len per slot. A target and its drafter share one `SlotTables`
+(the same block ids index both pools), so moving a slot is moving its table: no KV is copied.
+
+The FP8/NVFP4 formats (kv_quant.py) store each token's K/V as the values the format decodes to (a compute copy):
+their scales are per layer, and NVFP4's block scales run along head_dim within one token, so no scale spans
+positions and a token's stored values do not depend on which block holds it.
+Positions past a slot's length hold stale values; nothing reads them (attention is bounded by positions/masks).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .block_manager import BlockPool, BlockTable
 from .kv_quant import KVFormat
 
 
@@ -19,8 +27,22 @@ class CacheShape:
     num_layers: int
     num_slots: int
     num_kv_heads: int
-    max_len: int
+    max_len: int  # positions one slot may hold
     head_dim: int
+    block_size: int = 16  # 0: one block of max_len per slot (the unpaged layout)
+    num_blocks: int | None = None  # None: room for every slot at max_len
+
+    def __post_init__(self) -> None:
+        if min(self.num_layers, self.num_slots, self.num_kv_heads, self.max_len, self.head_dim) < 1:
+            raise ValueError(f"cache shape: every size must be >= 1 ({self})")
+        if self.block_size < 0:
+            raise ValueError("kv block size must be >= 0 (0: one block per sequence)")
+        if self.block_size == 0:
+            self.block_size = self.max_len
+        if self.num_blocks is None:
+            self.num_blocks = self.num_slots * -(-self.max_len // self.block_size)
+        if self.num_blocks < 1:
+            raise ValueError("the KV cache needs at least one block")
 
     @property
     def elements_per_token(self) -> int:
@@ -28,24 +50,90 @@ class CacheShape:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
 
-class KVCache:
-    """K/V tensors [layers, slots, kv_heads, max_len, head_dim] plus the window of the current forward."""
+def blocks_for_memory(nbytes: int, block_size: int, bytes_per_token: int) -> int:
+    """How many blocks of `block_size` tokens `nbytes` of KV memory holds (`--kv-cache-memory`)."""
+    blocks = nbytes // (block_size * bytes_per_token)
+    if blocks < 1:
+        raise ValueError(f"--kv-cache-memory {nbytes} bytes holds no block of {block_size} tokens "
+                         f"({block_size * bytes_per_token} bytes)")
+    return blocks
 
-    def __init__(self, shape: CacheShape, dtype: torch.dtype, device: str | torch.device = "cpu"):
+
+class SlotTables:
+    """Each slot's block table over one BlockPool: what a cache indexes its pool with."""
+
+    def __init__(self, pool: BlockPool, num_slots: int, max_len: int):
+        self.pool, self.max_len = pool, max_len
+        self.tables = [BlockTable() for _ in range(num_slots)]
+
+    @property
+    def block_size(self) -> int:
+        return self.pool.block_size
+
+    def admit(self, slot: int, prompt: list[int], lookup: bool) -> int:
+        """Blocks for a new sequence's prompt in `slot`, cached prefix blocks shared when the pool caches prefixes
+        (and `lookup`); returns how many leading prompt tokens are cached (their KV is there already)."""
+        self.free(slot)  # anything a caller of the runner left there
+        self.tables[slot], cached = self.pool.allocate(prompt, lookup)
+        return cached
+
+    def commit(self, slot: int, tokens: list[int]) -> None:
+        """`tokens` have their KV written in `slot`: the full blocks they fill become findable by prefix."""
+        self.pool.commit(self.tables[slot], tokens)
+
+    def forget_prefixes(self) -> None:
+        """After a weight swap: cached KV was computed by other weights, none of it may be found again."""
+        self.pool.forget_all()
+        for table in self.tables:
+            table.num_keyed = 0
+
+    def reserve(self, slot: int, num_tokens: int) -> None:
+        """Blocks for positions [0, num_tokens) of `slot` (raises NoFreeBlocks, taking none, if the pool is short)."""
+        self.pool.grow(self.tables[slot], num_tokens)
+
+    def truncate(self, slot: int, num_tokens: int) -> None:
+        """Keep the blocks of positions [0, num_tokens); later ones go back to the pool."""
+        self.pool.truncate(self.tables[slot], num_tokens)
+
+    def free(self, slot: int) -> None:
+        self.pool.free_table(self.tables[slot])
+
+    def move(self, src: int, dst: int) -> None:
+        """Slot compaction: `dst` (freed) takes `src`'s blocks."""
+        assert not self.tables[dst].blocks, dst
+        self.tables[dst], self.tables[src] = self.tables[src], BlockTable()
+
+    def tensor(self, first_slot: int, batch: int, num_blocks: int, device: torch.device) -> torch.Tensor:
+        """The block ids of slots [first_slot, first_slot + batch), num_blocks each, -1 past a table's end: [B, nb]."""
+        rows = [self.tables[s].blocks[:num_blocks] for s in range(first_slot, first_slot + batch)]
+        return torch.tensor([r + [-1] * (num_blocks - len(r)) for r in rows], dtype=torch.long, device=device)
+
+
+class KVCache:
+    """K/V pools [layers, num_blocks, block_size, kv_heads, head_dim] plus the block tables of the current forward."""
+
+    def __init__(self, shape: CacheShape, dtype: torch.dtype, device: str | torch.device = "cpu",
+                 tables: SlotTables | None = None, prefix_caching: bool = False):
+        """`tables`: another cache's, to share (a drafter's); else the cache's own pool, caching prompt prefixes
+        for reuse if `prefix_caching`."""
         self.shape = shape
-        dims = (shape.num_layers, shape.num_slots, shape.num_kv_heads, shape.max_len, shape.head_dim)
+        if tables is None:
+            tables = SlotTables(BlockPool(shape.num_blocks, shape.block_size, prefix_caching),
+                                shape.num_slots, shape.max_len)
+        if (tables.pool.num_blocks, tables.block_size) != (shape.num_blocks, shape.block_size):
+            raise ValueError("a cache sharing block tables needs the same number and size of blocks")
+        self.tables = tables
+        dims = (shape.num_layers, shape.num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
         self.k = torch.zeros(dims, dtype=dtype, device=device)
         self.v = torch.zeros(dims, dtype=dtype, device=device)
-        self._rows = slice(0, 1)
-        self._attn_len = 1
         self.kv = KVFormat()
+        self._table = torch.zeros(1, 1, dtype=torch.long)  # [B, nb] block ids of the current forward
+        self._attn_len = 1
         self._index_of: torch.Tensor | None = None  # the `positions` that `_index` was built for
         self._index = torch.empty(0, dtype=torch.long)
-        # Per layer, the cache viewed as rows [slots * kv_heads * max_len, D] (writes); per forward, all layers'
-        # windows [layers, B, KV, L, D] (reads). Views made once, so a layer's update is 2 copies and 2 selects.
-        self._k_rows = [t.view(-1, shape.head_dim) for t in self.k]
-        self._v_rows = [t.view(-1, shape.head_dim) for t in self.v]
-        self._k_window, self._v_window = self.k, self.v
+        # Per layer, the pool viewed as token rows [num_blocks * block_size, KV * D]: a layer's write is one copy each.
+        self._k_rows = [t.view(-1, shape.num_kv_heads * shape.head_dim) for t in self.k]
+        self._v_rows = [t.view(-1, shape.num_kv_heads * shape.head_dim) for t in self.v]
 
     @property
     def nbytes(self) -> int:
@@ -59,6 +147,11 @@ class KVCache:
     def kv_format(self) -> str:
         return self.kv.name
 
+    @property
+    def block_table(self) -> torch.Tensor:
+        """The current forward's block ids [B, nb] (-1 past a slot's last block)."""
+        return self._table
+
     def set_format(self, kv: KVFormat) -> None:
         """Quantize K/V as they are written (`fp8`/`nvfp4`, calibrated per layer) or not (`none`)."""
         self.kv = kv
@@ -69,53 +162,72 @@ class KVCache:
             return float(self.bytes_per_token)
         return self.shape.elements_per_token * self.kv.bytes_per_element
 
-    def begin(self, first_slot: int, batch: int, attn_len: int) -> None:
-        """Select the slots [first_slot, first_slot+batch) and attention length for the next forward."""
-        assert first_slot >= 0 and first_slot + batch <= self.shape.num_slots, (first_slot, batch)
-        assert 0 < attn_len <= self.shape.max_len, attn_len
-        self._rows = slice(first_slot, first_slot + batch)
-        self._attn_len = attn_len
+    def begin(self, first_slot: int, lengths: list[int]) -> None:
+        """Select slots [first_slot, first_slot + len(lengths)) for the next forward, row b touching cache positions
+        [0, lengths[b]): blocks are taken for any of them not yet held (NoFreeBlocks if the pool is short)."""
+        assert first_slot >= 0 and first_slot + len(lengths) <= self.shape.num_slots, (first_slot, len(lengths))
+        self._attn_len = max(lengths)
+        assert 0 < self._attn_len <= self.shape.max_len, self._attn_len
+        for b, n in enumerate(lengths):
+            self.tables.reserve(first_slot + b, n)
+        num_blocks = -(-self._attn_len // self.shape.block_size)
+        self._table = self.tables.tensor(first_slot, len(lengths), num_blocks, self.k.device)
         self._index_of = None
-        self._k_window = self.k[:, self._rows, :, :attn_len]
-        self._v_window = self.v[:, self._rows, :, :attn_len]
 
-    def _flat_index(self, positions: torch.Tensor) -> torch.Tensor:
-        """Row indices into a layer's cache viewed as [slots * kv_heads * max_len, D] for `positions` [B, S],
-        ordered (b, s, head) like k.reshape(-1, D). Built once per forward: every layer writes the same places."""
+    def _token_rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rows of a layer's pool viewed as [num_blocks * block_size, KV * D] for `positions` [B, S] of the current
+        slots: [B * S]. Built once per forward: every layer writes the same places."""
         if positions is not self._index_of:
-            slots = torch.arange(self._rows.start, self._rows.stop, device=positions.device)
-            heads = torch.arange(self.shape.num_kv_heads, device=positions.device)
-            base = (slots[:, None, None] * self.shape.num_kv_heads + heads) * self.shape.max_len  # [B, 1, KV]
-            self._index = (base + positions[:, :, None]).flatten()
+            bs = self.shape.block_size
+            blocks = self._table.gather(1, positions // bs)  # [B, S]
+            assert bool((blocks >= 0).all()), "a KV write past the blocks its slot holds"
+            self._index = (blocks * bs + positions % bs).flatten()
             self._index_of = positions
         return self._index
 
-    def update(
-        self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v [B, S, KV, D] at `positions` [B, S]; return this layer's keys/values [B, KV, L, D]."""
+    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k/v [B, S, KV, D] at `positions` [B, S] of the current slots."""
         if self.kv.name != "none":  # store exactly what the quantized cache would hold
             k, v = self.kv.store_keys(layer, k), self.kv.store_values(layer, v)
-        index, D = self._flat_index(positions), self.shape.head_dim
-        self._k_rows[layer].index_copy_(0, index, k.reshape(-1, D).to(self.k.dtype))
-        self._v_rows[layer].index_copy_(0, index, v.reshape(-1, D).to(self.v.dtype))
-        return self._k_window[layer], self._v_window[layer]
+        rows, B, S = self._token_rows(positions), k.shape[0], k.shape[1]
+        self._k_rows[layer].index_copy_(0, rows, k.reshape(B * S, -1).to(self.k.dtype))
+        self._v_rows[layer].index_copy_(0, rows, v.reshape(B * S, -1).to(self.v.dtype))
 
-    def move(self, src_slot: int, dst_slot: int, length: int) -> None:
-        """Copy the first `length` positions of one slot into another (slot compaction)."""
-        self.k[:, dst_slot, :, :length] = self.k[:, src_slot, :, :length]
-        self.v[:, dst_slot, :, :length] = self.v[:, src_slot, :, :length]
+    def pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This layer's pools [num_blocks, block_size, KV, D] and the current block table [B, nb] (kernel reads)."""
+        return self.k[layer], self.v[layer], self._table
 
-    def truncate(self, slot: int, start: int, end: int) -> None:
-        """Zero positions [start, end) of a slot, as if they were never written (rollback)."""
-        self.k[:, slot, :, start:end] = 0
-        self.v[:, slot, :, start:end] = 0
+    def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's keys/values of the current slots, gathered: [B, KV, L, D] each (one copy; SDPA reads)."""
+        return self._gather(self.k[layer]), self._gather(self.v[layer])
+
+    def _gather(self, pool: torch.Tensor) -> torch.Tensor:
+        B, nb = self._table.shape
+        pages = pool[self._table.clamp(min=0)]  # [B, nb, bs, KV, D]; blocks past a slot's end are never attended
+        return pages.view(B, nb * self.shape.block_size, *pool.shape[2:])[:, : self._attn_len].transpose(1, 2)
+
+    def read(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [0, length) of one slot: K and V [layers, length, KV, D] (copies; for tests and tools)."""
+        rows, flat = self._slot_rows(slot, range(length)), (self.shape.num_layers, -1, *self.k.shape[3:])
+        return self.k.view(flat)[:, rows], self.v.view(flat)[:, rows]
+
+    def _slot_rows(self, slot: int, positions) -> torch.Tensor:
+        """Token rows of the pools (viewed [layers, num_blocks * block_size, ...]) for positions of one slot."""
+        bs, blocks = self.shape.block_size, self.tables.tables[slot].blocks
+        return torch.tensor([blocks[p // bs] * bs + p % bs for p in positions], dtype=torch.long)
+
+    def truncate(self, slot: int, start: int, end: int | None = None) -> None:
+        """Forget positions from `start` on (rollback): the slot's blocks past them go back to the pool. (`end`,
+        the last position written, is not needed: stale positions are never read.)"""
+        self.tables.truncate(slot, start)
 
     def keep_path(self, slot: int, start: int, rows: list[int], end: int) -> None:
         """Keep a draft tree's accepted path: the rows at start + rows[i] (ascending, rows[0] == 0) move to start + i,
-        and every other position up to `end` is zeroed, as if only the path had been written."""
-        for i, r in enumerate(rows):
-            if r != i:  # r > i: moving in ascending order never overwrites a row still to move
-                self.k[:, slot, :, start + i] = self.k[:, slot, :, start + r]
-                self.v[:, slot, :, start + i] = self.v[:, slot, :, start + r]
+        and positions from start + len(rows) on are forgotten, as if only the path had been written."""
+        moves = [(start + r, start + i) for i, r in enumerate(rows) if r != i]
+        if moves:
+            src, dst = (self._slot_rows(slot, ps) for ps in zip(*moves, strict=True))
+            flat = (self.shape.num_layers, -1, *self.k.shape[3:])
+            for pool in (self.k.view(flat), self.v.view(flat)):
+                pool[:, dst] = pool[:, src]  # gathered before written, as moving in ascending order would be
         self.truncate(slot, start + len(rows), end)

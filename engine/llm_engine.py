@@ -46,6 +46,8 @@ class EngineStats:
     num_running: int
     num_waiting: int
     kv_cache_usage: float
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (vLLM's names), and found
+    prefix_cache_hits: int = 0
 
 
 class LLMEngine:
@@ -76,10 +78,10 @@ class LLMEngine:
             model = load_model(self.model_dir, cache_len, dtype, cfg.device, mapped=True)
         self.master: Transformer | None = None if quantized else model  # unquantized weights, for format swaps
         served = with_lm_head(model, cfg.lm_head_dtype)
-        self.runner = ModelRunner(served, cfg.max_batch, cache_len, dtype)
+        self.runner = ModelRunner(served, cfg.max_batch, cache_len, dtype, cfg.kv_block_size, cfg.kv_cache_memory,
+                                  cfg.enable_prefix_caching)
         self.spec = make_spec_decoder(cfg, self.runner, self.model_dir)
-        spec_caches = self.spec.drafter.caches if self.spec else ()
-        self.scheduler = Scheduler(cfg.max_batch, [self.runner.cache, *spec_caches])
+        self.scheduler = Scheduler(cfg.max_batch, self.runner.cache.tables, cfg.spec_cache_room)
         self.eos_ids = set(self.model_config.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}
         self._new: queue.SimpleQueue[Request] = queue.SimpleQueue()  # filled by callers, drained by the loop
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -95,8 +97,11 @@ class LLMEngine:
 
     # ---- public API -------------------------------------------------------------------------------
     def check_request(self, prompt_len: int, max_tokens: int | None) -> int:
-        """Validate lengths; return the effective max_tokens (default: the rest of the context)."""
-        return check_lengths(prompt_len, max_tokens, self.max_model_len)
+        """Validate lengths (and that the KV pool can ever hold the sequence); return the effective max_tokens
+        (default: the rest of the context)."""
+        effective = check_lengths(prompt_len, max_tokens, self.max_model_len)
+        self.scheduler.check_fits(prompt_len + effective, "prompt" if max_tokens is None else "max_tokens")
+        return effective
 
     def alive(self) -> bool:
         """False once a started engine thread has stopped; an engine never started is driven by `step()`."""
@@ -148,7 +153,9 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
-        return EngineStats(len(s.running), len(s.waiting) + self._new.qsize(), s.kv_usage())
+        prefix = s.tables.pool.stats
+        return EngineStats(len(s.running), len(s.waiting) + self._new.qsize(), s.kv_usage(), prefix.queries,
+                           prefix.hits)
 
     def start(self) -> None:
         self._stopping = False
@@ -229,10 +236,12 @@ class LLMEngine:
         for seq in self.scheduler.admit():
             if seq.finish_reason is None:  # not failed with a sibling already
                 self._guard(seq.request, self._prefill, seq)
+                self.scheduler.commit([seq])  # its prompt's blocks are findable by the next one admitted
         self._release_finished()  # so the running sequences are exactly slots [0, B)
         running = self.scheduler.running
         if running:
             self._append(running, self._forward(running))
+            self.scheduler.commit(running)
         self._release_finished()
 
     def _forward(self, running: list[Sequence]) -> list[Accepted | None]:
@@ -270,17 +279,18 @@ class LLMEngine:
         for seq in [s for s in self.scheduler.running if s.finish_reason is not None]:
             self.scheduler.release(seq)
 
-    def _run_prefill(self, seq: Sequence, token_ids: list[int], all_logits: bool = False) -> torch.Tensor:
+    def _run_prefill(self, seq: Sequence, token_ids: list[int], all_logits: bool = False,
+                     start: int = 0) -> torch.Tensor:
         if self.spec:
-            return self.spec.prefill(seq, token_ids, all_logits)
-        return self.runner.prefill(seq.slot, token_ids, all_logits).cpu()  # sampling runs on the CPU (see step)
+            return self.spec.prefill(seq, token_ids, all_logits, start)
+        return self.runner.prefill(seq.slot, token_ids, all_logits, start).cpu()  # sampling runs on the CPU (see step)
 
     def _prefill(self, seq: Sequence) -> None:
         req = seq.request
         if req.first_scheduled is None:
             req.first_scheduled = time.monotonic()
         want_prompt_lp = req.params.prompt_logprobs is not None and seq.index == 0
-        logits = self._run_prefill(seq, seq.token_ids, all_logits=want_prompt_lp)
+        logits = self._run_prefill(seq, seq.token_ids, want_prompt_lp, seq.num_cached)
         if want_prompt_lp:
             lps = token_logprobs(logits[:-1], req.prompt_ids[1:], req.params.prompt_logprobs or 0)
             req.prompt_logprobs = [None, *lps]

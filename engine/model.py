@@ -106,13 +106,13 @@ class Attention(nn.Module):
         if cache is None:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [B, KV, S, D]
         else:  # draft-tree rows share positions: they are written at their own slots
-            keys, values = cache.update(self.layer_idx, positions if tree is None else tree.slots, k, v)
-        if tree is not None:
-            if tree.dense is None:
-                return ops.decode_attention(qkv, keys, values, tree.slots, H, self.window, tree)
-            mask = tree.dense
-        elif mask is None and ops.decode_attention_available(qkv.dtype, qkv.device):
-            return ops.decode_attention(qkv, keys, values, positions, H, self.window)
+            cache.update(self.layer_idx, positions if tree is None else tree.slots, k, v)
+            if tree is not None and tree.dense is None:
+                return ops.decode_attention(qkv, *cache.pages(self.layer_idx), tree.slots, H, self.window, tree)
+            if mask is None and ops.decode_attention_available(qkv.dtype, qkv.device):
+                return ops.decode_attention(qkv, *cache.pages(self.layer_idx), positions, H, self.window)
+            keys, values = cache.window(self.layer_idx)  # [B, KV, L, D], gathered from the blocks
+            mask = tree.dense if tree is not None else mask
         # Fold the G query heads of each KV head into the query axis: [B, KV, G*S, D].
         q = qkv[:, :, :H].reshape(B, S, KV, H // KV, D).permute(0, 2, 3, 1, 4).reshape(B, KV, -1, D)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, KV, G*S, D]

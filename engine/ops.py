@@ -4,8 +4,9 @@ The kernels live in `csrc/` (built once with the system C++ compiler by `torch.u
 - `linear(x, weight_t, bias)`: y = x @ W.T + b, W row-major [out, in] (weight_t its transpose). Register blocks
   of weight rows x input rows of dot products, weight rows split across threads with ATen's OpenMP pool.
 - `rms_norm`, `silu_mul`, `rope_`: one pass each where ATen takes several small ops.
-- `decode_attention`: a few query rows per sequence with GQA, each row bounded by its own position (and sliding
-  window), so batched decode and speculative verify need no mask; or draft-tree rows with per-row ancestor masks.
+- `decode_attention`: a few query rows per sequence with GQA over the paged KV cache (read in place through block
+  tables), each row bounded by its own position (and sliding window), so batched decode and speculative verify
+  need no mask; or draft-tree rows with per-row ancestor masks.
 Every output row is computed alone, in the same order whatever the number of rows, so a speculative verify is
 bit-identical to decode steps.
 
@@ -159,16 +160,19 @@ def decode_attention_available(dtype: torch.dtype, device: torch.device) -> bool
 
 
 def decode_attention(
-    qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n_heads: int, window: int,
-    tree: TreeMask | None = None,
+    qkv: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
+    positions: torch.Tensor, n_heads: int, window: int, tree: TreeMask | None = None,
 ) -> torch.Tensor:
-    """Attention of a few query rows per sequence over the cache: `qkv` [B, S, N, D] (heads [0, n_heads) are q),
-    keys/values [B, KV, L, D], `positions` [B, S]; row (b, s) attends keys (positions[b, s] - window,
-    positions[b, s]] (window 0: all up to it). Rows are computed independently, so a speculative verify over S
-    rows is bit-identical to S one-token decode steps. With a draft `tree`, row (b, s) attends the prefix and its
-    ancestors instead (tree_attention.py), bit-identical to decode steps over its path. Returns [B, S, n_heads*D]."""
+    """Attention of a few query rows per sequence over the paged cache: `qkv` [B, S, N, D] (heads [0, n_heads) are
+    q), the pools k/v_pages [num_blocks, block_size, KV, D] read in place through `block_table` [B, nb] (sequence
+    b's positions [i*bs, (i+1)*bs) live in block block_table[b, i]), `positions` [B, S]; row (b, s) attends keys
+    (positions[b, s] - window, positions[b, s]] (window 0: all up to it). Rows are computed independently, so a
+    speculative verify over S rows is bit-identical to S one-token decode steps, whatever the block size. With a
+    draft `tree`, row (b, s) attends the prefix and its ancestors instead (tree_attention.py), bit-identical to
+    decode steps over its path. Returns [B, S, n_heads*D]."""
     base, ancestors = (tree.base, tree.ancestors) if tree is not None else (_NO_TREE, _NO_TREE)
-    return load().decode_attention(qkv, keys, values, positions, n_heads, window, base, ancestors)  # type: ignore
+    return load().decode_attention(qkv, k_pages, v_pages, block_table, positions, n_heads, window,  # type: ignore
+                                   base, ancestors)
 
 
 _NO_TREE = torch.empty(0, dtype=torch.long)

@@ -22,3 +22,10 @@ def check_lengths(prompt_len: int, max_tokens: int | None, max_model_len: int) -
         raise RequestError(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context of "
                            f"{max_model_len} tokens", "max_tokens")
     return room if max_tokens is None else max_tokens
+
+
+def check_fits(num_blocks_needed: int, num_blocks: int, num_tokens: int, param: str) -> None:
+    """A sequence must fit the KV-cache pool on its own, or it could never be scheduled."""
+    if num_blocks_needed > num_blocks:
+        raise RequestError(f"prompt + max_tokens ({num_tokens} tokens) need {num_blocks_needed} KV-cache blocks, "
+                           f"more than the {num_blocks} the cache holds (--kv-cache-memory)", param)

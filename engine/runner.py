@@ -5,12 +5,15 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .kv_cache import CacheShape, KVCache
+from .kv_cache import CacheShape, KVCache, blocks_for_memory
 from .model import Transformer
 from .tree_attention import TreeMask, dense_tree_mask
 
-# Query rows per sequence up to which attention runs in the decode-attention kernel: a speculative verify (k + 1
-# rows) computed like k + 1 decode steps is bit-identical to them; longer prefills are faster in SDPA.
+# Draft-tree rows per sequence up to which the decode-attention kernel reads the tree mask (config.MAX_TREE_NODES
+# keeps trees within it). Decode, verify and prefill rows of any number run in the kernel where it is built: each
+# row computed alone, so a verify is bit-identical to decode steps and a prompt prefilled after a cached prefix to
+# the same prompt prefilled whole (SDPA rounds a row differently with other query rows beside it; prefill takes
+# as long either way).
 KERNEL_ROWS = 16
 
 
@@ -29,10 +32,10 @@ def attention_mask(positions: torch.Tensor, attn_len: int, group: int, window: i
 def mask_unless_kernel(positions: torch.Tensor, attn_len: int, group: int, window: int | None,
                        kernel: bool) -> torch.Tensor | None:
     """The attention mask for queries at `positions` [B, S] over cached keys, or None where the attention needs
-    none: up to KERNEL_ROWS rows go through the decode-attention kernel (`kernel`: it runs here), and one row
-    without a sliding window attends exactly its keys [0, attn_len); longer prefills use SDPA with the mask."""
+    none: the decode-attention kernel (`kernel`: it runs here) bounds each row itself, and one row without a
+    sliding window attends exactly its keys [0, attn_len); elsewhere SDPA takes the mask."""
     B, S = positions.shape
-    if (kernel and S <= KERNEL_ROWS) or (S == 1 and B == 1 and window is None):
+    if kernel or (S == 1 and B == 1 and window is None):
         return None
     return attention_mask(positions, attn_len, group, window)
 
@@ -46,40 +49,50 @@ def fold_groups(allowed: torch.Tensor, group: int) -> torch.Tensor:
 class ModelRunner:
     """Owns the model and its KV cache; every forward goes through here."""
 
-    def __init__(self, model: Transformer, num_slots: int, max_len: int, dtype: torch.dtype):
+    def __init__(self, model: Transformer, num_slots: int, max_len: int, dtype: torch.dtype, block_size: int = 16,
+                 kv_cache_memory: int | None = None, prefix_caching: bool = False):
+        """`block_size` 0: one block of max_len per slot; `kv_cache_memory` (bytes) sizes the block pool (default:
+        every slot at max_len); `prefix_caching` keeps full prompt blocks findable for reuse."""
         self.model = model
         cfg = model.cfg
         self.max_len = max_len
         self.device = model.embed.weight.device
-        shape = CacheShape(cfg.num_layers, num_slots, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.cache = KVCache(shape, dtype, self.device)
+        shape = CacheShape(cfg.num_layers, num_slots, cfg.num_kv_heads, max_len, cfg.head_dim, block_size)
+        if kv_cache_memory is not None:
+            bytes_per_token = shape.elements_per_token * dtype.itemsize
+            shape.num_blocks = blocks_for_memory(kv_cache_memory, shape.block_size, bytes_per_token)
+        self.cache = KVCache(shape, dtype, self.device, prefix_caching=prefix_caching)
         self.unmasked_decode = ops.decode_attention_available(dtype, self.device)
 
     def mask_for(self, positions: torch.Tensor, attn_len: int, window: int | None) -> torch.Tensor | None:
         """The attention mask for queries at `positions` [B, S] (None where `mask_unless_kernel` needs none)."""
         return mask_unless_kernel(positions, attn_len, self.model.cfg.group_size, window, self.unmasked_decode)
 
-    def _forward(self, first_slot: int, tokens: torch.Tensor, positions: torch.Tensor, attn_len: int,
+    def _forward(self, first_slot: int, tokens: torch.Tensor, positions: torch.Tensor,
                  all_logits: bool, capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits ([B, S, V] if `all_logits` else [B, V]) and the captured layers' outputs [B, S, n*H] (or None)."""
-        self.cache.begin(first_slot, positions.shape[0], attn_len)
+        lengths = (positions.amax(1) + 1).tolist()  # [B] each row's cache positions, its own included
+        self.cache.begin(first_slot, lengths)
+        attn_len = max(lengths)
         mask = self.mask_for(positions, attn_len, self.model.cfg.sliding_window)
         x, captured = self.model.hidden_states(tokens, positions, self.cache, mask, capture)
         logits = self.model.logits(x if all_logits else x[:, -1])
         return logits, torch.cat(captured, dim=-1) if captured else None
 
     @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: list[int], all_logits: bool = False) -> torch.Tensor:
-        """Process a whole prompt into `slot`; logits [S, V] if `all_logits`, else [V] for the last token."""
-        return self.prefill_features(slot, token_ids, all_logits)[0]
+    def prefill(self, slot: int, token_ids: list[int], all_logits: bool = False, start: int = 0) -> torch.Tensor:
+        """Process a prompt into `slot`, positions [start, S) (those before `start` are cached already); logits
+        [S - start, V] if `all_logits`, else [V] for the last token."""
+        return self.prefill_features(slot, token_ids, all_logits, start=start)[0]
 
     @torch.inference_mode()
     def prefill_features(self, slot: int, token_ids: list[int], all_logits: bool = False,
-                         capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`prefill`, also returning the outputs of the `capture` layers at every position [S, n*H]."""
-        tokens = torch.tensor([token_ids], device=self.device)  # [1, S]
-        positions = torch.arange(len(token_ids), device=self.device).unsqueeze(0)
-        logits, features = self._forward(slot, tokens, positions, len(token_ids), all_logits, capture)
+                         capture: tuple[int, ...] = (), start: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`prefill`, also returning the outputs of the `capture` layers at every computed position [S - start,
+        n*H]."""
+        tokens = torch.tensor([token_ids[start:]], device=self.device)  # [1, S - start]
+        positions = torch.arange(start, len(token_ids), device=self.device).unsqueeze(0)
+        logits, features = self._forward(slot, tokens, positions, all_logits, capture)
         return logits[0], None if features is None else features[0]
 
     @torch.inference_mode()
@@ -87,7 +100,7 @@ class ModelRunner:
         """One token for each of the sequences in slots [0, B); returns logits [B, V]."""
         tokens = torch.tensor([[t] for t in last_tokens], device=self.device)  # [B, 1]
         pos = torch.tensor([[p] for p in positions], device=self.device)  # [B, 1]
-        return self._forward(0, tokens, pos, max(positions) + 1, all_logits=False)[0]
+        return self._forward(0, tokens, pos, all_logits=False)[0]
 
     @torch.inference_mode()
     def decode_at(self, slot: int, token: int, position: int,
@@ -95,7 +108,7 @@ class ModelRunner:
         """One token for the sequence in `slot` alone (a failed batch retried one by one): logits [1, V] and
         the captured features [1, 1, n*H] (or None)."""
         tokens = torch.tensor([[token]], device=self.device)
-        return self._forward(slot, tokens, torch.tensor([[position]], device=self.device), position + 1, False, capture)
+        return self._forward(slot, tokens, torch.tensor([[position]], device=self.device), False, capture)
 
     @torch.inference_mode()
     def verify(self, tokens: list[list[int]], starts: list[int],
@@ -105,7 +118,7 @@ class ModelRunner:
         Returns logits [B, S, V] and captured features [B, S, n*H]; the caller rolls back rejected positions."""
         tok = torch.tensor(tokens, device=self.device)  # [B, S]
         pos = torch.tensor(starts, device=self.device)[:, None] + torch.arange(tok.shape[1], device=self.device)
-        return self._forward(0, tok, pos, int(pos.max()) + 1, all_logits=True, capture=capture)
+        return self._forward(0, tok, pos, all_logits=True, capture=capture)
 
     @torch.inference_mode()
     def verify_tree(self, tokens: list[list[int]], starts: list[int], depths: list[list[int]],
@@ -118,8 +131,9 @@ class ModelRunner:
         base = torch.tensor(starts, device=self.device)  # [B]
         slots = base[:, None] + torch.arange(tok.shape[1], device=self.device)  # [B, S]
         positions = base[:, None] + torch.tensor(depths, device=self.device)  # [B, S]
-        attn_len = int(slots.max()) + 1
-        self.cache.begin(0, tok.shape[0], attn_len)
+        lengths = (slots.amax(1) + 1).tolist()  # [B]
+        self.cache.begin(0, lengths)
+        attn_len = max(lengths)
         mask = self.tree_mask(slots, base, ancestors.to(self.device), attn_len)
         x, captured = self.model.hidden_states(tok, positions, self.cache, mask, capture)
         return self.model.logits(x), torch.cat(captured, dim=-1) if captured else None

@@ -63,6 +63,7 @@ class WeightSwitcher:
     def attach(self, weights: WeightSet) -> None:
         self.runner.model = weights.model
         self.runner.cache.set_format(weights.kv)
+        self.runner.cache.tables.forget_prefixes()  # cached KV was computed by the weights served before
         if self.spec:
             self.spec.attach(weights.model)
 

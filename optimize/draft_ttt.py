@@ -28,9 +28,11 @@ class StepKeys:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
 
-    def update(self, layer: int, positions, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, positions, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k.append(k.transpose(1, 2))  # [B, KV, T, D]
         self.v.append(v.transpose(1, 2))
+
+    def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.cat(self.k, dim=2), torch.cat(self.v, dim=2)
 
 

@@ -13,6 +13,7 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily
 
 from optiserve.engine.sequence import SpecStats
 
@@ -21,6 +22,21 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
 TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 
 disable_created_metrics()  # no `_created` series, as vLLM does
+
+
+class PrefixCacheCollector:
+    """vLLM's prefix_cache_queries / prefix_cache_hits counters (prompt tokens), read from the engine's totals."""
+
+    def __init__(self, model_name: str, engine_stats: Callable[[], object]):
+        self.model_name, self.engine_stats = model_name, engine_stats
+
+    def collect(self):
+        stats = self.engine_stats()
+        for name, value, doc in (("prefix_cache_queries", stats.prefix_cache_queries, "Prompt tokens looked up."),
+                                 ("prefix_cache_hits", stats.prefix_cache_hits, "Prompt tokens found cached.")):
+            family = CounterMetricFamily(f"{PREFIX}{name}", doc, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            yield family
 
 
 class ServerMetrics:
@@ -51,6 +67,7 @@ class ServerMetrics:
         self.running.labels(model_name).set_function(lambda: engine_stats().num_running)
         self.waiting.labels(model_name).set_function(lambda: engine_stats().num_waiting)
         self.kv_usage.labels(model_name).set_function(lambda: engine_stats().kv_cache_usage)
+        r.register(PrefixCacheCollector(model_name, engine_stats))
         self.info = Info(f"{PREFIX}model", "The served model and its formats.", registry=r)
         self.weight_bytes = Gauge(f"{PREFIX}model_weight_bytes", "Bytes of the active weight set.", label, registry=r)
         self.kv_bytes_per_token = Gauge(f"{PREFIX}kv_cache_bytes_per_token", "KV cache bytes per token.", label,

@@ -1,6 +1,6 @@
-// Attention of a few query rows per sequence over the KV cache (decode and speculative verify), GQA, each row
-// bounded by its own position (and sliding window), so neither needs a mask; or draft-tree rows, each over the
-// prefix and its own ancestors.
+// Attention of a few query rows per sequence over the paged KV cache (decode and speculative verify), GQA, each
+// row bounded by its own position (and sliding window), so neither needs a mask; or draft-tree rows, each over the
+// prefix and its own ancestors. Keys and values are read in place from the blocks a row's block table lists.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -39,15 +39,15 @@ struct TreeKeys {
   int64_t operator()(int64_t i) const { return i < base ? i : ancestors[i - base]; }
 };
 
-// s[i] = dot(q, k_i) * scale for the keys k_i = k + keys(i) * stride: four keys at a time.
+// s[i] = dot(q, k_i) * scale for the keys k_i = k + off[keys(i)]: four keys at a time.
 template <class Keys>
-static inline void scores(const float* q, const float* k, int64_t stride, int64_t D, const Keys& keys, float scale,
-                          float* s) {
+static inline void scores(const float* q, const float* k, const int64_t* off, int64_t D, const Keys& keys,
+                          float scale, float* s) {
   int64_t i = 0, n = keys.size();
   if (D % V == 0) {
     for (; i + 4 <= n; i += 4) {
-      const float *k0 = k + keys(i) * stride, *k1 = k + keys(i + 1) * stride, *k2 = k + keys(i + 2) * stride,
-                  *k3 = k + keys(i + 3) * stride;
+      const float *k0 = k + off[keys(i)], *k1 = k + off[keys(i + 1)], *k2 = k + off[keys(i + 2)],
+                  *k3 = k + off[keys(i + 3)];
       vf a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
       for (int64_t c = 0; c < D; c += V) {
         vf qv = vload(q + c);
@@ -59,61 +59,80 @@ static inline void scores(const float* q, const float* k, int64_t stride, int64_
       s[i] = hsum(a0) * scale, s[i + 1] = hsum(a1) * scale, s[i + 2] = hsum(a2) * scale, s[i + 3] = hsum(a3) * scale;
     }
   }
-  for (; i < n; i++) s[i] = dot(q, k + keys(i) * stride, D) * scale;
+  for (; i < n; i++) s[i] = dot(q, k + off[keys(i)], D) * scale;
 }
 
 // o[:N*V] = scale * sum_i p[i] * v_i[:N*V], accumulated in N registers.
 template <int N, class Keys>
-static inline void weighted_sum_regs(const float* p, float scale, const float* v, int64_t stride, const Keys& keys,
-                                     float* o) {
+static inline void weighted_sum_regs(const float* p, float scale, const float* v, const int64_t* off,
+                                     const Keys& keys, float* o) {
   vf acc[N];
   for (int n = 0; n < N; n++) acc[n] = vzero();
   for (int64_t i = 0; i < keys.size(); i++) {
     vf pi = vset(p[i]);
-    const float* vi = v + keys(i) * stride;
+    const float* vi = v + off[keys(i)];
     for (int n = 0; n < N; n++) acc[n] = vfma(pi, vload(vi + n * V), acc[n]);
   }
   for (int n = 0; n < N; n++) vstore(o + n * V, acc[n] * vset(scale));
 }
 
-// o[:D] = scale * sum_i p[i] * v_i for the values v_i = v + keys(i) * stride.
+// o[:D] = scale * sum_i p[i] * v_i for the values v_i = v + off[keys(i)].
 template <class Keys>
-static inline void weighted_sum(const float* p, float scale, const float* v, int64_t stride, int64_t D,
+static inline void weighted_sum(const float* p, float scale, const float* v, const int64_t* off, int64_t D,
                                 const Keys& keys, float* o) {
   switch (D % V == 0 ? D / V : 0) {
-    case 2: return weighted_sum_regs<2>(p, scale, v, stride, keys, o);
-    case 4: return weighted_sum_regs<4>(p, scale, v, stride, keys, o);
-    case 8: return weighted_sum_regs<8>(p, scale, v, stride, keys, o);
+    case 2: return weighted_sum_regs<2>(p, scale, v, off, keys, o);
+    case 4: return weighted_sum_regs<4>(p, scale, v, off, keys, o);
+    case 8: return weighted_sum_regs<8>(p, scale, v, off, keys, o);
     default:
       for (int64_t c = 0; c < D; c++) o[c] = 0;
       for (int64_t i = 0; i < keys.size(); i++)
-        for (int64_t c = 0; c < D; c++) o[c] += p[i] * v[keys(i) * stride + c];
+        for (int64_t c = 0; c < D; c++) o[c] += p[i] * v[off[keys(i)] + c];
       for (int64_t c = 0; c < D; c++) o[c] *= scale;
   }
 }
 
 // Softmax attention of one query row over `keys`; `sc` is scratch for one score per key.
 template <class Keys>
-static inline void attend(const float* q, const float* kb, const float* vb, int64_t k_stride, int64_t v_stride,
-                          int64_t D, const Keys& keys, float scale, float* sc, float* o) {
-  scores(q, kb, k_stride, D, keys, scale, sc);
+static inline void attend(const float* q, const float* kb, const float* vb, const int64_t* off, int64_t D,
+                          const Keys& keys, float scale, float* sc, float* o) {
+  scores(q, kb, off, D, keys, scale, sc);
   float mx = -INFINITY;
   for (int64_t i = 0; i < keys.size(); i++) mx = std::max(mx, sc[i]);
   float inv = 1.0f / exp_sum(sc, keys.size(), mx);
-  weighted_sum(sc, inv, vb, v_stride, D, keys, o);
+  weighted_sum(sc, inv, vb, off, D, keys, o);
 }
 
-// S query rows per sequence: q [B, S, >=H, D] (heads [0, H) used), keys/values [B, KV, L, D] (strided views),
-// pos [B, S]; row (b, s) attends keys (pos[b, s] - window, pos[b, s]] (window <= 0: all up to pos[b, s]).
-// A draft tree instead (tree_mask [B, S, T] bool, non-empty; tree_base [B]): row (b, s) attends keys
-// [0, tree_base[b]) and tree_base[b] + j where tree_mask[b, s, j] (its ancestors and itself); no window.
-// Each (row, head) is computed on its own with the same loops, so a row's output does not depend on S or B:
-// a 6-row speculative verify gives bit for bit what six 1-row decode steps give. Returns [B, S, H*D].
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
-                            int64_t H, int64_t window, const at::Tensor& tree_base, const at::Tensor& tree_mask) {
-  TORCH_CHECK(is_f32_cpu(q) && is_f32_cpu(k) && is_f32_cpu(v) && q.stride(3) == 1 && k.stride(3) == 1 &&
-              v.stride(3) == 1, "decode_attention: fp32 CPU, unit stride along head_dim");
-  int64_t B = q.size(0), S = q.size(1), D = q.size(3), KV = k.size(1), L = k.size(2), G = H / KV;
+// Element offsets of positions [0, L) of each sequence in a pool [num_blocks, block_size, KV, D]: [B * L].
+// Entries past a table's blocks (-1) point at block 0; no row reads them.
+static std::vector<int64_t> token_offsets(const at::Tensor& table, int64_t block_size, int64_t block_stride,
+                                          int64_t token_stride) {
+  int64_t B = table.size(0), nb = table.size(1), L = nb * block_size;
+  at::Tensor t64 = table.to(at::kLong).contiguous();
+  const int64_t* T = t64.data_ptr<int64_t>();
+  std::vector<int64_t> off(B * L);
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t i = 0; i < L; i++)
+      off[b * L + i] = std::max<int64_t>(T[b * nb + i / block_size], 0) * block_stride + (i % block_size) * token_stride;
+  return off;
+}
+
+// S query rows per sequence: q [B, S, >=H, D] (heads [0, H) used), keys/values the pools [N, bs, KV, D] (unit
+// stride along D, K and V alike), block_table [B, nb] (sequence b's positions [i*bs, (i+1)*bs) in block
+// block_table[b, i]), pos [B, S]; row (b, s) attends keys (pos[b, s] - window, pos[b, s]] (window <= 0: all up
+// to pos[b, s]). A draft tree instead (tree_mask [B, S, T] bool, non-empty; tree_base [B]): row (b, s) attends
+// keys [0, tree_base[b]) and tree_base[b] + j where tree_mask[b, s, j] (its ancestors and itself); no window.
+// Each (row, head) is computed on its own with the same loops, so a row's output does not depend on S, B or the
+// block size: a 6-row speculative verify gives bit for bit what six 1-row decode steps give. Returns [B, S, H*D].
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& block_table, const at::Tensor& pos, int64_t H, int64_t window,
+                            const at::Tensor& tree_base, const at::Tensor& tree_mask) {
+  TORCH_CHECK(is_f32_cpu(q) && is_f32_cpu(k) && is_f32_cpu(v) && q.stride(3) == 1 && k.dim() == 4 &&
+              k.strides() == v.strides() && k.sizes() == v.sizes() && k.stride(3) == 1,
+              "decode_attention: fp32 CPU, K and V pools [N, bs, KV, D] alike, unit stride along head_dim");
+  int64_t B = q.size(0), S = q.size(1), D = q.size(3), bs = k.size(1), KV = k.size(2), G = H / KV;
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == B, "decode_attention: a block table row per sequence");
+  int64_t L = block_table.size(1) * bs;
   TORCH_CHECK(pos.numel() == B * S, "decode_attention: one position per query row");
   const bool tree = tree_mask.numel() > 0;
   TORCH_CHECK(!tree || (window <= 0 && tree_mask.dim() == 3 && tree_mask.size(0) == B && tree_mask.size(1) == S &&
@@ -128,6 +147,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   for (int64_t b = 0; tree && b < B; b++) TORCH_CHECK(TB[b] >= 0 && TB[b] + T <= L, "decode_attention: tree past L");
   const float *Q = q.data_ptr<float>(), *K = k.data_ptr<float>(), *Vp = v.data_ptr<float>();
   float* O = out.data_ptr<float>();
+  const std::vector<int64_t> offsets = token_offsets(block_table, bs, k.stride(0), k.stride(1));
   const float scale = 1.0f / std::sqrt((float)D);
   int64_t grain = std::max<int64_t>(1, (1 << 17) / std::max<int64_t>(1, L * D));
   at::parallel_for(0, B * S * H, grain, [&](int64_t b0, int64_t e0) {
@@ -136,17 +156,17 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     for (int64_t bsh = b0; bsh < e0; bsh++) {
       int64_t bs = bsh / H, b = bs / S, s = bs % S, h = bsh % H, g = h / G;
       const float* qv = Q + b * q.stride(0) + s * q.stride(1) + h * q.stride(2);
-      const float* kb = K + b * k.stride(0) + g * k.stride(1);
-      const float* vb = Vp + b * v.stride(0) + g * v.stride(1);
+      const float *kb = K + g * k.stride(2), *vb = Vp + g * v.stride(2);
+      const int64_t* off = offsets.data() + b * L;
       float* o = O + bs * H * D + h * D;
       if (tree) {
         int64_t n = 0;
         for (int64_t j = 0; j < T; j++)
           if (A[bs * T + j]) ancestors[n++] = TB[b] + j;
-        attend(qv, kb, vb, k.stride(2), v.stride(2), D, TreeKeys{TB[b], ancestors.data(), n}, scale, sc.data(), o);
+        attend(qv, kb, vb, off, D, TreeKeys{TB[b], ancestors.data(), n}, scale, sc.data(), o);
       } else {
         int64_t end = std::min<int64_t>(P[bs] + 1, L), start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
-        attend(qv, kb, vb, k.stride(2), v.stride(2), D, KeyRun{start, end}, scale, sc.data(), o);
+        attend(qv, kb, vb, off, D, KeyRun{start, end}, scale, sc.data(), o);
       }
     }
   });

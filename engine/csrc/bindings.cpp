@@ -7,5 +7,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim");
   m.def("silu_mul", &silu_mul, "silu(gate) * up for [..., 2I] = [gate | up]");
   m.def("rope_", &rope_, "in-place RoPE on interleaved pairs");
-  m.def("decode_attention", &decode_attention, "a few query rows per sequence over the KV cache");
+  m.def("decode_attention", &decode_attention, "a few query rows per sequence over the paged KV cache");
 }

@@ -10,7 +10,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight_t, const std::op
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 at::Tensor silu_mul(const at::Tensor& gu);
 void rope_(at::Tensor& x, const at::Tensor& freqs, int64_t nheads);
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos,
-                            int64_t H, int64_t window, const at::Tensor& tree_base, const at::Tensor& tree_mask);
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& block_table, const at::Tensor& pos, int64_t H, int64_t window,
+                            const at::Tensor& tree_base, const at::Tensor& tree_mask);
 
 static inline bool is_f32_cpu(const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat; }

@@ -60,9 +60,11 @@ class SpecDecoder:
         if isinstance(self.drafter, EagleDrafter):
             self.drafter.head.attach(model)
 
-    def prefill(self, seq: Sequence, token_ids: list[int], all_logits: bool = False) -> torch.Tensor:
-        """The target's prefill, handing the captured features to the drafter."""
-        logits, features = self.runner.prefill_features(seq.slot, token_ids, all_logits, self.drafter.capture)
+    def prefill(self, seq: Sequence, token_ids: list[int], all_logits: bool = False, start: int = 0) -> torch.Tensor:
+        """The target's prefill from `start` (a drafter reading features gets 0: no prefix caching), handing the
+        captured features to the drafter."""
+        logits, features = self.runner.prefill_features(seq.slot, token_ids, all_logits, self.drafter.capture,
+                                                         start)
         self.drafter.on_prefill(seq, features)
         return logits
 
@@ -188,13 +190,13 @@ def make_spec_decoder(cfg: EngineConfig, runner: ModelRunner, model_dir: Path) -
         raise ModelLoadError(f"--speculative {cfg.speculative}: {path} is not a draft head directory")
     dtype = runner.cache.k.dtype
     head = load_draft_head(path, dtype).to(runner.device).attach(runner.model)
-    slots, max_len = runner.cache.shape.num_slots, runner.cache.shape.max_len
+    tables = runner.cache.tables
     if not cfg.tree:
-        drafter = EagleDrafter(head, k, slots, max_len, dtype)
+        drafter = EagleDrafter(head, k, tables, dtype)
     elif runner.model.cfg.sliding_window:
         raise ModelLoadError("a draft tree needs a model without a sliding window; use --speculative-eagle-topk 1")
     else:
-        drafter = EagleTreeDrafter(head, k, cfg.speculative_eagle_topk, cfg.speculative_num_draft_tokens, slots,
-                                   max_len, dtype, cfg.speculative_ngram_branch)
+        drafter = EagleTreeDrafter(head, k, cfg.speculative_eagle_topk, cfg.speculative_num_draft_tokens, tables,
+                                   dtype, cfg.speculative_ngram_branch)
     return SpecDecoder(runner, drafter, adaptive_policy(cfg, drafter))
 

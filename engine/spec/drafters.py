@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..kv_cache import CacheShape, KVCache
+from ..kv_cache import CacheShape, KVCache, SlotTables
 from ..runner import mask_unless_kernel
 from ..sequence import Sequence
 from .draft_head import DraftHead
@@ -28,7 +28,6 @@ class NgramDrafter:
     """Prompt lookup; needs nothing from the target."""
 
     capture: tuple[int, ...] = ()
-    caches: tuple[KVCache, ...] = ()
 
     def __init__(self, k: int):
         self.k = self.max_draft_tokens = k
@@ -55,13 +54,14 @@ class EagleState:
 class EagleDrafter:
     """Runs the draft head over its own one-layer KV cache (slots mirror the target's) and drafts a k-token chain."""
 
-    def __init__(self, head: DraftHead, k: int, num_slots: int, max_len: int, dtype: torch.dtype):
+    def __init__(self, head: DraftHead, k: int, tables: SlotTables, dtype: torch.dtype):
         self.head, self.k = head, k
         self.max_draft_tokens = k  # what a step may verify per sequence (a tree: its node budget)
         self.capture = head.cfg.target_layers
         c = head.cfg
-        self.cache = KVCache(CacheShape(1, num_slots, c.num_kv_heads, max_len, c.head_dim), dtype)
-        self.caches = (self.cache,)
+        shape = CacheShape(1, len(tables.tables), c.num_kv_heads, tables.max_len, c.head_dim, tables.block_size,
+                           tables.pool.num_blocks)
+        self.cache = KVCache(shape, dtype, tables=tables)  # the target's block tables index the head's pool too
         self.group = c.num_heads // c.num_kv_heads
         # As in the target's runner: one-token steps need no mask when the decode-attention kernel bounds each row.
         self.unmasked_decode = ops.decode_attention_available(dtype, head.fc.weight_t.device)
@@ -115,8 +115,9 @@ class EagleDrafter:
 
     def _run(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The head over `tokens` [B, S] at `positions` [B, S] in cache slots [0, B)."""
-        attn_len = int(positions.max()) + 1
-        self.cache.begin(0, tokens.shape[0], attn_len)
+        lengths = (positions.amax(1) + 1).tolist()  # [B]
+        self.cache.begin(0, lengths)
+        attn_len = max(lengths)
         mask = mask_unless_kernel(positions, attn_len, self.group, None, self.unmasked_decode)
         return self.head(tokens, hidden, positions, self.cache, mask)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kv_cache import SlotTables
 from ..runner import tree_mask
 from ..sequence import Sequence
 from .draft_head import DraftHead
@@ -29,9 +30,9 @@ from .ngram import propose_ngram
 
 
 class EagleTreeDrafter(EagleDrafter):
-    def __init__(self, head: DraftHead, num_steps: int, topk: int, num_draft_tokens: int, num_slots: int,
-                 max_len: int, dtype: torch.dtype, ngram_branch: bool = False):
-        super().__init__(head, num_steps, num_slots, max_len, dtype)
+    def __init__(self, head: DraftHead, num_steps: int, topk: int, num_draft_tokens: int, tables: SlotTables,
+                 dtype: torch.dtype, ngram_branch: bool = False):
+        super().__init__(head, num_steps, tables, dtype)
         self.topk, self.num_draft_tokens, self.ngram_branch = topk, num_draft_tokens, ngram_branch
         self.max_draft_tokens = num_draft_tokens
 
@@ -81,8 +82,9 @@ class EagleTreeDrafter(EagleDrafter):
         ends + slots, attending the prefix [0, ends) and their `ancestors` [B, K, T]."""
         positions = (ends + depth)[:, None].expand_as(tokens)  # [B, K] a tree depth is one position
         write_at = ends[:, None] + slots  # [B, K]
-        attn_len = int(ends.max()) + ancestors.shape[-1]
-        self.cache.begin(0, tokens.shape[0], attn_len)
+        lengths = (ends + ancestors.shape[-1]).tolist()  # [B] the prefix and the tree slots
+        self.cache.begin(0, lengths)
+        attn_len = max(lengths)
         mask = tree_mask(write_at, ends, ancestors, attn_len, self.group, self.unmasked_decode)
         return self.head(tokens, hidden, positions, self.cache, mask)
 

@@ -52,6 +52,9 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
               "speculative": getattr(args, "speculative", "none"),
               "num_speculative_tokens": getattr(args, "num_speculative_tokens", EngineConfig.num_speculative_tokens),
               "speculative_adaptive": getattr(args, "speculative_adaptive", EngineConfig.speculative_adaptive),
+              "kv_block_size": getattr(args, "kv_block_size", EngineConfig.kv_block_size),
+              "kv_cache_memory": getattr(args, "kv_cache_memory", EngineConfig.kv_cache_memory),
+              "enable_prefix_caching": getattr(args, "enable_prefix_caching", EngineConfig.enable_prefix_caching),
               **{name: getattr(args, name) for name in TREE_FIELDS if hasattr(args, name)}}
     return EngineConfig(**{**fields, **overrides})
 

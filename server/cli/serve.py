@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from optiserve.engine.config import EngineConfig
+
 from .args import (
     add_device_arg,
     add_lm_head_arg,
@@ -34,6 +36,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV slots)")
     p.add_argument("--max-model-len", type=int, default=2048, help="context length per sequence")
+    p.add_argument("--kv-cache-memory", type=int, default=None,
+                   help="bytes of KV-cache blocks (default: --max-batch sequences of --max-model-len)")
+    p.add_argument("--kv-block-size", type=int, default=EngineConfig.kv_block_size,
+                   help="tokens per KV-cache block (0: one block of the whole context per sequence, unpaged)")
+    p.add_argument("--enable-prefix-caching", action="store_true",
+                   help="reuse the KV of full prompt blocks seen before (a shared system prompt is prefilled once)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the dir name)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--api-key", default=os.environ.get("OPTISERVE_API_KEY"),

@@ -27,7 +27,8 @@ def exported_series_names() -> set[str]:
     Labelled metrics have no samples until a label set is used, so names come from each family's type as
     well as from the samples present.
     """
-    stats = SimpleNamespace(num_running=0, num_waiting=0, kv_cache_usage=0.0)
+    stats = SimpleNamespace(num_running=0, num_waiting=0, kv_cache_usage=0.0, prefix_cache_queries=0,
+                            prefix_cache_hits=0)
     metrics = ServerMetrics("test-model", lambda: stats)
     names = set()
     for family in metrics.registry.collect():

@@ -50,7 +50,7 @@ def test_family_logits_match_hf(tmp_path, family):
     ids = torch.randint(0, 256, (1, 24))
     cache = KVCache(CacheShape(cfg.num_layers, 1, cfg.num_kv_heads, 64, cfg.head_dim), torch.float32)
     positions = torch.arange(24).unsqueeze(0)
-    cache.begin(0, 1, 24)
+    cache.begin(0, [24])
     mask = attention_mask(positions, 24, cfg.group_size, cfg.sliding_window)
     with torch.inference_mode():
         got = ours(ids, positions, cache, mask, all_logits=True)[0]

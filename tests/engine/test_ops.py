@@ -58,19 +58,32 @@ def test_row_wise_ops_match_references() -> None:
     torch.testing.assert_close(q, want, rtol=1e-5, atol=1e-5)
 
 
+def paged(t: torch.Tensor, table: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Keys [B, KV, L, D] stored in a pool [num_blocks, bs, KV, D], sequence b's block i at table[b, i]."""
+    B, KV, L, D = t.shape
+    pool = torch.zeros(num_blocks, L // table.shape[1], KV, D)
+    pool[table] = t.transpose(1, 2).reshape(B, table.shape[1], -1, KV, D)
+    return pool
+
+
 @needs_kernels
-def test_decode_attention_matches_masked_sdpa() -> None:
+def test_decode_attention_reads_blocks_in_place_and_matches_masked_sdpa() -> None:
     gen = torch.Generator().manual_seed(2)
     B, S, H, KV, L, D = 2, 6, 9, 3, 40, 64
     qkv = torch.randn(B, S, H + 2 * KV, D, generator=gen)
     keys, values = torch.randn(B, KV, L, D, generator=gen), torch.randn(B, KV, L, D, generator=gen)
     positions = torch.tensor([[10, 11, 12, 13, 14, 15], [30, 31, 32, 33, 34, 35]])
-    got = ops.decode_attention(qkv, keys, values, positions, H, 0)  # [B, S, H*D]
+    outs = []
+    for nb in (5, 1):  # 8-token blocks in a random order (3 unused), and one block per sequence
+        table = torch.randperm(B * nb + 3, generator=gen)[: B * nb].view(B, nb)  # [B, nb]
+        k_pages, v_pages = paged(keys, table, B * nb + 3), paged(values, table, B * nb + 3)
+        outs.append(ops.decode_attention(qkv, k_pages, v_pages, table, positions, H, 0))  # [B, S, H*D]
+    assert torch.equal(outs[0], outs[1])
     q = qkv[:, :, :H].transpose(1, 2)  # [B, H, S, D]
     k, v = (t.repeat_interleave(H // KV, dim=1) for t in (keys, values))
     mask = torch.arange(L)[None, None, :] <= positions[:, :, None]  # [B, S, L]
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
-    torch.testing.assert_close(got, want.transpose(1, 2).flatten(2), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[0], want.transpose(1, 2).flatten(2), rtol=1e-4, atol=1e-5)
 
 
 def test_every_op_falls_back_to_its_reference_for_autograd_and_bf16() -> None:

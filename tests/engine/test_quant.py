@@ -41,9 +41,9 @@ def _store(fmt: str, k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor | No
                     torch.float32)
     means = None if k_mean is None else [k_mean]
     cache.set_format(KVFormat(fmt, [kv_scale_for(fmt, k.abs().amax())], [kv_scale_for(fmt, v.abs().amax())], means))
-    cache.begin(0, 1, k.shape[1])
-    keys, _ = cache.update(0, torch.arange(k.shape[1])[None], k, v)
-    return cache, keys[0].transpose(0, 1)
+    cache.begin(0, [k.shape[1]])
+    cache.update(0, torch.arange(k.shape[1])[None], k, v)
+    return cache, cache.read(0, k.shape[1])[0][0]
 
 
 def test_fp8_kv_cache_stores_modelopt_fp8():

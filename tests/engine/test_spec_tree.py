@@ -34,7 +34,7 @@ def path_to(row: int) -> list[int]:
 
 def verify_tree(runner, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     """Prefill all but the last prompt token, then verify the tree rooted at it; logits [W, V]."""
-    runner.cache.truncate(0, 0, runner.cache.shape.max_len)
+    runner.cache.truncate(0, 0)
     runner.prefill(0, prompt[:-1])
     start = len(prompt) - 1
     logits, _ = runner.verify_tree([tokens], [start], [depths(PARENTS)], ancestor_matrix(PARENTS)[None])
@@ -42,7 +42,7 @@ def verify_tree(runner, prompt: list[int], tokens: list[int]) -> torch.Tensor:
 
 
 def verify_chain(runner, prompt: list[int], tokens: list[int]) -> torch.Tensor:
-    runner.cache.truncate(0, 0, runner.cache.shape.max_len)
+    runner.cache.truncate(0, 0)
     runner.prefill(0, prompt[:-1])
     return runner.verify([tokens], [len(prompt) - 1])[0][0]
 
@@ -72,13 +72,16 @@ def test_keeping_a_path_leaves_the_cache_as_if_only_it_was_written(base, chat_pr
     start, path = len(prompt) - 1, path_to(9)  # rows 0, 1, 3, 5, 9: moved to start + 0..4
     verify_tree(runner, prompt, tokens)
     runner.cache.keep_path(0, start, path, start + len(tokens))
-    k_kept, v_kept = runner.cache.k[:, 0].clone(), runner.cache.v[:, 0].clone()
+    kept = start + len(path)
+    assert len(runner.cache.tables.tables[0].blocks) == runner.cache.tables.pool.blocks_for(kept)
+    k_kept, v_kept = runner.cache.read(0, kept)
     verify_chain(runner, prompt, [tokens[r] for r in path])
+    k_chain, v_chain = runner.cache.read(0, kept)
+    runner.cache.truncate(0, 0)
     if EXACT:
-        assert torch.equal(k_kept, runner.cache.k[:, 0]) and torch.equal(v_kept, runner.cache.v[:, 0])
+        assert torch.equal(k_kept, k_chain) and torch.equal(v_kept, v_chain)
     else:
-        torch.testing.assert_close(k_kept, runner.cache.k[:, 0], rtol=1e-4, atol=1e-4)
-    assert k_kept[:, :, start + len(path) :].abs().sum() == 0
+        torch.testing.assert_close(k_kept, k_chain, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")

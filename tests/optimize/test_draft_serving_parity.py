@@ -15,7 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from optiserve.engine.block_manager import BlockPool
 from optiserve.engine.config import SamplingParams
+from optiserve.engine.kv_cache import SlotTables
 from optiserve.engine.llm_engine import run_to_completion
 from optiserve.engine.spec.decoder import shipped_head_dir
 from optiserve.engine.spec.draft_head import load_draft_head
@@ -86,7 +88,8 @@ def serving_predictions(drafter: EagleDrafter, tokens: list[int], features: torc
 def test_teacher_forced_drafter_predicts_what_training_scores(engine, head, held_out):
     target = engine.runner.model
     argmax, gaps, features = training_predictions(head, target, held_out)
-    drafter = EagleDrafter(head, STEPS, 1, len(held_out) + STEPS, torch.float32)
+    max_len = len(held_out) + STEPS
+    drafter = EagleDrafter(head, STEPS, SlotTables(BlockPool(-(-max_len // 16), 16), 1, max_len), torch.float32)
     first = len(held_out) - ANSWER_TOKENS - 1  # drafting starts where the answer does
     got = serving_predictions(drafter, held_out, features.float(), first)
     for k in range(STEPS):

@@ -1,0 +1,120 @@
+"""The paged KV cache on the real model: greedy outputs are identical with 16-token blocks and with one block per
+sequence (the unpaged layout), one prompt at a time and 8 at once, on every KV format; admission waits for free
+blocks; prefix caching reuses a shared system prompt without changing outputs; every block goes back."""
+
+import pytest
+from prometheus_client import generate_latest
+
+from optiserve.engine.chat import CHAT_INSTRUCTIONS
+from optiserve.engine.config import EngineConfig, SamplingParams
+from optiserve.engine.llm_engine import LLMEngine, RequestError, WeightSet, run_to_completion
+from optiserve.engine.sequence import Request
+from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
+from optiserve.server.metrics import ServerMetrics
+
+GREEDY = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def unpaged(engine) -> LLMEngine:
+    return LLMEngine(EngineConfig(max_batch=engine.cfg.max_batch, max_model_len=engine.cfg.max_model_len,
+                                  kv_block_size=0))
+
+
+def assert_every_block_free(engine: LLMEngine) -> None:
+    tables = engine.runner.cache.tables
+    assert tables.pool.num_free == tables.pool.num_blocks
+    assert not any(t.blocks for t in tables.tables) and engine.stats().kv_cache_usage == 0
+
+
+def generate(engine: LLMEngine, prompts: list[list[int]], at_once: bool) -> list[list[int]]:
+    outs = run_to_completion(engine, prompts, GREEDY) if at_once else \
+        [run_to_completion(engine, [p], GREEDY)[0] for p in prompts]
+    assert_every_block_free(engine)
+    return outs
+
+
+@pytest.mark.parametrize("kv", ["none", "fp8", "nvfp4"])
+def test_greedy_identical_paged_and_unpaged(engine, unpaged, chat_prompt_ids, kv):
+    assert engine.runner.cache.shape.block_size == 16
+    assert unpaged.runner.cache.shape.block_size == unpaged.runner.max_len  # one block per sequence
+    req = QuantRequest("none", kv, calib_samples=4, calib_seq_len=128)
+    for e in (engine, unpaged):
+        e.use_weights(prepare_quantized(e.model_dir, e.master, e.tokenizer, req))
+    try:
+        for at_once in (False, True):
+            assert generate(engine, chat_prompt_ids, at_once) == generate(unpaged, chat_prompt_ids, at_once)
+    finally:
+        for e in (engine, unpaged):
+            e.use_weights(WeightSet(e.master))
+
+
+def test_admission_by_free_blocks_runs_every_request_and_refuses_what_never_fits(engine, chat_prompt_ids):
+    """A pool of twice the largest request's blocks: requests wait for blocks rather than slots, all finish with
+    the outputs a roomy cache gives, and one needing more blocks than the pool is refused up front."""
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    ref = run_to_completion(engine, chat_prompt_ids, params)
+    needs = [engine.scheduler.blocks_needed(len(p) + 16) for p in chat_prompt_ids]
+    block_bytes = 16 * engine.runner.cache.bytes_per_token
+    small = LLMEngine(EngineConfig(max_batch=8, max_model_len=1024, kv_cache_memory=2 * max(needs) * block_bytes))
+    pool = small.runner.cache.tables.pool
+    assert pool.num_blocks == 2 * max(needs) < sum(needs)
+    outs: dict[str, list[int]] = {str(i): [] for i in range(len(chat_prompt_ids))}
+    for i, ids in enumerate(chat_prompt_ids):
+        small.add_request(Request(str(i), ids, params, lambda o: outs[o.request_id].extend(o.outputs[0].token_ids)))
+    peak_running, peak_usage = 0, 0.0
+    while small.scheduler.has_work() or not small._new.empty():
+        small.step()
+        peak_running = max(peak_running, len(small.scheduler.running))
+        peak_usage = max(peak_usage, small.stats().kv_cache_usage)
+        assert small.scheduler.committed <= pool.num_blocks
+    assert 2 <= peak_running < len(chat_prompt_ids) and 0 < peak_usage <= 1
+    assert [outs[str(i)] for i in range(len(chat_prompt_ids))] == ref
+    assert_every_block_free(small)
+    assert small.scheduler.committed == 0
+    too_long = pool.num_blocks * pool.block_size + 1  # within the context, beyond the pool
+    with pytest.raises(RequestError, match="KV-cache blocks") as refused:
+        small.check_request(too_long - 20, 20)
+    assert refused.value.param == "max_tokens"
+
+
+def test_prefix_caching_prefills_a_shared_system_prompt_once_with_identical_outputs(engine):
+    """Four chats behind one ~500-token system prompt: with prefix caching the later three reuse its blocks (the
+    pool's hit count says so) and every output equals the uncached engine's."""
+    system = " ".join(CHAT_INSTRUCTIONS * 6)
+    prompts = [engine.tokenizer.apply_chat_template([{"role": "system", "content": system},
+                                                     {"role": "user", "content": s}],
+                                                    add_generation_prompt=True, tokenize=False)
+               for s in CHAT_INSTRUCTIONS[:4]]
+    prompts = [engine.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    shared = next(i for i in range(len(prompts[0])) if len({p[i] for p in prompts}) > 1)  # tokens all start with
+    assert shared > 400
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    cached = LLMEngine(EngineConfig(max_batch=4, max_model_len=1024, enable_prefix_caching=True))
+    got = run_to_completion(cached, prompts, params)  # queued together: each is admitted after the one before
+    stats = cached.stats()
+    assert stats.prefix_cache_hits == 3 * (shared // 16 * 16)  # the first computes the prefix, the rest reuse it
+    assert stats.prefix_cache_queries == sum(len(p) for p in prompts)
+    assert got == run_to_completion(engine, prompts, params)
+    assert_every_block_free(cached)
+    metrics = generate_latest(ServerMetrics("m", cached.stats).registry).decode()
+    assert f'optiserve:prefix_cache_hits_total{{model_name="m"}} {float(stats.prefix_cache_hits)}' in metrics
+
+
+def test_the_memory_of_8_full_contexts_runs_32_short_chats_at_once(engine, chat_prompt_ids):
+    """Blocks follow the tokens: the pool 8 sequences of max_model_len took as fixed rows admits 32 chats of at
+    most a quarter of it together (admission counts each one's prompt + max_tokens)."""
+    max_len = engine.cfg.max_model_len
+    memory = 8 * max_len * engine.runner.cache.bytes_per_token
+    chats = LLMEngine(EngineConfig(max_batch=32, max_model_len=max_len, kv_cache_memory=memory))
+    for i in range(32):
+        prompt = chat_prompt_ids[i % len(chat_prompt_ids)]
+        params = SamplingParams(max_tokens=max_len // 4 - len(prompt), temperature=0, ignore_eos=True)
+        chats.add_request(Request(str(i), prompt, params, lambda out: None))
+    chats.step()
+    assert len(chats.scheduler.running) == 32 and not chats.scheduler.waiting
+    assert chats.scheduler.committed == chats.runner.cache.tables.pool.num_blocks
+    for i in range(32):
+        chats.abort(str(i))
+    chats.step()
+    assert_every_block_free(chats)
