@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 class PolicyConfig:
     max_budget: int  # the drafter's chain length (num_speculative_tokens)
     ema: float = 0.1  # weight of a new observation
-    probe_every: int = 16  # steps before the first probe while off, and between plain-step re-timings while on
+    probe_every: int = 16  # the fewest steps between probes while off, and between plain-step re-timings
     probe_overhead: float = 0.02  # a probe's extra cost over the plain steps between probes, at most
     max_probe_every: int = 64  # ... but never rarer: one noisy timing must not keep drafting off for long
     prior_acceptance: float = 0.5  # c_i before any observation: optimistic enough to try drafting
@@ -88,7 +88,7 @@ class AdaptivePolicy:
         known = {b: c.per_draft for b, c in self.costs.items() if c.per_draft is not None}
         if not known:
             return self.cfg.prior_cost_per_draft
-        return known[batch] if batch in known else known[min(known, key=lambda b: (abs(b - batch), -b))]
+        return known[min(known, key=lambda b: (abs(b - batch), -b))]  # batch itself when measured
 
     def probe_interval(self, batch: int) -> int:
         """Steps between one-token probes while off at `batch`."""
