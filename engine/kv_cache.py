@@ -6,9 +6,10 @@ from one `BlockPool` as a forward writes past a slot's last block and go back wh
 back, so memory follows the tokens held, not max_len per slot. A target and its drafter share one `SlotTables`
 (the same block ids index both pools), so moving a slot is moving its table: no KV is copied.
 
-The FP8/NVFP4 formats (kv_quant.py) store each token's K/V as the values the format decodes to (a compute copy):
-their scales are per layer, and NVFP4's block scales run along head_dim within one token, so no scale spans
-positions and a token's stored values do not depend on which block holds it.
+The FP8/NVFP4 formats (kv_quant.py) store each token's K/V packed (kv_pools.py): their scales are per layer, and
+NVFP4's block scales run along head_dim within one token, so no scale spans positions and a token's stored codes do
+not depend on which block holds it. Attention reads the codes in place (ops.decode_attention); SDPA and `read` get
+decoded values.
 Positions past a slot's length hold stale values; nothing reads them (attention is bounded by positions/masks).
 """
 
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from .block_manager import BlockPool, BlockTable
-from .kv_quant import KVFormat
+from .kv_pools import KVPools
+from .kv_quant import KVFormat, KVPages
 
 
 @dataclass
@@ -110,7 +112,8 @@ class SlotTables:
 
 
 class KVCache:
-    """K/V pools [layers, num_blocks, block_size, kv_heads, head_dim] plus the block tables of the current forward."""
+    """K/V pools [layers, num_blocks, block_size, kv_heads, *] in the cache's format (`pools`) plus the block tables of
+    the current forward."""
 
     def __init__(self, shape: CacheShape, dtype: torch.dtype, device: str | torch.device = "cpu",
                  tables: SlotTables | None = None, prefix_caching: bool = False):
@@ -122,26 +125,38 @@ class KVCache:
                                 shape.num_slots, shape.max_len)
         if (tables.pool.num_blocks, tables.block_size) != (shape.num_blocks, shape.block_size):
             raise ValueError("a cache sharing block tables needs the same number and size of blocks")
-        self.tables = tables
-        dims = (shape.num_layers, shape.num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
-        self.k = torch.zeros(dims, dtype=dtype, device=device)
-        self.v = torch.zeros(dims, dtype=dtype, device=device)
+        self.tables, self.dtype, self.device = tables, dtype, torch.device(device)
         self.kv = KVFormat()
+        self.pools = KVPools(self._dims, dtype, device, self.kv)
         self._table = torch.zeros(1, 1, dtype=torch.long)  # [B, nb] block ids of the current forward
         self._attn_len = 1
         self._index_of: torch.Tensor | None = None  # the `positions` that `_index` was built for
         self._index = torch.empty(0, dtype=torch.long)
-        # Per layer, the pool viewed as token rows [num_blocks * block_size, KV * D]: a layer's write is one copy each.
-        self._k_rows = [t.view(-1, shape.num_kv_heads * shape.head_dim) for t in self.k]
-        self._v_rows = [t.view(-1, shape.num_kv_heads * shape.head_dim) for t in self.v]
+
+    @property
+    def _dims(self) -> tuple[int, int, int, int, int]:
+        s = self.shape
+        return s.num_layers, s.num_blocks, s.block_size, s.num_kv_heads, s.head_dim
+
+    @property
+    def k(self) -> torch.Tensor:
+        """The key pools [layers, num_blocks, block_size, KV, D] (the format's codes when quantized)."""
+        return self.pools.k
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.pools.v
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.pools.nbytes
 
     @property
-    def bytes_per_token(self) -> int:
-        return self.shape.elements_per_token * self.k.element_size()
+    def bytes_per_token(self) -> float:
+        """Resident bytes of one token's K and V across all layers: the format's (block scales included)."""
+        if self.kv.format is None:
+            return self.shape.elements_per_token * self.dtype.itemsize
+        return self.shape.elements_per_token * self.kv.bytes_per_element
 
     @property
     def kv_format(self) -> str:
@@ -153,14 +168,15 @@ class KVCache:
         return self._table
 
     def set_format(self, kv: KVFormat) -> None:
-        """Quantize K/V as they are written (`fp8`/`nvfp4`, calibrated per layer) or not (`none`)."""
-        self.kv = kv
+        """Quantize K/V as they are written (`fp8`/`nvfp4`, calibrated per layer) or not (`none`). Another storage
+        format takes new pools: what the old ones held is gone (a weight swap re-prefills the running sequences)."""
+        if kv.name != self.kv.name:
+            self.pools = KVPools(self._dims, self.dtype, self.device, kv)
+        self.kv = self.pools.kv = kv
 
     def packed_bytes_per_token(self) -> float:
-        """Bytes per token of K and V in the cache's format (the fp32 compute copy is `bytes_per_token`)."""
-        if self.kv.name == "none":
-            return float(self.bytes_per_token)
-        return self.shape.elements_per_token * self.kv.bytes_per_element
+        """Bytes per token of K and V in the cache's format: what the pools hold (`bytes_per_token`)."""
+        return float(self.bytes_per_token)
 
     def begin(self, first_slot: int, lengths: list[int]) -> None:
         """Select slots [first_slot, first_slot + len(lengths)) for the next forward, row b touching cache positions
@@ -187,29 +203,30 @@ class KVCache:
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k/v [B, S, KV, D] at `positions` [B, S] of the current slots."""
-        if self.kv.name != "none":  # store exactly what the quantized cache would hold
-            k, v = self.kv.store_keys(layer, k), self.kv.store_values(layer, v)
-        rows, B, S = self._token_rows(positions), k.shape[0], k.shape[1]
-        self._k_rows[layer].index_copy_(0, rows, k.reshape(B * S, -1).to(self.k.dtype))
-        self._v_rows[layer].index_copy_(0, rows, v.reshape(B * S, -1).to(self.v.dtype))
+        self.pools.write(layer, self._token_rows(positions), k, v)
 
-    def pages(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This layer's pools [num_blocks, block_size, KV, D] and the current block table [B, nb] (kernel reads)."""
-        return self.k[layer], self.v[layer], self._table
+    def pages(self, layer: int) -> tuple[torch.Tensor | KVPages, torch.Tensor | KVPages, torch.Tensor]:
+        """This layer's pools [num_blocks, block_size, KV, *] (fp32 tensors, or the packed codes and scales) and the
+        current block table [B, nb] (kernel reads)."""
+        return *self.pools.pages(layer), self._table
 
     def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's keys/values of the current slots, gathered: [B, KV, L, D] each (one copy; SDPA reads)."""
-        return self._gather(self.k[layer]), self._gather(self.v[layer])
+        """This layer's keys/values of the current slots, gathered and decoded: [B, KV, L, D] each (SDPA reads)."""
+        return self._gather(layer, True), self._gather(layer, False)
 
-    def _gather(self, pool: torch.Tensor) -> torch.Tensor:
+    def _gather(self, layer: int, keys: bool) -> torch.Tensor:
         B, nb = self._table.shape
-        pages = pool[self._table.clamp(min=0)]  # [B, nb, bs, KV, D]; blocks past a slot's end are never attended
-        return pages.view(B, nb * self.shape.block_size, *pool.shape[2:])[:, : self._attn_len].transpose(1, 2)
+        # [B, nb, bs, KV, D]; blocks past a slot's end are never attended
+        pages = self.pools.decoded(layer, keys, self._table.clamp(min=0))
+        return pages.reshape(B, nb * self.shape.block_size, *pages.shape[3:])[:, : self._attn_len].transpose(1, 2)
 
     def read(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions [0, length) of one slot: K and V [layers, length, KV, D] (copies; for tests and tools)."""
-        rows, flat = self._slot_rows(slot, range(length)), (self.shape.num_layers, -1, *self.k.shape[3:])
-        return self.k.view(flat)[:, rows], self.v.view(flat)[:, rows]
+        """Positions [0, length) of one slot, decoded: K and V [layers, length, KV, D] (copies; for tests and tools)."""
+        bs, blocks = self.shape.block_size, self.tables.tables[slot].blocks
+        index = (torch.tensor([blocks[p // bs] for p in range(length)], dtype=torch.long),
+                 torch.tensor([p % bs for p in range(length)], dtype=torch.long))
+        return tuple(torch.stack([self.pools.decoded(layer, keys, index) for layer in range(self.shape.num_layers)])
+                     for keys in (True, False))
 
     def _slot_rows(self, slot: int, positions) -> torch.Tensor:
         """Token rows of the pools (viewed [layers, num_blocks * block_size, ...]) for positions of one slot."""
@@ -226,8 +243,5 @@ class KVCache:
         and positions from start + len(rows) on are forgotten, as if only the path had been written."""
         moves = [(start + r, start + i) for i, r in enumerate(rows) if r != i]
         if moves:
-            src, dst = (self._slot_rows(slot, ps) for ps in zip(*moves, strict=True))
-            flat = (self.shape.num_layers, -1, *self.k.shape[3:])
-            for pool in (self.k.view(flat), self.v.view(flat)):
-                pool[:, dst] = pool[:, src]  # gathered before written, as moving in ascending order would be
+            self.pools.move(*(self._slot_rows(slot, ps) for ps in zip(*moves, strict=True)))
         self.truncate(slot, start + len(rows), end)

@@ -12,22 +12,26 @@ softmax ignores; and H is orthogonal, so q.k = (H q).(H k): a cache holding rota
 Why: keys have a few channels far larger than the rest (per-channel means and RoPE's slow pairs), so a 16-element
 block scaled by its amax leaves the others with one or two codes; centring removes the constant part and the
 rotation spreads what is left over all channels.
-This engine's cache is a compute copy of the decoded values, so it holds H^T NVFP4(H (k - m)) + m and attention
-reads it unchanged. `k_scale`/`v_scale` stay ModelOpt's (from the amax of plain K and V), so an exported checkpoint
-means what ModelOpt's does; the mean keys travel beside it (`quantized_checkpoint.KV_MEANS_FILE`).
+The cache holds the packed codes (`KVEncoding.encode`, or the fused write kernel in csrc/kv_write.cpp with the same
+bits) and attention reads them as they are: the query is rotated once per row and head, scores (H q).NVFP4(H (k - m)),
+and q.m, the same for every key of a row, is dropped. Where keys are read as values (SDPA, `KVCache.read`) they are
+decoded back to H^T NVFP4(H (k - m)) + m. `k_scale`/`v_scale` stay ModelOpt's (from the amax of plain K and V),
+so an exported checkpoint means what ModelOpt's does; the mean keys travel beside it
+(`quantized_checkpoint.KV_MEANS_FILE`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 import torch
 
-from optiserve.kernels.formats import E2M1_MAX
-from optiserve.kernels.fp8 import FP8Tensor
-from optiserve.kernels.nvfp4_kv import quantize_nvfp4_kv
+from optiserve.kernels.formats import E2M1_MAX, NVFP4_BLOCK_SIZE, NVFP4_KV_SCALE_FACTORS
+from optiserve.kernels.fp8 import dequantize_fp8_reference, quantize_fp8_reference
+from optiserve.kernels.nvfp4 import dequantize_nvfp4_reference, quantize_nvfp4_reference
+from optiserve.kernels.nvfp4_kv import quantize_nvfp4_kv_reference
 
 from .weight_formats import check_format
 from .weight_formats.fp8 import FP8_ACTIVATIONS
@@ -39,20 +43,87 @@ class KVCacheFormat:
 
     name: str
     bytes_per_element: float  # stored bytes per K/V element, block scales included
-    encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (K or V, the layer's scale) -> decoded values
+    code_bytes: float  # bytes of codes per element
+    scale_block: int  # elements per stored E4M3 block scale; 0: none
+    kernel_code: int  # the format's number in the csrc kernels (packed_linear.cpp's enum)
+    # (K or V [..., D], the layer's scale, search block scales) -> (codes uint8 [..., D * code_bytes], block scales
+    # uint8 [..., D / scale_block] or None): the torch reference of the fused write kernel
+    encode: Callable[[torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
+    decode: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]  # -> fp32 [..., D]
     kv_cache_quant_algo: str  # hf_quant_config.json `kv_cache_quant_algo` (ModelOpt `_compute_kv_cache_dtype`)
     modelopt_scale_ratio: float  # ModelOpt's `k_scale`/`v_scale` (amax / 448) over our per-layer scale
     centres_keys: bool  # keys centred on calibrated mean keys and rotated before encoding
 
 
+def _fp8_encode(t: torch.Tensor, scale: torch.Tensor, search: bool) -> tuple[torch.Tensor, None]:
+    return quantize_fp8_reference(t, scale).view(torch.uint8), None
+
+
+def _fp8_decode(codes: torch.Tensor, scales: None, scale: torch.Tensor) -> torch.Tensor:
+    return dequantize_fp8_reference(codes.view(torch.float8_e4m3fn), scale, torch.float32)
+
+
+def _nvfp4_encode(t: torch.Tensor, s2: torch.Tensor, search: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    codes, scales = (quantize_nvfp4_kv_reference if search else quantize_nvfp4_reference)(t.float(), s2)
+    return codes, scales.view(torch.uint8)
+
+
+def _nvfp4_decode(codes: torch.Tensor, scales: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    return dequantize_nvfp4_reference(codes, scales.view(torch.float8_e4m3fn), s2, 2 * codes.shape[-1], torch.float32)
+
+
 KV_CACHE_FORMATS = {
-    "fp8": KVCacheFormat("fp8", 1.0, lambda t, scale: FP8Tensor.from_float(t, scale).dequantize(), "FP8", 1.0, False),
+    "fp8": KVCacheFormat("fp8", 1.0, 1.0, 0, 3, _fp8_encode, _fp8_decode, "FP8", 1.0, False),
     # half a byte plus one FP8 block scale per 16 elements; our scale is the NVFP4 global scale amax / (6 * 448)
-    "nvfp4": KVCacheFormat("nvfp4", 0.5 + 1 / 16, lambda t, scale: quantize_nvfp4_kv(t, scale).dequantize(), "NVFP4",
-                           E2M1_MAX, True),
+    "nvfp4": KVCacheFormat("nvfp4", 0.5 + 1 / NVFP4_BLOCK_SIZE, 0.5, NVFP4_BLOCK_SIZE, 0, _nvfp4_encode,
+                           _nvfp4_decode, "NVFP4", E2M1_MAX, True),
 }
 KV_FORMATS = ("none", *KV_CACHE_FORMATS)
 KV_BY_ALGO = {f.kv_cache_quant_algo: f for f in KV_CACHE_FORMATS.values()}
+
+
+@dataclass(frozen=True)
+class KVEncoding:
+    """How one layer's K or V is stored: what the fused write kernel and its torch reference (`encode`) both take."""
+
+    format: KVCacheFormat
+    scale: torch.Tensor  # 0-dim fp32: the layer's k_scale/v_scale
+    mean: torch.Tensor | None  # [KV, D] fp32, subtracted before encoding (NVFP4 keys)
+    rotation: torch.Tensor | None  # [D, D] the normalised Hadamard matrix, applied after centring (NVFP4 keys)
+    search_scales: bool  # NVFP4: searched block scales (`kernels.nvfp4_kv`); else ModelOpt's amax ones
+
+    @property
+    def scale_value(self) -> float:
+        return float(self.scale)
+
+    @property
+    def factors(self) -> tuple[float, ...]:
+        """The NVFP4 block-scale candidates the encoder tries (f = 1.0 alone: ModelOpt's encoding)."""
+        return NVFP4_KV_SCALE_FACTORS if self.search_scales else (1.0,)
+
+    def encode(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """K or V [..., KV, D] -> (codes, block scales or None) as the pools hold them."""
+        if self.mean is not None:
+            t = t.float() - self.mean
+        if self.rotation is not None:
+            t = t.float() @ self.rotation
+        return self.format.encode(t, self.scale, self.search_scales)
+
+    def decode(self, codes: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+        """Stored codes -> fp32 values [..., KV, D] in the keys' own basis (rotated back, mean added)."""
+        t = self.format.decode(codes, scales, self.scale)
+        if self.rotation is not None:
+            t = t @ self.rotation  # symmetric: its own inverse
+        return t if self.mean is None else t + self.mean
+
+
+@dataclass(frozen=True)
+class KVPages:
+    """One layer's packed K or V pool as the attention kernel reads it."""
+
+    codes: torch.Tensor  # [num_blocks, block_size, KV, D * code_bytes] uint8
+    scales: torch.Tensor | None  # [num_blocks, block_size, KV, D / 16] E4M3 bits (NVFP4)
+    encoding: KVEncoding
 
 
 @dataclass
@@ -63,6 +134,9 @@ class KVFormat:
     k_scales: list[torch.Tensor] | None = None  # per layer: fp8 amax/448, nvfp4 the global scale s2
     v_scales: list[torch.Tensor] | None = None
     k_means: list[torch.Tensor] | None = None  # nvfp4, per layer [KV, D] in our RoPE layout; None: not centred
+    rotate_keys: bool = True  # nvfp4: keys rotated by the Hadamard matrix (False: ModelOpt's plain NVFP4 keys)
+    search_scales: bool = True  # nvfp4: searched block scales (False: ModelOpt's amax block scales)
+    _encodings: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_format(self.name, KV_FORMATS, "KV cache")
@@ -77,22 +151,30 @@ class KVFormat:
     def bytes_per_element(self) -> float:
         return self.format.bytes_per_element
 
+    def encoding(self, layer: int, keys: bool, head_dim: int) -> KVEncoding:
+        """How layer `layer`'s keys (or values) are encoded (built once per layer)."""
+        key = (layer, keys, head_dim)
+        if key not in self._encodings:
+            rotates = keys and self.format.centres_keys
+            mean = self.k_means[layer].float().contiguous() if rotates and self.k_means is not None else None
+            rotation = hadamard(head_dim) if rotates and self.rotate_keys else None
+            scale = (self.k_scales if keys else self.v_scales)[layer].float().reshape(())
+            self._encodings[key] = KVEncoding(self.format, scale, mean, rotation, self.search_scales)
+        return self._encodings[key]
+
     def store_keys(self, layer: int, k: torch.Tensor) -> torch.Tensor:
-        """Keys [B, S, KV, D] as the cache holds them (decoded, back in the keys' own basis)."""
-        if self.format is None or not self.format.centres_keys:
-            return self._store(k, self.k_scales, layer)
-        mean = self.k_means[layer] if self.k_means is not None else torch.zeros((), device=k.device)  # [KV, D]
-        rot = hadamard(k.shape[-1], k.device)  # [D, D], symmetric: its own inverse
-        rotated = self.format.encode((k.float() - mean) @ rot, self.k_scales[layer])
-        return (rotated @ rot + mean).to(k.dtype)
+        """Keys [B, S, KV, D] as the cache holds them, decoded (back in the keys' own basis)."""
+        return self._store(k, layer, True)
 
     def store_values(self, layer: int, v: torch.Tensor) -> torch.Tensor:
-        """Values [B, S, KV, D] as the cache holds them (decoded)."""
-        return self._store(v, self.v_scales, layer)
+        """Values [B, S, KV, D] as the cache holds them, decoded."""
+        return self._store(v, layer, False)
 
-    def _store(self, t: torch.Tensor, scales: list[torch.Tensor] | None, layer: int) -> torch.Tensor:
-        t = t.contiguous()
-        return t if self.format is None else self.format.encode(t, scales[layer])
+    def _store(self, t: torch.Tensor, layer: int, keys: bool) -> torch.Tensor:
+        if self.format is None:
+            return t
+        enc = self.encoding(layer, keys, t.shape[-1])
+        return enc.decode(*enc.encode(t)).to(t.dtype)
 
 
 def kv_scale_for(fmt: str, amax: torch.Tensor) -> torch.Tensor:

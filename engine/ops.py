@@ -5,8 +5,9 @@ The kernels live in `csrc/` (built once with the system C++ compiler by `torch.u
   of weight rows x input rows of dot products, weight rows split across threads with ATen's OpenMP pool.
 - `rms_norm`, `silu_mul`, `rope_`: one pass each where ATen takes several small ops.
 - `decode_attention`: a few query rows per sequence with GQA over the paged KV cache (read in place through block
-  tables), each row bounded by its own position (and sliding window), so batched decode and speculative verify
-  need no mask; or draft-tree rows with per-row ancestor masks.
+  tables, fp32 or FP8/NVFP4 codes decoded as it walks them), each row bounded by its own position (and sliding
+  window), so batched decode and speculative verify need no mask; or draft-tree rows with per-row ancestor masks.
+- `kv_write`: K or V encoded straight into FP8/NVFP4 pools (centring, rotation and block-scale search included).
 Every output row is computed alone, in the same order whatever the number of rows, so a speculative verify is
 bit-identical to decode steps.
 
@@ -25,16 +26,20 @@ import os
 import platform
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .tree_attention import TreeMask
 
+if TYPE_CHECKING:
+    from .kv_quant import KVEncoding, KVPages
+
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ["linear.cpp", "rowwise.cpp", "attention.cpp", "bindings.cpp"]
+SOURCES = ["linear.cpp", "rowwise.cpp", "attention.cpp", "kv_write.cpp", "bindings.cpp"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
@@ -160,7 +165,7 @@ def decode_attention_available(dtype: torch.dtype, device: torch.device) -> bool
 
 
 def decode_attention(
-    qkv: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
+    qkv: torch.Tensor, k_pages: torch.Tensor | KVPages, v_pages: torch.Tensor | KVPages, block_table: torch.Tensor,
     positions: torch.Tensor, n_heads: int, window: int, tree: TreeMask | None = None,
 ) -> torch.Tensor:
     """Attention of a few query rows per sequence over the paged cache: `qkv` [B, S, N, D] (heads [0, n_heads) are
@@ -169,10 +174,36 @@ def decode_attention(
     (positions[b, s] - window, positions[b, s]] (window 0: all up to it). Rows are computed independently, so a
     speculative verify over S rows is bit-identical to S one-token decode steps, whatever the block size. With a
     draft `tree`, row (b, s) attends the prefix and its ancestors instead (tree_attention.py), bit-identical to
-    decode steps over its path. Returns [B, S, n_heads*D]."""
-    base, ancestors = (tree.base, tree.ancestors) if tree is not None else (_NO_TREE, _NO_TREE)
-    return load().decode_attention(qkv, k_pages, v_pages, block_table, positions, n_heads, window,  # type: ignore
-                                   base, ancestors)
+    decode steps over its path. Packed pools (`KVPages`, FP8/NVFP4) are decoded as they are read; keys stored
+    rotated (NVFP4) are scored against the query rotated alike, once per row and head. Returns [B, S, n_heads*D]."""
+    base, ancestors = (tree.base, tree.ancestors) if tree is not None else (_EMPTY, _EMPTY)
+    if isinstance(k_pages, torch.Tensor):
+        return load().decode_attention(qkv, k_pages, v_pages, block_table, positions, n_heads, window,  # type: ignore
+                                       base, ancestors)
+    k, v = k_pages.encoding, v_pages.encoding
+    q = qkv if k.rotation is None else qkv[:, :, :n_heads] @ k.rotation  # [B, S, H, D]: (H q).(H k) = q.k
+    return load().decode_attention_packed(  # type: ignore
+        q, k_pages.codes, _or_empty(k_pages.scales), v_pages.codes, _or_empty(v_pages.scales), k.format.kernel_code,
+        k.scale_value, v.scale_value, block_table, positions, n_heads, window, base, ancestors)
 
 
-_NO_TREE = torch.empty(0, dtype=torch.long)
+def kv_write(enc: KVEncoding, x: torch.Tensor, rows: torch.Tensor, codes: torch.Tensor,
+             scales: torch.Tensor | None) -> None:
+    """Encode K or V `x` [B, S, KV, D] into token rows `rows` [B * S] of a layer's pools `codes` [T, KV, W] (and the
+    block scales [T, KV, D/16]) as `enc` says: the kernel where the ops' rule allows, else `enc.encode`."""
+    mod = _kernels(x)
+    if mod is not None and _f32_cpu(x) and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] and codes.is_cpu:
+        mod.kv_write(enc.format.kernel_code, x, rows, codes, _or_empty(scales), enc.scale_value,
+                     _or_empty(enc.mean), _or_empty(enc.rotation), list(enc.factors))
+        return
+    new_codes, new_scales = enc.encode(x)  # [B, S, KV, W], [B, S, KV, D/16]
+    codes.index_copy_(0, rows, new_codes.reshape(rows.numel(), *codes.shape[1:]))
+    if scales is not None:
+        scales.index_copy_(0, rows, new_scales.reshape(rows.numel(), *scales.shape[1:]))
+
+
+def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
+    return _EMPTY if t is None else t
+
+
+_EMPTY = torch.empty(0, dtype=torch.long)

@@ -188,7 +188,7 @@ def make_spec_decoder(cfg: EngineConfig, runner: ModelRunner, model_dir: Path) -
     path = resolve_head_dir(cfg.speculative, cfg.model, model_dir)
     if not is_draft_dir(path):
         raise ModelLoadError(f"--speculative {cfg.speculative}: {path} is not a draft head directory")
-    dtype = runner.cache.k.dtype
+    dtype = runner.cache.dtype
     head = load_draft_head(path, dtype).to(runner.device).attach(runner.model)
     tables = runner.cache.tables
     if not cfg.tree:

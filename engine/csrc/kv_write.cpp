@@ -1,0 +1,110 @@
+// The fused KV-cache write: one call per layer per forward encodes k or v [B, S, KV, D] straight into the packed
+// pools of the rows it is written to, giving the bits of the references in kernels/ (fp8.py `quantize_fp8_reference`,
+// nvfp4_kv.py `quantize_nvfp4_kv_reference`): the same divisions, comparisons and E4M3/E2M1 rounding. NVFP4 keys are
+// centred on the layer's mean key and rotated first (fp32 D x D matvec per head, in this kernel's summation order).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "ops.h"
+#include "packed_decode.h"
+#include "vec.h"
+
+// fp32 -> FP8 E4M3 bits, round to nearest even, as torch's cast; |f| <= 448 (callers clamp), NaN -> 0x7F.
+static inline uint8_t e4m3_from_float(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  uint8_t sign = (bits >> 24) & 0x80;
+  float a = std::fabs(f);
+  if (std::isnan(a)) return sign | 0x7F;
+  if (a < 0.015625f)  // below 2^-6: a subnormal, m * 2^-9 with m rounded to even (m == 8 is the first normal)
+    return sign | (uint8_t)std::nearbyint(a * 512.0f);
+  uint32_t ab = bits & 0x7FFFFFFF;
+  ab += 0x7FFFF + ((ab >> 20) & 1);  // round the 23-bit mantissa to 3 bits, ties to even (may carry into e)
+  int e = (int)(ab >> 23) - 127 + 7;
+  return sign | (uint8_t)std::min(0x7E, (e << 3) | (int)((ab >> 20) & 7));
+}
+
+// A value already divided by its step -> its E2M1 code (sign << 3 | magnitude index), `e2m1_encode_reference`.
+static inline uint8_t e2m1_code(float v) {
+  float a = std::fabs(v);
+  if (std::isnan(a)) return 7 | (v < 0 ? 8 : 0);
+  int idx = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.0f);
+  return (uint8_t)idx | (v < 0 ? 8 : 0);
+}
+
+// One 16-element block x -> packed codes q[8] and its E4M3 scale: of the candidate scales amax / (6 * s2) * f,
+// the first with the least squared error of the decoded block. Products rounded as the reference rounds them (no
+// fused multiply-add), so only the order of the error's 8-pair sum differs from it.
+__attribute__((optimize("fp-contract=off"))) static uint8_t encode_nvfp4_block(const float* x, float s2, const std::vector<float>& factors, uint8_t* q) {
+  float amax = 0.0f;
+  for (int j = 0; j < 16; j++) amax = std::max(amax, std::fabs(x[j]));
+  const float base = amax / (6.0f * s2);
+  float best_err = INFINITY;
+  uint8_t best_s = 0, codes[16], best[16];
+  for (float f : factors) {
+    float raw = base * f;
+    raw = std::clamp(raw == 0.0f ? 1.0f : raw, 0.001953125f, 448.0f);
+    uint8_t sbits = e4m3_from_float(raw);
+    float step = nvfp4_step(sbits, s2), err = 0.0f;
+    for (int j = 0; j < 16; j += 2) {
+      codes[j] = e2m1_code(x[j] / step), codes[j + 1] = e2m1_code(x[j + 1] / step);
+      float de = E2M1_TABLE[codes[j]] * step - x[j], dd = E2M1_TABLE[codes[j + 1]] * step - x[j + 1];
+      err += de * de + dd * dd;
+    }
+    if (err < best_err) best_err = err, best_s = sbits, std::memcpy(best, codes, 16);
+  }
+  for (int j = 0; j < 8; j++) q[j] = best[2 * j] | (best[2 * j + 1] << 4);
+  return best_s;
+}
+
+// x [B, S, KV, D] (unit stride along D, heads D apart) written at pool token rows rows[b * S + s].
+// FP8 (format 3): codes [T, KV * D] = E4M3(clamp(x / scale)). NVFP4 (format 0): codes [T, KV * D / 2], scales
+// [T, KV * D / 16] of y = (x - mean) @ rot per head (mean [KV, D] and rot [D, D], symmetric, each optional).
+void kv_write(int64_t format, const at::Tensor& x, const at::Tensor& rows, at::Tensor& codes, at::Tensor& scales,
+              double scale, const at::Tensor& mean, const at::Tensor& rot, const std::vector<double>& factors) {
+  TORCH_CHECK(is_f32_cpu(x) && x.dim() == 4 && x.stride(3) == 1 && x.stride(2) == x.size(3),
+              "kv_write: x fp32 [B, S, KV, D], rows of KV * D contiguous");
+  int64_t B = x.size(0), S = x.size(1), KV = x.size(2), D = x.size(3), R = B * S;
+  TORCH_CHECK(format == 0 || format == 3, "kv_write: format 0 (NVFP4) or 3 (FP8)");
+  TORCH_CHECK(rows.numel() == R && codes.is_contiguous() && codes.scalar_type() == at::kByte,
+              "kv_write: a pool row per token, uint8 code pools");
+  at::Tensor r64 = rows.to(at::kLong).contiguous();
+  const int64_t* row = r64.data_ptr<int64_t>();
+  const int64_t T = codes.numel() / (format == 3 ? KV * D : KV * D / 2);
+  for (int64_t i = 0; i < R; i++) TORCH_CHECK(row[i] >= 0 && row[i] < T, "kv_write: a row outside the pool");
+  const float* X = x.data_ptr<float>();
+  uint8_t* Q = codes.data_ptr<uint8_t>();
+  const float sc = (float)scale;
+  if (format == 3) {
+    at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; r++) {
+        const float* xr = X + (r / S) * x.stride(0) + (r % S) * x.stride(1);
+        uint8_t* q = Q + row[r] * KV * D;
+        for (int64_t c = 0; c < KV * D; c++) q[c] = e4m3_from_float(std::clamp(xr[c] / sc, -448.0f, 448.0f));
+      }
+    });
+    return;
+  }
+  TORCH_CHECK(D % 16 == 0 && scales.is_contiguous() && scales.numel() == T * KV * D / 16,
+              "kv_write: NVFP4 needs head_dim % 16 == 0 and a scale pool [T, KV * D / 16]");
+  const bool centre = mean.numel() > 0, rotate = rot.numel() > 0;
+  TORCH_CHECK(!centre || (is_f32_cpu(mean) && mean.is_contiguous() && mean.numel() == KV * D), "kv_write: mean [KV, D]");
+  TORCH_CHECK(!rotate || (is_f32_cpu(rot) && rot.is_contiguous() && rot.numel() == D * D), "kv_write: rot [D, D]");
+  const float *M = centre ? mean.data_ptr<float>() : nullptr, *Hm = rotate ? rot.data_ptr<float>() : nullptr;
+  uint8_t* Sc = scales.data_ptr<uint8_t>();
+  const std::vector<float> f(factors.begin(), factors.end());
+  at::parallel_for(0, R * KV, 4, [&](int64_t i0, int64_t i1) {
+    std::vector<float> y(D), z(D);
+    for (int64_t i = i0; i < i1; i++) {
+      int64_t r = i / KV, h = i % KV;
+      const float* xr = X + (r / S) * x.stride(0) + (r % S) * x.stride(1) + h * D;
+      for (int64_t c = 0; c < D; c++) y[c] = centre ? xr[c] - M[h * D + c] : xr[c];
+      for (int64_t c = 0; c < D && rotate; c++) z[c] = dot(y.data(), Hm + c * D, D);  // row c = column c
+      const float* src = rotate ? z.data() : y.data();
+      uint8_t *q = Q + (row[r] * KV + h) * D / 2, *s = Sc + (row[r] * KV + h) * D / 16;
+      for (int64_t blk = 0; blk < D / 16; blk++) s[blk] = encode_nvfp4_block(src + 16 * blk, sc, f, q + 8 * blk);
+    }
+  });
+}
