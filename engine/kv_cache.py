@@ -152,11 +152,9 @@ class KVCache:
         return self.pools.nbytes
 
     @property
-    def bytes_per_token(self) -> float:
-        """Resident bytes of one token's K and V across all layers: the format's (block scales included)."""
-        if self.kv.format is None:
-            return self.shape.elements_per_token * self.dtype.itemsize
-        return self.shape.elements_per_token * self.kv.bytes_per_element
+    def bytes_per_token(self) -> int:
+        """Resident bytes of one token's K and V across all layers: what the pools hold per token."""
+        return self.pools.nbytes // (self.shape.num_blocks * self.shape.block_size)
 
     @property
     def kv_format(self) -> str:
@@ -175,8 +173,11 @@ class KVCache:
         self.kv = self.pools.kv = kv
 
     def packed_bytes_per_token(self) -> float:
-        """Bytes per token of K and V in the cache's format: what the pools hold (`bytes_per_token`)."""
-        return float(self.bytes_per_token)
+        """Bytes per token of K and V in the cache's format (block scales included): `bytes_per_token`, as the
+        format defines it."""
+        if self.kv.format is None:
+            return float(self.shape.elements_per_token * self.dtype.itemsize)
+        return self.shape.elements_per_token * self.kv.bytes_per_element
 
     def begin(self, first_slot: int, lengths: list[int]) -> None:
         """Select slots [first_slot, first_slot + len(lengths)) for the next forward, row b touching cache positions

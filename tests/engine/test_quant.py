@@ -7,7 +7,6 @@ from optiserve.engine.kv_cache import CacheShape, KVCache
 from optiserve.engine.kv_quant import KVFormat, hadamard, kv_scale_for, kv_scale_from_modelopt, kv_scale_to_modelopt
 from optiserve.engine.quant import QuantLinear, quantize_weight
 from optiserve.kernels.fp8 import FP8Tensor
-from optiserve.kernels.nvfp4 import NVFP4Tensor
 from optiserve.kernels.nvfp4_kv import quantize_nvfp4_kv
 
 FORMATS = ["fp8", "nvfp4", "nvfp4-w4a16", "int8", "int4"]
@@ -81,14 +80,9 @@ def test_nvfp4_kv_rotation_needs_a_power_of_two_head_dim():
         hadamard(48)
 
 
-class PlainNVFP4Cache(KVFormat):
+def plain_nvfp4_cache(kv: KVFormat) -> KVFormat:
     """The baseline: ModelOpt's NVFP4 encoding of K and V as computed (amax block scales, no centring/rotation)."""
-
-    def store_keys(self, layer: int, k: torch.Tensor) -> torch.Tensor:
-        return NVFP4Tensor.from_float(k.contiguous(), self.k_scales[layer]).dequantize()
-
-    def store_values(self, layer: int, v: torch.Tensor) -> torch.Tensor:
-        return NVFP4Tensor.from_float(v.contiguous(), self.v_scales[layer]).dequantize()
+    return KVFormat("nvfp4", kv.k_scales, kv.v_scales, None, rotate_keys=False, search_scales=False)
 
 
 def test_nvfp4_kv_encoding_beats_plain_nvfp4_on_the_real_model(engine, chat_prompt_ids):
@@ -101,7 +95,7 @@ def test_nvfp4_kv_encoding_beats_plain_nvfp4_on_the_real_model(engine, chat_prom
     model = engine.master
     windows = [ids for ids in chat_prompt_ids if len(ids) >= 16][:4]
     ours = kv_format_for("nvfp4", calibrate(model, windows[:2], progress=False))
-    plain = PlainNVFP4Cache("nvfp4", ours.k_scales, ours.v_scales)
+    plain = plain_nvfp4_cache(ours)
     held_out = windows[2:]
     kl_ours = evaluate(model, held_out, model, progress=False, kv=ours).kl_divergence
     kl_plain = evaluate(model, held_out, model, progress=False, kv=plain).kl_divergence

@@ -84,6 +84,19 @@ def test_keeping_a_path_leaves_the_cache_as_if_only_it_was_written(base, chat_pr
         torch.testing.assert_close(k_kept, k_chain, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kv", ["fp8", "nvfp4"])
+def test_tree_rows_and_kept_paths_on_a_quantized_kv_cache(base, chat_prompt_ids, kv):
+    """The same two claims with packed KV pools: the kernel reads codes for tree and chain rows alike, and keeping
+    a path moves codes and block scales."""
+    req = QuantRequest("none", kv, calib_samples=4, calib_seq_len=128)
+    base.use_weights(prepare_quantized(base.model_dir, base.master, base.tokenizer, req))
+    try:
+        test_tree_verify_equals_a_forward_over_each_path(base, chat_prompt_ids)
+        test_keeping_a_path_leaves_the_cache_as_if_only_it_was_written(base, chat_prompt_ids)
+    finally:
+        base.use_weights(WeightSet(base.master, "none"))
+
+
 @pytest.fixture(scope="module")
 def tree_engine():
     return LLMEngine(EngineConfig(max_batch=4, max_model_len=1024, **TREE))
