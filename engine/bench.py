@@ -179,7 +179,9 @@ def bench_decode(cfg: DecodeBench, json_path: str | None = None,
         "model": engine.served_name, "dtype": cfg.dtype, "lm_head_dtype": cfg.lm_head_dtype, **cfg.label,
         "batch": cfg.batch, "tokens": cfg.tokens, "rounds": cfg.rounds, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "cpu_kernels": ops.load() is not None,
-        "prompt_lens": [len(p) for p in prompts], **sides,
+        "prompt_lens": [len(p) for p in prompts],
+        "kv_bytes_per_token": engine.runner.cache.bytes_per_token, "kv_resident_bytes": engine.runner.cache.nbytes,
+        **sides,
         "speedup": {k: sides["ours"]["tok_s"] / v["tok_s"] for k, v in sides.items() if k != "ours"},
     }  # fmt: skip
     if llama:

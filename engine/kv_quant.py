@@ -91,10 +91,7 @@ class KVEncoding:
     mean: torch.Tensor | None  # [KV, D] fp32, subtracted before encoding (NVFP4 keys)
     rotation: torch.Tensor | None  # [D, D] the normalised Hadamard matrix, applied after centring (NVFP4 keys)
     search_scales: bool  # NVFP4: searched block scales (`kernels.nvfp4_kv`); else ModelOpt's amax ones
-
-    @property
-    def scale_value(self) -> float:
-        return float(self.scale)
+    scale_value: float  # `scale` as a float, read once (the kernels take it every forward)
 
     @property
     def factors(self) -> tuple[float, ...]:
@@ -157,9 +154,9 @@ class KVFormat:
         if key not in self._encodings:
             rotates = keys and self.format.centres_keys
             mean = self.k_means[layer].float().contiguous() if rotates and self.k_means is not None else None
-            rotation = hadamard(head_dim) if rotates and self.rotate_keys else None
             scale = (self.k_scales if keys else self.v_scales)[layer].float().reshape(())
-            self._encodings[key] = KVEncoding(self.format, scale, mean, rotation, self.search_scales)
+            rotation = hadamard(head_dim, scale.device) if rotates and self.rotate_keys else None
+            self._encodings[key] = KVEncoding(self.format, scale, mean, rotation, self.search_scales, float(scale))
         return self._encodings[key]
 
     def store_keys(self, layer: int, k: torch.Tensor) -> torch.Tensor:
