@@ -41,14 +41,15 @@ struct TreeKeys {
   int64_t operator()(int64_t i) const { return i < base ? i : ancestors[i - base]; }
 };
 
-// dot(q, k_t) over D, in `dot`'s order (vector lanes, their sum, then the tail).
+// dot(q, k_t) over D, in `dot`'s order (vector lanes, their sum, then the tail). The tail's fused multiply-adds
+// are spelled out: left to the compiler, they were contracted for one reader and not for another.
 template <class Rows>
 static inline float row_dot(const float* q, const Rows& k, int64_t t, int64_t D) {
   vf acc = vzero();
   int64_t c = 0;
   for (; c + V <= D; c += V) acc = vfma(vload(q + c), k.load(t, c), acc);
   float s = hsum(acc);
-  for (; c < D; c++) s += q[c] * k.at(t, c);
+  for (; c < D; c++) s = std::fma(q[c], k.at(t, c), s);
   return s;
 }
 
@@ -206,7 +207,8 @@ at::Tensor decode_attention_packed(const at::Tensor& q, const at::Tensor& k_code
               v_codes.scalar_type() == at::kByte, "decode_attention_packed: uint8 code pools [N, bs, KV, *] alike");
   TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == q.size(0), "decode_attention: a table row per sequence");
   int64_t D = q.size(3), bs = k_codes.size(1), KV = k_codes.size(2), L = block_table.size(1) * bs;
-  TORCH_CHECK(D % V == 0 && k_codes.size(3) == (format == 3 ? D : D / 2), "decode_attention_packed: head_dim");
+  TORCH_CHECK(k_codes.size(3) == (format == 3 ? D : D / 2) && (format == 3 || D % 16 == 0),
+              "decode_attention_packed: code pools of the query's head_dim (NVFP4: a multiple of 16)");
   const std::vector<int64_t> off = token_offsets(block_table, bs, bs * KV, KV);  // token rows, times a row's width
   const uint8_t *Kc = k_codes.data_ptr<uint8_t>(), *Vc = v_codes.data_ptr<uint8_t>();
   if (format == 3)

@@ -138,8 +138,8 @@ def _or(t: torch.Tensor | None) -> torch.Tensor:
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize(("KV", "D"), [(3, 64), (1, 128), (5, 32)])
+@pytest.mark.parametrize(("fmt", "KV", "D"), [(f, kv, d) for f in FORMATS for kv, d in ((3, 64), (1, 128), (5, 32))]
+                         + [("fp8", 2, 24)])  # a head_dim of no whole vectors: the scalar tails
 def test_attention_over_packed_pools_is_attention_over_their_decoded_values(fmt, KV, D):
     assert_packed_attention_is_the_decoded_one(KERNELS, fmt, KV, D, tree=True)
 
