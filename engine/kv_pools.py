@@ -22,13 +22,12 @@ class KVPools:
         """`dims` (layers, num_blocks, block_size, KV, D): the shape of an unquantized pool."""
         self.kv, self.dtype, self.head_dim = kv, dtype, dims[-1]
         fmt = kv.format
+        self.k_scales = self.v_scales = None
         if fmt is None:
             self.k, self.v = (torch.zeros(dims, dtype=dtype, device=device) for _ in "kv")
-            self.k_scales = self.v_scales = None
             return
         codes = (*dims[:-1], int(dims[-1] * fmt.code_bytes))
         self.k, self.v = (torch.zeros(codes, dtype=torch.uint8, device=device) for _ in "kv")
-        self.k_scales = self.v_scales = None
         if fmt.scale_block:
             scales = (*dims[:-1], dims[-1] // fmt.scale_block)
             self.k_scales, self.v_scales = (torch.zeros(scales, dtype=torch.uint8, device=device) for _ in "kv")
