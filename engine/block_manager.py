@@ -80,9 +80,20 @@ class BlockPool:
 
     # ---- a sequence's life ------------------------------------------------------------------------------
     def allocate(self, prompt: list[int], lookup: bool = True) -> tuple[BlockTable, int]:
-        """Blocks for a new sequence's prompt; returns its table and how many leading tokens are already cached
-        (a multiple of block_size, always < len(prompt): the last token is computed for its logits). `lookup`
-        False computes the whole prompt (e.g. its logprobs are wanted)."""
+        """Blocks for a new sequence's whole prompt (see `match_prefix`); returns its table and how many leading
+        tokens are already cached."""
+        table = self.match_prefix(prompt, lookup)
+        try:
+            self.grow(table, len(prompt))
+        except NoFreeBlocks:
+            self.free_table(table)
+            raise
+        return table, self.count_query(table, len(prompt))
+
+    def match_prefix(self, prompt: list[int], lookup: bool = True) -> BlockTable:
+        """A new sequence's table holding the cached blocks its prompt starts with (shared, not copied); they cover
+        a multiple of block_size tokens, always < len(prompt): the last token is computed for its logits. `lookup`
+        False finds none (e.g. the prompt's logprobs are wanted)."""
         table, parent = BlockTable(), NO_PARENT
         cacheable = (len(prompt) - 1) // self.block_size if self.prefix_caching and lookup else 0
         for i in range(cacheable):
@@ -93,15 +104,15 @@ class BlockPool:
             self._take(block_id)
             table.blocks.append(block_id)
             parent = self.blocks[block_id].key
-        table.num_keyed = cached_blocks = len(table.blocks)
-        self.stats.queries += len(prompt)
-        self.stats.hits += cached_blocks * self.block_size
-        try:
-            self.grow(table, len(prompt))
-        except NoFreeBlocks:
-            self.free_table(table)
-            raise
-        return table, cached_blocks * self.block_size
+        table.num_keyed = len(table.blocks)
+        return table
+
+    def count_query(self, table: BlockTable, prompt_len: int) -> int:
+        """Count an admitted prompt in the prefix-cache stats; returns its cached tokens."""
+        cached = table.num_keyed * self.block_size
+        self.stats.queries += prompt_len
+        self.stats.hits += cached
+        return cached
 
     def grow(self, table: BlockTable, num_tokens: int) -> None:
         """Make room for `num_tokens` positions (fresh blocks at the end); all or nothing."""

@@ -153,6 +153,8 @@ class EngineConfig:
     kv_block_size: int = 16  # tokens per KV block; 0: one block of the whole context per sequence (unpaged)
     kv_cache_memory: int | None = None  # bytes of KV blocks (the target's); None: max_batch full-length sequences
     enable_prefix_caching: bool = False  # full prompt blocks reused across requests by content (block_manager.py)
+    # Chunked prefill: tokens one step computes, decode rows first, then chunks of prompts (0: whole prompts).
+    max_num_batched_tokens: int = 0
 
     def __post_init__(self) -> None:
         check_lm_head_dtype(self.lm_head_dtype)
@@ -175,6 +177,12 @@ class EngineConfig:
         if self.enable_prefix_caching and self.speculative not in ("none", "ngram"):
             raise ValueError("prefix caching works with --speculative none or ngram: a draft head reads the "
                              "target's features at every prompt position")
+        if self.max_num_batched_tokens and self.max_num_batched_tokens < self.max_batch:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_batch "
+                             f"({self.max_batch}): every running sequence decodes one token per step")
+        if self.max_num_batched_tokens and self.speculative != "none":
+            raise ValueError("chunked prefill (max_num_batched_tokens) works with --speculative none so far: "
+                             "speculative steps verify whole drafts and a draft head reads every prompt position")
         if self.device != "cpu" and self.speculative != "none":
             raise ValueError("speculative decoding runs on the CPU engine only so far; drop --speculative on a GPU")
         check_device(self.device)

@@ -79,6 +79,23 @@ class SlotTables:
         self.tables[slot], cached = self.pool.allocate(prompt, lookup)
         return cached
 
+    def match_prefix(self, slot: int, prompt: list[int], lookup: bool) -> int:
+        """`slot` takes only the cached blocks `prompt` starts with (more are reserved chunk by chunk); returns the
+        leading tokens they hold. `count_query` once the sequence is admitted."""
+        self.free(slot)
+        self.tables[slot] = self.pool.match_prefix(prompt, lookup)
+        return self.tables[slot].num_keyed * self.block_size
+
+    def count_query(self, slot: int, prompt_len: int) -> None:
+        self.pool.count_query(self.tables[slot], prompt_len)
+
+    def fork(self, src: int, dst: int, num_tokens: int) -> list[tuple[int, int]]:
+        """`dst` shares `src`'s first `num_tokens` positions (n > 1): full blocks by reference, a partly filled last
+        block copied. Returns the (source, destination) blocks whose KV the caller copies (`KVCache.copy_blocks`)."""
+        self.free(dst)
+        self.tables[dst], copies = self.pool.fork(self.tables[src], num_tokens)
+        return copies
+
     def commit(self, slot: int, tokens: list[int]) -> None:
         """`tokens` have their KV written in `slot`: the full blocks they fill become findable by prefix."""
         self.pool.commit(self.tables[slot], tokens)
@@ -105,9 +122,9 @@ class SlotTables:
         assert not self.tables[dst].blocks, dst
         self.tables[dst], self.tables[src] = self.tables[src], BlockTable()
 
-    def tensor(self, first_slot: int, batch: int, num_blocks: int, device: torch.device) -> torch.Tensor:
-        """The block ids of slots [first_slot, first_slot + batch), num_blocks each, -1 past a table's end: [B, nb]."""
-        rows = [self.tables[s].blocks[:num_blocks] for s in range(first_slot, first_slot + batch)]
+    def tensor(self, slots: list[int], num_blocks: int, device: torch.device) -> torch.Tensor:
+        """The block ids of `slots` (a slot may repeat), num_blocks each, -1 past a table's end: [B, nb]."""
+        rows = [self.tables[s].blocks[:num_blocks] for s in slots]
         return torch.tensor([r + [-1] * (num_blocks - len(r)) for r in rows], dtype=torch.long, device=device)
 
 
@@ -180,15 +197,20 @@ class KVCache:
         return self.shape.elements_per_token * self.kv.bytes_per_element
 
     def begin(self, first_slot: int, lengths: list[int]) -> None:
-        """Select slots [first_slot, first_slot + len(lengths)) for the next forward, row b touching cache positions
-        [0, lengths[b]): blocks are taken for any of them not yet held (NoFreeBlocks if the pool is short)."""
-        assert first_slot >= 0 and first_slot + len(lengths) <= self.shape.num_slots, (first_slot, len(lengths))
+        """Select slots [first_slot, first_slot + len(lengths)) for the next forward (see `begin_rows`)."""
+        self.begin_rows(list(range(first_slot, first_slot + len(lengths))), lengths)
+
+    def begin_rows(self, slots: list[int], lengths: list[int]) -> None:
+        """Select the slots of the next forward's rows, row b reading slot slots[b] and touching its cache positions
+        [0, lengths[b]): blocks are taken for any of them not yet held (NoFreeBlocks if the pool is short). A slot
+        may serve several rows (a ragged batch: one row per token of a prompt chunk)."""
+        assert min(slots) >= 0 and max(slots) < self.shape.num_slots, slots
         self._attn_len = max(lengths)
         assert 0 < self._attn_len <= self.shape.max_len, self._attn_len
-        for b, n in enumerate(lengths):
-            self.tables.reserve(first_slot + b, n)
+        for slot, n in zip(slots, lengths, strict=True):
+            self.tables.reserve(slot, n)
         num_blocks = -(-self._attn_len // self.shape.block_size)
-        self._table = self.tables.tensor(first_slot, len(lengths), num_blocks, self.k.device)
+        self._table = self.tables.tensor(slots, num_blocks, self.k.device)
         self._index_of = None
 
     def _token_rows(self, positions: torch.Tensor) -> torch.Tensor:
@@ -233,6 +255,12 @@ class KVCache:
         """Token rows of the pools (viewed [layers, num_blocks * block_size, ...]) for positions of one slot."""
         bs, blocks = self.shape.block_size, self.tables.tables[slot].blocks
         return torch.tensor([blocks[p // bs] * bs + p % bs for p in positions], dtype=torch.long)
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole blocks' K/V, every layer (copy-on-write of a forked sequence's partly filled block)."""
+        for src, dst in copies:
+            self.k[:, dst] = self.k[:, src]
+            self.v[:, dst] = self.v[:, src]
 
     def truncate(self, slot: int, start: int, end: int | None = None) -> None:
         """Forget positions from `start` on (rollback): the slot's blocks past them go back to the pool. (`end`,

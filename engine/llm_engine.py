@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,7 @@ from .quantized_checkpoint import is_modelopt_checkpoint, load_quantized_checkpo
 from .request_checks import RequestError, check_lengths
 from .runner import ModelRunner
 from .sampler import make_generator, sample_each, token_logprobs
-from .scheduler import Scheduler
+from .scheduler import Chunk, Scheduler
 from .sequence import Request, RequestOutput, Sequence
 from .spec.decoder import Accepted, make_spec_decoder
 from .swap import SwapError, SwapQueue, WeightSwitcher, release_freed_memory
@@ -48,6 +47,7 @@ class EngineStats:
     kv_cache_usage: float
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (vLLM's names), and found
     prefix_cache_hits: int = 0
+    num_preemptions: int = 0  # sequences whose blocks were taken back to be recomputed later (vLLM's counter)
 
 
 class LLMEngine:
@@ -81,7 +81,8 @@ class LLMEngine:
         self.runner = ModelRunner(served, cfg.max_batch, cache_len, dtype, cfg.kv_block_size, cfg.kv_cache_memory,
                                   cfg.enable_prefix_caching)
         self.spec = make_spec_decoder(cfg, self.runner, self.model_dir)
-        self.scheduler = Scheduler(cfg.max_batch, self.runner.cache.tables, cfg.spec_cache_room)
+        self.scheduler = Scheduler(cfg.max_batch, self.runner.cache.tables, cfg.spec_cache_room,
+                                   cfg.max_num_batched_tokens)
         self.eos_ids = set(self.model_config.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}
         self._new: queue.SimpleQueue[Request] = queue.SimpleQueue()  # filled by callers, drained by the loop
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -155,7 +156,7 @@ class LLMEngine:
         s = self.scheduler
         prefix = s.tables.pool.stats
         return EngineStats(len(s.running), len(s.waiting) + self._new.qsize(), s.kv_usage(), prefix.queries,
-                           prefix.hits)
+                           prefix.hits, s.num_preemptions)
 
     def start(self) -> None:
         self._stopping = False
@@ -231,8 +232,16 @@ class LLMEngine:
 
     # ---- one step ------------------------------------------------------------------------------------
     def step(self) -> None:
-        """One scheduler step: prefill newly admitted sequences, then one decode for all running ones."""
+        """One scheduler step: with a token budget, one forward over decode rows and prompt chunks; without,
+        newly admitted sequences are prefilled whole, then every running one decodes (or speculates) a step."""
         self._drain_inbox()
+        if self.scheduler.token_budget:
+            self._step_chunks()
+        else:
+            self._step_whole()
+        self._release_finished()
+
+    def _step_whole(self) -> None:
         for seq in self.scheduler.admit():
             if seq.finish_reason is None:  # not failed with a sibling already
                 self._guard(seq.request, self._prefill, seq)
@@ -242,7 +251,60 @@ class LLMEngine:
         if running:
             self._append(running, self._forward(running))
             self.scheduler.commit(running)
-        self._release_finished()
+
+    def _step_chunks(self) -> None:
+        plan = self.scheduler.schedule()
+        self.runner.cache.copy_blocks(plan.block_copies)
+        sampling, rows = [], []
+        for chunk, logits in zip(plan.chunks, self._forward_chunks(plan.chunks), strict=True):
+            seq = chunk.seq
+            if logits is None or seq.finish_reason is not None:
+                continue
+            seq.num_computed = chunk.end
+            if self._wants_prompt_logprobs(seq, chunk.start):
+                self._guard(seq.request, self._add_prompt_logprobs, seq.request, logits, chunk.start)
+            if not chunk.samples or seq.finish_reason is not None:
+                continue
+            if seq.max_tokens == 0:
+                self._guard(seq.request, self._finish_echo, seq)
+            else:
+                sampling.append(seq)
+                rows.append(logits[-1])
+        if sampling:
+            self._append(sampling, self._sample(sampling, torch.stack(rows)))
+        self.scheduler.commit([c.seq for c in plan.chunks])
+
+    def _forward_chunks(self, chunks: list[Chunk]) -> list[torch.Tensor | None]:
+        """Each chunk's logits: every row when prompt logprobs are wanted, its last row when it samples, else none
+        ([0, V]); None where its request failed. A ragged forward that raises is retried chunk by chunk."""
+        try:
+            return self._run_chunks(chunks)
+        except Exception:
+            log.exception("a forward of %d chunks failed; retrying them one at a time", len(chunks))
+        results = []
+        for chunk in chunks:
+            try:
+                results += self._run_chunks([chunk])
+            except Exception as e:
+                self._fail(chunk.seq.request, e)
+                results.append(None)
+        return results
+
+    def _run_chunks(self, chunks: list[Chunk]) -> list[torch.Tensor]:
+        slots, tokens, positions, logit_rows, spans = [], [], [], [], []
+        for c in chunks:
+            first = len(tokens)
+            slots += [c.seq.slot] * c.num_tokens
+            tokens += c.seq.token_ids[c.start : c.end]
+            positions += range(c.start, c.end)
+            if self._wants_prompt_logprobs(c.seq, c.start):
+                rows = range(first, len(tokens))
+            else:
+                rows = range(len(tokens) - 1, len(tokens)) if c.samples else range(0)
+            spans.append((len(logit_rows), len(logit_rows) + len(rows)))
+            logit_rows += rows
+        logits = self.runner.forward_rows(slots, tokens, positions, logit_rows).cpu()  # [R, V]
+        return [logits[a:b] for a, b in spans]
 
     def _forward(self, running: list[Sequence]) -> list[Accepted | None]:
         """Each running sequence's new tokens (None: its request failed). A batched forward that raises cannot
@@ -286,20 +348,36 @@ class LLMEngine:
         return self.runner.prefill(seq.slot, token_ids, all_logits, start).cpu()  # sampling runs on the CPU (see step)
 
     def _prefill(self, seq: Sequence) -> None:
-        req = seq.request
-        if req.first_scheduled is None:
-            req.first_scheduled = time.monotonic()
-        want_prompt_lp = req.params.prompt_logprobs is not None and seq.index == 0
-        logits = self._run_prefill(seq, seq.token_ids, want_prompt_lp, seq.num_cached)
+        want_prompt_lp = self._wants_prompt_logprobs(seq, seq.num_computed)
+        logits = self._run_prefill(seq, seq.token_ids, want_prompt_lp, seq.num_computed)
+        seq.num_computed = len(seq.token_ids)
         if want_prompt_lp:
-            lps = token_logprobs(logits[:-1], req.prompt_ids[1:], req.params.prompt_logprobs or 0)
-            req.prompt_logprobs = [None, *lps]
+            self._add_prompt_logprobs(seq.request, logits, 0)
             logits = logits[-1]
-        if seq.max_tokens == 0:  # echo-only (scoring) requests generate nothing
-            seq.finish_reason = "length"
-            self._emit(req, [seq])
-            return
-        self._append([seq], self._sample([seq], logits.unsqueeze(0)))
+        if seq.max_tokens == 0:
+            self._finish_echo(seq)
+        else:
+            self._append([seq], self._sample([seq], logits.unsqueeze(0)))
+
+    @staticmethod
+    def _wants_prompt_logprobs(seq: Sequence, start: int) -> bool:
+        """Whether computing positions from `start` yields prompt logprobs still missing (a request's first
+        sequence computes them, once: a recompute after a preemption finds them there)."""
+        lps = seq.request.prompt_logprobs
+        return (seq.params.prompt_logprobs is not None and seq.index == 0 and start < seq.prompt_len - 1
+                and start + 1 == (1 if lps is None else len(lps)))
+
+    @staticmethod
+    def _add_prompt_logprobs(req: Request, logits: torch.Tensor, start: int) -> None:
+        """The logprobs of the prompt tokens that logits [S, V] of positions [start, start + S) predict."""
+        targets = req.prompt_ids[start + 1 : start + 1 + logits.shape[0]]
+        lps = token_logprobs(logits[: len(targets)], targets, req.params.prompt_logprobs or 0)
+        req.prompt_logprobs = [*(req.prompt_logprobs or [None]), *lps]
+
+    def _finish_echo(self, seq: Sequence) -> None:
+        """A scoring request (max_tokens 0) generates nothing: it finishes once its prompt is computed."""
+        seq.finish_reason = "length"
+        self._emit(seq.request, [seq])
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Accepted | None]:
         tokens = sample_each(logits, seqs, lambda seq, e: self._fail(seq.request, e))
@@ -319,6 +397,7 @@ class LLMEngine:
         for seq, res in group:
             check_injected_fault(seq, self.fault_seed)
             append_tokens(seq, res.tokens, res.logits, self.eos_ids, self.max_model_len, self.tokenizer)
+            seq.num_computed = len(seq.token_ids) - 1  # the newest token's KV is written by the next step
         self._emit(req, [seq for seq, _ in group])
 
     def _emit(self, req: Request, seqs: list[Sequence]) -> None:

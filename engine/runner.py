@@ -111,6 +111,21 @@ class ModelRunner:
         return self._forward(slot, tokens, torch.tensor([[position]], device=self.device), False, capture)
 
     @torch.inference_mode()
+    def forward_rows(self, slots: list[int], tokens: list[int], positions: list[int],
+                     logit_rows: list[int]) -> torch.Tensor:
+        """A ragged batch, one row per token: row i is `tokens[i]` of the sequence in `slots[i]`, at `positions[i]`,
+        so decode rows and prompt chunks of several sequences share one pass over the weights. A sequence's rows
+        continue its cache (every row's KV is written before any row attends, and each row attends up to its own
+        position). Returns logits [len(logit_rows), V] for the rows listed."""
+        tok = torch.tensor(tokens, device=self.device)[:, None]  # [T, 1]
+        pos = torch.tensor(positions, device=self.device)[:, None]  # [T, 1]
+        lengths = [p + 1 for p in positions]
+        self.cache.begin_rows(slots, lengths)
+        mask = self.mask_for(pos, max(lengths), self.model.cfg.sliding_window)
+        x, _ = self.model.hidden_states(tok, pos, self.cache, mask)  # [T, 1, H]
+        return self.model.logits(x[logit_rows, 0])
+
+    @torch.inference_mode()
     def verify(self, tokens: list[list[int]], starts: list[int],
                capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Score S tokens per sequence in slots [0, B), row b at positions starts[b] + [0, S), in one forward.

@@ -1,28 +1,63 @@
-"""Continuous batching: a FIFO of waiting sequences and a packed list of running ones (list index = KV slot)."""
+"""Continuous batching: a FIFO of waiting sequences and a packed list of running ones (list index = KV slot).
+
+Two ways to admit, by `token_budget`:
+- 0 (whole prompts): a sequence is admitted only if the blocks it may ever hold (prompt + max_tokens + `room`) fit
+  beside those the running ones may still grow to, and is prefilled whole; blocks never run out mid-step (what a
+  speculative step, which writes drafts past the end, relies on).
+- N (chunked prefill, `schedule`): each step computes at most N tokens, one for each decoding sequence first, then
+  chunks of the prompts being prefilled, then of newly admitted ones (vLLM's order). Blocks are taken for the
+  scheduled tokens only; when the pool runs short the most recently admitted sequence is preempted: its blocks go
+  back and it waits at the front of the queue, to be recomputed (its prompt and what it generated) when readmitted.
+"""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
+from .block_manager import NoFreeBlocks
 from .kv_cache import SlotTables
 from .request_checks import check_fits
 from .sequence import SeqStatus, Sequence
 
 
+@dataclass
+class Chunk:
+    """Positions [start, start + num_tokens) of a running sequence, computed in this step."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether it reaches the sequence's last token: its logits give the next token."""
+        return self.end == len(self.seq.token_ids)
+
+
+@dataclass
+class StepPlan:
+    chunks: list[Chunk] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # KV blocks to copy first (forked sequences)
+
+
 class Scheduler:
     """Admits waiting sequences into free slots at step boundaries, while the KV pool has blocks for them, and keeps
-    running slots packed.
+    running slots packed; `kv_usage` counts the blocks actually held."""
 
-    A sequence is admitted only if the blocks it may ever hold (prompt + max_tokens + `room`) fit beside those the
-    running ones may still grow to: blocks are then taken as tokens arrive and never run out mid-step (no
-    preemption needed), while `kv_usage` counts the blocks actually held."""
-
-    def __init__(self, num_slots: int, tables: SlotTables, room: int = 0):
+    def __init__(self, num_slots: int, tables: SlotTables, room: int = 0, token_budget: int = 0):
         self.num_slots = num_slots
         self.tables = tables  # each slot's KV blocks (the target's and any drafter's caches read them)
         self.room = room  # cache positions past a sequence's end that a step writes (speculation's)
-        self.committed = 0  # blocks the running sequences may grow to
+        self.token_budget = token_budget  # tokens per step (chunked prefill); 0: whole prompts
+        self.committed = 0  # whole prompts: blocks the running sequences may grow to
+        self.num_preemptions = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -52,11 +87,17 @@ class Scheduler:
                 break  # first come, first served: later (smaller) requests wait too
             seq = self.waiting.popleft()
             self.committed += need
-            seq.slot, seq.status = len(self.running), SeqStatus.RUNNING
             # Prompt logprobs need logits at every prompt position: such a prompt is computed whole.
-            seq.num_cached = self.tables.admit(seq.slot, seq.token_ids, seq.params.prompt_logprobs is None)
-            self.running.append(seq)
+            cached = self.tables.admit(len(self.running), seq.token_ids, seq.params.prompt_logprobs is None)
+            self._run(seq, cached)
             yield seq
+
+    def _run(self, seq: Sequence, num_computed: int) -> None:
+        """`seq` (taken from the queue) runs in the next slot, its first `num_computed` positions cached."""
+        seq.slot, seq.status, seq.num_computed = len(self.running), SeqStatus.RUNNING, num_computed
+        self.running.append(seq)
+        if seq.request.first_scheduled is None:
+            seq.request.first_scheduled = time.monotonic()
 
     def release(self, seq: Sequence) -> None:
         """Take a sequence out (finished or aborted): its blocks go back; the last running one moves into its slot
@@ -66,7 +107,8 @@ class Scheduler:
         elif seq.status is SeqStatus.RUNNING:
             slot, last = seq.slot, self.running[-1]
             self.tables.free(slot)
-            self.committed -= self._worst_case(seq)
+            if not self.token_budget:
+                self.committed -= self._worst_case(seq)
             if last is not seq:
                 self.tables.move(last.slot, slot)
                 self.running[slot], last.slot = last, slot
@@ -74,11 +116,10 @@ class Scheduler:
         seq.status, seq.slot = SeqStatus.FINISHED, -1
 
     def commit(self, seqs: list[Sequence]) -> None:
-        """Key the full blocks of each sequence's written positions (all its tokens but the last, whose KV the next
-        step writes) for prefix reuse."""
+        """Key the full blocks of each sequence's written positions for prefix reuse."""
         for seq in seqs:
             if seq.finish_reason is None and seq.status is SeqStatus.RUNNING:
-                self.tables.commit(seq.slot, seq.token_ids[:-1])
+                self.tables.commit(seq.slot, seq.token_ids[: seq.num_computed])
 
     def sequences_of(self, request_id: str) -> list[Sequence]:
         return [s for s in (*self.waiting, *self.running) if s.request.request_id == request_id]
@@ -86,3 +127,80 @@ class Scheduler:
     def kv_usage(self) -> float:
         """Fraction of the KV cache's blocks held by running sequences (0-1, like vLLM)."""
         return self.tables.pool.usage
+
+    # ---- chunked prefill ---------------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        """The next step's chunks under the token budget, their blocks taken (preempting when the pool is short)."""
+        plan, budget, preemptions = StepPlan(), self.token_budget, self.num_preemptions
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            if not self._reserve_or_preempt(seq, seq.num_computed + n):
+                break  # `seq` itself was the newest: it waits now
+            plan.chunks.append(Chunk(seq, seq.num_computed, n))
+            budget -= n
+            i += 1
+        if self.num_preemptions > preemptions:
+            return plan  # the pool is short: nothing new is admitted
+        while budget > 0 and self.waiting and len(self.running) < self.num_slots:
+            chunk = self._admit_chunk(self.waiting[0], budget, plan)
+            if chunk is None:
+                break
+            plan.chunks.append(chunk)
+            budget -= chunk.num_tokens
+        return plan
+
+    def _reserve_or_preempt(self, seq: Sequence, num_tokens: int) -> bool:
+        """Blocks for `seq`'s positions [0, num_tokens), preempting the newest running sequences until they fit;
+        False if `seq` was preempted itself."""
+        while True:
+            try:
+                self.tables.reserve(seq.slot, num_tokens)
+                return True
+            except NoFreeBlocks:
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is seq:
+                    return False
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks and queue it first again; it is recomputed when readmitted."""
+        self.release(seq)
+        seq.status, seq.num_computed = SeqStatus.WAITING, 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _admit_chunk(self, seq: Sequence, budget: int, plan: StepPlan) -> Chunk | None:
+        """Admit `seq` into the next slot with its first chunk, or None (blocks short, or a sibling still
+        prefills the prompt it would share)."""
+        slot, lookup = len(self.running), seq.params.prompt_logprobs is None
+        sibling = self._sibling_with_prompt(seq)
+        if sibling is False:
+            return None
+        try:
+            if sibling is not None:  # n > 1: share the sibling's prompt KV, compute only the last prompt token
+                copies, start = self.tables.fork(sibling.slot, slot, seq.prompt_len - 1), seq.prompt_len - 1
+            else:
+                copies, start = [], self.tables.match_prefix(slot, seq.token_ids, lookup)
+            n = min(len(seq.token_ids) - start, budget)
+            self.tables.reserve(slot, start + n)
+        except NoFreeBlocks:
+            self.tables.free(slot)
+            return None
+        plan.block_copies += copies
+        if sibling is None:
+            self.tables.count_query(slot, len(seq.token_ids))
+        self.waiting.popleft()
+        self._run(seq, start)
+        return Chunk(seq, start, n)
+
+    def _sibling_with_prompt(self, seq: Sequence) -> Sequence | None | bool:
+        """A running sequence of the same request whose prompt KV is computed (None: there is none to share;
+        False: one is still prefilling it, so `seq` waits a step rather than computing the prompt twice)."""
+        if seq.num_generated > 0:
+            return None  # a preempted sequence recomputes its own tokens
+        for other in self.running:
+            if other.request is seq.request:
+                return other if other.num_computed >= seq.prompt_len - 1 else False
+        return None

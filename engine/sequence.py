@@ -129,7 +129,7 @@ class Sequence:
     generator: torch.Generator | None = None
     status: SeqStatus = SeqStatus.WAITING
     slot: int = -1
-    num_cached: int = 0  # leading prompt tokens whose KV the prefix cache held at admission (not prefilled)
+    num_computed: int = 0  # leading tokens whose KV the cache holds (from the prefix cache, a prefill or decodes)
     text: str = ""
     # Incremental detokenization window over generated ids: text from [text_prefix_offset, text_read_offset) is
     # already in `text` and decodes only as context for the ids after it.

@@ -70,9 +70,9 @@ class WeightSwitcher:
     def reprefill(self, running: list[Sequence], on_error: Callable[[Sequence, Exception], None] | None = None) -> None:
         """Recompute each running sequence's cache; a failure raises, or goes to `on_error` (the sequence's)."""
         for seq in running:
-            if seq.finish_reason is None and seq.num_generated > 0:
+            if seq.finish_reason is None and seq.num_computed > 0:
                 try:
-                    self.prefill(seq, seq.token_ids[:-1])  # the last token is fed by the next decode
+                    self.prefill(seq, seq.token_ids[: seq.num_computed])
                 except Exception as e:
                     if on_error is None:
                         raise

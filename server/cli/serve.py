@@ -42,6 +42,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per KV-cache block (0: one block of the whole context per sequence, unpaged)")
     p.add_argument("--enable-prefix-caching", action="store_true",
                    help="reuse the KV of full prompt blocks seen before (a shared system prompt is prefilled once)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
+                   help="chunked prefill: tokens per engine step, decode rows first, then chunks of waiting "
+                        "prompts; KV blocks are then taken as tokens arrive and the newest sequence is preempted "
+                        "(recomputed later) if they run out (0: whole prompts, blocks reserved up front)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the dir name)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--api-key", default=os.environ.get("OPTISERVE_API_KEY"),
