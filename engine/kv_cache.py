@@ -258,9 +258,8 @@ class KVCache:
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks' K/V, every layer (copy-on-write of a forked sequence's partly filled block)."""
-        for src, dst in copies:
-            self.k[:, dst] = self.k[:, src]
-            self.v[:, dst] = self.v[:, src]
+        if copies:
+            self.pools.copy_blocks(*(list(blocks) for blocks in zip(*copies, strict=True)))
 
     def truncate(self, slot: int, start: int, end: int | None = None) -> None:
         """Forget positions from `start` on (rollback): the slot's blocks past them go back to the pool. (`end`,

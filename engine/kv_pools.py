@@ -69,6 +69,11 @@ class KVPools:
         enc = self.kv.encoding(layer, keys, self.head_dim)
         return enc.decode(codes[layer][index], None if scales is None else scales[layer][index]).to(self.dtype)
 
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Copy whole blocks `src` to `dst` in every layer (codes and scales alike)."""
+        for t in self.tensors:
+            t[:, dst] = t[:, src]
+
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy token rows `src` to `dst` in every layer (codes and scales alike)."""
         for t in self.tensors:
