@@ -24,9 +24,10 @@ from .lm_head import with_lm_head
 from .model import Transformer
 from .quant import weight_bytes
 from .quantized_checkpoint import is_modelopt_checkpoint, load_quantized_checkpoint
+from .ragged import RaggedBatch, add_prompt_logprobs, wants_prompt_logprobs
 from .request_checks import RequestError, check_lengths
 from .runner import ModelRunner
-from .sampler import make_generator, sample_each, token_logprobs
+from .sampler import make_generator, sample_each
 from .scheduler import Chunk, Scheduler
 from .sequence import Request, RequestOutput, Sequence
 from .spec.decoder import Accepted, make_spec_decoder
@@ -261,8 +262,8 @@ class LLMEngine:
             if logits is None or seq.finish_reason is not None:
                 continue
             seq.num_computed = chunk.end
-            if self._wants_prompt_logprobs(seq, chunk.start):
-                self._guard(seq.request, self._add_prompt_logprobs, seq.request, logits, chunk.start)
+            if wants_prompt_logprobs(seq, chunk.start):
+                self._guard(seq.request, add_prompt_logprobs, seq.request, logits, chunk.start)
             if not chunk.samples or seq.finish_reason is not None:
                 continue
             if seq.max_tokens == 0:
@@ -272,7 +273,6 @@ class LLMEngine:
                 rows.append(logits[-1])
         if sampling:
             self._append(sampling, self._sample(sampling, torch.stack(rows)))
-        self.scheduler.commit([c.seq for c in plan.chunks])
 
     def _forward_chunks(self, chunks: list[Chunk]) -> list[torch.Tensor | None]:
         """Each chunk's logits: every row when prompt logprobs are wanted, its last row when it samples, else none
@@ -281,6 +281,7 @@ class LLMEngine:
             return self._run_chunks(chunks)
         except Exception:
             log.exception("a forward of %d chunks failed; retrying them one at a time", len(chunks))
+        self.runner.cache.tables.forget_prefixes()  # blocks keyed at scheduling may hold no KV now
         results = []
         for chunk in chunks:
             try:
@@ -291,20 +292,9 @@ class LLMEngine:
         return results
 
     def _run_chunks(self, chunks: list[Chunk]) -> list[torch.Tensor]:
-        slots, tokens, positions, logit_rows, spans = [], [], [], [], []
-        for c in chunks:
-            first = len(tokens)
-            slots += [c.seq.slot] * c.num_tokens
-            tokens += c.seq.token_ids[c.start : c.end]
-            positions += range(c.start, c.end)
-            if self._wants_prompt_logprobs(c.seq, c.start):
-                rows = range(first, len(tokens))
-            else:
-                rows = range(len(tokens) - 1, len(tokens)) if c.samples else range(0)
-            spans.append((len(logit_rows), len(logit_rows) + len(rows)))
-            logit_rows += rows
-        logits = self.runner.forward_rows(slots, tokens, positions, logit_rows).cpu()  # [R, V]
-        return [logits[a:b] for a, b in spans]
+        batch = RaggedBatch.of(chunks)
+        logits = self.runner.forward_rows(batch.slots, batch.tokens, batch.positions, batch.logit_rows)  # [R, V]
+        return batch.split(logits.cpu())
 
     def _forward(self, running: list[Sequence]) -> list[Accepted | None]:
         """Each running sequence's new tokens (None: its request failed). A batched forward that raises cannot
@@ -348,31 +338,16 @@ class LLMEngine:
         return self.runner.prefill(seq.slot, token_ids, all_logits, start).cpu()  # sampling runs on the CPU (see step)
 
     def _prefill(self, seq: Sequence) -> None:
-        want_prompt_lp = self._wants_prompt_logprobs(seq, seq.num_computed)
+        want_prompt_lp = wants_prompt_logprobs(seq, seq.num_computed)
         logits = self._run_prefill(seq, seq.token_ids, want_prompt_lp, seq.num_computed)
         seq.num_computed = len(seq.token_ids)
         if want_prompt_lp:
-            self._add_prompt_logprobs(seq.request, logits, 0)
+            add_prompt_logprobs(seq.request, logits, 0)
             logits = logits[-1]
         if seq.max_tokens == 0:
             self._finish_echo(seq)
         else:
             self._append([seq], self._sample([seq], logits.unsqueeze(0)))
-
-    @staticmethod
-    def _wants_prompt_logprobs(seq: Sequence, start: int) -> bool:
-        """Whether computing positions from `start` yields prompt logprobs still missing (a request's first
-        sequence computes them, once: a recompute after a preemption finds them there)."""
-        lps = seq.request.prompt_logprobs
-        return (seq.params.prompt_logprobs is not None and seq.index == 0 and start < seq.prompt_len - 1
-                and start + 1 == (1 if lps is None else len(lps)))
-
-    @staticmethod
-    def _add_prompt_logprobs(req: Request, logits: torch.Tensor, start: int) -> None:
-        """The logprobs of the prompt tokens that logits [S, V] of positions [start, start + S) predict."""
-        targets = req.prompt_ids[start + 1 : start + 1 + logits.shape[0]]
-        lps = token_logprobs(logits[: len(targets)], targets, req.params.prompt_logprobs or 0)
-        req.prompt_logprobs = [*(req.prompt_logprobs or [None]), *lps]
 
     def _finish_echo(self, seq: Sequence) -> None:
         """A scoring request (max_tokens 0) generates nothing: it finishes once its prompt is computed."""

@@ -138,7 +138,7 @@ class Scheduler:
             n = min(len(seq.token_ids) - seq.num_computed, budget)
             if not self._reserve_or_preempt(seq, seq.num_computed + n):
                 break  # `seq` itself was the newest: it waits now
-            plan.chunks.append(Chunk(seq, seq.num_computed, n))
+            self._plan(plan, Chunk(seq, seq.num_computed, n))
             budget -= n
             i += 1
         if self.num_preemptions > preemptions:
@@ -147,9 +147,15 @@ class Scheduler:
             chunk = self._admit_chunk(self.waiting[0], budget, plan)
             if chunk is None:
                 break
-            plan.chunks.append(chunk)
+            self._plan(plan, chunk)
             budget -= chunk.num_tokens
         return plan
+
+    def _plan(self, plan: StepPlan, chunk: Chunk) -> None:
+        """Add `chunk` to the step, its full blocks keyed now: a prompt admitted later in this step finds them (the
+        forward writes every row's KV before any row attends). A failed forward forgets them (`forget_prefixes`)."""
+        plan.chunks.append(chunk)
+        self.tables.commit(chunk.seq.slot, chunk.seq.token_ids[: chunk.end])
 
     def _reserve_or_preempt(self, seq: Sequence, num_tokens: int) -> bool:
         """Blocks for `seq`'s positions [0, num_tokens), preempting the newest running sequences until they fit;

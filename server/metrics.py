@@ -24,8 +24,9 @@ TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0
 disable_created_metrics()  # no `_created` series, as vLLM does
 
 
-class PrefixCacheCollector:
-    """vLLM's prefix_cache_queries / prefix_cache_hits counters (prompt tokens), read from the engine's totals."""
+class EngineTotalsCollector:
+    """Counters the engine keeps as totals, under vLLM's names: prefix_cache_queries / prefix_cache_hits (prompt
+    tokens) and num_preemptions (sequences)."""
 
     def __init__(self, model_name: str, engine_stats: Callable[[], object]):
         self.model_name, self.engine_stats = model_name, engine_stats
@@ -33,7 +34,8 @@ class PrefixCacheCollector:
     def collect(self):
         stats = self.engine_stats()
         for name, value, doc in (("prefix_cache_queries", stats.prefix_cache_queries, "Prompt tokens looked up."),
-                                 ("prefix_cache_hits", stats.prefix_cache_hits, "Prompt tokens found cached.")):
+                                 ("prefix_cache_hits", stats.prefix_cache_hits, "Prompt tokens found cached."),
+                                 ("num_preemptions", stats.num_preemptions, "Sequences preempted (recomputed).")):
             family = CounterMetricFamily(f"{PREFIX}{name}", doc, labels=["model_name"])
             family.add_metric([self.model_name], value)
             yield family
@@ -67,7 +69,7 @@ class ServerMetrics:
         self.running.labels(model_name).set_function(lambda: engine_stats().num_running)
         self.waiting.labels(model_name).set_function(lambda: engine_stats().num_waiting)
         self.kv_usage.labels(model_name).set_function(lambda: engine_stats().kv_cache_usage)
-        r.register(PrefixCacheCollector(model_name, engine_stats))
+        r.register(EngineTotalsCollector(model_name, engine_stats))
         self.info = Info(f"{PREFIX}model", "The served model and its formats.", registry=r)
         self.weight_bytes = Gauge(f"{PREFIX}model_weight_bytes", "Bytes of the active weight set.", label, registry=r)
         self.kv_bytes_per_token = Gauge(f"{PREFIX}kv_cache_bytes_per_token", "KV cache bytes per token.", label,
