@@ -14,6 +14,9 @@ GREEDY_TEMPERATURE = 1e-5
 # one pass (runner.KERNEL_ROWS).
 MAX_TREE_NODES = 15
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit seed, as OpenAI and vLLM take it
+# Prompt tokens a chunked-prefill step adds to its decode rows by default: with 8 decode rows a step is 32 rows, two
+# full passes of the linear kernel (16 rows each) over the weights; the trade-off is measured in the README.
+PROMPT_CHUNK_TOKENS = 24
 LM_HEAD_DTYPES = ("float32", "bfloat16", "int8", "fp8")  # what the LM head's weights may be held in (lm_head.py)
 
 
@@ -152,9 +155,12 @@ class EngineConfig:
     lm_head_dtype: str = "float32"  # the served LM head's weights (engine/lm_head.py); the master keeps fp32
     kv_block_size: int = 16  # tokens per KV block; 0: one block of the whole context per sequence (unpaged)
     kv_cache_memory: int | None = None  # bytes of KV blocks (the target's); None: max_batch full-length sequences
-    enable_prefix_caching: bool = False  # full prompt blocks reused across requests by content (block_manager.py)
-    # Chunked prefill: tokens one step computes, decode rows first, then chunks of prompts (0: whole prompts).
-    max_num_batched_tokens: int = 0
+    # Full prompt blocks reused across requests by content (block_manager.py); None: on where it works
+    # (--speculative none or ngram), as it never changes an output (tests/engine/test_paged.py).
+    enable_prefix_caching: bool | None = None
+    # Chunked prefill: tokens one step computes, decode rows first, then chunks of prompts (0: whole prompts;
+    # None: max_batch + PROMPT_CHUNK_TOKENS where it works, --speculative none).
+    max_num_batched_tokens: int | None = None
 
     def __post_init__(self) -> None:
         check_lm_head_dtype(self.lm_head_dtype)
@@ -174,18 +180,26 @@ class EngineConfig:
             raise ValueError("kv_block_size must be >= 0 (0: one block per sequence)")
         if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
             raise ValueError("kv_cache_memory must be a positive number of bytes")
+        self._resolve_batching()
+        if self.device != "cpu" and self.speculative != "none":
+            raise ValueError("speculative decoding runs on the CPU engine only so far; drop --speculative on a GPU")
+        check_device(self.device)
+
+    def _resolve_batching(self) -> None:
+        """Chunked prefill and prefix caching: on by default where they work, refused where they cannot."""
+        if self.enable_prefix_caching is None:
+            self.enable_prefix_caching = self.speculative in ("none", "ngram")
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = self.max_batch + PROMPT_CHUNK_TOKENS if self.speculative == "none" else 0
         if self.enable_prefix_caching and self.speculative not in ("none", "ngram"):
             raise ValueError("prefix caching works with --speculative none or ngram: a draft head reads the "
                              "target's features at every prompt position")
-        if self.max_num_batched_tokens and self.max_num_batched_tokens < self.max_batch:
+        if self.max_num_batched_tokens < 0 or 0 < self.max_num_batched_tokens < self.max_batch:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_batch "
                              f"({self.max_batch}): every running sequence decodes one token per step")
         if self.max_num_batched_tokens and self.speculative != "none":
             raise ValueError("chunked prefill (max_num_batched_tokens) works with --speculative none so far: "
                              "speculative steps verify whole drafts and a draft head reads every prompt position")
-        if self.device != "cpu" and self.speculative != "none":
-            raise ValueError("speculative decoding runs on the CPU engine only so far; drop --speculative on a GPU")
-        check_device(self.device)
 
     def _check_tree(self) -> None:
         steps, topk = self.speculative_num_steps, self.speculative_eagle_topk

@@ -255,6 +255,8 @@ class LLMEngine:
 
     def _step_chunks(self) -> None:
         plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return  # nothing runs and nothing could be admitted (no work, or a sibling's prompt is still computed)
         self.runner.cache.copy_blocks(plan.block_copies)
         sampling, rows = [], []
         for chunk, logits in zip(plan.chunks, self._forward_chunks(plan.chunks), strict=True):

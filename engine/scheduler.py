@@ -6,8 +6,10 @@ Two ways to admit, by `token_budget`:
   speculative step, which writes drafts past the end, relies on).
 - N (chunked prefill, `schedule`): each step computes at most N tokens, one for each decoding sequence first, then
   chunks of the prompts being prefilled, then of newly admitted ones (vLLM's order). Blocks are taken for the
-  scheduled tokens only; when the pool runs short the most recently admitted sequence is preempted: its blocks go
-  back and it waits at the front of the queue, to be recomputed (its prompt and what it generated) when readmitted.
+  scheduled tokens only; when the pool runs short the sequence in the last slot (the most recently admitted, unless
+  a release repacked the slots) is preempted: its blocks go back and it waits at the front of the queue, to be
+  recomputed (its prompt and what it generated; prefix caching finds its full blocks again) when readmitted. The
+  sequence in slot 0 is never preempted for another, so some sequence always progresses.
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ class Scheduler:
         self.tables.commit(chunk.seq.slot, chunk.seq.token_ids[: chunk.end])
 
     def _reserve_or_preempt(self, seq: Sequence, num_tokens: int) -> bool:
-        """Blocks for `seq`'s positions [0, num_tokens), preempting the newest running sequences until they fit;
+        """Blocks for `seq`'s positions [0, num_tokens), preempting the sequences in the last slots until they fit;
         False if `seq` was preempted itself."""
         while True:
             try:

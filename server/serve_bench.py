@@ -10,6 +10,7 @@ engine built with the same arguments, so the HTTP-to-engine ratio comes from one
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import statistics
@@ -53,6 +54,7 @@ class StreamTiming:
     ttft_s: float
     chunk_times: list[float]  # perf_counter of each content chunk
     tokens: int
+    sent: int = 0  # the request's place in the level's sending order
 
     @property
     def decode_tok_s(self) -> float | None:
@@ -74,8 +76,9 @@ def build_messages(instruction: str, cfg: ServeBenchConfig, count_tokens: Callab
 
 
 def pad_to_tokens(text: str, tokens: int, count_tokens: Callable[[str], int]) -> str:
+    """`text` then filler: prompts that differ in `text` share no prefix beyond the chat template's."""
     while tokens and count_tokens(text) < tokens:
-        text = FILLER + text
+        text = f"{text} {FILLER}" if text else FILLER
     return text
 
 
@@ -96,14 +99,16 @@ async def stream_one(client: httpx.AsyncClient, model: str, messages: list[dict]
 
 async def run_level(url: str, model: str, prompts: list[list[dict]], concurrency: int, max_tokens: int) -> dict:
     """`len(prompts)` requests, `concurrency` in flight at a time."""
-    queue = list(prompts)
+    queue = list(enumerate(prompts))[::-1]
     timings: list[StreamTiming] = []
     async with httpx.AsyncClient(base_url=url, timeout=3600) as client:
         start = time.perf_counter()
 
         async def worker() -> None:
             while queue:
-                timings.append(await stream_one(client, model, queue.pop(), max_tokens))
+                sent, messages = queue.pop()
+                timing = await stream_one(client, model, messages, max_tokens)
+                timings.append(dataclasses.replace(timing, sent=sent))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
@@ -111,12 +116,22 @@ async def run_level(url: str, model: str, prompts: list[list[dict]], concurrency
 
 
 def summarize_level(concurrency: int, timings: list[StreamTiming], elapsed: float) -> dict:
+    """Throughput and latency percentiles over every request, and over the steady state: the requests sent after
+    the first wave (the first `concurrency` arrive at once, so their prompts queue behind each other). The first
+    request's TTFT beside the later ones' shows what a shared prefix saves once it is cached."""
     rates = [t.decode_tok_s for t in timings if t.decode_tok_s]
+    steady = [t for t in timings if t.sent >= concurrency]
+    later = [t.ttft_s for t in timings if t.sent > 0]
     return {"concurrency": concurrency, "requests": len(timings), "elapsed_s": elapsed,
             "output_tok_s": sum(t.tokens for t in timings) / elapsed,
             "decode_tok_s_per_request_median": statistics.median(rates) if rates else None,
             "ttft_s": percentiles([t.ttft_s for t in timings]),
-            "itl_s": percentiles([d for t in timings for d in t.inter_token_s])}
+            "itl_s": percentiles([d for t in timings for d in t.inter_token_s]),
+            "steady_requests": len(steady),
+            "ttft_s_steady": percentiles([t.ttft_s for t in steady]),
+            "itl_s_steady": percentiles([d for t in steady for d in t.inter_token_s]),
+            "ttft_first_s": next(t.ttft_s for t in timings if t.sent == 0),
+            "ttft_later_p50_s": statistics.median(later) if later else None}
 
 
 def free_port() -> int:
@@ -144,11 +159,8 @@ def start_server(cfg: ServeBenchConfig, log_path: Path) -> tuple[subprocess.Pope
 def engine_decode_rate(engine, messages: list[dict], max_tokens: int, request_id: str) -> float:
     """One request alone through the engine (running on its own thread, as the server runs it); the decode rate
     is measured as a client measures it: tokens after the first over the time between first and last output."""
-    from optiserve.engine.config import SamplingParams
     from optiserve.engine.sequence import Request
 
-    ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = engine.tokenizer(ids, add_special_tokens=False).input_ids
     times, tokens, finished = [], [0], threading.Event()
 
     def collect(out) -> None:
@@ -159,10 +171,40 @@ def engine_decode_rate(engine, messages: list[dict], max_tokens: int, request_id
         if out.finished:
             finished.set()
 
-    engine.add_request(Request(request_id, ids, SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                                               ignore_eos=True), collect))
+    engine.add_request(Request(request_id, chat_ids(engine, messages), greedy(max_tokens), collect))
     finished.wait()
     return (tokens[0] - 1) / (times[-1] - times[0])
+
+
+def batch_decode_step_s(engine, batch: list[list[dict]], max_tokens: int) -> float:
+    """The median engine step while every sequence of a full batch decodes (no prompt left to compute): what an
+    inter-token latency at that concurrency is held against. The engine (built to prefill whole prompts, so the
+    batch decodes together) is driven on this thread."""
+    from optiserve.engine.sequence import Request
+
+    for i, messages in enumerate(batch):
+        engine.add_request(Request(f"step-{i}", chat_ids(engine, messages), greedy(max_tokens), lambda out: None))
+    engine.step()  # takes the requests in
+    steps = []
+    while engine.scheduler.has_work():
+        running = engine.scheduler.running
+        decoding = len(running) == len(batch) and all(s.num_generated > 0 for s in running)
+        start = time.perf_counter()
+        engine.step()
+        if decoding:
+            steps.append(time.perf_counter() - start)
+    return statistics.median(steps)
+
+
+def chat_ids(engine, messages: list[dict]) -> list[int]:
+    text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return engine.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def greedy(max_tokens: int):
+    from optiserve.engine.config import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
 def bench_serve(cfg: ServeBenchConfig, instructions: list[str], count_tokens: Callable[[str], int],
@@ -190,14 +232,23 @@ def bench_serve(cfg: ServeBenchConfig, instructions: list[str], count_tokens: Ca
 
 
 def compare(levels: list[dict], cfg: ServeBenchConfig, prompts: dict, make_engine) -> dict:
-    """Ratios that need two figures from this run: HTTP vs engine at batch 1, and top vs single concurrency."""
+    """Ratios that need two figures from this run: top vs single concurrency, the steady ITL p99 vs the engine's
+    decode step at the top concurrency, HTTP vs engine at batch 1 (`make_engine(max_batch)` builds the engine as
+    the server's arguments say)."""
     out: dict = {}
     by_c = {lvl["concurrency"]: lvl for lvl in levels}
     if 1 in by_c and max(by_c) > 1:
         out["throughput_vs_one_client"] = by_c[max(by_c)]["output_tok_s"] / by_c[1]["output_tok_s"]
         print(f"throughput at concurrency {max(by_c)} vs 1: {out['throughput_vs_one_client']:.2f}x")
+    top = max(by_c)
+    if make_engine is not None and top > 1:
+        step = batch_decode_step_s(make_engine(top, max_num_batched_tokens=0), prompts[top][:top], cfg.max_tokens)
+        itl = by_c[top]["itl_s_steady"]["p99"] or by_c[top]["itl_s"]["p99"]
+        out["batch_decode_step_s"], out["itl_p99_vs_decode_step"] = step, itl / step
+        print(f"batch-{top} engine decode step {step * 1000:.1f} ms; steady ITL p99 at concurrency {top} is "
+              f"{out['itl_p99_vs_decode_step']:.2f}x that")
     if make_engine is not None and 1 in by_c:
-        engine = make_engine()
+        engine = make_engine(1)
         engine.start()
         try:
             rates = [engine_decode_rate(engine, m, cfg.max_tokens, f"bench-{i}") for i, m in enumerate(prompts[1])]
@@ -215,4 +266,7 @@ def format_level(lvl: dict) -> str:
     rate = lvl["decode_tok_s_per_request_median"]
     return (f"  {lvl['requests']} requests in {lvl['elapsed_s']:.1f}s: {lvl['output_tok_s']:.1f} tok/s out, "
             f"per-request decode {rate and f'{rate:.1f}'} tok/s, TTFT p50 {ms(lvl['ttft_s']['p50'])} "
-            f"p99 {ms(lvl['ttft_s']['p99'])}, ITL p50 {ms(lvl['itl_s']['p50'])} p99 {ms(lvl['itl_s']['p99'])}")
+            f"p99 {ms(lvl['ttft_s']['p99'])}, ITL p50 {ms(lvl['itl_s']['p50'])} p99 {ms(lvl['itl_s']['p99'])}; "
+            f"after the first wave ({lvl['steady_requests']} requests) TTFT p99 {ms(lvl['ttft_s_steady']['p99'])}, "
+            f"ITL p99 {ms(lvl['itl_s_steady']['p99'])}; first request's TTFT {ms(lvl['ttft_first_s'])}, later "
+            f"ones' p50 {ms(lvl['ttft_later_p50_s'])}")

@@ -35,6 +35,14 @@ def engine() -> LLMEngine:
 
 
 @pytest.fixture(scope="session")
+def plain_engine(engine) -> LLMEngine:
+    """The engine without chunked prefill or prefix caching (whole prompts, nothing reused): the reference the
+    defaults must give the same outputs as."""
+    return LLMEngine(EngineConfig(max_batch=engine.cfg.max_batch, max_model_len=engine.cfg.max_model_len,
+                                  max_num_batched_tokens=0, enable_prefix_caching=False))
+
+
+@pytest.fixture(scope="session")
 def hf_model(engine):
     from transformers import AutoModelForCausalLM
 

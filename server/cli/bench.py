@@ -134,8 +134,9 @@ def run_bench_serve(args: argparse.Namespace) -> None:
                            serve_cli)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(serve_args.model))
 
-    def make_engine() -> LLMEngine:
-        engine = LLMEngine(engine_config(serve_args, max_batch=1, max_model_len=serve_args.max_model_len))
+    def make_engine(max_batch: int, **overrides) -> LLMEngine:
+        engine = LLMEngine(engine_config(serve_args, max_batch=max_batch, max_model_len=serve_args.max_model_len,
+                                         **overrides))
         apply_quant(engine, quant_request(serve_args))
         return engine
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from optiserve.engine.config import EngineConfig
+from optiserve.engine.config import PROMPT_CHUNK_TOKENS, EngineConfig
 
 from .args import (
     add_device_arg,
@@ -40,12 +40,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="bytes of KV-cache blocks (default: --max-batch sequences of --max-model-len)")
     p.add_argument("--kv-block-size", type=int, default=EngineConfig.kv_block_size,
                    help="tokens per KV-cache block (0: one block of the whole context per sequence, unpaged)")
-    p.add_argument("--enable-prefix-caching", action="store_true",
-                   help="reuse the KV of full prompt blocks seen before (a shared system prompt is prefilled once)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse the KV of full prompt blocks seen before (a shared system prompt is prefilled once); "
+                        "default: on with --speculative none or ngram")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="chunked prefill: tokens per engine step, decode rows first, then chunks of waiting "
                         "prompts; KV blocks are then taken as tokens arrive and the newest sequence is preempted "
-                        "(recomputed later) if they run out (0: whole prompts, blocks reserved up front)")
+                        "(recomputed later) if they run out (0: whole prompts, blocks reserved up front; default: "
+                        f"--max-batch + {PROMPT_CHUNK_TOKENS} with --speculative none, else 0)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the dir name)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--api-key", default=os.environ.get("OPTISERVE_API_KEY"),

@@ -28,7 +28,7 @@ def exported_series_names() -> set[str]:
     well as from the samples present.
     """
     stats = SimpleNamespace(num_running=0, num_waiting=0, kv_cache_usage=0.0, prefix_cache_queries=0,
-                            prefix_cache_hits=0)
+                            prefix_cache_hits=0, num_preemptions=0)
     metrics = ServerMetrics("test-model", lambda: stats)
     names = set()
     for family in metrics.registry.collect():

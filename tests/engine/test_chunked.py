@@ -19,14 +19,15 @@ BUDGET = 16  # tokens per step: 8 decode rows leave chunks of 8-16 prompt tokens
 
 
 def chunked_engine(engine: LLMEngine, **kw) -> LLMEngine:
+    """An engine like `engine` (the whole-prompt reference) with a token budget."""
     cfg = {"max_batch": engine.cfg.max_batch, "max_model_len": engine.cfg.max_model_len,
            "max_num_batched_tokens": BUDGET, **kw}
     return LLMEngine(EngineConfig(**cfg))
 
 
 @pytest.fixture(scope="module")
-def chunked(engine) -> LLMEngine:
-    return chunked_engine(engine)
+def chunked(plain_engine) -> LLMEngine:
+    return chunked_engine(plain_engine)
 
 
 def run_requests(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> dict[str, RequestOutput]:
@@ -50,26 +51,26 @@ def run_requests(engine: LLMEngine, requests: list[tuple[list[int], SamplingPara
 
 
 @pytest.mark.parametrize("kv", ["none", "fp8", "nvfp4"])
-def test_greedy_identical_with_and_without_chunks(engine, chunked, chat_prompt_ids, kv):
+def test_greedy_identical_with_and_without_chunks(plain_engine, chunked, chat_prompt_ids, kv):
     req = QuantRequest("none", kv, calib_samples=4, calib_seq_len=128)
-    for e in (engine, chunked):
+    for e in (plain_engine, chunked):
         e.use_weights(prepare_quantized(e.model_dir, e.master, e.tokenizer, req))
     try:
         for at_once in (False, True):
-            assert generate(chunked, chat_prompt_ids, at_once) == generate(engine, chat_prompt_ids, at_once)
+            assert generate(chunked, chat_prompt_ids, at_once) == generate(plain_engine, chat_prompt_ids, at_once)
     finally:
-        for e in (engine, chunked):
+        for e in (plain_engine, chunked):
             e.use_weights(WeightSet(e.master))
 
 
-def test_a_pool_too_small_preempts_and_recomputes_with_identical_outputs(engine, chat_prompt_ids):
+def test_a_pool_too_small_preempts_and_recomputes_with_identical_outputs(plain_engine, chat_prompt_ids):
     """A pool of 1.5x the largest request's blocks for 8 requests: blocks run out mid-decode, the newest sequences
     are preempted (counted, exported as vLLM's num_preemptions) and recomputed later, and every output equals the
     roomy engine's."""
-    ref = generate(engine, chat_prompt_ids, at_once=True)
-    need = max(engine.scheduler.blocks_needed(len(p) + GREEDY.max_tokens) for p in chat_prompt_ids)
-    block_bytes = 16 * engine.runner.cache.bytes_per_token
-    small = chunked_engine(engine, kv_cache_memory=need * 3 // 2 * block_bytes)
+    ref = generate(plain_engine, chat_prompt_ids, at_once=True)
+    need = max(plain_engine.scheduler.blocks_needed(len(p) + GREEDY.max_tokens) for p in chat_prompt_ids)
+    block_bytes = 16 * plain_engine.runner.cache.bytes_per_token
+    small = chunked_engine(plain_engine, kv_cache_memory=need * 3 // 2 * block_bytes)
     assert generate(small, chat_prompt_ids, at_once=True) == ref
     stats = small.stats()
     assert stats.num_preemptions > 0
@@ -77,27 +78,27 @@ def test_a_pool_too_small_preempts_and_recomputes_with_identical_outputs(engine,
     assert f'optiserve:num_preemptions_total{{model_name="m"}} {float(stats.num_preemptions)}' in metrics
 
 
-def test_n_sequences_share_the_prompt_and_sample_as_without_chunks(engine, chunked, chat_prompt_ids):
+def test_n_sequences_share_the_prompt_and_sample_as_without_chunks(plain_engine, chunked, chat_prompt_ids):
     """n = 3 seeded samples: the siblings fork the first one's prompt blocks (the prompt is computed once) and
     draw exactly the tokens whole-prompt prefill gives."""
     params = SamplingParams(n=3, max_tokens=24, temperature=0.8, seed=7, ignore_eos=True)
     requests = [(chat_prompt_ids[0], params), (chat_prompt_ids[1], params)]
     queries = chunked.stats().prefix_cache_queries
     got = run_requests(chunked, requests)
-    want = run_requests(engine, requests)
+    want = run_requests(plain_engine, requests)
     assert {r: t for r, (t, _) in got.items()} == {r: t for r, (t, _) in want.items()}
     assert all(len(t) == 3 and len({tuple(s) for s in t.values()}) > 1 for t, _ in got.values())
     queries = chunked.stats().prefix_cache_queries - queries
     assert queries == sum(len(ids) for ids, _ in requests)  # counted once per request, not per sequence
 
 
-def test_prompt_logprobs_over_chunks_equal_whole_prefill(engine, chunked, chat_prompt_ids):
+def test_prompt_logprobs_over_chunks_equal_whole_prefill(plain_engine, chunked, chat_prompt_ids):
     """Echo scoring (max_tokens 0) and a generating request with prompt logprobs: a prompt split over several steps
     yields every position's logprob, as one prefill does."""
     prompt = [t for ids in chat_prompt_ids[:3] for t in ids]  # > 2 chunks
     requests = [(prompt, SamplingParams(max_tokens=0, prompt_logprobs=2)),
                 (prompt, SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=0))]
-    got, want = run_requests(chunked, requests), run_requests(engine, requests)
+    got, want = run_requests(chunked, requests), run_requests(plain_engine, requests)
     for r in want:
         a, b = got[r][1].prompt_logprobs, want[r][1].prompt_logprobs
         assert len(a) == len(b) == len(prompt) and a[0] is None
@@ -107,7 +108,7 @@ def test_prompt_logprobs_over_chunks_equal_whole_prefill(engine, chunked, chat_p
         assert got[r][0] == want[r][0]
 
 
-def test_a_weight_swap_mid_prompt_recomputes_what_was_computed(engine, chunked, chat_prompt_ids):
+def test_a_weight_swap_mid_prompt_recomputes_what_was_computed(plain_engine, chunked, chat_prompt_ids):
     """A swap to FP8 KV while a long prompt is half computed: its computed positions are re-prefilled on the new
     weights and the answer equals the one the new weights give from the start."""
     prompt = [t for ids in chat_prompt_ids[:4] for t in ids]
@@ -124,31 +125,32 @@ def test_a_weight_swap_mid_prompt_recomputes_what_was_computed(engine, chunked, 
         while chunked.scheduler.has_work():
             chunked.step()
         assert_every_block_free(chunked)
-        engine.use_weights(prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, fp8))
-        assert got == run_to_completion(engine, [prompt], params)[0]
+        ref = plain_engine
+        ref.use_weights(prepare_quantized(ref.model_dir, ref.master, ref.tokenizer, fp8))
+        assert got == run_to_completion(plain_engine, [prompt], params)[0]
     finally:
-        for e in (engine, chunked):
+        for e in (plain_engine, chunked):
             e.use_weights(WeightSet(e.master))
 
 
-def test_a_shared_1000_token_system_prompt_is_prefilled_once_in_chunks(engine):
+def test_a_shared_1000_token_system_prompt_is_prefilled_once_in_chunks(plain_engine):
     """Four chats behind one ~1,000-token system prompt, chunked and prefix-cached: the later three reuse its blocks
     (counted as hits) and every output equals the whole-prompt, uncached engine's."""
     system = " ".join(CHAT_INSTRUCTIONS * 13)
-    prompts = [engine.tokenizer.apply_chat_template([{"role": "system", "content": system},
+    prompts = [plain_engine.tokenizer.apply_chat_template([{"role": "system", "content": system},
                                                      {"role": "user", "content": s}],
                                                     add_generation_prompt=True, tokenize=False)
                for s in CHAT_INSTRUCTIONS[:4]]
-    prompts = [engine.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    prompts = [plain_engine.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     shared = next(i for i in range(len(prompts[0])) if len({p[i] for p in prompts}) > 1)
     assert 900 < shared < 1000
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    cached = chunked_engine(engine, max_batch=4, max_num_batched_tokens=256, enable_prefix_caching=True)
+    cached = chunked_engine(plain_engine, max_batch=4, max_num_batched_tokens=256, enable_prefix_caching=True)
     got = run_to_completion(cached, prompts, params)
     stats = cached.stats()
     assert stats.prefix_cache_hits == 3 * (shared // 16 * 16)
     assert stats.prefix_cache_queries == sum(len(p) for p in prompts)
-    assert got == run_to_completion(engine, prompts, params)
+    assert got == run_to_completion(plain_engine, prompts, params)
     assert_every_block_free(cached)
 
 

@@ -1,5 +1,6 @@
-"""The paged KV cache on the real model: greedy outputs are identical with 16-token blocks and with one block per
-sequence (the unpaged layout), one prompt at a time and 8 at once, on every KV format; admission waits for free
+"""The paged KV cache on the real model: greedy outputs are identical with 16-token blocks (and the default chunked
+prefill and prefix caching) and with one block per sequence (the unpaged layout, whole prompts), one prompt at a
+time and 8 at once, on every KV format; admission waits for free
 blocks; prefix caching reuses a shared system prompt without changing outputs; every block goes back."""
 
 import pytest
@@ -17,8 +18,10 @@ GREEDY = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def unpaged(engine) -> LLMEngine:
+    """The old layout: one block of the whole context per sequence, whole prompts, nothing reused (the session
+    engine pages, chunks prompts and caches prefixes, as `serve` does by default)."""
     return LLMEngine(EngineConfig(max_batch=engine.cfg.max_batch, max_model_len=engine.cfg.max_model_len,
-                                  kv_block_size=0))
+                                  kv_block_size=0, max_num_batched_tokens=0, enable_prefix_caching=False))
 
 
 def assert_every_block_free(engine: LLMEngine) -> None:
@@ -56,7 +59,8 @@ def test_admission_by_free_blocks_runs_every_request_and_refuses_what_never_fits
     ref = run_to_completion(engine, chat_prompt_ids, params)
     needs = [engine.scheduler.blocks_needed(len(p) + 16) for p in chat_prompt_ids]
     block_bytes = 16 * engine.runner.cache.bytes_per_token
-    small = LLMEngine(EngineConfig(max_batch=8, max_model_len=1024, kv_cache_memory=2 * max(needs) * block_bytes))
+    small = LLMEngine(EngineConfig(max_batch=8, max_model_len=1024, kv_cache_memory=2 * max(needs) * block_bytes,
+                                   max_num_batched_tokens=0))  # whole prompts: admission by worst-case blocks
     pool = small.runner.cache.tables.pool
     assert pool.num_blocks == 2 * max(needs) < sum(needs)
     outs: dict[str, list[int]] = {str(i): [] for i in range(len(chat_prompt_ids))}
@@ -78,7 +82,7 @@ def test_admission_by_free_blocks_runs_every_request_and_refuses_what_never_fits
     assert refused.value.param == "max_tokens"
 
 
-def test_prefix_caching_prefills_a_shared_system_prompt_once_with_identical_outputs(engine):
+def test_prefix_caching_prefills_a_shared_system_prompt_once_with_identical_outputs(engine, plain_engine):
     """Four chats behind one ~500-token system prompt: with prefix caching the later three reuse its blocks (the
     pool's hit count says so) and every output equals the uncached engine's."""
     system = " ".join(CHAT_INSTRUCTIONS * 6)
@@ -90,12 +94,13 @@ def test_prefix_caching_prefills_a_shared_system_prompt_once_with_identical_outp
     shared = next(i for i in range(len(prompts[0])) if len({p[i] for p in prompts}) > 1)  # tokens all start with
     assert shared > 400
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    cached = LLMEngine(EngineConfig(max_batch=4, max_model_len=1024, enable_prefix_caching=True))
+    cached = LLMEngine(EngineConfig(max_batch=4, max_model_len=1024, enable_prefix_caching=True,
+                                    max_num_batched_tokens=0))
     got = run_to_completion(cached, prompts, params)  # queued together: each is admitted after the one before
     stats = cached.stats()
     assert stats.prefix_cache_hits == 3 * (shared // 16 * 16)  # the first computes the prefix, the rest reuse it
     assert stats.prefix_cache_queries == sum(len(p) for p in prompts)
-    assert got == run_to_completion(engine, prompts, params)
+    assert got == run_to_completion(plain_engine, prompts, params)
     assert_every_block_free(cached)
     metrics = generate_latest(ServerMetrics("m", cached.stats).registry).decode()
     assert f'optiserve:prefix_cache_hits_total{{model_name="m"}} {float(stats.prefix_cache_hits)}' in metrics
@@ -106,7 +111,8 @@ def test_the_memory_of_8_full_contexts_runs_32_short_chats_at_once(engine, chat_
     most a quarter of it together (admission counts each one's prompt + max_tokens)."""
     max_len = engine.cfg.max_model_len
     memory = 8 * max_len * engine.runner.cache.bytes_per_token
-    chats = LLMEngine(EngineConfig(max_batch=32, max_model_len=max_len, kv_cache_memory=memory))
+    chats = LLMEngine(EngineConfig(max_batch=32, max_model_len=max_len, kv_cache_memory=memory,
+                                   max_num_batched_tokens=0))  # whole prompts: every block reserved up front
     for i in range(32):
         prompt = chat_prompt_ids[i % len(chat_prompt_ids)]
         params = SamplingParams(max_tokens=max_len // 4 - len(prompt), temperature=0, ignore_eos=True)

@@ -35,15 +35,19 @@ def test_soak_mix_bad_requests_get_4xx_and_good_ones_all_succeed(server, tmp_pat
 
 
 def test_bench_serve_reports_http_beside_the_engine(tmp_path):
-    """`bench serve` starts its own server, streams at two concurrencies, then times the engine on the same
-    requests: every figure comes back, and each streamed answer has exactly max_tokens tokens (ignore_eos)."""
+    """`bench serve` starts its own server (here with chunked prefill and prefix caching behind a shared system
+    prompt), streams at two concurrencies, then times the engine on the same requests: every figure comes back."""
     out = tmp_path / "serve.json"
-    cmd = [sys.executable, "-m", "optiserve.server.cli", "bench", "serve", "--concurrency", "1,2", "--requests", "2",
-           "--max-tokens", "8", "--prompt-tokens", "64", "--json", str(out), "--", "--max-model-len", "256"]
+    cmd = [sys.executable, "-m", "optiserve.server.cli", "bench", "serve", "--concurrency", "1,2", "--requests", "4",
+           "--max-tokens", "8", "--prompt-tokens", "64", "--shared-prefix-tokens", "64", "--json", str(out), "--",
+           "--max-model-len", "256", "--max-num-batched-tokens", "32", "--enable-prefix-caching"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())
     assert [lvl["concurrency"] for lvl in result["levels"]] == [1, 2]
     for lvl in result["levels"]:
-        assert lvl["requests"] == 2 and lvl["output_tok_s"] > 0 and lvl["ttft_s"]["p50"] > 0
+        assert lvl["requests"] == 4 and lvl["output_tok_s"] > 0 and lvl["ttft_s"]["p50"] > 0
+        assert lvl["steady_requests"] == 4 - lvl["concurrency"] and lvl["itl_s_steady"]["p99"] > 0
+        assert lvl["ttft_first_s"] > 0 and lvl["ttft_later_p50_s"] > 0
     assert result["engine_decode_tok_s_median"] > 0 and result["http_vs_engine"] > 0
+    assert result["batch_decode_step_s"] > 0 and result["itl_p99_vs_decode_step"] > 0
