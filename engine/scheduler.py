@@ -6,10 +6,10 @@ Two ways to admit, by `token_budget`:
   speculative step, which writes drafts past the end, relies on).
 - N (chunked prefill, `schedule`): each step computes at most N tokens, one for each decoding sequence first, then
   chunks of the prompts being prefilled, then of newly admitted ones (vLLM's order). Blocks are taken for the
-  scheduled tokens only; when the pool runs short the sequence in the last slot (the most recently admitted, unless
-  a release repacked the slots) is preempted: its blocks go back and it waits at the front of the queue, to be
-  recomputed (its prompt and what it generated; prefix caching finds its full blocks again) when readmitted. The
-  sequence in slot 0 is never preempted for another, so some sequence always progresses.
+  scheduled tokens only; when the pool runs short the running sequence in the last slot not yet planned this step
+  is preempted: its blocks go back and it waits at the front of the queue, to be recomputed (its prompt and what it
+  generated; prefix caching finds its full blocks again) when readmitted. The first sequence planned is never
+  preempted for another, so some sequence always progresses.
 """
 
 from __future__ import annotations
@@ -132,44 +132,49 @@ class Scheduler:
 
     # ---- chunked prefill ---------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
-        """The next step's chunks under the token budget, their blocks taken (preempting when the pool is short)."""
+        """The next step's chunks under the token budget, their blocks taken (preempting when the pool is short):
+        decode rows first (so running streams keep their pace), then the prompts being computed, in slot order."""
         plan, budget, preemptions = StepPlan(), self.token_budget, self.num_preemptions
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        decode_first = sorted(self.running, key=lambda s: len(s.token_ids) - s.num_computed > 1)
+        for seq in decode_first:
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted for one planned before it
             n = min(len(seq.token_ids) - seq.num_computed, budget)
-            if not self._reserve_or_preempt(seq, seq.num_computed + n):
-                break  # `seq` itself was the newest: it waits now
-            self._plan(plan, Chunk(seq, seq.num_computed, n))
-            budget -= n
-            i += 1
+            if self._reserve_or_preempt(seq, seq.num_computed + n, plan):
+                plan.chunks.append(Chunk(seq, seq.num_computed, n))
+                budget -= n
+        for chunk in plan.chunks:
+            self._key_blocks(chunk)
         if self.num_preemptions > preemptions:
             return plan  # the pool is short: nothing new is admitted
         while budget > 0 and self.waiting and len(self.running) < self.num_slots:
             chunk = self._admit_chunk(self.waiting[0], budget, plan)
             if chunk is None:
                 break
-            self._plan(plan, chunk)
+            plan.chunks.append(chunk)
+            self._key_blocks(chunk)
             budget -= chunk.num_tokens
         return plan
 
-    def _plan(self, plan: StepPlan, chunk: Chunk) -> None:
-        """Add `chunk` to the step, its full blocks keyed now: a prompt admitted later in this step finds them (the
-        forward writes every row's KV before any row attends). A failed forward forgets them (`forget_prefixes`)."""
-        plan.chunks.append(chunk)
+    def _key_blocks(self, chunk: Chunk) -> None:
+        """Key the full blocks `chunk` completes now: a prompt admitted later in this step finds them (the forward
+        writes every row's KV before any row attends). A failed forward forgets them (`forget_prefixes`)."""
         self.tables.commit(chunk.seq.slot, chunk.seq.token_ids[: chunk.end])
 
-    def _reserve_or_preempt(self, seq: Sequence, num_tokens: int) -> bool:
-        """Blocks for `seq`'s positions [0, num_tokens), preempting the sequences in the last slots until they fit;
-        False if `seq` was preempted itself."""
+    def _reserve_or_preempt(self, seq: Sequence, num_tokens: int, plan: StepPlan) -> bool:
+        """Blocks for `seq`'s positions [0, num_tokens), preempting the running sequences not planned yet from the
+        last slot down until they fit; False if none is left but `seq`, which is then preempted itself."""
+        planned = {id(c.seq) for c in plan.chunks}
         while True:
             try:
                 self.tables.reserve(seq.slot, num_tokens)
                 return True
             except NoFreeBlocks:
-                victim = self.running[-1]
-                self.preempt(victim)
-                if victim is seq:
+                victims = [s for s in reversed(self.running) if s is not seq and id(s) not in planned]
+                self.preempt(victims[0] if victims else seq)
+                if not victims:
                     return False
 
     def preempt(self, seq: Sequence) -> None:
