@@ -80,10 +80,11 @@ static void pass(int64_t m, const float* W, const float* X, const float* b, floa
   rows<M>(W, X, b, Y, in, out, begin, end);
 }
 
-// Up to MAX_ROWS_PER_PASS input rows (decode batches, speculative verify) share one pass over each weight row;
-// more (prefill) go in compute-bound passes over each chunk of weight rows while it sits in L1.
+// Input rows whose block still holds several weight rows (decode batches, speculative verify) share one pass over
+// each weight row; more (a big batch, a tree, prefill) go in compute-bound passes over each chunk of weight rows
+// while it sits in L1/L2 (a one-weight-row block of 16 inputs loads as many vectors as it multiplies).
 static void gemm_rows(const float* W, const float* X, const float* b, float* Y, int64_t n, int64_t in, int64_t out) {
-  const int64_t per_pass = n <= MAX_ROWS_PER_PASS ? n : compute_bound_rows();
+  const int64_t per_pass = n <= MAX_ROWS_PER_PASS && weight_rows_for(n) > 2 ? n : compute_bound_rows();
   at::parallel_for(0, out, ROWS_PER_CHUNK, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; o += ROWS_PER_CHUNK) {
       int64_t oe = std::min(end, o + ROWS_PER_CHUNK);
