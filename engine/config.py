@@ -14,9 +14,9 @@ GREEDY_TEMPERATURE = 1e-5
 # one pass (runner.KERNEL_ROWS).
 MAX_TREE_NODES = 15
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit seed, as OpenAI and vLLM take it
-# Prompt tokens a chunked-prefill step adds to its decode rows by default: with 8 decode rows a step is 32 rows, two
-# full passes of the linear kernel (16 rows each) over the weights; the trade-off is measured in the README.
-PROMPT_CHUNK_TOKENS = 24
+# Tokens a chunked-prefill step computes by default: max(this, 2 x max_batch), so prompts get at least as many rows
+# as decode does; the trade-off between TTFT, ITL and throughput is measured in the README (bench serve).
+MIN_BATCHED_TOKENS = 64
 LM_HEAD_DTYPES = ("float32", "bfloat16", "int8", "fp8")  # what the LM head's weights may be held in (lm_head.py)
 
 
@@ -159,7 +159,7 @@ class EngineConfig:
     # (--speculative none or ngram), as it never changes an output (tests/engine/test_paged.py).
     enable_prefix_caching: bool | None = None
     # Chunked prefill: tokens one step computes, decode rows first, then chunks of prompts (0: whole prompts;
-    # None: max_batch + PROMPT_CHUNK_TOKENS where it works, --speculative none).
+    # None: max(MIN_BATCHED_TOKENS, 2 x max_batch) where it works, --speculative none).
     max_num_batched_tokens: int | None = None
 
     def __post_init__(self) -> None:
@@ -190,7 +190,8 @@ class EngineConfig:
         if self.enable_prefix_caching is None:
             self.enable_prefix_caching = self.speculative in ("none", "ngram")
         if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = self.max_batch + PROMPT_CHUNK_TOKENS if self.speculative == "none" else 0
+            chunked = self.speculative == "none"
+            self.max_num_batched_tokens = max(MIN_BATCHED_TOKENS, 2 * self.max_batch) if chunked else 0
         if self.enable_prefix_caching and self.speculative not in ("none", "ngram"):
             raise ValueError("prefix caching works with --speculative none or ngram: a draft head reads the "
                              "target's features at every prompt position")

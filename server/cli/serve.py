@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from optiserve.engine.config import PROMPT_CHUNK_TOKENS, EngineConfig
+from optiserve.engine.config import MIN_BATCHED_TOKENS, EngineConfig
 
 from .args import (
     add_device_arg,
@@ -47,7 +47,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="chunked prefill: tokens per engine step, decode rows first, then chunks of waiting "
                         "prompts; KV blocks are then taken as tokens arrive and the newest sequence is preempted "
                         "(recomputed later) if they run out (0: whole prompts, blocks reserved up front; default: "
-                        f"--max-batch + {PROMPT_CHUNK_TOKENS} with --speculative none, else 0)")
+                        f"max({MIN_BATCHED_TOKENS}, 2 x --max-batch) with --speculative none, else 0)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the dir name)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--api-key", default=os.environ.get("OPTISERVE_API_KEY"),

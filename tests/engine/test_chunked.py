@@ -6,14 +6,19 @@ logprobs, weight swaps mid-prompt and a shared system prompt behave as without c
 import pytest
 from prometheus_client import generate_latest
 
-from optiserve.engine.chat import CHAT_INSTRUCTIONS
 from optiserve.engine.config import EngineConfig, SamplingParams
 from optiserve.engine.llm_engine import LLMEngine, WeightSet, run_to_completion
 from optiserve.engine.sequence import Request, RequestOutput
 from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
 from optiserve.server.metrics import ServerMetrics
 
-from .test_paged import GREEDY, assert_every_block_free, generate
+from .test_paged import (
+    GREEDY,
+    assert_every_block_free,
+    assert_same_greedy_outputs,
+    chats_behind_one_system_prompt,
+    generate,
+)
 
 BUDGET = 16  # tokens per step: 8 decode rows leave chunks of 8-16 prompt tokens
 
@@ -52,15 +57,7 @@ def run_requests(engine: LLMEngine, requests: list[tuple[list[int], SamplingPara
 
 @pytest.mark.parametrize("kv", ["none", "fp8", "nvfp4"])
 def test_greedy_identical_with_and_without_chunks(plain_engine, chunked, chat_prompt_ids, kv):
-    req = QuantRequest("none", kv, calib_samples=4, calib_seq_len=128)
-    for e in (plain_engine, chunked):
-        e.use_weights(prepare_quantized(e.model_dir, e.master, e.tokenizer, req))
-    try:
-        for at_once in (False, True):
-            assert generate(chunked, chat_prompt_ids, at_once) == generate(plain_engine, chat_prompt_ids, at_once)
-    finally:
-        for e in (plain_engine, chunked):
-            e.use_weights(WeightSet(e.master))
+    assert_same_greedy_outputs(chunked, plain_engine, chat_prompt_ids, kv)
 
 
 def test_a_pool_too_small_preempts_and_recomputes_with_identical_outputs(plain_engine, chat_prompt_ids):
@@ -136,13 +133,7 @@ def test_a_weight_swap_mid_prompt_recomputes_what_was_computed(plain_engine, chu
 def test_a_shared_1000_token_system_prompt_is_prefilled_once_in_chunks(plain_engine):
     """Four chats behind one ~1,000-token system prompt, chunked and prefix-cached: the later three reuse its blocks
     (counted as hits) and every output equals the whole-prompt, uncached engine's."""
-    system = " ".join(CHAT_INSTRUCTIONS * 13)
-    prompts = [plain_engine.tokenizer.apply_chat_template([{"role": "system", "content": system},
-                                                     {"role": "user", "content": s}],
-                                                    add_generation_prompt=True, tokenize=False)
-               for s in CHAT_INSTRUCTIONS[:4]]
-    prompts = [plain_engine.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    shared = next(i for i in range(len(prompts[0])) if len({p[i] for p in prompts}) > 1)
+    prompts, shared = chats_behind_one_system_prompt(plain_engine.tokenizer, repeats=13)
     assert 900 < shared < 1000
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     cached = chunked_engine(plain_engine, max_batch=4, max_num_batched_tokens=256, enable_prefix_caching=True)

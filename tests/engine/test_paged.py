@@ -41,14 +41,19 @@ def generate(engine: LLMEngine, prompts: list[list[int]], at_once: bool) -> list
 def test_greedy_identical_paged_and_unpaged(engine, unpaged, chat_prompt_ids, kv):
     assert engine.runner.cache.shape.block_size == 16
     assert unpaged.runner.cache.shape.block_size == unpaged.runner.max_len  # one block per sequence
+    assert_same_greedy_outputs(engine, unpaged, chat_prompt_ids, kv)
+
+
+def assert_same_greedy_outputs(a: LLMEngine, b: LLMEngine, prompts: list[list[int]], kv: str) -> None:
+    """Both engines with KV format `kv` give the same greedy tokens, one prompt at a time and all at once."""
     req = QuantRequest("none", kv, calib_samples=4, calib_seq_len=128)
-    for e in (engine, unpaged):
+    for e in (a, b):
         e.use_weights(prepare_quantized(e.model_dir, e.master, e.tokenizer, req))
     try:
         for at_once in (False, True):
-            assert generate(engine, chat_prompt_ids, at_once) == generate(unpaged, chat_prompt_ids, at_once)
+            assert generate(a, prompts, at_once) == generate(b, prompts, at_once)
     finally:
-        for e in (engine, unpaged):
+        for e in (a, b):
             e.use_weights(WeightSet(e.master))
 
 
@@ -85,13 +90,7 @@ def test_admission_by_free_blocks_runs_every_request_and_refuses_what_never_fits
 def test_prefix_caching_prefills_a_shared_system_prompt_once_with_identical_outputs(engine, plain_engine):
     """Four chats behind one ~500-token system prompt: with prefix caching the later three reuse its blocks (the
     pool's hit count says so) and every output equals the uncached engine's."""
-    system = " ".join(CHAT_INSTRUCTIONS * 6)
-    prompts = [engine.tokenizer.apply_chat_template([{"role": "system", "content": system},
-                                                     {"role": "user", "content": s}],
-                                                    add_generation_prompt=True, tokenize=False)
-               for s in CHAT_INSTRUCTIONS[:4]]
-    prompts = [engine.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    shared = next(i for i in range(len(prompts[0])) if len({p[i] for p in prompts}) > 1)  # tokens all start with
+    prompts, shared = chats_behind_one_system_prompt(engine.tokenizer, repeats=6)
     assert shared > 400
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     cached = LLMEngine(EngineConfig(max_batch=4, max_model_len=1024, enable_prefix_caching=True,
@@ -104,6 +103,16 @@ def test_prefix_caching_prefills_a_shared_system_prompt_once_with_identical_outp
     assert_every_block_free(cached)
     metrics = generate_latest(ServerMetrics("m", cached.stats).registry).decode()
     assert f'optiserve:prefix_cache_hits_total{{model_name="m"}} {float(stats.prefix_cache_hits)}' in metrics
+
+
+def chats_behind_one_system_prompt(tokenizer, repeats: int) -> tuple[list[list[int]], int]:
+    """Four chats whose system prompt is the chat instructions `repeats` times, and how many tokens they all start
+    with."""
+    system = " ".join(CHAT_INSTRUCTIONS * repeats)
+    texts = [tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": s}],
+                                           add_generation_prompt=True, tokenize=False) for s in CHAT_INSTRUCTIONS[:4]]
+    prompts = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    return prompts, next(i for i in range(len(prompts[0])) if len({p[i] for p in prompts}) > 1)
 
 
 def test_the_memory_of_8_full_contexts_runs_32_short_chats_at_once(engine, chat_prompt_ids):
