@@ -24,9 +24,10 @@ BUDGET = 16  # tokens per step: 8 decode rows leave chunks of 8-16 prompt tokens
 
 
 def chunked_engine(engine: LLMEngine, **kw) -> LLMEngine:
-    """An engine like `engine` (the whole-prompt reference) with a token budget."""
+    """An engine like `engine` (the whole-prompt reference) with a token budget and, unless asked, no prefix cache
+    (each test computes what it asks for; the defaults together are tested in test_paged.py)."""
     cfg = {"max_batch": engine.cfg.max_batch, "max_model_len": engine.cfg.max_model_len,
-           "max_num_batched_tokens": BUDGET, **kw}
+           "max_num_batched_tokens": BUDGET, "enable_prefix_caching": False, **kw}
     return LLMEngine(EngineConfig(**cfg))
 
 
