@@ -155,6 +155,7 @@ class EngineConfig:
     lm_head_dtype: str = "float32"  # the served LM head's weights (engine/lm_head.py); the master keeps fp32
     kv_block_size: int = 16  # tokens per KV block; 0: one block of the whole context per sequence (unpaged)
     kv_cache_memory: int | None = None  # bytes of KV blocks (the target's); None: max_batch full-length sequences
+    kv_cache_format: str = "none"  # the KV format kv_cache_memory is counted in (the one served from start-up)
     # Full prompt blocks reused across requests by content (block_manager.py); None: on where it works
     # (--speculative none or ngram), as it never changes an output (tests/engine/test_paged.py).
     enable_prefix_caching: bool | None = None

@@ -79,6 +79,15 @@ KV_CACHE_FORMATS = {
                            _nvfp4_decode, "NVFP4", E2M1_MAX, True),
 }
 KV_FORMATS = ("none", *KV_CACHE_FORMATS)
+
+
+def kv_bytes_per_element(name: str, dtype: torch.dtype) -> float:
+    """Stored bytes per K/V element in KV format `name` ("none": the cache dtype's), block scales included."""
+    if name == "none":
+        return dtype.itemsize
+    if name not in KV_CACHE_FORMATS:
+        raise ValueError(f"unknown KV cache format {name!r}; expected one of {', '.join(KV_FORMATS)}")
+    return KV_CACHE_FORMATS[name].bytes_per_element
 KV_BY_ALGO = {f.kv_cache_quant_algo: f for f in KV_CACHE_FORMATS.values()}
 
 

@@ -80,7 +80,7 @@ class LLMEngine:
         self.master: Transformer | None = None if quantized else model  # unquantized weights, for format swaps
         served = with_lm_head(model, cfg.lm_head_dtype)
         self.runner = ModelRunner(served, cfg.max_batch, cache_len, dtype, cfg.kv_block_size, cfg.kv_cache_memory,
-                                  cfg.enable_prefix_caching)
+                                  cfg.enable_prefix_caching, cfg.kv_cache_format)
         self.spec = make_spec_decoder(cfg, self.runner, self.model_dir)
         self.scheduler = Scheduler(cfg.max_batch, self.runner.cache.tables, cfg.spec_cache_room,
                                    cfg.max_num_batched_tokens)

@@ -54,6 +54,7 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
               "speculative_adaptive": getattr(args, "speculative_adaptive", EngineConfig.speculative_adaptive),
               "kv_block_size": getattr(args, "kv_block_size", EngineConfig.kv_block_size),
               "kv_cache_memory": getattr(args, "kv_cache_memory", EngineConfig.kv_cache_memory),
+              "kv_cache_format": getattr(args, "kv_cache", EngineConfig.kv_cache_format),
               "enable_prefix_caching": getattr(args, "enable_prefix_caching", EngineConfig.enable_prefix_caching),
               "max_num_batched_tokens": getattr(args, "max_num_batched_tokens", EngineConfig.max_num_batched_tokens),
               **{name: getattr(args, name) for name in TREE_FIELDS if hasattr(args, name)}}

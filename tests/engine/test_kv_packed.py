@@ -8,7 +8,8 @@ import torch
 
 from optiserve.engine import ops
 from optiserve.engine.kv_cache import CacheShape, KVCache
-from optiserve.engine.kv_quant import KVFormat, KVPages, kv_scale_for
+from optiserve.engine.kv_quant import KVFormat, KVPages, kv_bytes_per_element, kv_scale_for
+from optiserve.engine.runner import ModelRunner
 
 from .test_ops import cpu_flags
 
@@ -196,3 +197,19 @@ def test_the_cache_holds_the_formats_bytes_and_reads_back_decoded(fmt):
     cache.keep_path(1, 4, [0, 2, 5], 10)  # rows 4, 6, 9 -> 4, 5, 6
     kept_k, kept_v = cache.read(1, 7)
     assert torch.equal(kept_k[:, 4:], keys[:, [4, 6, 9]]) and torch.equal(kept_v[:, :4], values[:, :4])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kv_cache_memory_holds_more_blocks_in_a_packed_format(engine, fmt):
+    """`--kv-cache-memory` counts bytes in the KV format served from start-up: the same bytes hold 4 / (bytes per
+    element) times the fp32 blocks, and the pools in that format fit the budget."""
+    model, memory = engine.runner.model, 8 * 2**20
+    runners = {f: ModelRunner(model, 2, 256, torch.float32, 16, memory, kv_format=f) for f in ("none", fmt)}
+    blocks = {f: r.cache.shape.num_blocks for f, r in runners.items()}
+    assert abs(blocks[fmt] * kv_bytes_per_element(fmt, torch.float32) / 4 - blocks["none"]) <= 1
+    cfg, gen = model.cfg, torch.Generator().manual_seed(5)
+    k = keys_like_a_model(gen, 1, 8, cfg.num_kv_heads, cfg.head_dim)
+    cache = runners[fmt].cache
+    cache.set_format(calibrated(fmt, k, torch.randn(k.shape, generator=gen), layers=cfg.num_layers))
+    block_bytes = cache.bytes_per_token * cache.shape.block_size
+    assert memory - block_bytes < cache.nbytes <= memory
