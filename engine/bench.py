@@ -46,20 +46,25 @@ def step_times(stamps: list[float]) -> list[float]:
 
 
 def time_ours(engine: LLMEngine, prompts: list[list[int]], tokens: int) -> list[float]:
-    """Durations of the decode-only engine steps (every step after the prefilling first one)."""
-    stamps: list[float] = []
+    """Durations of the engine steps in which every sequence decodes: none has a prompt left to compute (prefill
+    steps, whole or chunked, are not timed) and none has finished."""
+    durations: list[float] = []
     step = engine.step
 
-    def timed_step() -> None:  # intervals start after the first step (prefill + first decode)
+    def timed_step() -> None:
+        running = engine.scheduler.running
+        decoding = len(running) == len(prompts) and all(s.num_generated > 0 for s in running)
+        start = time.perf_counter()
         step()
-        stamps.append(time.perf_counter())
+        if decoding:
+            durations.append(time.perf_counter() - start)
 
     engine.step = timed_step  # type: ignore[method-assign]
     try:
         run_to_completion(engine, prompts, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
     finally:
         del engine.step
-    return step_times(stamps)
+    return durations
 
 
 def time_hf(model, pad_id: int, prompts: list[list[int]], tokens: int) -> list[float]:

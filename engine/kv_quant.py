@@ -79,6 +79,7 @@ KV_CACHE_FORMATS = {
                            _nvfp4_decode, "NVFP4", E2M1_MAX, True),
 }
 KV_FORMATS = ("none", *KV_CACHE_FORMATS)
+KV_BY_ALGO = {f.kv_cache_quant_algo: f for f in KV_CACHE_FORMATS.values()}
 
 
 def kv_bytes_per_element(name: str, dtype: torch.dtype) -> float:
@@ -88,7 +89,6 @@ def kv_bytes_per_element(name: str, dtype: torch.dtype) -> float:
     if name not in KV_CACHE_FORMATS:
         raise ValueError(f"unknown KV cache format {name!r}; expected one of {', '.join(KV_FORMATS)}")
     return KV_CACHE_FORMATS[name].bytes_per_element
-KV_BY_ALGO = {f.kv_cache_quant_algo: f for f in KV_CACHE_FORMATS.values()}
 
 
 @dataclass(frozen=True)

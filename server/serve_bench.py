@@ -177,23 +177,12 @@ def engine_decode_rate(engine, messages: list[dict], max_tokens: int, request_id
 
 
 def batch_decode_step_s(engine, batch: list[list[dict]], max_tokens: int) -> float:
-    """The median engine step while every sequence of a full batch decodes (no prompt left to compute): what an
-    inter-token latency at that concurrency is held against. The engine (built to prefill whole prompts, so the
-    batch decodes together) is driven on this thread."""
-    from optiserve.engine.sequence import Request
+    """The median engine step while every sequence of a full batch decodes: what an inter-token latency at that
+    concurrency is held against. The engine (built to prefill whole prompts, so the batch decodes together) is
+    driven on this thread."""
+    from optiserve.engine.bench import time_ours
 
-    for i, messages in enumerate(batch):
-        engine.add_request(Request(f"step-{i}", chat_ids(engine, messages), greedy(max_tokens), lambda out: None))
-    engine.step()  # takes the requests in
-    steps = []
-    while engine.scheduler.has_work():
-        running = engine.scheduler.running
-        decoding = len(running) == len(batch) and all(s.num_generated > 0 for s in running)
-        start = time.perf_counter()
-        engine.step()
-        if decoding:
-            steps.append(time.perf_counter() - start)
-    return statistics.median(steps)
+    return statistics.median(time_ours(engine, [chat_ids(engine, m) for m in batch], max_tokens))
 
 
 def chat_ids(engine, messages: list[dict]) -> list[int]:

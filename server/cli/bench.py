@@ -97,8 +97,9 @@ def run_bench_spec(args: argparse.Namespace) -> None:
     req = quant_request(args)
     # Plain decoding, the full chain every step, and the adaptive budget: three engines, one process.
     modes = [("none", False), (args.speculative, False), (args.speculative, True)]
-    engines = [LLMEngine(engine_config(args, max_batch=args.batch, speculative=s, speculative_adaptive=a))
-               for s, a in modes]
+    # Every mode prefills whole prompts (speculation cannot chunk), so only the decoding differs between them.
+    engines = [LLMEngine(engine_config(args, max_batch=args.batch, speculative=s, speculative_adaptive=a,
+                                       max_num_batched_tokens=0)) for s, a in modes]
     for engine in engines:
         apply_quant(engine, req)
     prompts = chat_prompt_ids(engines[0].tokenizer, load_prompt_file(args.prompts, args.offset, args.num_prompts))

@@ -46,8 +46,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "default: on with --speculative none or ngram")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="chunked prefill: tokens per engine step, decode rows first, then chunks of waiting "
-                        "prompts; KV blocks are then taken as tokens arrive and the newest sequence is preempted "
-                        "(recomputed later) if they run out (0: whole prompts, blocks reserved up front; default: "
+                        "prompts; KV blocks are then taken as tokens arrive and a sequence not yet scheduled in the "
+                        "step is preempted (recomputed later) if they run out (0: whole prompts, blocks reserved up "
+                        "front; default: "
                         f"max({MIN_BATCHED_TOKENS}, 2 x --max-batch) with --speculative none, else 0)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the dir name)")
     p.add_argument("--log-level", default="info")
