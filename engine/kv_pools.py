@@ -44,9 +44,7 @@ class KVPools:
     def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k/v [B, S, KV, D] into token rows `rows` [B * S] of `layer`'s pools, encoded in the format."""
         if self.kv.format is None:
-            for pool, t in ((self.k, k), (self.v, v)):
-                pool[layer].view(-1, t.shape[-2] * t.shape[-1]).index_copy_(0, rows, t.reshape(rows.numel(), -1).to(
-                    pool.dtype))
+            ops.kv_store(k, v, rows, self.k[layer], self.v[layer])
             return
         for keys, codes, scales, t in ((True, self.k, self.k_scales, k), (False, self.v, self.v_scales, v)):
             enc = self.kv.encoding(layer, keys, self.head_dim)

@@ -7,6 +7,7 @@ The kernels live in `csrc/` (built once with the system C++ compiler by `torch.u
 - `decode_attention`: a few query rows per sequence with GQA over the paged KV cache (read in place through block
   tables, fp32 or FP8/NVFP4 codes decoded as it walks them), each row bounded by its own position (and sliding
   window), so batched decode and speculative verify need no mask; or draft-tree rows with per-row ancestor masks.
+- `kv_store`: K and V rows copied into unquantized pools (one call where index_copy_ takes two dispatches each).
 - `kv_write`: K or V encoded straight into FP8/NVFP4 pools (centring, rotation and block-scale search included).
 Every output row is computed alone, in the same order whatever the number of rows, so a speculative verify is
 bit-identical to decode steps.
@@ -185,6 +186,18 @@ def decode_attention(
     return load().decode_attention_packed(  # type: ignore
         q, k_pages.codes, _or_empty(k_pages.scales), v_pages.codes, _or_empty(v_pages.scales), k.format.kernel_code,
         k.scale_value, v.scale_value, block_table, positions, n_heads, window, base, ancestors)
+
+
+def kv_store(k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> None:
+    """Copy `k`/`v` [B, S, KV, D] into token rows `rows` [B * S] of a layer's unquantized pools [..., KV, D]
+    (contiguous: a row is KV * D values)."""
+    mod = _kernels(k, v)
+    if (mod is not None and _f32_cpu(k, v, k_pool, v_pool) and k.stride(-1) == v.stride(-1) == 1
+            and k.stride(-2) == v.stride(-2) == k.shape[-1]):
+        mod.kv_store(k, v, rows, k_pool, v_pool)  # checks the rest
+        return
+    for pool, t in ((k_pool, k), (v_pool, v)):
+        pool.view(-1, t.shape[-2] * t.shape[-1]).index_copy_(0, rows, t.reshape(rows.numel(), -1).to(pool.dtype))
 
 
 def kv_write(enc: KVEncoding, x: torch.Tensor, rows: torch.Tensor, codes: torch.Tensor,

@@ -59,6 +59,28 @@ __attribute__((optimize("fp-contract=off"))) static uint8_t encode_nvfp4_block(c
   return best_s;
 }
 
+// Unquantized pools: k and v [B, S, KV, D] (rows of KV * D contiguous) copied into token rows rows[b * S + s] of
+// k_pool / v_pool [T, KV, D]: what index_copy_ does, without its per-call dispatch (two per layer per step).
+void kv_store(const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows, at::Tensor& k_pool,
+              at::Tensor& v_pool) {
+  for (const at::Tensor* t : {&k, &v})
+    TORCH_CHECK(is_f32_cpu(*t) && t->dim() == 4 && t->stride(3) == 1 && t->stride(2) == t->size(3) &&
+                t->sizes() == k.sizes(), "kv_store: k, v fp32 [B, S, KV, D], rows of KV * D contiguous");
+  const int64_t S = k.size(1), W = k.size(2) * k.size(3), R = k.size(0) * S;
+  for (const at::Tensor* p : {&k_pool, &v_pool})
+    TORCH_CHECK(is_f32_cpu(*p) && p->is_contiguous() && p->numel() % W == 0, "kv_store: fp32 pools [T, KV, D]");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.numel() == R,
+              "kv_store: int64 rows, one per token");
+  const int64_t T = k_pool.numel() / W, *row = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < R; i++) TORCH_CHECK(row[i] >= 0 && row[i] < T, "kv_store: a row outside the pool");
+  for (auto [x, pool] : {std::pair{&k, &k_pool}, std::pair{&v, &v_pool}}) {
+    const float* X = x->data_ptr<float>();
+    float* P = pool->data_ptr<float>();
+    for (int64_t r = 0; r < R; r++)
+      std::memcpy(P + row[r] * W, X + (r / S) * x->stride(0) + (r % S) * x->stride(1), W * sizeof(float));
+  }
+}
+
 // x [B, S, KV, D] (unit stride along D, heads D apart) written at pool token rows rows[b * S + s].
 // FP8 (format 3): codes [T, KV * D] = E4M3(clamp(x / scale)). NVFP4 (format 0): codes [T, KV * D / 2], scales
 // [T, KV * D / 16] of y = (x - mean) @ rot per head (mean [KV, D] and rot [D, D], symmetric, each optional).

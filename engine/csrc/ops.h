@@ -20,5 +20,7 @@ at::Tensor decode_attention_packed(const at::Tensor& q, const at::Tensor& k_code
                                    int64_t H, int64_t window, const at::Tensor& tree_base, const at::Tensor& tree_mask);
 void kv_write(int64_t format, const at::Tensor& x, const at::Tensor& rows, at::Tensor& codes, at::Tensor& scales,
               double scale, const at::Tensor& mean, const at::Tensor& rot, const std::vector<double>& factors);
+void kv_store(const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows, at::Tensor& k_pool,
+              at::Tensor& v_pool);
 
 static inline bool is_f32_cpu(const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat; }

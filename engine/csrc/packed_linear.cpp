@@ -5,11 +5,13 @@
 // L1/L2. Either way the weight is read packed once per pass and no fp32 copy of it is ever held.
 // Every output is one dot product accumulated alone, in a fixed order (vector lanes along k, their sum, the bias,
 // then the tail), whatever the number of input rows, the path and however the tiles fall, so an n-row call
-// (speculative verify) gives each row bit for bit what a 1-row call (decode) gives.
+// (speculative verify) gives each row bit for bit what a 1-row call (decode) gives. NVFP4 on AVX-512 takes its
+// weights two blocks a decode and x reordered to match (`nvfp4_pair_order`), on every path alike.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "packed_decode.h"
@@ -38,7 +40,7 @@ static void decode_rows(Format fmt, const Shard& s, int64_t r0, int64_t n, int64
   if (fmt == NVFP4) {
     int64_t nb = (k + 15) / 16;
     for (int64_t r = 0; r < n; r++)
-      decode_nvfp4_row(s.codes + (r0 + r) * nb * 8, s.scales + (r0 + r) * nb, s.tensor_scale, nb, dst + r * ld);
+      decode_nvfp4_row(s.codes + (r0 + r) * nb * 8, s.scales + (r0 + r) * nb, s.tensor_scale, nb, k, dst + r * ld);
   } else if (fmt == INT4) {  // r0 and n are even: rows come in the pairs a byte holds
     int64_t groups = (k + group - 1) / group;
     for (int64_t r = 0; r < n; r += 2) {
@@ -65,6 +67,17 @@ static inline void dot_block(const Weights& w, const float* X, int64_t k, const 
   for (int r = 0; r < R; r++)
     for (int m = 0; m < M; m++) acc[r][m] = vzero();
   int64_t i = 0;
+  if constexpr (Weights::PAIRS) {  // two vectors from one decode, multiplied in the order a tile would be
+    for (; i + 2 * V <= k; i += 2 * V) {
+      vf xe[M], xo[M];
+      for (int m = 0; m < M; m++) xe[m] = vload(X + m * k + i), xo[m] = vload(X + m * k + i + V);
+      for (int r = 0; r < R; r++) {
+        vf even, odd;
+        w.vec2(r, i, even, odd);
+        for (int m = 0; m < M; m++) acc[r][m] = vfma(odd, xo[m], vfma(even, xe[m], acc[r][m]));
+      }
+    }
+  }
   for (; i + V <= k; i += V) {
     vf xv[M];
     for (int m = 0; m < M; m++) xv[m] = vload(X + m * k + i);
@@ -83,6 +96,7 @@ static inline void dot_block(const Weights& w, const float* X, int64_t k, const 
 
 // A decoded tile: rows of ld floats.
 struct TileRows {
+  static constexpr bool PAIRS = false;
   const float* T;
   int64_t ld;
   vf vec(int r, int64_t i) const { return vload(T + r * ld + i); }
@@ -116,15 +130,21 @@ static void dot_all(const Weights& w, int64_t n, const float* X, int64_t m, int6
 
 // ---- Packed rows decoded in registers (k a multiple of 16: no tail): one per format, rows from `row` of a shard ----
 struct Nvfp4Rows {
+  static constexpr bool PAIRS = NVFP4_PAIRS;  // x comes in `nvfp4_pair_order`
   const uint8_t* q;
   const float* steps;  // each row's block steps, precomputed
   int64_t nb;
   vf vec(int r, int64_t i) const { return nvfp4_vec(q + r * nb * 8, i, steps[r * nb + i / 16]); }
+  void vec2(int r, int64_t i, vf& even, vf& odd) const {
+    const float* st = steps + r * nb + i / 16;
+    nvfp4_pair_vec(q + r * nb * 8, i, st[0], st[1], even, odd);
+  }
   float at(int, int64_t) const { return 0.0f; }
   Nvfp4Rows from(int64_t r) const { return {q + r * nb * 8, steps + r * nb, nb}; }
 };
 
 struct Int4Rows {  // rows start even: row r is the low (r even) or high nibble of byte row r / 2
+  static constexpr bool PAIRS = false;
   const uint8_t* q;
   const float* scales;  // [rows, groups]
   int64_t k, groups, group_shift;
@@ -136,6 +156,7 @@ struct Int4Rows {  // rows start even: row r is the low (r even) or high nibble 
 };
 
 struct Int8Rows {
+  static constexpr bool PAIRS = false;
   const int8_t* q;
   const float* scales;
   int64_t k;
@@ -145,6 +166,7 @@ struct Int8Rows {
 };
 
 struct Fp8Rows {
+  static constexpr bool PAIRS = false;
   const uint8_t* q;
   float scale;
   int64_t k;
@@ -154,6 +176,7 @@ struct Fp8Rows {
 };
 
 struct Bf16Rows {
+  static constexpr bool PAIRS = false;
   const uint16_t* q;
   int64_t k;
   vf vec(int r, int64_t i) const { return bf16_vec(q + r * k, i); }
@@ -243,22 +266,27 @@ at::Tensor packed_linear(int64_t format, const at::Tensor& x, const std::vector<
   int64_t m = k ? x2.numel() / k : 0, ld = (k + 15) / 16 * 16;
   int64_t tile_rows = std::clamp<int64_t>(TILE_BYTES / (4 * std::max<int64_t>(ld, 1)) / 4 * 4, 4, 16);
   std::vector<Tile> tiles = make_tiles(shards, tile_rows);
+  if (m == 0) return y;
+  if (fmt == NVFP4 && NVFP4_PAIRS) {  // the order the NVFP4 weights are decoded in
+    at::Tensor ordered = at::empty_like(x2);
+    for (int64_t i = 0; i < m; i++) nvfp4_pair_order(x2.data_ptr<float>() + i * k, k, ordered.data_ptr<float>() + i * k);
+    x2 = ordered;
+  }
   const float* X = x2.data_ptr<float>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   float* Y = y.data_ptr<float>();
-  if (m == 0) return y;
   bool direct = direct_applies(fmt, m, k, group);
   at::parallel_for(0, (int64_t)tiles.size(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(tile_rows * ld);
+    std::unique_ptr<float[]> buf(new float[tile_rows * ld]);  // uninitialized: every use writes first
     for (int64_t t = begin; t < end; t++) {
       const Tile& tile = tiles[t];
       const Shard& s = shards[tile.shard];
       int64_t col = s.col0 + tile.row0;
       if (direct) {
-        dot_direct(fmt, s, tile.row0, tile.rows, X, m, k, group, buf.data(), b ? b + col : nullptr, Y + col, out);
+        dot_direct(fmt, s, tile.row0, tile.rows, X, m, k, group, buf.get(), b ? b + col : nullptr, Y + col, out);
       } else {
-        decode_rows(fmt, s, tile.row0, tile.rows, k, group, buf.data(), ld);
-        dot_all(TileRows{buf.data(), ld}, tile.rows, X, m, k, b ? b + col : nullptr, Y + col, out);
+        decode_rows(fmt, s, tile.row0, tile.rows, k, group, buf.get(), ld);
+        dot_all(TileRows{buf.get(), ld}, tile.rows, X, m, k, b ? b + col : nullptr, Y + col, out);
       }
     }
   });

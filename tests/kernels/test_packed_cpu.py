@@ -19,7 +19,8 @@ from tests.kernels.test_packed_compute import quantized_default_model
 KERNEL = pl.load()
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="the packed CPU kernel is not built here")
 FORMATS = ["nvfp4-w4a16", "int4", "int8", "fp8", "nvfp4"]
-SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (30, 37), (64, 100)]  # (N, K): the model's and odd
+SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (30, 37), (64, 100), (20, 80)]  # (N, K): the model's, odd,
+# and K = 80 (NVFP4: two-block spans, then one block alone)
 ACTIVATION_DIVISOR = {"fp8": 448.0, "int8": 127.0, "nvfp4": 6 * 448.0}  # amax -> the calibrated input_scale
 
 
