@@ -4,8 +4,9 @@ computed by `csrc/packed_linear.cpp` without an fp32 copy of the weight.
 The kernel decodes a few weight rows at a time into a tile in cache (bit for bit the values of the format's
 dequantize reference in `kernels/`) and multiplies every input row against it in fp32, so a result equals the fp32
 product of the dequantized weight and the (quantized) activations up to summation order, and an n-row call gives
-each row bit for bit the 1-row result. Activations are quantized here first for the formats that quantize them
-(`quant.fake_quant_activation`, the same step the compute copy takes).
+each row bit for bit the 1-row result. The formats that quantize activations have them quantized first, in one
+kernel pass (`fake_quant_activations`, the bits of the format's reference: `quant.fake_quant_activation` runs it for
+the modules, the fused layer steps for themselves).
 
 Each format's record says whether and how it reaches the kernel (`WeightFormat.cpu_kernel`: the kernel's format
 code and how its shards are passed; engine/weight_formats/). The extension is
@@ -30,7 +31,7 @@ from .weight_formats import WeightFormat
 
 log = logging.getLogger(__name__)
 
-SOURCES = ["packed_linear.cpp", "packed_layer.cpp", "rowwise.cpp"]
+SOURCES = ["packed_linear.cpp", "packed_layer.cpp", "rowwise.cpp", "activations.cpp"]
 
 
 def build(cflags: list[str] = ops.CFLAGS) -> ModuleType:
@@ -82,14 +83,26 @@ def bf16_operands(w: torch.Tensor) -> PackedOperands:
     return PackedOperands(BF16_CODE, [w.contiguous().view(torch.uint8)], [torch.empty(0)], [1.0])
 
 
-def kernel_weight(ops_: PackedOperands, bias: torch.Tensor | None, pre_scale: torch.Tensor | None):
-    """A weight-only layer as the fused layer steps take it (`csrc/packed_layer.cpp`), or None where they cannot:
-    its bias and pre-quant scale must be contiguous fp32 tensors on the CPU."""
+NO_ACTIVATION_QUANT = -1  # `PackedWeight.act_format` of a weight-only layer
+
+
+def kernel_weight(ops_: PackedOperands, bias: torch.Tensor | None, pre_scale: torch.Tensor | None,
+                  input_scale: torch.Tensor | None = None):
+    """A layer as the fused layer steps take it (`csrc/packed_layer.cpp`), or None where they cannot: its bias and
+    pre-quant scale must be contiguous fp32 tensors on the CPU. `input_scale`: the per-tensor scale of a format
+    that quantizes activations (their format code is the weights' one)."""
     for t in (bias, pre_scale):
         if t is not None and not (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()):
             return None
+    act = (NO_ACTIVATION_QUANT, 1.0) if input_scale is None else (ops_.code, float(input_scale))
     return load().PackedWeight(ops_.code, ops_.codes, ops_.scales, ops_.tensor_scales, bias, pre_scale,
-                               INT4_GROUP_SIZE)
+                               INT4_GROUP_SIZE, *act)
+
+
+def fake_quant_activations(fmt: WeightFormat, x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] fp32 quantized-dequantized as `fmt` quantizes a linear's input, in one kernel pass: the bits of
+    the format's reference (`ActivationQuant.fake_quant`)."""
+    return load().fake_quant_activations(fmt.cpu_kernel.code, x, float(input_scale))
 
 
 def packed_linear(x: torch.Tensor, ops_: PackedOperands, bias: torch.Tensor | None,

@@ -48,8 +48,14 @@ def input_scale_for(fmt: str | WeightFormat, amax: torch.Tensor) -> torch.Tensor
 
 def fake_quant_activation(fmt: str | WeightFormat, x: torch.Tensor, input_scale: torch.Tensor,
                           use_kernel: bool | None = None) -> torch.Tensor:
-    """Quantize-dequantize activations `x` [..., K] with the calibrated per-tensor scale."""
-    return weight_format(fmt).activations.fake_quant(x, input_scale, use_kernel)
+    """Quantize-dequantize activations `x` [..., K] with the calibrated per-tensor scale: in one pass of the packed
+    CPU kernel where it runs (fp32 on the CPU, no autograd, `use_kernel` unset), else the format's reference (the
+    same bits; `use_kernel` is its Triton switch)."""
+    fmt = weight_format(fmt)
+    if use_kernel is None and cpu_packed_kernel(fmt, x.device, x.dtype) and not (
+            torch.is_grad_enabled() and x.requires_grad):
+        return packed_linear.fake_quant_activations(fmt, x, input_scale)
+    return fmt.activations.fake_quant(x, input_scale, use_kernel)
 
 
 def cpu_packed_kernel(fmt: WeightFormat, device: torch.device, dtype: torch.dtype) -> bool:
@@ -83,10 +89,10 @@ class QuantLinear(nn.Module):
         self.bias = bias
         self.input_scale = input_scale
         self.pre_quant_scale = pre_quant_scale
-        # What the fused decoder-layer steps compute this layer from (weight-only formats on the packed kernel).
+        # What the fused decoder-layer steps compute this layer from (layers on the packed kernel).
         self.fused = None
-        if self.cpu_operands is not None and self.format.activations is None:
-            self.fused = packed_linear.kernel_weight(self.cpu_operands, bias, pre_quant_scale)
+        if self.cpu_operands is not None and (self.format.activations is None) == (input_scale is None):
+            self.fused = packed_linear.kernel_weight(self.cpu_operands, bias, pre_quant_scale, input_scale)
         if self.compute == "copy":
             # Same layout as `Linear`: [in, out] as the transpose of row-major [out, in], what `ops.linear`
             # reads fastest.
@@ -120,13 +126,13 @@ class QuantLinear(nn.Module):
         if self.compute == "packed":
             return self._packed_forward(x)
         if self.format.activations is not None:
-            x = self.format.activations.fake_quant(x, self.input_scale)
+            x = fake_quant_activation(self.format, x, self.input_scale)
         return ops.linear(x, self.weight_t, self.bias)
 
     def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpu_operands is not None and x.dtype == torch.float32 and not x.requires_grad:
             if self.format.activations is not None:
-                x = self.format.activations.fake_quant(x, self.input_scale)
+                x = fake_quant_activation(self.format, x, self.input_scale)
             return packed_linear.packed_linear(x, self.cpu_operands, self.bias)  # [..., N]
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, K]
         y = torch.cat([self.format.matmul(x2, s, self.input_scale, self.use_kernel) for s in self.shards], -1)

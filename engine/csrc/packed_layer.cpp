@@ -1,5 +1,6 @@
-// The steps of a batch-1..n decoder layer over weight-only packed linears, one call each from Python instead of 3-5
-// ops and modules (at 4-bit weights the dispatch between ops is a large part of a decode step):
+// The steps of a batch-1..n decoder layer over packed linears, one call each from Python instead of 3-5 ops and
+// modules (at 4-bit weights the dispatch between ops is a large part of a decode step); a format that quantizes
+// activations quantizes each linear's input first, as its module does:
 //   norm_linear: linear(rms_norm(x))                  (q/k/v; RoPE and the KV write stay in Python)
 //   linear_add:  residual + linear(x)                 (the attention output projection)
 //   mlp_add:     x + down(silu(gate) * up)(rms_norm(x))
@@ -10,9 +11,10 @@
 #include "ops.h"
 #include "packed_ops.h"
 
-// x [..., K] (times the pre-quant scale) @ W.T + b.
+// x [..., K] (times the pre-quant scale, then quantized as the format's activations) @ W.T + b.
 static at::Tensor apply(const PackedWeight& w, const at::Tensor& x) {
   at::Tensor in = w.pre_scale ? x * *w.pre_scale : x;
+  if (w.act_format >= 0) in = fake_quant_activations(w.act_format, in, w.act_scale);
   return packed_linear(w.format, in, w.codes, w.scales, w.tensor_scales, w.bias, w.group);
 }
 
@@ -37,16 +39,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   // Module-local: a build for another CPU (the AVX2 test) loads beside this one. Pickled as its fields, so
   // `copy.deepcopy` of a model (`model.with_layers`) shares or copies its tensors as it does the layer's own.
   py::class_<PackedWeight>(mod, "PackedWeight", py::module_local())
-      .def(py::init<int64_t, Tensors, Tensors, std::vector<double>, MaybeTensor, MaybeTensor, int64_t>())
+      .def(py::init<int64_t, Tensors, Tensors, std::vector<double>, MaybeTensor, MaybeTensor, int64_t, int64_t,
+                    double>())
       .def(py::pickle(
           [](const PackedWeight& w) {
-            return py::make_tuple(w.format, w.codes, w.scales, w.tensor_scales, w.bias, w.pre_scale, w.group);
+            return py::make_tuple(w.format, w.codes, w.scales, w.tensor_scales, w.bias, w.pre_scale, w.group,
+                                  w.act_format, w.act_scale);
           },
           [](const py::tuple& t) {
             return PackedWeight{t[0].cast<int64_t>(), t[1].cast<Tensors>(), t[2].cast<Tensors>(),
                                 t[3].cast<std::vector<double>>(), t[4].cast<MaybeTensor>(), t[5].cast<MaybeTensor>(),
-                                t[6].cast<int64_t>()};
+                                t[6].cast<int64_t>(), t[7].cast<int64_t>(), t[8].cast<double>()};
           }));
+  mod.def("fake_quant_activations", &fake_quant_activations,
+          "x quantized-dequantized as NVFP4 / INT8 / FP8 activations (format 0 / 2 / 3) with a per-tensor scale");
   mod.def("norm_linear", &norm_linear, "linear(rms_norm(x))");
   mod.def("linear_add", &linear_add, "residual + linear(x)");
   mod.def("mlp_add", &mlp_add, "x + down(silu(gate) * up) of rms_norm(x)");

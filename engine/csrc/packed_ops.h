@@ -11,12 +11,18 @@ at::Tensor packed_linear(int64_t format, const at::Tensor& x, const std::vector<
                          const std::vector<at::Tensor>& scales, const std::vector<double>& tensor_scales,
                          const std::optional<at::Tensor>& bias, int64_t group);
 
-// One linear layer as the kernel computes it, gathered once: its shards, bias and the AWQ `pre_quant_scale` its
-// input is multiplied by first. Only weight-only formats: activations reach the kernel as they are.
+// x [..., K] fp32 -> the values a format that quantizes activations multiplies (activations.cpp).
+at::Tensor fake_quant_activations(int64_t format, const at::Tensor& x, double scale);
+
+// One linear layer as the kernel computes it, gathered once: its shards, bias, the `pre_quant_scale` (AWQ,
+// SmoothQuant) its input is multiplied by first, and how that input is then quantized (`act_format`: -1 not at
+// all, else the `fake_quant_activations` format, with the per-tensor `act_scale`).
 struct PackedWeight {
   int64_t format;
   std::vector<at::Tensor> codes, scales;
   std::vector<double> tensor_scales;
   std::optional<at::Tensor> bias, pre_scale;
   int64_t group;
+  int64_t act_format;
+  double act_scale;
 };

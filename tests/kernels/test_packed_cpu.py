@@ -118,11 +118,31 @@ def test_quantized_verify_rows_equal_decode_steps_bit_for_bit(engine, chat_promp
     assert_verify_equals_decode_steps(ModelRunner(q, 1, len(prompt) + 8, torch.float32), prompt)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "nvfp4-w4a16"])
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if weight_format(f).activations is not None])
+def test_activations_are_quantized_to_the_reference_bits(fmt):
+    """The kernel's one-pass activation quantizer (W4A4 NVFP4, W8A8 INT8, FP8) against the format's reference
+    quantize-dequantize: random rows of odd and model widths, an all-zero block, values beyond the calibrated range
+    (saturating) and values on every rounding boundary (ties)."""
+    f = weight_format(fmt)
+    gen = torch.Generator().manual_seed(5)
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 0.5, 1.5, 127.5, 126.5, 448.0, 464.0, 0.0, -2.5])
+    for shape in [(1, 576), (5, 1536), (3, 37), (2, 80)]:
+        x = torch.randn(*shape, generator=gen) * 4
+        x[0, :16] = 0.0
+        x[-1, :16] = torch.cat([ties[:8], -ties[8:]])
+        scale = f.activations.input_scale(x.abs().amax() / 2)
+        want = f.activations.fake_quant(x, scale)
+        assert torch.equal(pl.fake_quant_activations(f, x, scale), want), (fmt, shape)
+    scale = torch.tensor(1.0)  # the ties land on the boundaries themselves
+    assert torch.equal(pl.fake_quant_activations(f, ties[None], scale), f.activations.fake_quant(ties[None], scale))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_fused_layer_steps_give_the_modules_results_bit_for_bit(engine, chat_prompt_ids, fmt):
-    """Weight-only formats run each decoder layer as three kernel calls around the attention
-    (`DecoderLayer.fused_forward`); with the fused weights taken away the same model runs module by module.
-    Prefill and decode logits must be equal bit for bit (same kernels, same fp32 operations)."""
+    """Every format runs each decoder layer as three kernel calls around the attention (`DecoderLayer.fused_forward`;
+    activation-quantizing formats quantize each linear's input inside them); with the fused weights taken away the
+    same model runs module by module. Prefill and decode logits must be equal bit for bit (same kernels, same fp32
+    operations)."""
     q = quantized_default_model(engine, fmt)
     linears = [m for m in q.modules() if isinstance(m, QuantLinear)]
     assert all(m.fused is not None for m in linears)
