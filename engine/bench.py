@@ -146,40 +146,47 @@ def hf_resident_bytes(model) -> int:
 
 
 def bench_decode(cfg: DecodeBench, json_path: str | None = None,
-                 prepare: Callable[[LLMEngine], None] | None = None) -> dict:
+                 prepare: Callable[[LLMEngine], None] | None = None,
+                 also: dict[str, Callable[[LLMEngine], None]] | None = None) -> dict:
     """Greedy decode throughput of our engine (after `prepare`, e.g. PTQ), HF `generate` and, as `cfg` asks,
     another model of ours and llama.cpp, on the same chat prompts in alternating rounds; print and return it.
+    `also`: more sides of our engine on `cfg.model`, each made by its own `prepare` (other formats), as `ours_<name>`.
     Prompts: the first `batch` of `cfg.prompts_file`, else the built-in chat instructions."""
     from transformers import AutoModelForCausalLM
 
-    engines = [LLMEngine(EngineConfig(model=m, dtype=cfg.dtype, max_batch=cfg.batch, lm_head_dtype=cfg.lm_head_dtype))
-               for m in (cfg.model, cfg.against) if m]
-    engine = engines[0]
-    if prepare:
-        prepare(engine)
+    def new_engine(model: str) -> LLMEngine:
+        return LLMEngine(EngineConfig(model=model, dtype=cfg.dtype, max_batch=cfg.batch,
+                                      lm_head_dtype=cfg.lm_head_dtype))
+
+    engines = {"ours": new_engine(cfg.model)}
+    if cfg.against:
+        engines["against"] = new_engine(cfg.against)
+    engines |= {f"ours_{k}": new_engine(cfg.model) for k in also or {}}
+    for name, prep in [("ours", prepare), *((f"ours_{k}", p) for k, p in (also or {}).items())]:
+        if prep:
+            prep(engines[name])
+    engine = engines["ours"]
     prompts = chat_prompt_ids(engine.tokenizer, load_instructions(cfg.batch, cfg.prompts_file))
     hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=getattr(torch, cfg.dtype)).eval()
     tok = engine.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    timers = [functools.partial(time_ours, e, prompts) for e in engines]
-    timers.append(functools.partial(time_hf, hf, pad_id, prompts))
+    timers = {name: functools.partial(time_ours, e, prompts) for name, e in engines.items()}
+    timers["hf"] = functools.partial(time_hf, hf, pad_id, prompts)
     llama = None
     if cfg.compare:
         from .llama_cpp_bench import LlamaCppDecoder
 
         llama = LlamaCppDecoder(default_gguf_path(), torch.get_num_threads(), len(prompts[0]) + cfg.tokens + 8)
-        timers.append(functools.partial(llama.time_decode, prompts[0]))
-    for timer in timers:
+        timers["llama_cpp"] = functools.partial(llama.time_decode, prompts[0])
+    for timer in timers.values():
         timer(WARMUP_TOKENS)
-    times = time_alternating(timers, cfg.tokens, cfg.rounds)
-    sides = {"ours": summarize(times[0], cfg.batch, step_weight_bytes(engine), engine.weight_bytes())}
-    if cfg.against:
-        sides["against"] = summarize(times[1], cfg.batch, step_weight_bytes(engines[1]), engines[1].weight_bytes())
+    times = dict(zip(timers, time_alternating(list(timers.values()), cfg.tokens, cfg.rounds), strict=True))
+    sides = {name: summarize(times[name], cfg.batch, step_weight_bytes(e), e.weight_bytes())
+             for name, e in engines.items()}
     hf_bytes = hf_resident_bytes(hf)
-    sides["hf"] = summarize(times[len(engines)], cfg.batch, hf_bytes - hf.get_input_embeddings().weight.nbytes,
-                            hf_bytes)
+    sides["hf"] = summarize(times["hf"], cfg.batch, hf_bytes - hf.get_input_embeddings().weight.nbytes, hf_bytes)
     if llama:  # a tied GGUF reads its token embedding as the output matrix: every byte, every step
-        sides["llama_cpp"] = summarize(times[-1], 1, llama.model_bytes, llama.model_bytes)
+        sides["llama_cpp"] = summarize(times["llama_cpp"], 1, llama.model_bytes, llama.model_bytes)
     result = {
         "model": engine.served_name, "dtype": cfg.dtype, "lm_head_dtype": cfg.lm_head_dtype, **cfg.label,
         "batch": cfg.batch, "tokens": cfg.tokens, "rounds": cfg.rounds, "torch": torch.__version__,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import os
 
 from .args import (
@@ -32,6 +34,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     decode.add_argument("--batch", type=int, default=1)
     decode.add_argument("--tokens", type=int, default=128)
     decode.add_argument("--against", default=None, help="also time our engine on this model, same run")
+    decode.add_argument("--also-quant", default="", help="comma-separated weight formats to also time our engine in "
+                        "(same model, KV cache and calibration), same run, e.g. none,int4")
     decode.add_argument("--prompts", default=None, help="jsonl with `instruction` per row, or one prompt per line "
                         "(default: a built-in set of chat instructions)")
     decode.add_argument("--json", default=None, help="write the results to this file")
@@ -80,11 +84,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def run_bench_decode(args: argparse.Namespace) -> None:
     from optiserve.engine.bench import DecodeBench, bench_decode
+    from optiserve.engine.weight_formats import WEIGHT_FORMATS, check_format
 
     req = quant_request(args)
+    also = {}
+    for fmt in filter(None, args.also_quant.split(",")):
+        check_format(fmt, WEIGHT_FORMATS, "--also-quant")
+        also[fmt] = functools.partial(apply_quant, req=dataclasses.replace(req, quant=fmt))
     cfg = DecodeBench(args.model, args.batch, args.tokens, args.dtype, args.lm_head_dtype, args.against, args.compare,
                       args.prompts, args.rounds, {"quant": req.quant, "kv_cache": req.kv_cache})
-    bench_decode(cfg, args.json, lambda engine: apply_quant(engine, req))
+    bench_decode(cfg, args.json, functools.partial(apply_quant, req=req), also)
 
 
 def run_bench_spec(args: argparse.Namespace) -> None:

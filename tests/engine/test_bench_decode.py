@@ -42,3 +42,19 @@ def test_llama_cpp_side_on_the_default_gguf():
     assert side["gguf"] == default_gguf_path().name
     assert 0.8 < side["resident_bytes"] / default_gguf_path().stat().st_size <= 1.0  # the Q4_1 tensors, as mapped
     assert set(result["speedup"]) == {"hf", "llama_cpp"}
+
+
+def test_other_formats_of_ours_in_the_same_run(tmp_path, capsys):
+    """`--also-quant`: each format is its own side of our engine, timed in the same alternating rounds."""
+    from optiserve.server.cli.main import main
+
+    out = tmp_path / "decode.json"
+    main(["bench", "decode", "--quant", "int4", "--also-quant", "none,nvfp4", "--tokens", "4", "--rounds", "1",
+          "--calib-samples", "2", "--calib-seq-len", "32", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["speedup"]) == {"ours_none", "ours_nvfp4", "hf"}
+    for side in ("ours", "ours_none", "ours_nvfp4"):
+        assert result[side].keys() >= SIDE_KEYS and result[side]["tok_s"] > 0
+    # the formats' own bytes: 4-bit linears hold far less than fp32 ones
+    assert result["ours"]["resident_bytes"] < 0.6 * result["ours_none"]["resident_bytes"]
+    assert "ours_nvfp4" in capsys.readouterr().out
