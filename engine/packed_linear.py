@@ -31,7 +31,7 @@ from .weight_formats import WeightFormat
 
 log = logging.getLogger(__name__)
 
-SOURCES = ["packed_linear.cpp", "packed_layer.cpp", "rowwise.cpp", "activations.cpp"]
+SOURCES = ["packed_linear.cpp", "packed_layer.cpp", "rowwise.cpp", "activations.cpp", "int8_linear.cpp"]
 
 
 def build(cflags: list[str] = ops.CFLAGS) -> ModuleType:
@@ -94,9 +94,8 @@ def kernel_weight(ops_: PackedOperands, bias: torch.Tensor | None, pre_scale: to
     for t in (bias, pre_scale):
         if t is not None and not (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()):
             return None
-    act = (NO_ACTIVATION_QUANT, 1.0) if input_scale is None else (ops_.code, float(input_scale))
     return load().PackedWeight(ops_.code, ops_.codes, ops_.scales, ops_.tensor_scales, bias, pre_scale,
-                               INT4_GROUP_SIZE, *act)
+                               INT4_GROUP_SIZE, *_activations(ops_, input_scale))
 
 
 def fake_quant_activations(fmt: WeightFormat, x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
@@ -106,7 +105,15 @@ def fake_quant_activations(fmt: WeightFormat, x: torch.Tensor, input_scale: torc
 
 
 def packed_linear(x: torch.Tensor, ops_: PackedOperands, bias: torch.Tensor | None,
-                  kernel: ModuleType | None = None) -> torch.Tensor:
-    """x [..., K] fp32 (activations already in the format) @ the shards' weights stacked [N, K] (+ bias) -> [..., N]."""
+                  kernel: ModuleType | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] fp32 @ the shards' weights stacked [N, K] (+ bias) -> [..., N]. With `input_scale` (a format that
+    quantizes activations) x is quantized first, in the kernel; INT8 then multiplies as exact integer sums where the
+    CPU has AVX512-VNNI (`csrc/int8_linear.cpp`)."""
     kernel = kernel or load()
-    return kernel.packed_linear(ops_.code, x, ops_.codes, ops_.scales, ops_.tensor_scales, bias, INT4_GROUP_SIZE)
+    return kernel.packed_linear(ops_.code, x, ops_.codes, ops_.scales, ops_.tensor_scales, bias, INT4_GROUP_SIZE,
+                                *_activations(ops_, input_scale))
+
+
+def _activations(ops_: PackedOperands, input_scale: torch.Tensor | None) -> tuple[int, float]:
+    """The kernel's (act_format, act_scale) for a layer: its format's code when it quantizes activations."""
+    return (NO_ACTIVATION_QUANT, 1.0) if input_scale is None else (ops_.code, float(input_scale))

@@ -91,12 +91,16 @@ class QuantLinear(nn.Module):
         self.pre_quant_scale = pre_quant_scale
         # What the fused decoder-layer steps compute this layer from (layers on the packed kernel).
         self.fused = None
-        if self.cpu_operands is not None and (self.format.activations is None) == (input_scale is None):
-            self.fused = packed_linear.kernel_weight(self.cpu_operands, bias, pre_quant_scale, input_scale)
+        if self.cpu_operands is not None:
+            self.fused = packed_linear.kernel_weight(self.cpu_operands, bias, pre_quant_scale, self._act_scale())
         if self.compute == "copy":
             # Same layout as `Linear`: [in, out] as the transpose of row-major [out, in], what `ops.linear`
             # reads fastest.
             self.weight_t = nn.Parameter(self.dequantized().contiguous().t(), requires_grad=False)
+
+    def _act_scale(self) -> torch.Tensor | None:
+        """The scale the kernel quantizes this layer's input with; None for a weight-only format."""
+        return None if self.format.activations is None else self.input_scale
 
     def dequantized(self) -> torch.Tensor:
         """The format's weight values [out, in] in the layer's dtype."""
@@ -131,9 +135,7 @@ class QuantLinear(nn.Module):
 
     def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpu_operands is not None and x.dtype == torch.float32 and not x.requires_grad:
-            if self.format.activations is not None:
-                x = fake_quant_activation(self.format, x, self.input_scale)
-            return packed_linear.packed_linear(x, self.cpu_operands, self.bias)  # [..., N]
+            return packed_linear.packed_linear(x, self.cpu_operands, self.bias, input_scale=self._act_scale())
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, K]
         y = torch.cat([self.format.matmul(x2, s, self.input_scale, self.use_kernel) for s in self.shards], -1)
         if self.bias is not None:

@@ -14,8 +14,7 @@
 // x [..., K] (times the pre-quant scale, then quantized as the format's activations) @ W.T + b.
 static at::Tensor apply(const PackedWeight& w, const at::Tensor& x) {
   at::Tensor in = w.pre_scale ? x * *w.pre_scale : x;
-  if (w.act_format >= 0) in = fake_quant_activations(w.act_format, in, w.act_scale);
-  return packed_linear(w.format, in, w.codes, w.scales, w.tensor_scales, w.bias, w.group);
+  return packed_linear(w.format, in, w.codes, w.scales, w.tensor_scales, w.bias, w.group, w.act_format, w.act_scale);
 }
 
 at::Tensor norm_linear(const at::Tensor& x, const at::Tensor& norm, double eps, const PackedWeight& w) {
@@ -53,6 +52,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           }));
   mod.def("fake_quant_activations", &fake_quant_activations,
           "x quantized-dequantized as NVFP4 / INT8 / FP8 activations (format 0 / 2 / 3) with a per-tensor scale");
+  mod.def("int8_integer_path", &int8_integer_path, "whether INT8 W8A8 runs as integer sums (AVX512-VNNI) here");
   mod.def("norm_linear", &norm_linear, "linear(rms_norm(x))");
   mod.def("linear_add", &linear_add, "residual + linear(x)");
   mod.def("mlp_add", &mlp_add, "x + down(silu(gate) * up) of rms_norm(x)");

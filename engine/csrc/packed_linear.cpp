@@ -241,17 +241,20 @@ static Shard check_shard(Format fmt, const at::Tensor& codes, const at::Tensor& 
   return {codes.data_ptr<uint8_t>(), static_cast<const uint8_t*>(scales.data_ptr()), (float)tensor_scale, rows, col0};
 }
 
-// x [..., k] fp32 @ the shards' weights [rows_i, k] stacked, + bias [sum rows_i] -> [..., sum rows_i].
-at::Tensor packed_linear(int64_t format, const at::Tensor& x, const std::vector<at::Tensor>& codes,
+// x [..., k] fp32 (quantized first as `act_format` activations, unless -1) @ the shards' weights [rows_i, k]
+// stacked, + bias [sum rows_i] -> [..., sum rows_i].
+at::Tensor packed_linear(int64_t format, const at::Tensor& x_in, const std::vector<at::Tensor>& codes,
                          const std::vector<at::Tensor>& scales, const std::vector<double>& tensor_scales,
-                         const std::optional<at::Tensor>& bias, int64_t group) {
+                         const std::optional<at::Tensor>& bias, int64_t group, int64_t act_format, double act_scale) {
   Format fmt = static_cast<Format>(format);
   TORCH_CHECK(format >= NVFP4 && format <= BF16, "packed_linear: unknown format ", format);
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "packed_linear: fp32 CPU input");
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat, "packed_linear: fp32 CPU input");
+  TORCH_CHECK(act_format < 0 || act_format == format, "packed_linear: activations quantize in the weights' format");
+
   TORCH_CHECK(codes.size() == scales.size() && codes.size() == tensor_scales.size() && !codes.empty(),
               "packed_linear: one codes, scales and tensor scale per shard");
   TORCH_CHECK(fmt != INT4 || (group > 0 && group % 16 == 0), "packed_linear: INT4 group must be a multiple of 16");
-  int64_t k = x.size(-1), out = 0;
+  int64_t k = x_in.size(-1), out = 0;
   std::vector<Shard> shards;
   for (size_t i = 0; i < codes.size(); i++) {
     shards.push_back(check_shard(fmt, codes[i], scales[i], tensor_scales[i], k, group, out));
@@ -259,10 +262,11 @@ at::Tensor packed_linear(int64_t format, const at::Tensor& x, const std::vector<
   }
   TORCH_CHECK(!bias || (bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
                         bias->numel() == out), "packed_linear: contiguous fp32 bias of ", out);
-  at::Tensor x2 = x.contiguous();
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  if (act_format == INT8 && int8_integer_path()) return int8_integer_linear(x_in, act_scale, codes, scales, bias);
+  at::Tensor x2 = (act_format < 0 ? x_in : fake_quant_activations(act_format, x_in, act_scale)).contiguous();
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
   shape.back() = out;
-  at::Tensor y = at::empty(shape, x.options());
+  at::Tensor y = at::empty(shape, x_in.options());
   int64_t m = k ? x2.numel() / k : 0, ld = (k + 15) / 16 * 16;
   int64_t tile_rows = std::clamp<int64_t>(TILE_BYTES / (4 * std::max<int64_t>(ld, 1)) / 4 * 4, 4, 16);
   std::vector<Tile> tiles = make_tiles(shards, tile_rows);

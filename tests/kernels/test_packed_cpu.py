@@ -40,9 +40,10 @@ def assert_product_up_to_order(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor
     assert ((y.double() - exact).abs() <= bound).all()
 
 
-def assert_rows_alone(kernel, x: torch.Tensor, ops: pl.PackedOperands, b: torch.Tensor | None) -> torch.Tensor:
-    y = pl.packed_linear(x, ops, b, kernel)
-    alone = torch.cat([pl.packed_linear(x[i : i + 1], ops, b, kernel) for i in range(x.shape[0])])
+def assert_rows_alone(kernel, x: torch.Tensor, ops: pl.PackedOperands, b: torch.Tensor | None,
+                      input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    y = pl.packed_linear(x, ops, b, kernel, input_scale)
+    alone = torch.cat([pl.packed_linear(x[i : i + 1], ops, b, kernel, input_scale) for i in range(x.shape[0])])
     assert torch.equal(y, alone), f"{x.shape[0]} rows: a row differs from its 1-row call"
     return y
 
@@ -140,6 +141,27 @@ def test_activations_are_quantized_to_the_reference_bits(fmt):
         x[0, 3] = float("nan")
         got, want = pl.fake_quant_activations(f, x, scale), f.activations.fake_quant(x, scale)
         assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+def test_int8_w8a8_is_the_integer_product_where_the_cpu_has_vnni():
+    """With AVX512-VNNI, INT8 W8A8 sums integer code products exactly, then scales: the bits of the GPU path
+    (`int8_matmul`: `torch._int_mm`, scales, bias), for any number of rows and odd K. Without it, the kernel
+    multiplies the quantized values in fp32: the product up to summation order."""
+    from optiserve.engine.weight_formats.int8 import int8_matmul
+
+    f, gen = weight_format("int8"), torch.Generator().manual_seed(9)
+    integer = pl.load().int8_integer_path()
+    for n, k in [(576, 576), (576, 1536), (30, 37), (20, 80)]:
+        shards = [quantize_weight("int8", torch.randn(r, k, generator=gen)) for r in (n, n // 2 + 1)]
+        ops, b = pl.operands(f, shards), torch.randn(n + n // 2 + 1, generator=gen)
+        for m in (1, 3, 16):
+            x = torch.randn(m, k, generator=gen) * 2
+            scale = f.activations.input_scale(x.abs().amax() * 0.7)  # some inputs saturate
+            got = assert_rows_alone(pl.load(), x, ops, b, scale)
+            if integer:
+                assert torch.equal(got, torch.cat([int8_matmul(x, w, scale, None) for w in shards], -1) + b)
+            else:
+                assert_product_up_to_order(got, f.activations.fake_quant(x, scale), dequantized(shards), b)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
