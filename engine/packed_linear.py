@@ -4,9 +4,10 @@ computed by `csrc/packed_linear.cpp` without an fp32 copy of the weight.
 The kernel decodes a few weight rows at a time into a tile in cache (bit for bit the values of the format's
 dequantize reference in `kernels/`) and multiplies every input row against it in fp32, so a result equals the fp32
 product of the dequantized weight and the (quantized) activations up to summation order, and an n-row call gives
-each row bit for bit the 1-row result. The formats that quantize activations have them quantized first, in one
-kernel pass (`fake_quant_activations`, the bits of the format's reference: `quant.fake_quant_activation` runs it for
-the modules, the fused layer steps for themselves).
+each row bit for bit the 1-row result. The formats that quantize activations have them quantized inside the call
+(`input_scale`), bit for bit as the format's reference does; INT8 then sums integer code products where the CPU has
+AVX512-VNNI (the GPU path's bits). `fake_quant_activations` gives those quantized values alone (the compute copy, QAT
+through `quant.fake_quant_activation`).
 
 Each format's record says whether and how it reaches the kernel (`WeightFormat.cpu_kernel`: the kernel's format
 code and how its shards are passed; engine/weight_formats/). The extension is

@@ -250,7 +250,6 @@ at::Tensor packed_linear(int64_t format, const at::Tensor& x_in, const std::vect
   TORCH_CHECK(format >= NVFP4 && format <= BF16, "packed_linear: unknown format ", format);
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat, "packed_linear: fp32 CPU input");
   TORCH_CHECK(act_format < 0 || act_format == format, "packed_linear: activations quantize in the weights' format");
-
   TORCH_CHECK(codes.size() == scales.size() && codes.size() == tensor_scales.size() && !codes.empty(),
               "packed_linear: one codes, scales and tensor scale per shard");
   TORCH_CHECK(fmt != INT4 || (group > 0 && group % 16 == 0), "packed_linear: INT4 group must be a multiple of 16");
