@@ -138,14 +138,17 @@ log "optiserve target is up"
 # --- Traffic ---------------------------------------------------------------------------------------------
 # Spread over several scrapes: a labelled counter's series appears with the value it has at its first
 # scrape, and rate() only counts increases after that, so a single burst between two scrapes reads as 0.
+# Greedy, on prompts the answer repeats: sampled at temperature 1 ("Name a fruit"), the shipped draft head's
+# drafts were all rejected in one CI run (acceptance 0/N; greedy, 0 every run), so the acceptance check below was
+# a coin toss; this traffic gives the same accepted drafts every run.
 chat() {
   curl -s -o /dev/null -w '%{http_code}' "${AUTH[@]}" "$SERVER/v1/chat/completions" \
     -H 'content-type: application/json' \
-    -d "{\"model\": \"SmolLM2-135M-Instruct\", \"max_tokens\": 16, \"messages\": [{\"role\": \"user\", \"content\": \"$1\"}]}"
+    -d "{\"model\": \"SmolLM2-135M-Instruct\", \"max_tokens\": 16, \"temperature\": 0, \"messages\": [{\"role\": \"user\", \"content\": \"$1\"}]}"
 }
 ok=0
 for i in 1 2 3 4 5 6; do
-  code=$(chat "Name a fruit ($i).") && [[ $code == 200 ]] && ok=$((ok + 1))
+  code=$(chat "Repeat these words: red green blue, red green blue ($i).") && [[ $code == 200 ]] && ok=$((ok + 1))
   sleep 1
 done
 ((ok > 0)) || fail "no chat completion succeeded"
