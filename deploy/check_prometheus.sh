@@ -140,7 +140,7 @@ log "optiserve target is up"
 # scrape, and rate() only counts increases after that, so a single burst between two scrapes reads as 0.
 # Greedy, on prompts the answer repeats: sampled at temperature 1 ("Name a fruit"), the shipped draft head's
 # drafts were all rejected in one CI run (acceptance 0/N; greedy, 0 every run), so the acceptance check below was
-# a coin toss; this traffic gives the same accepted drafts every run.
+# a coin toss; greedy, this traffic gets drafts accepted every run (the rate over the window varies with timing).
 chat() {
   curl -s -o /dev/null -w '%{http_code}' "${AUTH[@]}" "$SERVER/v1/chat/completions" \
     -H 'content-type: application/json' \
