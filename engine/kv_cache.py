@@ -21,7 +21,7 @@ import torch
 
 from .block_manager import BlockPool, BlockTable
 from .kv_pools import KVPools
-from .kv_quant import KVFormat, KVPages
+from .kv_quant import KVFormat, KVPages, kv_bytes_per_element
 
 
 @dataclass
@@ -192,9 +192,7 @@ class KVCache:
     def packed_bytes_per_token(self) -> float:
         """Bytes per token of K and V in the cache's format (block scales included): `bytes_per_token`, as the
         format defines it."""
-        if self.kv.format is None:
-            return float(self.shape.elements_per_token * self.dtype.itemsize)
-        return self.shape.elements_per_token * self.kv.bytes_per_element
+        return float(self.shape.elements_per_token * kv_bytes_per_element(self.kv.name, self.dtype))
 
     def begin(self, first_slot: int, lengths: list[int]) -> None:
         """Select slots [first_slot, first_slot + len(lengths)) for the next forward (see `begin_rows`)."""

@@ -153,10 +153,6 @@ class KVFormat:
     def format(self) -> KVCacheFormat | None:
         return KV_CACHE_FORMATS.get(self.name)
 
-    @property
-    def bytes_per_element(self) -> float:
-        return self.format.bytes_per_element
-
     def encoding(self, layer: int, keys: bool, head_dim: int) -> KVEncoding:
         """How layer `layer`'s keys (or values) are encoded (built once per layer)."""
         key = (layer, keys, head_dim)

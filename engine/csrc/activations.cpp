@@ -20,16 +20,15 @@ static void nvfp4_row(const float* x, int64_t k, float s2, float* y) {
       float a = std::fabs(x[b0 + j]);
       if (a > amax || std::isnan(a)) amax = a;  // NaN propagates, as amax does
     }
-    float raw = amax / divisor;
-    raw = std::clamp(raw == 0.0f ? 1.0f : raw, 0.001953125f, 448.0f);
-    const float step = std::isnan(raw) ? raw : nvfp4_step(e4m3_from_float(raw), s2);  // E4M3 NaN: a NaN block
+    const float raw = amax / divisor;
+    const float step = std::isnan(raw) ? raw : nvfp4_step(nvfp4_scale_bits(raw), s2);  // E4M3 NaN: a NaN block
     for (int64_t j = 0; j < n; j++) y[b0 + j] = E2M1_TABLE[e2m1_code(x[b0 + j] / step)] * step;
   }
 }
 
-// INT8: clamp(round_half_even(x / scale), -128, 127) * scale (a NaN stays NaN; torch's int8 cast of it is undefined).
+// INT8: int8_code(x) * scale.
 static void int8_row(const float* x, int64_t k, float scale, float* y) {
-  for (int64_t j = 0; j < k; j++) y[j] = std::clamp(std::nearbyint(x[j] / scale), -128.0f, 127.0f) * scale;
+  for (int64_t j = 0; j < k; j++) y[j] = int8_code(x[j], scale) * scale;
 }
 
 // FP8: e4m3(clamp(x / scale, -448, 448)) * scale (NaN stays NaN, as the cast keeps it).

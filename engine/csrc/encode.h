@@ -1,5 +1,6 @@
 // Encoders from fp32 to the formats' codes, each giving the bits of its reference in kernels/ (torch's cast to
-// float8_e4m3fn; `e2m1_encode_reference`): shared by the KV-cache write and the activation quantizer.
+// float8_e4m3fn; `e2m1_encode_reference`, `nvfp4_block_scale`, `quantize_int8_reference`): shared by the KV-cache
+// write, the activation quantizer and the INT8 integer matmul.
 #pragma once
 
 #include <algorithm>
@@ -28,4 +29,16 @@ static inline uint8_t e2m1_code(float v) {
   if (std::isnan(a)) return 7 | (v < 0 ? 8 : 0);
   int idx = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.0f);
   return (uint8_t)idx | (v < 0 ? 8 : 0);
+}
+
+// An NVFP4 block scale amax / (6 * s2) (or a multiple) -> the E4M3 bits stored: 1 for an all-zero block, clamped to
+// [2^-9, 448] (`nvfp4_block_scale`; a NaN stays NaN, 0x7F).
+static inline uint8_t nvfp4_scale_bits(float raw) {
+  return e4m3_from_float(std::clamp(raw == 0.0f ? 1.0f : raw, 0.001953125f, 448.0f));
+}
+
+// x -> its INT8 code with a per-tensor scale: clamp(round_half_even(x / scale), -128, 127), as a float (a NaN
+// stays NaN; torch's int8 cast of it is undefined).
+static inline float int8_code(float x, float scale) {
+  return std::clamp(std::nearbyint(x / scale), -128.0f, 127.0f);
 }

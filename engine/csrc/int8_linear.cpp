@@ -10,6 +10,7 @@
 #include <cmath>
 #include <vector>
 
+#include "encode.h"
 #include "packed_ops.h"
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -81,9 +82,9 @@ at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std:
   at::Tensor y = at::empty(shape, x.options());
   if (m == 0 || out == 0) return y;
   const float sx = (float)act_scale;
-  std::vector<uint8_t> xq(m * k);  // codes + 128, the reference's rounding: clamp(round_half_even(x / sx))
+  std::vector<uint8_t> xq(m * k);  // codes + 128
   const float* X = x2.data_ptr<float>();
-  for (int64_t i = 0; i < m * k; i++) xq[i] = (uint8_t)((int)std::clamp(std::nearbyint(X[i] / sx), -128.0f, 127.0f) + 128);
+  for (int64_t i = 0; i < m * k; i++) xq[i] = (uint8_t)((int)int8_code(X[i], sx) + 128);
   std::vector<int32_t> sums(m * out);
   float* Y = y.data_ptr<float>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;

@@ -22,9 +22,7 @@ __attribute__((optimize("fp-contract=off"))) static uint8_t encode_nvfp4_block(c
   float best_err = INFINITY;
   uint8_t best_s = 0, codes[16], best[16];
   for (float f : factors) {
-    float raw = base * f;
-    raw = std::clamp(raw == 0.0f ? 1.0f : raw, 0.001953125f, 448.0f);
-    uint8_t sbits = e4m3_from_float(raw);
+    uint8_t sbits = nvfp4_scale_bits(base * f);
     float step = nvfp4_step(sbits, s2), err = 0.0f;
     for (int j = 0; j < 16; j += 2) {
       codes[j] = e2m1_code(x[j] / step), codes[j + 1] = e2m1_code(x[j + 1] / step);
