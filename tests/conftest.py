@@ -13,6 +13,7 @@ from contextlib import contextmanager
 os.environ.setdefault("TRITON_INTERPRET", "1")
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +25,19 @@ from optiserve.engine.chat import CHAT_INSTRUCTIONS, chat_prompt_ids
 from optiserve.engine.config import EngineConfig
 from optiserve.engine.llm_engine import LLMEngine
 from optiserve.server.serve_bench import free_port
+
+# A run's models, layouts and PTQ entries go to a cache of its own, removed at the end: tests load many exported and
+# pruned checkpoints whose layout entries (hundreds of MB each) are garbage once the run ends. Servers the tests
+# start inherit it. A developer may point OPTISERVE_CACHE at a warm cache instead.
+RUN_CACHE = None if "OPTISERVE_CACHE" in os.environ else tempfile.mkdtemp(prefix="optiserve-test-cache-")
+if RUN_CACHE:
+    os.environ["OPTISERVE_CACHE"] = RUN_CACHE
+
+
+def pytest_unconfigure(config) -> None:
+    if RUN_CACHE:
+        shutil.rmtree(RUN_CACHE, ignore_errors=True)
+
 
 CHAT_PROMPTS = CHAT_INSTRUCTIONS  # 8 short single-turn chat prompts
 SERVER_START_TIMEOUT_S = 300
