@@ -108,10 +108,12 @@ class BlockPool:
         return table
 
     def count_query(self, table: BlockTable, prompt_len: int) -> int:
-        """Count an admitted prompt in the prefix-cache stats; returns its cached tokens."""
+        """Count an admitted prompt in the prefix-cache stats (only while prefix caching is on, as vLLM records
+        them); returns its cached tokens."""
         cached = table.num_keyed * self.block_size
-        self.stats.queries += prompt_len
-        self.stats.hits += cached
+        if self.prefix_caching:
+            self.stats.queries += prompt_len
+            self.stats.hits += cached
         return cached
 
     def grow(self, table: BlockTable, num_tokens: int) -> None:

@@ -58,7 +58,7 @@ class Scheduler:
         self.tables = tables  # each slot's KV blocks (the target's and any drafter's caches read them)
         self.room = room  # cache positions past a sequence's end that a step writes (speculation's)
         self.token_budget = token_budget  # tokens per step (chunked prefill); 0: whole prompts
-        self.committed = 0  # whole prompts: blocks the running sequences may grow to
+        self.reserved_blocks = 0  # whole prompts: blocks the running sequences may grow to
         self.num_preemptions = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -85,10 +85,10 @@ class Scheduler:
         admitted after the caller prefilled (and committed) this one, so it finds a prompt prefix they share."""
         while self.waiting and len(self.running) < self.num_slots:
             need = self._worst_case(self.waiting[0])
-            if self.committed + need > self.tables.pool.num_blocks:
+            if self.reserved_blocks + need > self.tables.pool.num_blocks:
                 break  # first come, first served: later (smaller) requests wait too
             seq = self.waiting.popleft()
-            self.committed += need
+            self.reserved_blocks += need
             # Prompt logprobs need logits at every prompt position: such a prompt is computed whole.
             cached = self.tables.admit(len(self.running), seq.token_ids, seq.params.prompt_logprobs is None)
             self._run(seq, cached)
@@ -110,7 +110,7 @@ class Scheduler:
             slot, last = seq.slot, self.running[-1]
             self.tables.free(slot)
             if not self.token_budget:
-                self.committed -= self._worst_case(seq)
+                self.reserved_blocks -= self._worst_case(seq)
             if last is not seq:
                 self.tables.move(last.slot, slot)
                 self.running[slot], last.slot = last, slot
@@ -181,6 +181,7 @@ class Scheduler:
         """Free a running sequence's blocks and queue it first again; it is recomputed when readmitted."""
         self.release(seq)
         seq.status, seq.num_computed = SeqStatus.WAITING, 0
+        seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -202,7 +203,7 @@ class Scheduler:
             self.tables.free(slot)
             return None
         plan.block_copies += copies
-        if sibling is None:
+        if sibling is None and seq.num_preemptions == 0:  # a recompute is no new query (as vLLM counts)
             self.tables.count_query(slot, len(seq.token_ids))
         self.waiting.popleft()
         self._run(seq, start)

@@ -130,6 +130,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     slot: int = -1
     num_computed: int = 0  # leading tokens whose KV the cache holds (from the prefix cache, a prefill or decodes)
+    num_preemptions: int = 0  # times its blocks were taken back for recompute (vLLM counts the request's)
     text: str = ""
     # Incremental detokenization window over generated ids: text from [text_prefix_offset, text_read_offset) is
     # already in `text` and decodes only as context for the ids after it.

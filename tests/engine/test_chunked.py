@@ -68,10 +68,11 @@ def test_a_pool_too_small_preempts_and_recomputes_with_identical_outputs(plain_e
     ref = generate(plain_engine, chat_prompt_ids, at_once=True)
     need = max(plain_engine.scheduler.blocks_needed(len(p) + GREEDY.max_tokens) for p in chat_prompt_ids)
     block_bytes = 16 * plain_engine.runner.cache.bytes_per_token
-    small = chunked_engine(plain_engine, kv_cache_memory=need * 3 // 2 * block_bytes)
+    small = chunked_engine(plain_engine, kv_cache_memory=need * 3 // 2 * block_bytes, enable_prefix_caching=True)
     assert generate(small, chat_prompt_ids, at_once=True) == ref
     stats = small.stats()
     assert stats.num_preemptions > 0
+    assert stats.prefix_cache_queries == sum(map(len, chat_prompt_ids))  # a recompute is not a new query
     metrics = generate_latest(ServerMetrics("m", small.stats).registry).decode()
     assert f'optiserve:num_preemptions_total{{model_name="m"}} {float(stats.num_preemptions)}' in metrics
 
@@ -81,13 +82,14 @@ def test_n_sequences_share_the_prompt_and_sample_as_without_chunks(plain_engine,
     draw exactly the tokens whole-prompt prefill gives."""
     params = SamplingParams(n=3, max_tokens=24, temperature=0.8, seed=7, ignore_eos=True)
     requests = [(chat_prompt_ids[0], params), (chat_prompt_ids[1], params)]
-    queries = chunked.stats().prefix_cache_queries
-    got = run_requests(chunked, requests)
-    want = run_requests(plain_engine, requests)
-    assert {r: t for r, (t, _) in got.items()} == {r: t for r, (t, _) in want.items()}
-    assert all(len(t) == 3 and len({tuple(s) for s in t.values()}) > 1 for t, _ in got.values())
-    queries = chunked.stats().prefix_cache_queries - queries
-    assert queries == sum(len(ids) for ids, _ in requests)  # counted once per request, not per sequence
+    cached = chunked_engine(plain_engine, enable_prefix_caching=True)
+    for engine in (chunked, cached):
+        got = run_requests(engine, requests)
+        want = run_requests(plain_engine, requests)
+        assert {r: t for r, (t, _) in got.items()} == {r: t for r, (t, _) in want.items()}
+        assert all(len(t) == 3 and len({tuple(s) for s in t.values()}) > 1 for t, _ in got.values())
+    assert cached.stats().prefix_cache_queries == sum(len(ids) for ids, _ in requests)  # once a request, not a seq
+    assert chunked.stats().prefix_cache_queries == 0  # caching off: nothing looked up, nothing counted (as vLLM)
 
 
 def test_prompt_logprobs_over_chunks_equal_whole_prefill(plain_engine, chunked, chat_prompt_ids):

@@ -76,11 +76,11 @@ def test_admission_by_free_blocks_runs_every_request_and_refuses_what_never_fits
         small.step()
         peak_running = max(peak_running, len(small.scheduler.running))
         peak_usage = max(peak_usage, small.stats().kv_cache_usage)
-        assert small.scheduler.committed <= pool.num_blocks
+        assert small.scheduler.reserved_blocks <= pool.num_blocks
     assert 2 <= peak_running < len(chat_prompt_ids) and 0 < peak_usage <= 1
     assert [outs[str(i)] for i in range(len(chat_prompt_ids))] == ref
     assert_every_block_free(small)
-    assert small.scheduler.committed == 0
+    assert small.scheduler.reserved_blocks == 0
     too_long = pool.num_blocks * pool.block_size + 1  # within the context, beyond the pool
     with pytest.raises(RequestError, match="KV-cache blocks") as refused:
         small.check_request(too_long - 20, 20)
@@ -128,7 +128,7 @@ def test_the_memory_of_8_full_contexts_runs_32_short_chats_at_once(engine, chat_
         chats.add_request(Request(str(i), prompt, params, lambda out: None))
     chats.step()
     assert len(chats.scheduler.running) == 32 and not chats.scheduler.waiting
-    assert chats.scheduler.committed == chats.runner.cache.tables.pool.num_blocks
+    assert chats.scheduler.reserved_blocks == chats.runner.cache.tables.pool.num_blocks
     for i in range(32):
         chats.abort(str(i))
     chats.step()
