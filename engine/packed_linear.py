@@ -32,7 +32,8 @@ from .weight_formats import WeightFormat
 
 log = logging.getLogger(__name__)
 
-SOURCES = ["packed_linear.cpp", "packed_layer.cpp", "rowwise.cpp", "activations.cpp", "int8_linear.cpp"]
+SOURCES = ["packed_linear.cpp", "packed_layer.cpp", "rowwise.cpp", "activations.cpp", "int8_linear.cpp",
+           "int4_w4a8.cpp"]
 
 
 def build(cflags: list[str] = ops.CFLAGS) -> ModuleType:
@@ -68,12 +69,13 @@ class PackedOperands:
     codes: list[torch.Tensor]
     scales: list[torch.Tensor]
     tensor_scales: list[float]
+    act_code: int = -1  # how the kernel quantizes the input when the format quantizes activations
 
 
 def operands(fmt: WeightFormat, shards: list) -> PackedOperands:
     kernel = fmt.cpu_kernel
     codes, scales, tensor_scales = zip(*(kernel.operands(s) for s in shards), strict=True)
-    return PackedOperands(kernel.code, list(codes), list(scales), list(tensor_scales))
+    return PackedOperands(kernel.code, list(codes), list(scales), list(tensor_scales), kernel.activation_code)
 
 
 BF16_CODE = 4  # plain bf16 weights: no quantized format, what the LM head's `--lm-head-dtype bfloat16` holds
@@ -91,7 +93,7 @@ def kernel_weight(ops_: PackedOperands, bias: torch.Tensor | None, pre_scale: to
                   input_scale: torch.Tensor | None = None):
     """A layer as the fused layer steps take it (`csrc/packed_layer.cpp`), or None where they cannot: its bias and
     pre-quant scale must be contiguous fp32 tensors on the CPU. `input_scale`: the per-tensor scale of a format
-    that quantizes activations (their format code is the weights' one)."""
+    that quantizes activations."""
     for t in (bias, pre_scale):
         if t is not None and not (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()):
             return None
@@ -102,7 +104,7 @@ def kernel_weight(ops_: PackedOperands, bias: torch.Tensor | None, pre_scale: to
 def fake_quant_activations(fmt: WeightFormat, x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
     """x [..., K] fp32 quantized-dequantized as `fmt` quantizes a linear's input, in one kernel pass: the bits of
     the format's reference (`ActivationQuant.fake_quant`)."""
-    return load().fake_quant_activations(fmt.cpu_kernel.code, x, float(input_scale))
+    return load().fake_quant_activations(fmt.cpu_kernel.activation_code, x, float(input_scale))
 
 
 def packed_linear(x: torch.Tensor, ops_: PackedOperands, bias: torch.Tensor | None,
@@ -116,5 +118,5 @@ def packed_linear(x: torch.Tensor, ops_: PackedOperands, bias: torch.Tensor | No
 
 
 def _activations(ops_: PackedOperands, input_scale: torch.Tensor | None) -> tuple[int, float]:
-    """The kernel's (act_format, act_scale) for a layer: its format's code when it quantizes activations."""
-    return (NO_ACTIVATION_QUANT, 1.0) if input_scale is None else (ops_.code, float(input_scale))
+    """The kernel's (act_format, act_scale) for a layer: its format's activation code when it quantizes them."""
+    return (NO_ACTIVATION_QUANT, 1.0) if input_scale is None else (ops_.act_code, float(input_scale))

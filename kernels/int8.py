@@ -145,3 +145,26 @@ class Int8Tensor:
                                                             self.qdata.shape[-1], BLOCK=BLOCK, PER_ROW=per_row,
                                                             OUT_MODE=rounding_mode(dtype))
         return y
+
+
+@dataclass
+class Int8GroupTensor:
+    """INT8 activations quantized per row and group of `group` along K at run time (the W4A8 format's input, as
+    llama.cpp's q8 blocks): qdata int8 [..., G, group] (the last group zero-padded), scale fp32 [..., G] =
+    amax_group / 127 (0 -> 1.0). An `Int8Tensor` quantized per row over the groups, reshaped."""
+
+    qdata: torch.Tensor
+    scale: torch.Tensor
+    k: int
+    dtype: torch.dtype
+
+    @classmethod
+    def from_float(cls, x: torch.Tensor, group: int, *, use_kernel: bool | None = None) -> Int8GroupTensor:
+        k = x.shape[-1]
+        groups = torch.nn.functional.pad(x, (0, -k % group)).reshape(*x.shape[:-1], -1, group)
+        q = Int8Tensor.from_float(groups, per_channel=True, use_kernel=use_kernel)
+        return cls(q.qdata, q.scale, k, x.dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None, *, use_kernel: bool | None = None) -> torch.Tensor:
+        y = Int8Tensor(self.qdata, self.scale, self.dtype).dequantize(dtype, use_kernel=use_kernel)
+        return y.flatten(-2)[..., : self.k]

@@ -1,4 +1,5 @@
-// The activation quantizers of the formats that quantize a linear's input (W4A4 NVFP4, W8A8 INT8, FP8): x [..., K]
+// The activation quantizers of the formats that quantize a linear's input (W4A4 NVFP4, W8A8 INT8, FP8; W4A8's
+// int8 groups are in int4_w4a8.cpp): x [..., K]
 // fp32 -> the fp32 values the format's matmul multiplies, bit for bit those of the references in kernels/
 // (quantize then dequantize: `quantize_nvfp4_reference`, `quantize_int8_reference`, `quantize_fp8_reference` and
 // their dequantizers), in one pass where the references take ~20 ATen ops: at batch 1 those ops cost more than
@@ -41,7 +42,9 @@ static void fp8_row(const float* x, int64_t k, float scale, float* y) {
 
 at::Tensor fake_quant_activations(int64_t format, const at::Tensor& x, double scale) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "fake_quant_activations: fp32 CPU input");
-  TORCH_CHECK(format == 0 || format == 2 || format == 3, "fake_quant_activations: format 0 (NVFP4), 2 (INT8) or 3 (FP8)");
+  TORCH_CHECK(format == 0 || format == 2 || format == 3 || format == ACT_INT8_GROUPS,
+              "fake_quant_activations: format 0 (NVFP4), 2 (INT8), 3 (FP8) or 5 (INT8 per 128-group)");
+  if (format == ACT_INT8_GROUPS) return int8_group_fake_quant(x);  // dynamic: no per-tensor scale
   at::Tensor x2 = x.contiguous(), y = at::empty_like(x2);
   const int64_t k = x2.dim() ? x2.size(-1) : 1, rows = k ? x2.numel() / k : 0;
   const float* X = x2.data_ptr<float>();

@@ -51,7 +51,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
                                 t[6].cast<int64_t>(), t[7].cast<int64_t>(), t[8].cast<double>()};
           }));
   mod.def("fake_quant_activations", &fake_quant_activations,
-          "x quantized-dequantized as NVFP4 / INT8 / FP8 activations (format 0 / 2 / 3) with a per-tensor scale");
+          "x quantized-dequantized as NVFP4 / INT8 / FP8 activations (format 0 / 2 / 3) with a per-tensor scale, or "
+          "as W4A8's int8 per 128-group (5)");
   mod.def("int8_integer_path", &int8_integer_path, "whether INT8 W8A8 runs as integer sums (AVX512-VNNI) here");
   mod.def("norm_linear", &norm_linear, "linear(rms_norm(x))");
   mod.def("linear_add", &linear_add, "residual + linear(x)");

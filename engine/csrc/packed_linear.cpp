@@ -249,7 +249,8 @@ at::Tensor packed_linear(int64_t format, const at::Tensor& x_in, const std::vect
   Format fmt = static_cast<Format>(format);
   TORCH_CHECK(format >= NVFP4 && format <= BF16, "packed_linear: unknown format ", format);
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat, "packed_linear: fp32 CPU input");
-  TORCH_CHECK(act_format < 0 || act_format == format, "packed_linear: activations quantize in the weights' format");
+  TORCH_CHECK(act_format < 0 || act_format == format || (fmt == INT4 && act_format == ACT_INT8_GROUPS),
+              "packed_linear: activations quantize in the weights' format (or INT4's as int8 groups)");
   TORCH_CHECK(codes.size() == scales.size() && codes.size() == tensor_scales.size() && !codes.empty(),
               "packed_linear: one codes, scales and tensor scale per shard");
   TORCH_CHECK(fmt != INT4 || (group > 0 && group % 16 == 0), "packed_linear: INT4 group must be a multiple of 16");
@@ -262,6 +263,10 @@ at::Tensor packed_linear(int64_t format, const at::Tensor& x_in, const std::vect
   TORCH_CHECK(!bias || (bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
                         bias->numel() == out), "packed_linear: contiguous fp32 bias of ", out);
   if (act_format == INT8 && int8_integer_path()) return int8_integer_linear(x_in, act_scale, codes, scales, bias);
+  if (act_format == ACT_INT8_GROUPS) {
+    TORCH_CHECK(group == 128, "packed_linear: INT4 W4A8 takes 128-groups");
+    return int4_w4a8_linear(x_in, codes, scales, bias);
+  }
   at::Tensor x2 = (act_format < 0 ? x_in : fake_quant_activations(act_format, x_in, act_scale)).contiguous();
   std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
   shape.back() = out;

@@ -17,6 +17,13 @@ bool int8_integer_path();
 at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std::vector<at::Tensor>& codes,
                                const std::vector<at::Tensor>& scales, const std::optional<at::Tensor>& bias);
 
+// INT4 weights x int8 activations per row and 128-group, as exact integer sums per group (int4_w4a8.cpp): what
+// `packed_linear` runs for INT4 weights with `act_format` ACT_INT8_GROUPS.
+constexpr int64_t ACT_INT8_GROUPS = 5;
+at::Tensor int4_w4a8_linear(const at::Tensor& x, const std::vector<at::Tensor>& codes,
+                            const std::vector<at::Tensor>& scales, const std::optional<at::Tensor>& bias);
+at::Tensor int8_group_fake_quant(const at::Tensor& x);
+
 // x [..., K] fp32 -> the values a format that quantizes activations multiplies (activations.cpp).
 at::Tensor fake_quant_activations(int64_t format, const at::Tensor& x, double scale);
 

@@ -5,12 +5,12 @@ is a new record here."""
 from __future__ import annotations
 
 from .fp8 import FP8
-from .int4 import INT4
+from .int4 import INT4, INT4_W4A8
 from .int8 import INT8
 from .nvfp4 import NVFP4, NVFP4_W4A16
 from .record import ActivationQuant, CpuKernel, ModelOptLayout, PackedWeight, WeightFormat
 
-FORMATS: dict[str, WeightFormat] = {f.name: f for f in (FP8, NVFP4, NVFP4_W4A16, INT8, INT4)}
+FORMATS: dict[str, WeightFormat] = {f.name: f for f in (FP8, NVFP4, NVFP4_W4A16, INT8, INT4, INT4_W4A8)}
 WEIGHT_FORMATS = ("none", *FORMATS)  # what a user may ask for; "none" keeps the weights unquantized
 BY_QUANT_ALGO = {f.modelopt.quant_algo: f for f in FORMATS.values()}
 

@@ -45,6 +45,11 @@ class CpuKernel:
 
     code: int
     operands: Callable[[PackedWeight], tuple[torch.Tensor, torch.Tensor, float]]
+    act_code: int | None = None  # the kernel's code for the format's activations, when not `code` (W4A8: 5)
+
+    @property
+    def activation_code(self) -> int:
+        return self.code if self.act_code is None else self.act_code
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from optiserve.engine.quant import QuantLinear, quantize_weight
 from optiserve.kernels.fp8 import FP8Tensor
 from optiserve.kernels.nvfp4_kv import quantize_nvfp4_kv
 
-FORMATS = ["fp8", "nvfp4", "nvfp4-w4a16", "int8", "int4"]
+FORMATS = ["fp8", "nvfp4", "nvfp4-w4a16", "int8", "int4", "int4-w4a8"]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -12,7 +12,7 @@ from optiserve.engine.runner import ModelRunner
 from optiserve.optimize.ptq import with_layers
 from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
 
-FORMATS = ["fp8", "int8", "nvfp4", "nvfp4-w4a16", "int4"]
+FORMATS = ["fp8", "int8", "nvfp4", "nvfp4-w4a16", "int4", "int4-w4a8"]
 ACTIVATION_DIVISOR = {"fp8": 448.0, "int8": 127.0, "nvfp4": 6 * 448.0}  # amax -> the calibrated input_scale
 
 

@@ -18,7 +18,7 @@ from tests.kernels.test_packed_compute import quantized_default_model
 
 KERNEL = pl.load()
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="the packed CPU kernel is not built here")
-FORMATS = ["nvfp4-w4a16", "int4", "int8", "fp8", "nvfp4"]
+FORMATS = ["nvfp4-w4a16", "int4", "int8", "fp8", "nvfp4", "int4-w4a8"]
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (30, 37), (64, 100), (20, 80)]  # (N, K): the model's, odd,
 # and K = 80 (NVFP4: two-block spans, then one block alone)
 ACTIVATION_DIVISOR = {"fp8": 448.0, "int8": 127.0, "nvfp4": 6 * 448.0}  # amax -> the calibrated input_scale
@@ -85,7 +85,7 @@ def test_quant_linear_computes_packed_without_a_copy(fmt):
     shards = [quantize_weight(fmt, torch.randn(n, 576, generator=gen)) for n in (1536, 1536)]  # gate/up
     x = torch.randn(5, 576, generator=gen)
     args = (fmt, shards, None, torch.tensor(x.abs().max().item() / ACTIVATION_DIVISOR.get(fmt, 1.0)),
-            torch.rand(576, generator=gen) + 0.5 if fmt == "int4" else None, torch.float32)
+            torch.rand(576, generator=gen) + 0.5 if fmt.startswith("int4") else None, torch.float32)
     layer, copy = QuantLinear(*args), QuantLinear(*args, compute="copy")
     assert layer.compute == "packed" and layer.cpu_operands is not None and not hasattr(layer, "weight_t")
     assert layer.resident_bytes() == layer.packed_bytes() < copy.resident_bytes() / 3  # 1 byte or less a weight
@@ -109,7 +109,7 @@ def test_the_avx2_build_is_correct_too():
             assert_product_up_to_order(assert_rows_alone(avx2, x, ops, b), x, dequantized(shards), b)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4", "int4-w4a8"])
 def test_quantized_verify_rows_equal_decode_steps_bit_for_bit(engine, chat_prompt_ids, fmt):
     """On the quantized default model computed from packed weights (W4A4 included: its activation codes would flip
     on any last-bit difference), one forward over [last, 5 drafts] gives each row's logits as 6 decode steps do."""
@@ -136,7 +136,8 @@ def test_activations_are_quantized_to_the_reference_bits(fmt):
         assert torch.equal(pl.fake_quant_activations(f, x, scale), want), (fmt, shape)
     scale = torch.tensor(1.0)  # the ties land on the boundaries themselves
     assert torch.equal(pl.fake_quant_activations(f, ties[None], scale), f.activations.fake_quant(ties[None], scale))
-    if fmt != "int8":  # a NaN input gives NaN where the reference does (torch's int8 cast of NaN is undefined)
+    if not f.activations.kind.startswith("int8"):  # NaN in, NaN out as the reference (int8: torch's cast of NaN
+        # is undefined)
         x = torch.randn(2, 48, generator=gen)
         x[0, 3] = float("nan")
         got, want = pl.fake_quant_activations(f, x, scale), f.activations.fake_quant(x, scale)
