@@ -5,9 +5,9 @@ The kernel decodes a few weight rows at a time into a tile in cache (bit for bit
 dequantize reference in `kernels/`) and multiplies every input row against it in fp32, so a result equals the fp32
 product of the dequantized weight and the (quantized) activations up to summation order, and an n-row call gives
 each row bit for bit the 1-row result. The formats that quantize activations have them quantized inside the call
-(`input_scale`), bit for bit as the format's reference does; INT8 then sums integer code products where the CPU has
-AVX512-VNNI (the GPU path's bits). `fake_quant_activations` gives those quantized values alone (the compute copy, QAT
-through `quant.fake_quant_activation`).
+(`input_scale`), bit for bit as the format's reference does; INT8 then sums integer code products with AVX512-VNNI
+or AVX2 (the GPU path's bits), INT4 W4A8 with those or scalar code (its reference's bits). `fake_quant_activations`
+gives those quantized values alone (the compute copy, QAT through `quant.fake_quant_activation`).
 
 Each format's record says whether and how it reaches the kernel (`WeightFormat.cpu_kernel`: the kernel's format
 code and how its shards are passed; engine/weight_formats/). The extension is
@@ -110,8 +110,8 @@ def fake_quant_activations(fmt: WeightFormat, x: torch.Tensor, input_scale: torc
 def packed_linear(x: torch.Tensor, ops_: PackedOperands, bias: torch.Tensor | None,
                   kernel: ModuleType | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] fp32 @ the shards' weights stacked [N, K] (+ bias) -> [..., N]. With `input_scale` (a format that
-    quantizes activations) x is quantized first, in the kernel; INT8 then multiplies as exact integer sums where the
-    CPU has AVX512-VNNI (`csrc/int8_linear.cpp`)."""
+    quantizes activations) x is quantized first, in the kernel; INT8 and INT4 W4A8 then multiply as exact integer
+    sums (`csrc/int8_linear.cpp`, `csrc/int4_w4a8.cpp`)."""
     kernel = kernel or load()
     return kernel.packed_linear(ops_.code, x, ops_.codes, ops_.scales, ops_.tensor_scales, bias, INT4_GROUP_SIZE,
                                 *_activations(ops_, input_scale))

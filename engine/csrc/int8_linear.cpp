@@ -1,9 +1,9 @@
-// INT8 W8A8 (SmoothQuant) as integers where the CPU has AVX512-VNNI: the input is quantized per tensor to int8
-// codes (the reference's rounding), each output is the exact int32 sum of code products (`vpdpbusd`, 64 a
-// instruction), then float(sum) * (act_scale * w_scale[r]) + b[r]: the bits of the GPU path (`int8_matmul`:
-// `torch._int_mm`, then the scales, then the bias). Integer sums do not depend on their order, so any number of
-// input rows gives each row the bits of a one-row call. Elsewhere `packed_linear` multiplies the quantized values
-// in fp32 instead.
+// INT8 W8A8 (SmoothQuant) as integers: the input is quantized per tensor to int8 codes (the reference's rounding),
+// each output is the exact int32 sum of code products, then float(sum) * (act_scale * w_scale[r]) + b[r]: the bits
+// of the GPU path (`int8_matmul`: `torch._int_mm`, then the scales, then the bias). Integer sums do not depend on
+// their order, so any number of input rows, and either instruction set, gives each row the bits of a one-row call:
+// AVX512-VNNI `vpdpbusd` (64 products an instruction) or AVX2 `vpmaddwd` on codes widened to 16 bits (exact:
+// `vpmaddubsw` would saturate on code -128). Elsewhere `packed_linear` multiplies the quantized values in fp32.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -15,8 +15,9 @@
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
-
-bool int8_integer_path() { return true; }
+#define INT8_INTEGER_PATH 1
+constexpr int X_OFFSET = 128;  // the input codes are stored + 128 (unsigned bytes for vpdpbusd)
+constexpr int ROWS = 4;        // weight rows a block: 4 x 4 accumulators + operands fit 32 registers
 
 // vpdpbusd multiplies unsigned by signed bytes, so inputs are stored offset by 128 (code + 128, in 0..255) and
 // 128 * sum(w) is taken back off: the row sum comes from the same loop (a vpdpbusd against ones).
@@ -49,11 +50,48 @@ __attribute__((optimize("no-tree-vectorize"))) static void dot_block(const uint8
   }
 }
 
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define INT8_INTEGER_PATH 1
+constexpr int X_OFFSET = 0;
+constexpr int ROWS = 2;  // 16 registers: 2 x 4 accumulators + operands
+
+// 16 codes at a time widened to int16; `vpmaddwd` adds adjacent products into int32 lanes (|sum| <= 2 * 128^2).
+template <int R, int M>
+__attribute__((optimize("no-tree-vectorize"))) static void dot_block(const uint8_t* X, int64_t ldx, const int8_t* W, int64_t k, int64_t out_stride, int32_t* S) {
+  const int8_t* Xs = reinterpret_cast<const int8_t*>(X);
+  __m256i acc[R][M];
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < M; m++) acc[r][m] = _mm256_setzero_si256();
+  int64_t j = 0;
+  for (; j + 16 <= k; j += 16) {
+    __m256i xv[M];
+    for (int m = 0; m < M; m++)
+      xv[m] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Xs + m * ldx + j)));
+    for (int r = 0; r < R; r++) {
+      const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(W + r * k + j)));
+      for (int m = 0; m < M; m++) acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(xv[m], w));
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int m = 0; m < M; m++) {
+      __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc[r][m]), _mm256_extracti128_si256(acc[r][m], 1));
+      h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+      int32_t s = _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1)));
+      for (int64_t t = j; t < k; t++) s += Xs[m * ldx + t] * W[r * k + t];
+      S[m * out_stride + r] = s;
+    }
+}
+#endif
+
+#ifdef INT8_INTEGER_PATH
+bool int8_integer_path() { return true; }
+
 template <int M>
 static void dot_rows(const uint8_t* X, int64_t ldx, const int8_t* W, int64_t n, int64_t k, int64_t out_stride,
                      int32_t* S) {
   int64_t r = 0;
-  for (; r + 4 <= n; r += 4) dot_block<4, M>(X, ldx, W + r * k, k, out_stride, S + r);
+  for (; r + ROWS <= n; r += ROWS) dot_block<ROWS, M>(X, ldx, W + r * k, k, out_stride, S + r);
   for (; r < n; r++) dot_block<1, M>(X, ldx, W + r * k, k, out_stride, S + r);
 }
 
@@ -82,9 +120,9 @@ at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std:
   at::Tensor y = at::empty(shape, x.options());
   if (m == 0 || out == 0) return y;
   const float sx = (float)act_scale;
-  std::vector<uint8_t> xq(m * k);  // codes + 128
+  std::vector<uint8_t> xq(m * k);  // codes (+ X_OFFSET), as bytes
   const float* X = x2.data_ptr<float>();
-  for (int64_t i = 0; i < m * k; i++) xq[i] = (uint8_t)((int)int8_code(X[i], sx) + 128);
+  for (int64_t i = 0; i < m * k; i++) xq[i] = (uint8_t)((int)int8_code(X[i], sx) + X_OFFSET);
   std::vector<int32_t> sums(m * out);
   float* Y = y.data_ptr<float>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
@@ -115,7 +153,7 @@ bool int8_integer_path() { return false; }
 
 at::Tensor int8_integer_linear(const at::Tensor&, double, const std::vector<at::Tensor>&,
                                const std::vector<at::Tensor>&, const std::optional<at::Tensor>&) {
-  TORCH_CHECK(false, "int8_integer_linear: this build has no AVX512-VNNI");
+  TORCH_CHECK(false, "int8_integer_linear: this build has neither AVX512-VNNI nor AVX2");
 }
 
 #endif

@@ -144,25 +144,32 @@ def test_activations_are_quantized_to_the_reference_bits(fmt):
         assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
 
 
-def test_int8_w8a8_is_the_integer_product_where_the_cpu_has_vnni():
-    """With AVX512-VNNI, INT8 W8A8 sums integer code products exactly, then scales: the bits of the GPU path
-    (`int8_matmul`: `torch._int_mm`, scales, bias), for any number of rows and odd K. Without it, the kernel
-    multiplies the quantized values in fp32: the product up to summation order."""
+def int8_builds() -> list:
+    """This machine's kernel, and its AVX2 build where the CPU has AVX-512 too (machines differ)."""
+    avx2 = {"avx512f", "avx2", "fma"} <= cpu_flags()
+    return [KERNEL, *([pl.build(["-O3", "-march=haswell", "-fopenmp"])] if avx2 else [])]
+
+
+def test_int8_w8a8_is_the_integer_product_with_vnni_or_avx2():
+    """With AVX512-VNNI (`vpdpbusd`) or AVX2 (`vpmaddwd`), INT8 W8A8 sums integer code products exactly, then
+    scales: the bits of the GPU path (`int8_matmul`: `torch._int_mm`, scales, bias), for any number of rows, odd K
+    and codes of -128. Without either, the kernel multiplies the quantized values in fp32: the product up to
+    summation order."""
     from optiserve.engine.weight_formats.int8 import int8_matmul
 
     f, gen = weight_format("int8"), torch.Generator().manual_seed(9)
-    integer = pl.load().int8_integer_path()
-    for n, k in [(576, 576), (576, 1536), (30, 37), (20, 80)]:
-        shards = [quantize_weight("int8", torch.randn(r, k, generator=gen)) for r in (n, n // 2 + 1)]
-        ops, b = pl.operands(f, shards), torch.randn(n + n // 2 + 1, generator=gen)
-        for m in (1, 3, 16):
-            x = torch.randn(m, k, generator=gen) * 2
-            scale = f.activations.input_scale(x.abs().amax() * 0.7)  # some inputs saturate
-            got = assert_rows_alone(pl.load(), x, ops, b, scale)
-            if integer:
-                assert torch.equal(got, torch.cat([int8_matmul(x, w, scale, None) for w in shards], -1) + b)
-            else:
-                assert_product_up_to_order(got, f.activations.fake_quant(x, scale), dequantized(shards), b)
+    for kernel in int8_builds():
+        for n, k in [(576, 576), (576, 1536), (30, 37), (20, 80)]:
+            shards = [quantize_weight("int8", torch.randn(r, k, generator=gen)) for r in (n, n // 2 + 1)]
+            ops, b = pl.operands(f, shards), torch.randn(n + n // 2 + 1, generator=gen)
+            for m in (1, 3, 16):
+                x = torch.randn(m, k, generator=gen) * 2
+                scale = f.activations.input_scale(x.abs().amax() * 0.7)  # some inputs saturate (to -128 too)
+                got = assert_rows_alone(kernel, x, ops, b, scale)
+                if kernel.int8_integer_path():
+                    assert torch.equal(got, torch.cat([int8_matmul(x, w, scale, None) for w in shards], -1) + b)
+                else:
+                    assert_product_up_to_order(got, f.activations.fake_quant(x, scale), dequantized(shards), b)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -12,7 +12,8 @@ MODEL = "SmolLM2-135M-Instruct"
 TOKEN = "admin-token"
 CALIB = ("--calib-samples", "4", "--calib-seq-len", "128")
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-FORMATS = [("fp8", "fp8"), ("nvfp4", "nvfp4"), ("nvfp4-w4a16", "none"), ("int8", "none"), ("int4", "fp8")]
+FORMATS = [("fp8", "fp8"), ("nvfp4", "nvfp4"), ("nvfp4-w4a16", "none"), ("int8", "none"), ("int4", "fp8"),
+           ("int4-w4a8", "nvfp4")]
 
 
 def chat(url: str, content: str = "What is the capital of France?", max_tokens: int = 16) -> httpx.Response:
