@@ -53,7 +53,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("fake_quant_activations", &fake_quant_activations,
           "x quantized-dequantized as NVFP4 / INT8 / FP8 activations (format 0 / 2 / 3) with a per-tensor scale, or "
           "as W4A8's int8 per 128-group (5)");
-  mod.def("int8_integer_path", &int8_integer_path, "whether INT8 W8A8 runs as integer sums (AVX512-VNNI) here");
+  mod.def("int8_integer_path", &int8_integer_path, "whether INT8 W8A8 runs as integer sums (AVX512-VNNI or AVX2) here");
   mod.def("norm_linear", &norm_linear, "linear(rms_norm(x))");
   mod.def("linear_add", &linear_add, "residual + linear(x)");
   mod.def("mlp_add", &mlp_add, "x + down(silu(gate) * up) of rms_norm(x)");

@@ -12,7 +12,7 @@ at::Tensor packed_linear(int64_t format, const at::Tensor& x, const std::vector<
                          const std::vector<at::Tensor>& scales, const std::vector<double>& tensor_scales,
                          const std::optional<at::Tensor>& bias, int64_t group, int64_t act_format, double act_scale);
 
-// INT8 W8A8 as exact integer sums (int8_linear.cpp), where this build has AVX512-VNNI.
+// INT8 W8A8 as exact integer sums (int8_linear.cpp), where this build has AVX512-VNNI or AVX2.
 bool int8_integer_path();
 at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std::vector<at::Tensor>& codes,
                                const std::vector<at::Tensor>& scales, const std::optional<at::Tensor>& bias);
