@@ -106,7 +106,7 @@ def train_large(model: str, data: LargeDataConfig, output: str, cfg: DraftTrainC
     best_init = max(comparison, key=lambda k: comparison[k]["tau"])
     cfg.fresh_lm_head = INITS[best_init]
     head = init_head(target, head_cfg, d2t, cfg.fresh_lm_head)
-    fit_info = fit(head, rows, cfg, out / "train")
+    fit_info = fit(head, rows, cfg, out / "train", held)
     step_acc = evaluate_head(head, held, cfg.ttt_steps)
     summary = {
         "model": model, "data": [data.instructions, *data.texts], "config": asdict(cfg), "data_config": asdict(data),
