@@ -211,7 +211,7 @@ class KVCache:
         self._table = self.tables.tensor(slots, num_blocks, self.k.device)
         self._index_of = None
 
-    def _token_rows(self, positions: torch.Tensor) -> torch.Tensor:
+    def token_rows(self, positions: torch.Tensor) -> torch.Tensor:
         """Rows of a layer's pool viewed as [num_blocks * block_size, KV * D] for `positions` [B, S] of the current
         slots: [B * S]. Built once per forward: every layer writes the same places."""
         if positions is not self._index_of:
@@ -224,7 +224,7 @@ class KVCache:
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k/v [B, S, KV, D] at `positions` [B, S] of the current slots."""
-        self.pools.write(layer, self._token_rows(positions), k, v)
+        self.pools.write(layer, self.token_rows(positions), k, v)
 
     def pages(self, layer: int) -> tuple[torch.Tensor | KVPages, torch.Tensor | KVPages, torch.Tensor]:
         """This layer's pools [num_blocks, block_size, KV, *] (fp32 tensors, or the packed codes and scales) and the

@@ -13,6 +13,7 @@ Every `Linear` is a module of its own so quantization can replace it.
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +164,11 @@ class DecoderLayer(nn.Module):
         return kernel.mlp_add(x, self.mlp_norm.weight, self.mlp_norm.eps, gate_up_w, down_w)
 
 
+# Transformer -> {num_layers: ([(linear, its fused weight)], LayerStack)}: beside the module, so copying a model
+# never copies a stack.
+_LAYER_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class Transformer(nn.Module):
     """The whole decoder. `forward` returns logits for the positions `logits_at` selects."""
 
@@ -201,12 +207,45 @@ class Transformer(nn.Module):
         `num_layers` stops after that many layers (when only captured states are wanted)."""
         x = self.embed(tokens)
         freqs = self.rope_table[positions]  # [B, S, D/2, 2]
+        stack = self.layer_stack(x, cache, mask, num_layers)
+        if stack is not None:  # every layer in one kernel call
+            x, *captured = packed_linear.load().decoder_layers(
+                stack, x, freqs, cache.k, cache.v, cache.token_rows(positions), cache.block_table, positions,
+                list(capture))
+            return x, captured
         captured = []
         for i, layer in enumerate(self.layers[:num_layers]):
             x = layer(x, freqs, cache, positions, mask)
             if i in capture:
                 captured.append(x)
         return x, captured
+
+    def layer_stack(self, x: torch.Tensor, cache: KVCache | None, mask, num_layers: int | None):
+        """The packed kernel's `LayerStack` of the first `num_layers` layers when `decoder_layers` computes this
+        forward: every layer on the fused path (`DecoderLayer.fused_weights`), rows attending through the kernel
+        (`mask` None: decode, chain verify, ragged rows), unquantized fp32 KV pools; else None. Built once per
+        model and set of fused weights (served weights change by swapping models, or a linear's `fused`)."""
+        if (cache is None or mask is not None or cache.kv_format != "none" or cache.k.dtype != torch.float32
+                or x.requires_grad or x.dtype != torch.float32 or not x.is_contiguous()):
+            return None
+        stacks = _LAYER_STACKS.setdefault(self, {})
+        held = stacks.get(num_layers)
+        if held is not None and all(m.fused is f for m, f in held[0]):
+            return held[1]
+        layers = self.layers[:num_layers]
+        fused = []
+        for layer in layers:
+            weights = layer.fused_weights(x)
+            if weights is None:
+                return None
+            fused.append(weights)
+        attn = layers[0].attn
+        stack = packed_linear.load().LayerStack(
+            [la.attn_norm.weight for la in layers], [la.mlp_norm.weight for la in layers],
+            *([ws[i] for ws in fused] for i in range(4)), self.cfg.rms_norm_eps, attn.n_heads, attn.n_kv, attn.window)
+        linears = [(m, m.fused) for la in layers for m in (la.attn.qkv, la.attn.o, la.mlp.gate_up, la.mlp.down)]
+        stacks[num_layers] = (linears, stack)
+        return stack
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head over states [..., H]; fp32 logits [..., V]."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from optiserve.engine import packed_linear as pl
+from optiserve.engine.model import Transformer
 from optiserve.engine.quant import QuantLinear, quantize_fused, quantize_weight, weight_bytes
 from optiserve.engine.runner import ModelRunner
 from optiserve.engine.weight_formats import weight_format
@@ -173,21 +174,36 @@ def test_int8_w8a8_is_the_integer_product_with_vnni_or_avx2():
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_fused_layer_steps_give_the_modules_results_bit_for_bit(engine, chat_prompt_ids, fmt):
-    """Every format runs each decoder layer as three kernel calls around the attention (`DecoderLayer.fused_forward`;
-    activation-quantizing formats quantize each linear's input inside them); with the fused weights taken away the
-    same model runs module by module. Prefill and decode logits must be equal bit for bit (same kernels, same fp32
-    operations)."""
+def test_fused_layer_steps_give_the_modules_results_bit_for_bit(engine, chat_prompt_ids, fmt, monkeypatch):
+    """Every format runs a forward whose rows attend through the kernel (prefill, verify, decode) as one kernel call
+    over all layers (`decoder_layers`); with that call refused, layer by layer as three kernel calls around the
+    attention (`DecoderLayer.fused_forward`; activation-quantizing formats quantize each linear's input inside
+    them); with the fused weights taken away, module by module. Prefill, verify and decode logits must be equal
+    bit for bit (same kernels, same fp32 operations)."""
     q = quantized_default_model(engine, fmt)
     linears = [m for m in q.modules() if isinstance(m, QuantLinear)]
     assert all(m.fused is not None for m in linears)
     prompt = chat_prompt_ids[0]
+    stacked = []
+    layer_stack = Transformer.layer_stack
 
-    def logits() -> tuple[torch.Tensor, torch.Tensor]:
+    def spy(*args):
+        stack = layer_stack(*args)
+        stacked.append(stack is not None)
+        return stack
+
+    def logits() -> tuple[torch.Tensor, ...]:
         runner = ModelRunner(q, 1, len(prompt) + 2, torch.float32)
-        return runner.prefill(0, prompt, all_logits=True), runner.decode([prompt[-1]], [len(prompt)])
+        start = len(prompt) - 5
+        prefill = runner.prefill(0, prompt[:start], all_logits=True)
+        verify = runner.verify([prompt[start:]], [start])[0]  # 5 rows through the attention kernel
+        return prefill, verify, runner.decode([prompt[-1]], [len(prompt)])
 
-    fused = logits()
+    monkeypatch.setattr(Transformer, "layer_stack", spy)
+    whole = logits()
+    assert stacked == [True, True, True]
+    monkeypatch.setattr(Transformer, "layer_stack", lambda *args: None)
+    layered = logits()
     saved = [m.fused for m in linears]
     try:
         for m in linears:
@@ -196,4 +212,5 @@ def test_fused_layer_steps_give_the_modules_results_bit_for_bit(engine, chat_pro
     finally:
         for m, f in zip(linears, saved, strict=True):
             m.fused = f
-    assert torch.equal(fused[0], modules[0]) and torch.equal(fused[1], modules[1])
+    for a, b, c in zip(whole, layered, modules, strict=True):
+        assert torch.equal(a, b) and torch.equal(b, c)
