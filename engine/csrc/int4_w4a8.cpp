@@ -72,7 +72,7 @@ static inline void reduce_lanes(const __m512i* v, int n, int32_t* out) {
   for (; i < n; i++) out[i] = _mm512_reduce_add_epi32(v[i]);
 }
 
-// S[(m * 2P + r) * groups + g] = sum over group g of (code_r + 8) * x_m, for P row pairs and M input rows.
+// S[g * 2PM + m * 2P + r] = sum over group g of (code_r + 8) * x_m, for P row pairs and M input rows.
 template <int P, int M>
 static void group_sums(const uint8_t* W, int64_t k, const int8_t* Xq, int64_t ldq, int64_t groups, int32_t* S) {
   const __m512i flip = _mm512_set1_epi8((char)0x88), low = _mm512_set1_epi8(0x0F);
@@ -96,7 +96,7 @@ static void group_sums(const uint8_t* W, int64_t k, const int8_t* Xq, int64_t ld
     int32_t sums[2 * P * M];
     reduce_lanes(&acc[0][0], 2 * P * M, sums);
     for (int r = 0; r < 2 * P; r++)
-      for (int m = 0; m < M; m++) S[(m * 2 * P + r) * groups + g] = sums[r * M + m];
+      for (int m = 0; m < M; m++) S[(g * M + m) * 2 * P + r] = sums[r * M + m];
   }
 }
 
@@ -136,7 +136,7 @@ static void group_sums(const uint8_t* W, int64_t k, const int8_t* Xq, int64_t ld
       }
     }
     for (int r = 0; r < 2 * P; r++)
-      for (int m = 0; m < M; m++) S[(m * 2 * P + r) * groups + g] = hsum_epi32(acc[r][m]);
+      for (int m = 0; m < M; m++) S[(g * M + m) * 2 * P + r] = hsum_epi32(acc[r][m]);
   }
 }
 
@@ -154,30 +154,39 @@ static void group_sums(const uint8_t* W, int64_t k, const int8_t* Xq, int64_t ld
           even += (b & 0x0F) * Xq[m * ldq + j];
           odd += (b >> 4) * Xq[m * ldq + j];
         }
-        S[(m * 2 * P + 2 * p) * groups + g] = even;
-        S[(m * 2 * P + 2 * p + 1) * groups + g] = odd;
+        S[(g * M + m) * 2 * P + 2 * p] = even;
+        S[(g * M + m) * 2 * P + 2 * p + 1] = odd;
       }
 }
 #endif
 
 // Y[m * ldy + r] for the 2P rows from `pair` and M input rows from `i`: the integer sums, less 8 * sum(x codes),
-// scaled and added over the groups in order; two roundings each (no fused multiply-add), as torch takes them.
+// scaled and added over the groups in order; two roundings each (no fused multiply-add), as torch takes them. The
+// 2PM outputs are independent lanes (l = m * 2P + r), stepped through the groups together so the compiler can
+// keep them in vector registers; each lane's operations and their order are a scalar loop's.
 template <int P, int M>
 __attribute__((optimize("fp-contract=off"))) static void w4a8_block(const uint8_t* codes, const float* ws, int64_t k,
                                                                     const Int8Groups& a, int64_t i, const float* b,
                                                                     float* Y, int64_t ldy) {
+  constexpr int L = 2 * P * M;
   const int64_t G = a.groups;
-  int32_t S[M * 2 * P * ((4096 + GROUP - 1) / GROUP)];  // k <= 4096 is checked by the caller
+  int32_t S[L * ((4096 + GROUP - 1) / GROUP)];  // [G, L]; k <= 4096 is checked by the caller
   group_sums<P, M>(codes, k, a.q.data() + i * a.ldq, a.ldq, G, S);
-  for (int m = 0; m < M; m++)
-    for (int r = 0; r < 2 * P; r++) {
-      float y = 0.0f;
-      for (int64_t g = 0; g < G; g++) {
-        const int32_t exact = S[(m * 2 * P + r) * G + g] - 8 * a.sum[(i + m) * G + g];
-        y = y + (float)exact * (a.scale[(i + m) * G + g] * ws[r * G + g]);
-      }
-      Y[m * ldy + r] = b ? y + b[r] : y;
+  float y[L] = {};
+  for (int64_t g = 0; g < G; g++) {
+    int32_t exact[L];
+    float scale[L];
+    for (int l = 0; l < L; l++) {
+      const int m = l / (2 * P), r = l % (2 * P);
+      exact[l] = S[g * L + l] - 8 * a.sum[(i + m) * G + g];
+      scale[l] = a.scale[(i + m) * G + g] * ws[r * G + g];
     }
+    for (int l = 0; l < L; l++) y[l] = y[l] + (float)exact[l] * scale[l];
+  }
+  for (int l = 0; l < L; l++) {
+    const int m = l / (2 * P), r = l % (2 * P);
+    Y[m * ldy + r] = b ? y[l] + b[r] : y[l];
+  }
 }
 
 // A block's weight bytes [p, p + n) asked into the cache PREFETCH_BLOCKS blocks ahead: at one input row the block's
