@@ -41,10 +41,10 @@ struct LayerStack {
   int64_t n_heads, n_kv, window;
 };
 
-// Every layer of a forward whose rows all attend through the attention kernel (decode, chain verify, ragged rows:
-// no mask, no draft tree) over unquantized fp32 KV pools: per layer what `DecoderLayer.fused_forward` and
-// `Attention.attend` do, the same kernels in the same order (so the same bits), without 30 x 6 calls from Python,
-// which at 4-bit weights cost a sixth of a batch-1 step. x [B, S, hidden]; freqs [B, S, D/2, 2]; k/v_pools
+// Every layer of a forward whose rows all attend through the attention kernel (prefill, decode, chain verify,
+// ragged rows: no mask, no draft tree) over unquantized fp32 KV pools: per layer what `DecoderLayer.fused_forward`
+// and `Attention.attend` do, the same kernels in the same order (so the same bits), without the 30 x 6 calls from
+// Python that cost as much as small matmuls at 4-bit weights. x [B, S, hidden]; freqs [B, S, D/2, 2]; k/v_pools
 // [layers, N, bs, KV, D]; rows [B * S] the pools' token rows of `positions` [B, S]; block_table [B, nb].
 // Returns x after the layers, then the outputs of the layers listed in `capture` (the EAGLE head's features).
 std::vector<at::Tensor> decoder_layers(const LayerStack& st, at::Tensor x, const at::Tensor& freqs,
