@@ -12,6 +12,7 @@
 
 #include "encode.h"
 #include "packed_ops.h"
+#include "vec.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -103,12 +104,6 @@ static void group_sums(const uint8_t* W, int64_t k, const int8_t* Xq, int64_t ld
 #elif defined(__AVX2__)
 constexpr int PAIRS = 1;  // 16 registers: 2 rows x 4 inputs accumulators + operands
 
-static inline int32_t hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
-}
-
 template <int P, int M>
 static void group_sums(const uint8_t* W, int64_t k, const int8_t* Xq, int64_t ldq, int64_t groups, int32_t* S) {
   const __m256i flip = _mm256_set1_epi8((char)0x88), low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -189,13 +184,9 @@ __attribute__((optimize("fp-contract=off"))) static void w4a8_block(const uint8_
   }
 }
 
-// A block's weight bytes [p, p + n) asked into the cache PREFETCH_BLOCKS blocks ahead: at one input row the block's
-// few products otherwise wait on its masked weight loads (perf: most cycles stalled there). A prefetch never
-// faults, so fetching past the last block is harmless.
+// A block's weight bytes are asked into the cache PREFETCH_BLOCKS blocks ahead: at one input row the block's few
+// products otherwise wait on its masked weight loads (perf: most cycles stalled there).
 constexpr int64_t PREFETCH_BLOCKS = 4;
-static inline void prefetch_lines(const uint8_t* p, int64_t n) {
-  for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(p + i, 0, 3);
-}
 
 template <int M>
 static void w4a8_rows(const uint8_t* codes, const float* ws, int64_t pairs, int64_t k, const Int8Groups& a, int64_t i,

@@ -12,6 +12,7 @@
 
 #include "encode.h"
 #include "packed_ops.h"
+#include "vec.h"
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -75,9 +76,7 @@ __attribute__((optimize("no-tree-vectorize"))) static void dot_block(const uint8
   }
   for (int r = 0; r < R; r++)
     for (int m = 0; m < M; m++) {
-      __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc[r][m]), _mm256_extracti128_si256(acc[r][m], 1));
-      h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
-      int32_t s = _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1)));
+      int32_t s = hsum_epi32(acc[r][m]);
       for (int64_t t = j; t < k; t++) s += Xs[m * ldx + t] * W[r * k + t];
       S[m * out_stride + r] = s;
     }

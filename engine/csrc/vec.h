@@ -4,6 +4,9 @@
 
 #include <cmath>
 #include <cstdint>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -14,7 +17,7 @@ static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
 static inline vf vzero() { return _mm512_setzero_ps(); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
-static inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 // e^x, Cephes expf polynomial (~1 ulp) with AVX-512 scalef for the 2^n part.
 static inline vf vexp(vf x) {
   x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.72f)), _mm512_set1_ps(-104.0f));
@@ -38,10 +41,23 @@ static inline vf vload(const float* p) { vf v; __builtin_memcpy(&v, p, sizeof v)
 static inline vf vzero() { return vf{}; }
 static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
 static inline float hsum(vf v) { float s = 0; for (int k = 0; k < V; k++) s += v[k]; return s; }
-static inline void prefetch(const float* p) { __builtin_prefetch(p); }
+static inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 static inline vf vexp(vf x) { for (int k = 0; k < V; k++) x[k] = std::exp(x[k]); return x; }
 #endif
 static inline vf vset(float a) { return vzero() + a; }
+// Bytes [p, p + n) asked into the cache, a line at a time (a prefetch never faults: past the end is harmless).
+static inline void prefetch_lines(const void* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64) prefetch(static_cast<const char*>(p) + i);
+}
+
+#if defined(__AVX2__)
+// The sum of 8 int32 lanes (exact in any order).
+static inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+#endif
 static inline void vstore(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
 
 static inline float dot(const float* a, const float* b, int64_t n) {
