@@ -33,7 +33,7 @@ from .weight_formats import WeightFormat
 log = logging.getLogger(__name__)
 
 SOURCES = ["packed_linear.cpp", "packed_layer.cpp", "rowwise.cpp", "activations.cpp", "int8_linear.cpp",
-           "int4_w4a8.cpp", "attention.cpp", "kv_write.cpp"]
+           "int8_amx.cpp", "int4_w4a8.cpp", "attention.cpp", "kv_write.cpp"]
 
 
 def build(cflags: list[str] = ops.CFLAGS) -> ModuleType:

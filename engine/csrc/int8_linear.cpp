@@ -19,6 +19,7 @@
 #define INT8_INTEGER_PATH 1
 constexpr int X_OFFSET = 128;  // the input codes are stored + 128 (unsigned bytes for vpdpbusd)
 constexpr int ROWS = 4;        // weight rows a block: 4 x 4 accumulators + operands fit 32 registers
+constexpr int64_t AMX_MIN_ROWS = 16;  // from this many input rows on, AMX tiles where the CPU has them
 
 // vpdpbusd multiplies unsigned by signed bytes, so inputs are stored offset by 128 (code + 128, in 0..255) and
 // 128 * sum(w) is taken back off: the row sum comes from the same loop (a vpdpbusd against ones).
@@ -55,6 +56,7 @@ __attribute__((optimize("no-tree-vectorize"))) static void dot_block(const uint8
 #include <immintrin.h>
 #define INT8_INTEGER_PATH 1
 constexpr int X_OFFSET = 0;
+constexpr int64_t AMX_MIN_ROWS = 16;  // (no AMX with AVX2 alone)
 constexpr int ROWS = 2;  // 16 registers: 2 x 4 accumulators + operands
 
 // 16 codes at a time widened to int16; `vpmaddwd` adds adjacent products into int32 lanes (|sum| <= 2 * 128^2).
@@ -94,6 +96,22 @@ static void dot_rows(const uint8_t* X, int64_t ldx, const int8_t* W, int64_t n, 
   for (; r < n; r++) dot_block<1, M>(X, ldx, W + r * k, k, out_stride, S + r);
 }
 
+// x [n] -> int8_code(x, sx) + offset as bytes (offset 0: the signed codes' bytes); AVX-512 takes the same IEEE
+// division, round-half-even and clamp 16 at a time.
+static void quantize_codes(const float* x, int64_t n, float sx, int offset, uint8_t* out) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 s = _mm512_set1_ps(sx), lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+  const __m512i off = _mm512_set1_epi32(offset);
+  for (; i + 16 <= n; i += 16) {
+    __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + i), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512i c = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi)), off);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(c));
+  }
+#endif
+  for (; i < n; i++) out[i] = (uint8_t)((int)int8_code(x[i], sx) + offset);
+}
+
 // y[r] = float(sum[r]) * (sx * ws[r]), then + b[r]: two roundings, as torch takes them (no fused multiply-add).
 __attribute__((optimize("fp-contract=off"))) static void scale_sums(const int32_t* sum, int64_t r0, int64_t r1, float sx,
                                                                    const float* ws, const float* b, float* y) {
@@ -119,9 +137,13 @@ at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std:
   at::Tensor y = at::empty(shape, x.options());
   if (m == 0 || out == 0) return y;
   const float sx = (float)act_scale;
-  std::vector<uint8_t> xq(m * k);  // codes (+ X_OFFSET), as bytes
   const float* X = x2.data_ptr<float>();
-  for (int64_t i = 0; i < m * k; i++) xq[i] = (uint8_t)((int)int8_code(X[i], sx) + X_OFFSET);
+  // Many rows: AMX tiles where there are some, on signed codes in rows padded to whole tiles (zeros add nothing);
+  // else the codes + X_OFFSET.
+  const bool tiles = m >= AMX_MIN_ROWS && amx_int8_available();
+  const int64_t kp = tiles ? (k + 63) / 64 * 64 : k;
+  std::vector<uint8_t> xq(tiles ? (m + 15) / 16 * 16 * kp : m * k);
+  for (int64_t i = 0; i < m; i++) quantize_codes(X + i * k, k, sx, tiles ? 0 : X_OFFSET, xq.data() + i * kp);
   std::vector<int32_t> sums(m * out);
   float* Y = y.data_ptr<float>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
@@ -129,7 +151,10 @@ at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std:
     const int8_t* W = reinterpret_cast<const int8_t*>(codes[s].data_ptr<uint8_t>());
     const float* ws = scales[s].data_ptr<float>();
     at::parallel_for(0, codes[s].size(0), 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t i = 0; i < m; i += 4) {
+      if (tiles)
+        amx_int8_sums(reinterpret_cast<const int8_t*>(xq.data()), m, kp, W + r0 * k, r1 - r0, k,
+                      sums.data() + col0 + r0, out);
+      for (int64_t i = 0; !tiles && i < m; i += 4) {
         const uint8_t* Xi = xq.data() + i * k;
         int32_t* Si = sums.data() + i * out + col0 + r0;
         switch (std::min<int64_t>(4, m - i)) {

@@ -17,6 +17,13 @@ bool int8_integer_path();
 at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std::vector<at::Tensor>& codes,
                                const std::vector<at::Tensor>& scales, const std::optional<at::Tensor>& bias);
 
+// AMX-INT8 tiles (int8_amx.cpp), where this build and the OS allow them: S[i * out_stride + r] = the exact sum over
+// t < k of A[i, t] * W[r, t] for i < m, r < n; A int8 [m rounded up to 16, kp] (zeros past k), kp = k rounded up to
+// 64; W int8 [n, k].
+bool amx_int8_available();
+void amx_int8_sums(const int8_t* A, int64_t m, int64_t kp, const int8_t* W, int64_t n, int64_t k, int32_t* S,
+                   int64_t out_stride);
+
 // INT4 weights x int8 activations per row and 128-group, as exact integer sums per group (int4_w4a8.cpp): what
 // `packed_linear` runs for INT4 weights with `act_format` ACT_INT8_GROUPS.
 constexpr int64_t ACT_INT8_GROUPS = 5;

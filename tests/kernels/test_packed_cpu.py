@@ -146,16 +146,20 @@ def test_activations_are_quantized_to_the_reference_bits(fmt):
 
 
 def int8_builds() -> list:
-    """This machine's kernel, and its AVX2 build where the CPU has AVX-512 too (machines differ)."""
-    avx2 = {"avx512f", "avx2", "fma"} <= cpu_flags()
-    return [KERNEL, *([pl.build(["-O3", "-march=haswell", "-fopenmp"])] if avx2 else [])]
+    """This machine's kernel, its AVX2 build where the CPU has AVX-512 too, and its build without AMX where it has
+    AMX-INT8 (machines differ: each instruction set must give the same sums)."""
+    flags = cpu_flags()
+    avx2 = {"avx512f", "avx2", "fma"} <= flags
+    no_amx = ["-O3", "-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16", "-fopenmp"]
+    return [KERNEL, *([pl.build(["-O3", "-march=haswell", "-fopenmp"])] if avx2 else []),
+            *([pl.build(no_amx)] if "amx_int8" in flags else [])]
 
 
 def test_int8_w8a8_is_the_integer_product_with_vnni_or_avx2():
-    """With AVX512-VNNI (`vpdpbusd`) or AVX2 (`vpmaddwd`), INT8 W8A8 sums integer code products exactly, then
-    scales: the bits of the GPU path (`int8_matmul`: `torch._int_mm`, scales, bias), for any number of rows, odd K
-    and codes of -128. Without either, the kernel multiplies the quantized values in fp32: the product up to
-    summation order."""
+    """With AVX512-VNNI (`vpdpbusd`), AMX-INT8 tiles (16+ rows: one tile, two, and a part of one) or AVX2
+    (`vpmaddwd`), INT8 W8A8 sums integer code products exactly, then scales: the bits of the GPU path (`int8_matmul`:
+    `torch._int_mm`, scales, bias), for any number of rows, odd K and codes of -128. Without VNNI or AVX2, the
+    kernel multiplies the quantized values in fp32: the product up to summation order."""
     from optiserve.engine.weight_formats.int8 import int8_matmul
 
     f, gen = weight_format("int8"), torch.Generator().manual_seed(9)
@@ -163,7 +167,7 @@ def test_int8_w8a8_is_the_integer_product_with_vnni_or_avx2():
         for n, k in [(576, 576), (576, 1536), (30, 37), (20, 80)]:
             shards = [quantize_weight("int8", torch.randn(r, k, generator=gen)) for r in (n, n // 2 + 1)]
             ops, b = pl.operands(f, shards), torch.randn(n + n // 2 + 1, generator=gen)
-            for m in (1, 3, 16):
+            for m in (1, 3, 16, 40):
                 x = torch.randn(m, k, generator=gen) * 2
                 scale = f.activations.input_scale(x.abs().amax() * 0.7)  # some inputs saturate (to -128 too)
                 got = assert_rows_alone(kernel, x, ops, b, scale)
