@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from optiserve.engine.kv_quant import KV_FORMATS
 from optiserve.engine.llm_engine import EngineDeadError, LLMEngine, SwapError
 from optiserve.engine.quant import QuantLinear, weight_bytes
+from optiserve.engine.threads import on_own_thread
 from optiserve.engine.weight_formats import WEIGHT_FORMATS, check_format
 from optiserve.optimize.data import read_texts, token_windows
 from optiserve.optimize.evaluate import evaluate
@@ -101,7 +102,7 @@ async def post_quantization(body: SwapRequest, raw: HttpRequest) -> dict:
                        "pre-quantized checkpoint, or was started with --no-swap); restart it on the original model "
                        "without --no-swap to change formats", "quant")
     try:
-        seconds = await asyncio.to_thread(admin.swap, body.quant, body.kv_cache)
+        seconds = await asyncio.to_thread(on_own_thread, admin.swap, body.quant, body.kv_cache)
     except SwapError as e:  # the engine still serves the formats it served before (see GET)
         raise ApiError(500, str(e), "quant", "swap_failed") from None
     except EngineDeadError:

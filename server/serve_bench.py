@@ -25,6 +25,8 @@ from pathlib import Path
 
 import httpx
 
+from optiserve.engine.threads import on_own_thread
+
 from .load_bench import percentiles, sse_chunks
 
 FILLER = ("Context: the committee met on Tuesday to review the quarterly figures, the hiring plan and the "
@@ -231,13 +233,14 @@ def compare(levels: list[dict], cfg: ServeBenchConfig, prompts: dict, make_engin
         print(f"throughput at concurrency {max(by_c)} vs 1: {out['throughput_vs_one_client']:.2f}x")
     top = max(by_c)
     if make_engine is not None and top > 1:
-        step = batch_decode_step_s(make_engine(top, max_num_batched_tokens=0), prompts[top][:top], cfg.max_tokens)
+        step = on_own_thread(lambda: batch_decode_step_s(make_engine(top, max_num_batched_tokens=0),
+                                                         prompts[top][:top], cfg.max_tokens))
         itl = by_c[top]["itl_s_steady"]["p99"] or by_c[top]["itl_s"]["p99"]
         out["batch_decode_step_s"], out["itl_p99_vs_decode_step"] = step, itl / step
         print(f"batch-{top} engine decode step {step * 1000:.1f} ms; steady ITL p99 at concurrency {top} is "
               f"{out['itl_p99_vs_decode_step']:.2f}x that")
     if make_engine is not None and 1 in by_c:
-        engine = make_engine(1)
+        engine = on_own_thread(make_engine, 1)  # as the server builds it: the engine thread's pool stays alone
         engine.start()
         try:
             rates = [engine_decode_rate(engine, m, cfg.max_tokens, f"bench-{i}") for i, m in enumerate(prompts[1])]

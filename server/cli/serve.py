@@ -67,6 +67,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for running requests")
 
 
+def start_engine(cfg, req, no_swap: bool):
+    """The engine with its start-up format applied (run `on_own_thread`: only the engine thread keeps a worker
+    pool)."""
+    from optiserve.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(cfg)
+    apply_quant(engine, req)
+    if no_swap:
+        engine.drop_master()
+    return engine
+
+
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -81,7 +93,7 @@ def serve(args: argparse.Namespace) -> None:
             self.app.state.draining = True
             super().handle_exit(sig, frame)
 
-    from optiserve.engine.llm_engine import LLMEngine
+    from optiserve.engine.threads import on_own_thread
     from optiserve.server.app import create_app
     from optiserve.server.security import ServerOptions
 
@@ -90,10 +102,7 @@ def serve(args: argparse.Namespace) -> None:
                             request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
                             max_prompt_tokens=args.max_prompt_tokens, docs=not args.disable_docs)
     req = quant_request(args)
-    engine = LLMEngine(cfg)
-    apply_quant(engine, req)
-    if args.no_swap:
-        engine.drop_master()
+    engine = on_own_thread(start_engine, cfg, req, args.no_swap)
     app = create_app(engine, args.served_model_name, options, req)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=int(args.drain_timeout))
