@@ -19,7 +19,6 @@
 #define INT8_INTEGER_PATH 1
 constexpr int X_OFFSET = 128;  // the input codes are stored + 128 (unsigned bytes for vpdpbusd)
 constexpr int ROWS = 4;        // weight rows a block: 4 x 4 accumulators + operands fit 32 registers
-constexpr int64_t AMX_MIN_ROWS = 16;  // from this many input rows on, AMX tiles where the CPU has them
 
 // vpdpbusd multiplies unsigned by signed bytes, so inputs are stored offset by 128 (code + 128, in 0..255) and
 // 128 * sum(w) is taken back off: the row sum comes from the same loop (a vpdpbusd against ones).
@@ -56,7 +55,6 @@ __attribute__((optimize("no-tree-vectorize"))) static void dot_block(const uint8
 #include <immintrin.h>
 #define INT8_INTEGER_PATH 1
 constexpr int X_OFFSET = 0;
-constexpr int64_t AMX_MIN_ROWS = 16;  // (no AMX with AVX2 alone)
 constexpr int ROWS = 2;  // 16 registers: 2 x 4 accumulators + operands
 
 // 16 codes at a time widened to int16; `vpmaddwd` adds adjacent products into int32 lanes (|sum| <= 2 * 128^2).
@@ -88,6 +86,8 @@ __attribute__((optimize("no-tree-vectorize"))) static void dot_block(const uint8
 #ifdef INT8_INTEGER_PATH
 bool int8_integer_path() { return true; }
 
+constexpr int64_t AMX_MIN_ROWS = 16;  // from this many input rows on, AMX tiles where the CPU has them
+
 template <int M>
 static void dot_rows(const uint8_t* X, int64_t ldx, const int8_t* W, int64_t n, int64_t k, int64_t out_stride,
                      int32_t* S) {
@@ -104,7 +104,8 @@ static void quantize_codes(const float* x, int64_t n, float sx, int offset, uint
   const __m512 s = _mm512_set1_ps(sx), lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
   const __m512i off = _mm512_set1_epi32(offset);
   for (; i + 16 <= n; i += 16) {
-    __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + i), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 v = _mm512_div_ps(_mm512_loadu_ps(x + i), s);
+    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512i c = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi)), off);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(c));
   }
