@@ -42,3 +42,12 @@ static inline uint8_t nvfp4_scale_bits(float raw) {
 static inline float int8_code(float x, float scale) {
   return std::clamp(std::nearbyint(x / scale), -128.0f, 127.0f);
 }
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+// int8_code over 16 lanes, as int32: the same IEEE division, round-half-even and clamp.
+static inline __m512i int8_codes16(__m512 x, __m512 scale) {
+  __m512 v = _mm512_roundscale_ps(_mm512_div_ps(x, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-128.0f)), _mm512_set1_ps(127.0f)));
+}
+#endif

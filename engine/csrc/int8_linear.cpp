@@ -96,17 +96,14 @@ static void dot_rows(const uint8_t* X, int64_t ldx, const int8_t* W, int64_t n, 
   for (; r < n; r++) dot_block<1, M>(X, ldx, W + r * k, k, out_stride, S + r);
 }
 
-// x [n] -> int8_code(x, sx) + offset as bytes (offset 0: the signed codes' bytes); AVX-512 takes the same IEEE
-// division, round-half-even and clamp 16 at a time.
+// x [n] -> int8_code(x, sx) + offset as bytes (offset 0: the signed codes' bytes), 16 at a time with AVX-512.
 static void quantize_codes(const float* x, int64_t n, float sx, int offset, uint8_t* out) {
   int64_t i = 0;
 #if defined(__AVX512F__)
-  const __m512 s = _mm512_set1_ps(sx), lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+  const __m512 s = _mm512_set1_ps(sx);
   const __m512i off = _mm512_set1_epi32(offset);
   for (; i + 16 <= n; i += 16) {
-    __m512 v = _mm512_div_ps(_mm512_loadu_ps(x + i), s);
-    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512i c = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi)), off);
+    const __m512i c = _mm512_add_epi32(int8_codes16(_mm512_loadu_ps(x + i), s), off);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(c));
   }
 #endif

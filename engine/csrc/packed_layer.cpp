@@ -67,8 +67,10 @@ std::vector<at::Tensor> decoder_layers(const LayerStack& st, at::Tensor x, const
   return out;
 }
 
+// The kernels run without the GIL (see bindings.cpp).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("packed_linear", &packed_linear,
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  mod.def("packed_linear", &packed_linear, no_gil,
           "x @ W.T (+ bias) straight from packed NVFP4 / INT4 / INT8 / FP8 / BF16 shards (format 0..4)");
   using Tensors = std::vector<at::Tensor>;
   using MaybeTensor = std::optional<at::Tensor>;
@@ -87,15 +89,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
                                 t[3].cast<std::vector<double>>(), t[4].cast<MaybeTensor>(), t[5].cast<MaybeTensor>(),
                                 t[6].cast<int64_t>(), t[7].cast<int64_t>(), t[8].cast<double>()};
           }));
-  mod.def("fake_quant_activations", &fake_quant_activations,
+  mod.def("fake_quant_activations", &fake_quant_activations, no_gil,
           "x quantized-dequantized as NVFP4 / INT8 / FP8 activations (format 0 / 2 / 3) with a per-tensor scale, or "
           "as W4A8's int8 per 128-group (5)");
   mod.def("int8_integer_path", &int8_integer_path, "whether INT8 W8A8 runs as integer sums (AVX512-VNNI or AVX2) here");
-  mod.def("norm_linear", &norm_linear, "linear(rms_norm(x))");
-  mod.def("linear_add", &linear_add, "residual + linear(x)");
-  mod.def("mlp_add", &mlp_add, "x + down(silu(gate) * up) of rms_norm(x)");
+  mod.def("norm_linear", &norm_linear, no_gil, "linear(rms_norm(x))");
+  mod.def("linear_add", &linear_add, no_gil, "residual + linear(x)");
+  mod.def("mlp_add", &mlp_add, no_gil, "x + down(silu(gate) * up) of rms_norm(x)");
   py::class_<LayerStack>(mod, "LayerStack", py::module_local())
       .def(py::init<Tensors, Tensors, std::vector<PackedWeight>, std::vector<PackedWeight>, std::vector<PackedWeight>,
                     std::vector<PackedWeight>, double, int64_t, int64_t, int64_t>());
-  mod.def("decoder_layers", &decoder_layers, "every decoder layer of a kernel-attended forward over fp32 KV pools");
+  mod.def("decoder_layers", &decoder_layers, no_gil,
+          "every decoder layer of a kernel-attended forward over fp32 KV pools");
 }
