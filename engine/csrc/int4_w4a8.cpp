@@ -219,19 +219,11 @@ at::Tensor int4_w4a8_linear(const at::Tensor& x, const std::vector<at::Tensor>& 
     const uint8_t* W = codes[s].data_ptr<uint8_t>();
     const float* ws = scales[s].data_ptr<float>();
     at::parallel_for(0, codes[s].size(0), 8, [&](int64_t p0, int64_t p1) {
-      for (int64_t i = 0; i < m; i += 4) {
-        const int64_t col = col0 + 2 * p0;
-        const uint8_t* Wp = W + p0 * k;
-        const float* wsp = ws + 2 * p0 * a.groups;
-        const float* bp = b ? b + col : nullptr;
-        float* Yi = Y + i * out + col;
-        switch (std::min<int64_t>(4, m - i)) {
-          case 1: w4a8_rows<1>(Wp, wsp, p1 - p0, k, a, i, bp, Yi, out); break;
-          case 2: w4a8_rows<2>(Wp, wsp, p1 - p0, k, a, i, bp, Yi, out); break;
-          case 3: w4a8_rows<3>(Wp, wsp, p1 - p0, k, a, i, bp, Yi, out); break;
-          default: w4a8_rows<4>(Wp, wsp, p1 - p0, k, a, i, bp, Yi, out); break;
-        }
-      }
+      const int64_t col = col0 + 2 * p0;
+      const float* bp = b ? b + col : nullptr;
+      for_row_blocks(m, [&]<int M>(int64_t i) {
+        w4a8_rows<M>(W + p0 * k, ws + 2 * p0 * a.groups, p1 - p0, k, a, i, bp, Y + i * out + col, out);
+      });
     });
   }
   return y;

@@ -152,16 +152,10 @@ at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std:
       if (tiles)
         amx_int8_sums(reinterpret_cast<const int8_t*>(xq.data()), m, kp, W + r0 * k, r1 - r0, k,
                       sums.data() + col0 + r0, out);
-      for (int64_t i = 0; !tiles && i < m; i += 4) {
-        const uint8_t* Xi = xq.data() + i * k;
-        int32_t* Si = sums.data() + i * out + col0 + r0;
-        switch (std::min<int64_t>(4, m - i)) {
-          case 1: dot_rows<1>(Xi, k, W + r0 * k, r1 - r0, k, out, Si); break;
-          case 2: dot_rows<2>(Xi, k, W + r0 * k, r1 - r0, k, out, Si); break;
-          case 3: dot_rows<3>(Xi, k, W + r0 * k, r1 - r0, k, out, Si); break;
-          default: dot_rows<4>(Xi, k, W + r0 * k, r1 - r0, k, out, Si); break;
-        }
-      }
+      else
+        for_row_blocks(m, [&]<int M>(int64_t i) {
+          dot_rows<M>(xq.data() + i * k, k, W + r0 * k, r1 - r0, k, out, sums.data() + i * out + col0 + r0);
+        });
       for (int64_t i = 0; i < m; i++)
         scale_sums(sums.data() + i * out + col0, r0, r1, sx, ws, b ? b + col0 : nullptr, Y + i * out + col0);
     });

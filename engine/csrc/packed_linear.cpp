@@ -116,16 +116,7 @@ static void dot_rows(const Weights& w, int64_t n, const float* X, int64_t k, con
 template <class Weights>
 static void dot_all(const Weights& w, int64_t n, const float* X, int64_t m, int64_t k, const float* b, float* Y,
                     int64_t ldy) {
-  for (int64_t i = 0; i < m; i += 4) {
-    const float* Xi = X + i * k;
-    float* Yi = Y + i * ldy;
-    switch (std::min<int64_t>(4, m - i)) {
-      case 1: dot_rows<1>(w, n, Xi, k, b, Yi, ldy); break;
-      case 2: dot_rows<2>(w, n, Xi, k, b, Yi, ldy); break;
-      case 3: dot_rows<3>(w, n, Xi, k, b, Yi, ldy); break;
-      default: dot_rows<4>(w, n, Xi, k, b, Yi, ldy); break;
-    }
-  }
+  for_row_blocks(m, [&]<int M>(int64_t i) { dot_rows<M>(w, n, X + i * k, k, b, Y + i * ldy, ldy); });
 }
 
 // ---- Packed rows decoded in registers (k a multiple of 16: no tail): one per format, rows from `row` of a shard ----
