@@ -32,7 +32,7 @@ struct Int8Groups {
 // Per group: scale = amax / 127 (1 for an all-zero group), code = int8_code(x, scale) (`Int8GroupTensor`).
 static Int8Groups quantize_groups(const float* X, int64_t m, int64_t k) {
   Int8Groups a{(k + GROUP - 1) / GROUP, (k + CHUNK - 1) / CHUNK * CHUNK, {}, {}, {}};
-  a.q.assign(m * a.ldq, 0);
+  a.q.assign((m + 15) / 16 * 16 * a.ldq, 0);  // rows to a whole AMX tile: zeros add nothing
   a.scale.resize(m * a.groups);
   a.sum.resize(m * a.groups);
   for (int64_t i = 0; i < m; i++)
@@ -213,6 +213,7 @@ at::Tensor int4_w4a8_linear(const at::Tensor& x, const std::vector<at::Tensor>& 
   at::Tensor y = at::empty(shape, x.options());
   if (m == 0 || out == 0) return y;
   const Int8Groups a = quantize_groups(x2.data_ptr<float>(), m, k);
+  const bool tiles = m >= 16 && amx_int8_available();  // many rows: AMX tiles where there are some
   float* Y = y.data_ptr<float>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   for (size_t s = 0, col0 = 0; s < codes.size(); col0 += 2 * codes[s].size(0), s++) {
@@ -221,6 +222,9 @@ at::Tensor int4_w4a8_linear(const at::Tensor& x, const std::vector<at::Tensor>& 
     at::parallel_for(0, codes[s].size(0), 8, [&](int64_t p0, int64_t p1) {
       const int64_t col = col0 + 2 * p0;
       const float* bp = b ? b + col : nullptr;
+      if (tiles)
+        return amx_w4a8(a.q.data(), m, a.ldq, a.scale.data(), W + p0 * k, p1 - p0, k, ws + 2 * p0 * a.groups, bp,
+                        Y + col, out);
       for_row_blocks(m, [&]<int M>(int64_t i) {
         w4a8_rows<M>(W + p0 * k, ws + 2 * p0 * a.groups, p1 - p0, k, a, i, bp, Y + i * out + col, out);
       });

@@ -85,11 +85,96 @@ void store_sums(const int32_t (&C)[TILE][TILE], int64_t i, int64_t m, int64_t r,
   for (int64_t a = 0; a < TILE && i + a < m; a++)
     std::memcpy(S + (i + a) * out_stride + r, C[a], std::min(TILE, n - r) * sizeof(int32_t));
 }
+
+// INT4 W4A8's packed pairs [q0, q0 + 8) of W [pairs, k] (output 2q in the low nibble of each byte, 2q + 1 in the
+// high one, a 4-bit two's complement code) as a weight tile operand: the codes sign-extended to bytes, outputs in
+// order, then regrouped as `regroup_strip` does; pairs past `pairs` and codes past k are 0.
+void regroup_w4_strip(const uint8_t* W, int64_t q0, int64_t pairs, int64_t k, int64_t kp, int32_t* B) {
+  const __m512i low = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+  auto widen = [&](__m512i nibbles) { return _mm512_sub_epi8(_mm512_xor_si512(nibbles, eight), eight); };
+  for (int64_t t = 0; t < kp; t += TILE_K) {
+    const __mmask64 in_row = t + TILE_K <= k ? ~0ULL : (1ULL << (k - t)) - 1;  // kp - k < 64
+    __m512i rows[TILE];
+    for (int64_t j = 0; j < TILE / 2; j++) {
+      const __m512i v = q0 + j < pairs ? _mm512_maskz_loadu_epi8(in_row, W + (q0 + j) * k + t) : _mm512_setzero_si512();
+      rows[2 * j] = widen(_mm512_and_si512(v, low));
+      rows[2 * j + 1] = widen(_mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+    }
+    transpose16(rows);
+    for (int64_t g = 0; g < TILE; g++) _mm512_storeu_si512(B + (t / 4 + g) * TILE, rows[g]);
+  }
+}
+
+// y[a][o] += float(S[a][o]) * (xs[row a, g] * ws[output o, g]) for a 16 x 16 tile of group sums: two roundings and
+// an add, in the one-row kernel's order (no fused multiply-add).
+__attribute__((optimize("fp-contract=off"))) void add_group(const int32_t (&S)[TILE][TILE], float (&y)[TILE][TILE],
+                                                            const float* xs, const float* ws, int64_t G, int64_t g,
+                                                            int64_t rows, int64_t outs) {
+  for (int64_t a = 0; a < rows; a++)
+    for (int64_t o = 0; o < outs; o++) y[a][o] = y[a][o] + (float)S[a][o] * (xs[a * G + g] * ws[o * G + g]);
+}
 }  // namespace
 
 bool amx_int8_available() {
   static const bool granted = request_tile_state();
   return granted;
+}
+
+void amx_w4a8(const int8_t* A, int64_t m, int64_t ldq, const float* xs, const uint8_t* W, int64_t pairs, int64_t k,
+              const float* ws, const float* b, float* Y, int64_t ldy) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; t++) cfg.rows[t] = TILE, cfg.bytes_per_row[t] = TILE_K;
+  _tile_loadconfig(&cfg);
+  const int64_t G = (k + 127) / 128, n = 2 * pairs;
+  std::vector<int32_t> B(2 * ldq / 4 * TILE);
+  int32_t* B0 = B.data();
+  int32_t* B1 = B0 + ldq / 4 * TILE;
+  alignas(64) int32_t S[4][TILE][TILE];
+  float y[4][TILE][TILE];  // the four sum tiles' outputs, summed over the groups
+  for (int64_t r = 0; r < n; r += 2 * TILE) {
+    regroup_w4_strip(W, r / 2, pairs, k, ldq, B0);
+    regroup_w4_strip(W, r / 2 + TILE / 2, pairs, k, ldq, B1);
+    for (int64_t i = 0; i < m; i += 2 * TILE) {
+      const bool second = i + TILE < m;
+      std::memset(y, 0, sizeof y);
+      for (int64_t g = 0; g < G; g++) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t t = g * 128; t < std::min((g + 1) * 128, ldq); t += TILE_K) {
+          _tile_loadd(4, A + i * ldq + t, ldq);
+          _tile_loadd(6, B0 + t / 4 * TILE, TILE_K);
+          _tile_loadd(7, B1 + t / 4 * TILE, TILE_K);
+          _tile_dpbssd(0, 4, 6);
+          _tile_dpbssd(1, 4, 7);
+          if (second) {
+            _tile_loadd(5, A + (i + TILE) * ldq + t, ldq);
+            _tile_dpbssd(2, 5, 6);
+            _tile_dpbssd(3, 5, 7);
+          }
+        }
+        _tile_stored(0, S[0], TILE_K);
+        _tile_stored(1, S[1], TILE_K);
+        if (second) {
+          _tile_stored(2, S[2], TILE_K);
+          _tile_stored(3, S[3], TILE_K);
+        }
+        for (int c = 0; c < (second ? 4 : 2); c++) {  // c: row tile c / 2, output strip c % 2
+          const int64_t i0 = i + c / 2 * TILE, o0 = r + c % 2 * TILE;
+          if (o0 < n)
+            add_group(S[c], y[c], xs + i0 * G, ws + o0 * G, G, g, std::min(TILE, m - i0), std::min(TILE, n - o0));
+        }
+      }
+      for (int c = 0; c < (second ? 4 : 2); c++) {
+        const int64_t i0 = i + c / 2 * TILE, o0 = r + c % 2 * TILE;
+        for (int64_t a = 0; a < std::min(TILE, m - i0); a++)
+          for (int64_t o = 0; o < std::min(TILE, n - o0); o++)
+            Y[(i0 + a) * ldy + o0 + o] = b ? y[c][a][o] + b[o0 + o] : y[c][a][o];
+      }
+    }
+  }
+  _tile_release();
 }
 
 // Two weight strips (32 outputs) against two input tiles (32 rows) per pass over k: 4 sum tiles, 2 input tiles and
@@ -145,6 +230,11 @@ bool amx_int8_available() { return false; }
 
 void amx_int8_sums(const int8_t*, int64_t, int64_t, const int8_t*, int64_t, int64_t, int32_t*, int64_t) {
   TORCH_CHECK(false, "amx_int8_sums: this build has no AMX-INT8");
+}
+
+void amx_w4a8(const int8_t*, int64_t, int64_t, const float*, const uint8_t*, int64_t, int64_t, const float*,
+              const float*, float*, int64_t) {
+  TORCH_CHECK(false, "amx_w4a8: this build has no AMX-INT8");
 }
 
 #endif

@@ -14,6 +14,7 @@ from optiserve.engine.weight_formats.int4 import int4_w4a8_matmul
 from optiserve.kernels.int8 import Int8GroupTensor
 from tests.engine.test_ops import cpu_flags
 from tests.kernels.test_packed_cpu import assert_rows_alone, packed
+from tests.kernels.utils import NO_AMX
 
 KERNEL = pl.load()
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="the packed CPU kernel is not built here")
@@ -51,7 +52,7 @@ def test_kernel_is_the_reference_bit_for_bit_for_1_to_20_rows(n, k):
     ops = pl.operands(W4A8, shards)
     gen = torch.Generator().manual_seed(k)
     b = torch.randn(2 * n, generator=gen)
-    for m in [1, 2, 3, 4, 5, 8, 13, 16, 20]:
+    for m in [1, 2, 3, 4, 5, 8, 13, 16, 20, 40]:  # 16+: AMX tiles where the CPU has AMX-INT8
         x = torch.randn(m, k, generator=gen) * 2
         got = assert_rows_alone(KERNEL, x, ops, b, ONE)
         assert torch.equal(got, torch.cat([int4_w4a8_matmul(x, w, ONE, None) for w in shards], -1) + b), (n, k, m)
@@ -59,8 +60,10 @@ def test_kernel_is_the_reference_bit_for_bit_for_1_to_20_rows(n, k):
 
 @pytest.mark.skipif(not {"avx512f", "avx2", "fma"} <= cpu_flags(), reason="builds for AVX2 on an AVX-512 CPU")
 def test_avx2_and_baseline_builds_give_the_same_bits():
-    """The AVX2 (`vpmaddubsw`) and plain x86-64 (scalar) builds sum the same integers: the same bits as here."""
-    builds = [pl.build(["-O3", "-march=haswell", "-fopenmp"]), pl.build(["-O3", "-march=x86-64", "-fopenmp"])]
+    """The AVX2 (`vpmaddubsw`), plain x86-64 (scalar) and, where the CPU has AMX, no-AMX builds sum the same
+    integers: the same bits as here (16 rows: AMX tiles here where there are some)."""
+    builds = [pl.build(["-O3", "-march=haswell", "-fopenmp"]), pl.build(["-O3", "-march=x86-64", "-fopenmp"]),
+              *([pl.build(NO_AMX)] if "amx_int8" in cpu_flags() else [])]
     gen = torch.Generator().manual_seed(4)
     for n, k in [(576, 576), (30, 37), (20, 260)]:
         ops = pl.operands(W4A8, packed("int4-w4a8", [(n, k)]))

@@ -16,6 +16,7 @@ from optiserve.engine.weight_formats import weight_format
 from tests.engine.test_ops import cpu_flags
 from tests.engine.test_speculative import assert_verify_equals_decode_steps
 from tests.kernels.test_packed_compute import quantized_default_model
+from tests.kernels.utils import NO_AMX
 
 KERNEL = pl.load()
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="the packed CPU kernel is not built here")
@@ -150,9 +151,8 @@ def int8_builds() -> list:
     AMX-INT8 (machines differ: each instruction set must give the same sums)."""
     flags = cpu_flags()
     avx2 = {"avx512f", "avx2", "fma"} <= flags
-    no_amx = ["-O3", "-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16", "-fopenmp"]
     return [KERNEL, *([pl.build(["-O3", "-march=haswell", "-fopenmp"])] if avx2 else []),
-            *([pl.build(no_amx)] if "amx_int8" in flags else [])]
+            *([pl.build(NO_AMX)] if "amx_int8" in flags else [])]
 
 
 def test_int8_w8a8_is_the_integer_product_with_vnni_or_avx2():

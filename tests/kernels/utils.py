@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+# This CPU's packed-kernel build without AMX tiles (`packed_linear.build(NO_AMX)`): where the CPU has AMX-INT8, the
+# VNNI loops it would otherwise skip for 16+ rows must give the same bits.
+NO_AMX = ["-O3", "-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16", "-fopenmp"]
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
