@@ -113,6 +113,39 @@ __attribute__((optimize("fp-contract=off"))) void add_group(const int32_t (&S)[T
   for (int64_t a = 0; a < rows; a++)
     for (int64_t o = 0; o < outs; o++) y[a][o] = y[a][o] + (float)S[a][o] * (xs[a * G + g] * ws[o * G + g]);
 }
+// The 2 x 2 sum tiles of input rows [i, i + 32) (the second 16 only if `second`) by the two weight strips B0, B1
+// over codes [t0, t1): S[c] for row tile c / 2 and strip c % 2. 4 sum, 2 input and 2 weight tiles: all 8.
+void tile_sums(const int8_t* A, int64_t i, int64_t lda, const int32_t* B0, const int32_t* B1, int64_t t0, int64_t t1,
+               bool second, int32_t (&S)[4][TILE][TILE]) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t t = t0; t < t1; t += TILE_K) {
+    _tile_loadd(4, A + i * lda + t, lda);
+    _tile_loadd(6, B0 + t / 4 * TILE, TILE_K);
+    _tile_loadd(7, B1 + t / 4 * TILE, TILE_K);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    if (second) {
+      _tile_loadd(5, A + (i + TILE) * lda + t, lda);
+      _tile_dpbssd(2, 5, 6);
+      _tile_dpbssd(3, 5, 7);
+    }
+  }
+  _tile_stored(0, S[0], TILE_K);
+  _tile_stored(1, S[1], TILE_K);
+  if (second) {
+    _tile_stored(2, S[2], TILE_K);
+    _tile_stored(3, S[3], TILE_K);
+  }
+}
+
+void load_tile_config() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; t++) cfg.rows[t] = TILE, cfg.bytes_per_row[t] = TILE_K;
+  _tile_loadconfig(&cfg);
+}
 }  // namespace
 
 bool amx_int8_available() {
@@ -122,9 +155,7 @@ bool amx_int8_available() {
 
 void amx_w4a8(const int8_t* A, int64_t m, int64_t ldq, const float* xs, const uint8_t* W, int64_t pairs, int64_t k,
               const float* ws, const float* b, float* Y, int64_t ldy) {
-  TileConfig cfg;
-  for (int t = 0; t < 8; t++) cfg.rows[t] = TILE, cfg.bytes_per_row[t] = TILE_K;
-  _tile_loadconfig(&cfg);
+  load_tile_config();
   const int64_t G = (k + 127) / 128, n = 2 * pairs;
   std::vector<int32_t> B(2 * ldq / 4 * TILE);
   int32_t* B0 = B.data();
@@ -136,37 +167,17 @@ void amx_w4a8(const int8_t* A, int64_t m, int64_t ldq, const float* xs, const ui
     regroup_w4_strip(W, r / 2 + TILE / 2, pairs, k, ldq, B1);
     for (int64_t i = 0; i < m; i += 2 * TILE) {
       const bool second = i + TILE < m;
+      const int tiles = second ? 4 : 2;
       std::memset(y, 0, sizeof y);
       for (int64_t g = 0; g < G; g++) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int64_t t = g * 128; t < std::min((g + 1) * 128, ldq); t += TILE_K) {
-          _tile_loadd(4, A + i * ldq + t, ldq);
-          _tile_loadd(6, B0 + t / 4 * TILE, TILE_K);
-          _tile_loadd(7, B1 + t / 4 * TILE, TILE_K);
-          _tile_dpbssd(0, 4, 6);
-          _tile_dpbssd(1, 4, 7);
-          if (second) {
-            _tile_loadd(5, A + (i + TILE) * ldq + t, ldq);
-            _tile_dpbssd(2, 5, 6);
-            _tile_dpbssd(3, 5, 7);
-          }
-        }
-        _tile_stored(0, S[0], TILE_K);
-        _tile_stored(1, S[1], TILE_K);
-        if (second) {
-          _tile_stored(2, S[2], TILE_K);
-          _tile_stored(3, S[3], TILE_K);
-        }
-        for (int c = 0; c < (second ? 4 : 2); c++) {  // c: row tile c / 2, output strip c % 2
+        tile_sums(A, i, ldq, B0, B1, g * 128, std::min((g + 1) * 128, ldq), second, S);
+        for (int c = 0; c < tiles; c++) {
           const int64_t i0 = i + c / 2 * TILE, o0 = r + c % 2 * TILE;
           if (o0 < n)
             add_group(S[c], y[c], xs + i0 * G, ws + o0 * G, G, g, std::min(TILE, m - i0), std::min(TILE, n - o0));
         }
       }
-      for (int c = 0; c < (second ? 4 : 2); c++) {
+      for (int c = 0; c < tiles; c++) {
         const int64_t i0 = i + c / 2 * TILE, o0 = r + c % 2 * TILE;
         for (int64_t a = 0; a < std::min(TILE, m - i0); a++)
           for (int64_t o = 0; o < std::min(TILE, n - o0); o++)
@@ -177,48 +188,22 @@ void amx_w4a8(const int8_t* A, int64_t m, int64_t ldq, const float* xs, const ui
   _tile_release();
 }
 
-// Two weight strips (32 outputs) against two input tiles (32 rows) per pass over k: 4 sum tiles, 2 input tiles and
-// 2 weight tiles, the 8 tile registers.
+// Two weight strips (32 outputs) against two input tiles (32 rows) per pass over k (`tile_sums`).
 void amx_int8_sums(const int8_t* A, int64_t m, int64_t kp, const int8_t* W, int64_t n, int64_t k, int32_t* S,
                    int64_t out_stride) {
-  TileConfig cfg;
-  for (int t = 0; t < 8; t++) cfg.rows[t] = TILE, cfg.bytes_per_row[t] = TILE_K;
-  _tile_loadconfig(&cfg);
+  load_tile_config();
   std::vector<int32_t> B(2 * kp / 4 * TILE);
   int32_t* B0 = B.data();
   int32_t* B1 = B0 + kp / 4 * TILE;
-  alignas(64) int32_t C[TILE][TILE];
+  alignas(64) int32_t C[4][TILE][TILE];
   for (int64_t r = 0; r < n; r += 2 * TILE) {
     regroup_strip(W, r, n, k, kp, B0);
     regroup_strip(W, r + TILE, n, k, kp, B1);
     for (int64_t i = 0; i < m; i += 2 * TILE) {
       const bool second = i + TILE < m;  // a second input tile (A holds rows up to m rounded up to 16)
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t t = 0; t < kp; t += TILE_K) {
-        _tile_loadd(4, A + i * kp + t, kp);
-        _tile_loadd(6, B0 + t / 4 * TILE, TILE_K);
-        _tile_loadd(7, B1 + t / 4 * TILE, TILE_K);
-        _tile_dpbssd(0, 4, 6);
-        _tile_dpbssd(1, 4, 7);
-        if (second) {
-          _tile_loadd(5, A + (i + TILE) * kp + t, kp);
-          _tile_dpbssd(2, 5, 6);
-          _tile_dpbssd(3, 5, 7);
-        }
-      }
-      _tile_stored(0, C, TILE_K);
-      store_sums(C, i, m, r, n, S, out_stride);
-      _tile_stored(1, C, TILE_K);
-      store_sums(C, i, m, r + TILE, n, S, out_stride);
-      if (second) {
-        _tile_stored(2, C, TILE_K);
-        store_sums(C, i + TILE, m, r, n, S, out_stride);
-        _tile_stored(3, C, TILE_K);
-        store_sums(C, i + TILE, m, r + TILE, n, S, out_stride);
-      }
+      tile_sums(A, i, kp, B0, B1, 0, kp, second, C);
+      for (int c = 0; c < (second ? 4 : 2); c++)
+        store_sums(C[c], i + c / 2 * TILE, m, r + c % 2 * TILE, n, S, out_stride);
     }
   }
   _tile_release();
