@@ -18,10 +18,10 @@
 #include <immintrin.h>
 #endif
 
-constexpr int64_t GROUP = 128;  // INT4's group: the weight scales and the activation scales share it
 constexpr int64_t CHUNK = 64;   // activation rows are zero-padded to a multiple of this
 
-// One call's activations: per row the codes (zero-padded to `ldq`), and per (row, group) the scale and code sum.
+// One call's activations: per row the codes (zero-padded to `ldq`), and per (row, group) the scale and the code sum
+// (the one-row kernels' correction for their unsigned nibbles; the AMX path sign-extends them and needs none).
 struct Int8Groups {
   int64_t groups, ldq;
   std::vector<int8_t> q;
@@ -30,26 +30,26 @@ struct Int8Groups {
 };
 
 // Per group: scale = amax / 127 (1 for an all-zero group), code = int8_code(x, scale) (`Int8GroupTensor`).
-static Int8Groups quantize_groups(const float* X, int64_t m, int64_t k) {
-  Int8Groups a{(k + GROUP - 1) / GROUP, (k + CHUNK - 1) / CHUNK * CHUNK, {}, {}, {}};
+static Int8Groups quantize_groups(const float* X, int64_t m, int64_t k, bool sums) {
+  Int8Groups a{(k + W4A8_GROUP - 1) / W4A8_GROUP, (k + CHUNK - 1) / CHUNK * CHUNK, {}, {}, {}};
   a.q.assign((m + 15) / 16 * 16 * a.ldq, 0);  // rows to a whole AMX tile: zeros add nothing
   a.scale.resize(m * a.groups);
-  a.sum.resize(m * a.groups);
+  if (sums) a.sum.resize(m * a.groups);
   for (int64_t i = 0; i < m; i++)
     for (int64_t g = 0; g < a.groups; g++) {
-      const float* x = X + i * k + g * GROUP;
-      const int64_t n = std::min(GROUP, k - g * GROUP);
+      const float* x = X + i * k + g * W4A8_GROUP;
+      const int64_t n = std::min(W4A8_GROUP, k - g * W4A8_GROUP);
       float amax = 0.0f;
       for (int64_t j = 0; j < n; j++) amax = std::max(amax, std::fabs(x[j]));
       const float s = amax / 127.0f == 0.0f ? 1.0f : amax / 127.0f;
       int32_t sum = 0;
       for (int64_t j = 0; j < n; j++) {
         const int8_t c = (int8_t)int8_code(x[j], s);
-        a.q[i * a.ldq + g * GROUP + j] = c;
+        a.q[i * a.ldq + g * W4A8_GROUP + j] = c;
         sum += c;
       }
       a.scale[i * a.groups + g] = s;
-      a.sum[i * a.groups + g] = sum;
+      if (sums) a.sum[i * a.groups + g] = sum;
     }
   return a;
 }
@@ -81,7 +81,7 @@ static void group_sums(const uint8_t* W, int64_t k, const int8_t* Xq, int64_t ld
     __m512i acc[2 * P][M];
     for (int r = 0; r < 2 * P; r++)
       for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_si512();
-    for (int64_t j = g * GROUP; j < std::min(k, (g + 1) * GROUP); j += CHUNK) {
+    for (int64_t j = g * W4A8_GROUP; j < std::min(k, (g + 1) * W4A8_GROUP); j += CHUNK) {
       const __mmask64 in_row = j + CHUNK <= k ? ~0ULL : (1ULL << (k - j)) - 1;  // past k: code 0 x input 0
       __m512i x[M];
       for (int m = 0; m < M; m++) x[m] = _mm512_loadu_si512(Xq + m * ldq + j);
@@ -112,7 +112,7 @@ static void group_sums(const uint8_t* W, int64_t k, const int8_t* Xq, int64_t ld
     __m256i acc[2 * P][M];
     for (int r = 0; r < 2 * P; r++)
       for (int m = 0; m < M; m++) acc[r][m] = _mm256_setzero_si256();
-    for (int64_t j = g * GROUP; j < std::min(k, (g + 1) * GROUP); j += 32) {
+    for (int64_t j = g * W4A8_GROUP; j < std::min(k, (g + 1) * W4A8_GROUP); j += 32) {
       __m256i x[M];
       for (int m = 0; m < M; m++) x[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Xq + m * ldq + j));
       for (int p = 0; p < P; p++) {
@@ -144,7 +144,7 @@ static void group_sums(const uint8_t* W, int64_t k, const int8_t* Xq, int64_t ld
     for (int p = 0; p < P; p++)
       for (int m = 0; m < M; m++) {
         int32_t even = 0, odd = 0;
-        for (int64_t j = g * GROUP; j < std::min(k, (g + 1) * GROUP); j++) {
+        for (int64_t j = g * W4A8_GROUP; j < std::min(k, (g + 1) * W4A8_GROUP); j++) {
           const uint8_t b = W[p * k + j] ^ 0x88;
           even += (b & 0x0F) * Xq[m * ldq + j];
           odd += (b >> 4) * Xq[m * ldq + j];
@@ -165,7 +165,7 @@ __attribute__((optimize("fp-contract=off"))) static void w4a8_block(const uint8_
                                                                     float* Y, int64_t ldy) {
   constexpr int L = 2 * P * M;
   const int64_t G = a.groups;
-  int32_t S[L * ((4096 + GROUP - 1) / GROUP)];  // [G, L]; k <= 4096 is checked by the caller
+  int32_t S[L * ((4096 + W4A8_GROUP - 1) / W4A8_GROUP)];  // [G, L]; k <= 4096 is checked by the caller
   group_sums<P, M>(codes, k, a.q.data() + i * a.ldq, a.ldq, G, S);
   float y[L] = {};
   for (int64_t g = 0; g < G; g++) {
@@ -212,8 +212,8 @@ at::Tensor int4_w4a8_linear(const at::Tensor& x, const std::vector<at::Tensor>& 
   shape.back() = out;
   at::Tensor y = at::empty(shape, x.options());
   if (m == 0 || out == 0) return y;
-  const Int8Groups a = quantize_groups(x2.data_ptr<float>(), m, k);
-  const bool tiles = m >= 16 && amx_int8_available();  // many rows: AMX tiles where there are some
+  const bool tiles = m >= AMX_MIN_ROWS && amx_int8_available();
+  const Int8Groups a = quantize_groups(x2.data_ptr<float>(), m, k, !tiles);
   float* Y = y.data_ptr<float>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   for (size_t s = 0, col0 = 0; s < codes.size(); col0 += 2 * codes[s].size(0), s++) {
@@ -223,8 +223,8 @@ at::Tensor int4_w4a8_linear(const at::Tensor& x, const std::vector<at::Tensor>& 
       const int64_t col = col0 + 2 * p0;
       const float* bp = b ? b + col : nullptr;
       if (tiles)
-        return amx_w4a8(a.q.data(), m, a.ldq, a.scale.data(), W + p0 * k, p1 - p0, k, ws + 2 * p0 * a.groups, bp,
-                        Y + col, out);
+        return amx_w4a8(a.q.data(), m, a.ldq, a.scale.data(), a.groups, W + p0 * k, p1 - p0, k,
+                        ws + 2 * p0 * a.groups, bp, Y + col, out);
       for_row_blocks(m, [&]<int M>(int64_t i) {
         w4a8_rows<M>(W + p0 * k, ws + 2 * p0 * a.groups, p1 - p0, k, a, i, bp, Y + i * out + col, out);
       });
@@ -237,9 +237,9 @@ at::Tensor int4_w4a8_linear(const at::Tensor& x, const std::vector<at::Tensor>& 
 at::Tensor int8_group_fake_quant(const at::Tensor& x) {
   at::Tensor x2 = x.contiguous(), y = at::empty_like(x2);
   const int64_t k = x2.dim() ? x2.size(-1) : 1, m = k ? x2.numel() / k : 0;
-  const Int8Groups a = quantize_groups(x2.data_ptr<float>(), m, k);
+  const Int8Groups a = quantize_groups(x2.data_ptr<float>(), m, k, false);
   float* Y = y.data_ptr<float>();
   for (int64_t i = 0; i < m; i++)
-    for (int64_t j = 0; j < k; j++) Y[i * k + j] = a.q[i * a.ldq + j] * a.scale[i * a.groups + j / GROUP];
+    for (int64_t j = 0; j < k; j++) Y[i * k + j] = a.q[i * a.ldq + j] * a.scale[i * a.groups + j / W4A8_GROUP];
   return y;
 }

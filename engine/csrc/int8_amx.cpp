@@ -153,10 +153,10 @@ bool amx_int8_available() {
   return granted;
 }
 
-void amx_w4a8(const int8_t* A, int64_t m, int64_t ldq, const float* xs, const uint8_t* W, int64_t pairs, int64_t k,
-              const float* ws, const float* b, float* Y, int64_t ldy) {
+void amx_w4a8(const int8_t* A, int64_t m, int64_t ldq, const float* xs, int64_t G, const uint8_t* W, int64_t pairs,
+              int64_t k, const float* ws, const float* b, float* Y, int64_t ldy) {
   load_tile_config();
-  const int64_t G = (k + 127) / 128, n = 2 * pairs;
+  const int64_t n = 2 * pairs;
   std::vector<int32_t> B(2 * ldq / 4 * TILE);
   int32_t* B0 = B.data();
   int32_t* B1 = B0 + ldq / 4 * TILE;
@@ -170,7 +170,7 @@ void amx_w4a8(const int8_t* A, int64_t m, int64_t ldq, const float* xs, const ui
       const int tiles = second ? 4 : 2;
       std::memset(y, 0, sizeof y);
       for (int64_t g = 0; g < G; g++) {
-        tile_sums(A, i, ldq, B0, B1, g * 128, std::min((g + 1) * 128, ldq), second, S);
+        tile_sums(A, i, ldq, B0, B1, g * W4A8_GROUP, std::min((g + 1) * W4A8_GROUP, ldq), second, S);
         for (int c = 0; c < tiles; c++) {
           const int64_t i0 = i + c / 2 * TILE, o0 = r + c % 2 * TILE;
           if (o0 < n)
@@ -217,8 +217,8 @@ void amx_int8_sums(const int8_t*, int64_t, int64_t, const int8_t*, int64_t, int6
   TORCH_CHECK(false, "amx_int8_sums: this build has no AMX-INT8");
 }
 
-void amx_w4a8(const int8_t*, int64_t, int64_t, const float*, const uint8_t*, int64_t, int64_t, const float*,
-              const float*, float*, int64_t) {
+void amx_w4a8(const int8_t*, int64_t, int64_t, const float*, int64_t, const uint8_t*, int64_t, int64_t,
+              const float*, const float*, float*, int64_t) {
   TORCH_CHECK(false, "amx_w4a8: this build has no AMX-INT8");
 }
 

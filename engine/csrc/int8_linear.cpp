@@ -86,8 +86,6 @@ __attribute__((optimize("no-tree-vectorize"))) static void dot_block(const uint8
 #ifdef INT8_INTEGER_PATH
 bool int8_integer_path() { return true; }
 
-constexpr int64_t AMX_MIN_ROWS = 16;  // from this many input rows on, AMX tiles where the CPU has them
-
 template <int M>
 static void dot_rows(const uint8_t* X, int64_t ldx, const int8_t* W, int64_t n, int64_t k, int64_t out_stride,
                      int32_t* S) {

@@ -36,14 +36,16 @@ at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std:
 // t < k of A[i, t] * W[r, t] for i < m, r < n; A int8 [m rounded up to 16, kp] (zeros past k), kp = k rounded up to
 // 64; W int8 [n, k].
 bool amx_int8_available();
+constexpr int64_t AMX_MIN_ROWS = 16;  // from this many input rows on, the INT8 and W4A8 kernels take AMX tiles
 void amx_int8_sums(const int8_t* A, int64_t m, int64_t kp, const int8_t* W, int64_t n, int64_t k, int32_t* S,
                    int64_t out_stride);
 // INT4 W4A8 on the same tiles: Y[i * ldy + o] for rows i < m and outputs o < 2 pairs, exactly as int4_w4a8.cpp's
 // one-row kernel computes them (exact sums per 128-group, then its epilogue in its order); A the int8 codes
 // [m rounded up to 16, ldq] (ldq = k rounded up to 64, zeros past k), xs their scales [m, groups], W the packed pairs
 // [pairs, k], ws the weight scales [2 pairs, groups], b the bias or null.
-void amx_w4a8(const int8_t* A, int64_t m, int64_t ldq, const float* xs, const uint8_t* W, int64_t pairs, int64_t k,
-              const float* ws, const float* b, float* Y, int64_t ldy);
+constexpr int64_t W4A8_GROUP = 128;  // INT4's group: the weight scales and the activation scales share it
+void amx_w4a8(const int8_t* A, int64_t m, int64_t ldq, const float* xs, int64_t groups, const uint8_t* W,
+              int64_t pairs, int64_t k, const float* ws, const float* b, float* Y, int64_t ldy);
 
 // INT4 weights x int8 activations per row and 128-group, as exact integer sums per group (int4_w4a8.cpp): what
 // `packed_linear` runs for INT4 weights with `act_format` ACT_INT8_GROUPS.
