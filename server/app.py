@@ -54,6 +54,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
+        await app.state.engine_client.warm_up()  # uvicorn listens once this returns
         yield
         engine.stop()
 

@@ -54,7 +54,7 @@ class ServeBenchConfig:
 @dataclass
 class StreamTiming:
     ttft_s: float
-    chunk_times: list[float]  # perf_counter of each content chunk
+    chunk_times: list[float]  # perf_counter of each chunk that carries a token
     tokens: int
     sent: int = 0  # the request's place in the level's sending order
 
@@ -94,8 +94,8 @@ async def stream_one(client: httpx.AsyncClient, model: str, messages: list[dict]
         async for chunk in sse_chunks(r):
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                times.append(time.perf_counter())
+            elif chunk["choices"] and "role" not in chunk["choices"][0]["delta"]:
+                times.append(time.perf_counter())  # a token's chunk, with text or not (a special token has none)
     return StreamTiming(times[0] - start if times else float("nan"), times, tokens)
 
 
@@ -129,6 +129,7 @@ def summarize_level(concurrency: int, timings: list[StreamTiming], elapsed: floa
             "decode_tok_s_per_request_median": statistics.median(rates) if rates else None,
             "ttft_s": percentiles([t.ttft_s for t in timings]),
             "itl_s": percentiles([d for t in timings for d in t.inter_token_s]),
+            "itl_samples": sum(len(t.inter_token_s) for t in timings),
             "steady_requests": len(steady),
             "ttft_s_steady": percentiles([t.ttft_s for t in steady]),
             "itl_s_steady": percentiles([d for t in steady for d in t.inter_token_s]),

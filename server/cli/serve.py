@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 from optiserve.engine.config import MIN_BATCHED_TOKENS, EngineConfig
@@ -104,6 +105,10 @@ def serve(args: argparse.Namespace) -> None:
     req = quant_request(args)
     engine = on_own_thread(start_engine, cfg, req, args.no_swap)
     app = create_app(engine, args.served_model_name, options, req)
+    # Start-up left ~a million long-lived objects (torch, transformers, the model); frozen, a full collection
+    # no longer walks them, so it pauses the engine thread for milliseconds instead of ~0.3 s (as vLLM and SGLang do)
+    gc.collect()
+    gc.freeze()
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=int(args.drain_timeout))
     DrainingServer(config, app).run()

@@ -48,6 +48,7 @@ def test_bench_serve_reports_http_beside_the_engine(tmp_path):
     for lvl in result["levels"]:
         assert lvl["requests"] == 4 and lvl["output_tok_s"] > 0 and lvl["ttft_s"]["p50"] > 0
         assert lvl["steady_requests"] == 4 - lvl["concurrency"] and lvl["itl_s_steady"]["p99"] > 0
+        assert lvl["itl_samples"] == 4 * (8 - 1)  # a gap per token after the first, special tokens included
         assert lvl["ttft_first_s"] > 0 and lvl["ttft_later_p50_s"] > 0
     assert result["engine_decode_tok_s_median"] > 0 and result["http_vs_engine"] > 0
     assert result["batch_decode_step_s"] > 0 and result["itl_p99_vs_decode_step"] > 0

@@ -192,6 +192,18 @@ def test_failed_swap_answers_an_error_and_keeps_serving(small_engine, tmp_path):
         assert r.status_code == 200
 
 
+def test_start_up_warm_up_runs_the_engine_but_is_no_request(small_engine):
+    """The lifespan sends one short chat through the engine before the server listens (its first prompt chunk
+    and decode steps cost more than later ones); the request metrics do not count it."""
+    queried = small_engine.stats().prefix_cache_queries
+    with TestClient(create_app(small_engine)) as client:
+        assert small_engine.stats().prefix_cache_queries > queried  # its prompt went through the scheduler
+        text = client.get("/metrics").text
+    counted = [line for line in text.splitlines() if line.startswith(("optiserve:request_success_total",
+                                                                      "optiserve:prompt_tokens_total"))]
+    assert all(float(line.split()[-1]) == 0 for line in counted), counted  # a labelled counter has no line at 0
+
+
 def test_dead_engine_thread_is_503_at_once(small_engine):
     """In-process: the app over an engine whose thread has stopped (as a crash would leave it)."""
     engine = small_engine
