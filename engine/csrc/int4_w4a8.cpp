@@ -212,7 +212,7 @@ at::Tensor int4_w4a8_linear(const at::Tensor& x, const std::vector<at::Tensor>& 
   shape.back() = out;
   at::Tensor y = at::empty(shape, x.options());
   if (m == 0 || out == 0) return y;
-  const bool tiles = m >= AMX_MIN_ROWS && amx_int8_available();
+  const bool tiles = m >= AMX_MIN_ROWS_W4A8 && amx_int8_available();
   const Int8Groups a = quantize_groups(x2.data_ptr<float>(), m, k, !tiles);
   float* Y = y.data_ptr<float>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;

@@ -136,7 +136,7 @@ at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std:
   const float* X = x2.data_ptr<float>();
   // Many rows: AMX tiles where there are some, on signed codes in rows padded to whole tiles (zeros add nothing);
   // else the codes + X_OFFSET.
-  const bool tiles = m >= AMX_MIN_ROWS && amx_int8_available();
+  const bool tiles = m >= AMX_MIN_ROWS_INT8 && amx_int8_available();
   const int64_t kp = tiles ? (k + 63) / 64 * 64 : k;
   std::vector<uint8_t> xq(tiles ? (m + 15) / 16 * 16 * kp : m * k);
   for (int64_t i = 0; i < m; i++) quantize_codes(X + i * k, k, sx, tiles ? 0 : X_OFFSET, xq.data() + i * kp);

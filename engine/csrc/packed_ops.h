@@ -36,7 +36,10 @@ at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std:
 // t < k of A[i, t] * W[r, t] for i < m, r < n; A int8 [m rounded up to 16, kp] (zeros past k), kp = k rounded up to
 // 64; W int8 [n, k].
 bool amx_int8_available();
-constexpr int64_t AMX_MIN_ROWS = 16;  // from this many input rows on, the INT8 and W4A8 kernels take AMX tiles
+// From this many input rows on, the INT8 and W4A8 kernels take AMX tiles: one tile pass reads each weight once for
+// all rows, where the one-row kernels read it once per 1-4 rows but skip the regrouping (crossovers in the README).
+constexpr int64_t AMX_MIN_ROWS_INT8 = 5;
+constexpr int64_t AMX_MIN_ROWS_W4A8 = 8;
 void amx_int8_sums(const int8_t* A, int64_t m, int64_t kp, const int8_t* W, int64_t n, int64_t k, int32_t* S,
                    int64_t out_stride);
 // INT4 W4A8 on the same tiles: Y[i * ldy + o] for rows i < m and outputs o < 2 pairs, exactly as int4_w4a8.cpp's
