@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from optiserve.engine.config import SamplingParams
 from optiserve.engine.llm_engine import EngineDeadError, LLMEngine
+from optiserve.engine.request_checks import RequestError
 from optiserve.engine.sequence import Request, RequestOutput, SeqOutput, SpecStats
 
 from .metrics import ServerMetrics
@@ -79,8 +80,9 @@ class EngineClient:
         cost ~0.1 s more than later ones here, which a user's first request would otherwise wait for (SGLang
         sends such a request at start-up too). Not counted in the request metrics."""
         tok = self.engine.tokenizer
-        text = tok.apply_chat_template([{"role": "user", "content": "Name three primary colors, please."}],
-                                       add_generation_prompt=True, tokenize=False)
+        question = "Name three primary colors and say where each one is seen in nature. " * 8  # ~120 tokens: a chunk
+        text = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                       tokenize=False)
         loop, done = asyncio.get_running_loop(), asyncio.Event()
 
         def emit(out: RequestOutput) -> None:
@@ -90,8 +92,12 @@ class EngineClient:
                 loop.call_soon_threadsafe(done.set)
 
         params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-        self.engine.add_request(Request(f"warm-up-{uuid.uuid4().hex}", tok(text, add_special_tokens=False).input_ids,
-                                        params, emit))
+        ids = tok(text, add_special_tokens=False).input_ids[: self.engine.max_model_len - params.max_tokens]
+        try:
+            self.engine.add_request(Request(f"warm-up-{uuid.uuid4().hex}", ids, params, emit))
+        except RequestError as e:  # a context or KV pool too small for it: nothing to warm up
+            log.warning("no start-up warm-up request: %s", e)
+            return
         await done.wait()
 
     def _deliver(self, sub: Submission, out: RequestOutput) -> None:
