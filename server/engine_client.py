@@ -75,10 +75,10 @@ class EngineClient:
         return [self._stream(sub) for sub in subs]
 
     async def warm_up(self) -> None:
-        """One short chat through the chat template and the engine before the server takes requests: the first
-        render of the template and the engine's first prompt chunk and decode steps (its worker pool, buffers)
-        cost ~0.1 s more than later ones here, which a user's first request would otherwise wait for (SGLang
-        sends such a request at start-up too). Not counted in the request metrics."""
+        """One chat through the chat template and the engine before the server takes requests: the first render
+        of the template and the engine's first prompt chunk and decode steps (its worker pool, buffers) cost
+        50-100 ms more than later ones here, which a user's first request would otherwise wait for (SGLang sends
+        such a request at start-up too). Not counted in the request metrics."""
         tok = self.engine.tokenizer
         question = "Name three primary colors and say where each one is seen in nature. " * 8  # ~120 tokens: a chunk
         text = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
