@@ -1,7 +1,8 @@
-// INT8 code products on AMX tiles (Intel AMX-INT8: Sapphire Rapids and later), for `int8_integer_linear` when it
-// has many input rows (prompt chunks): one `tdpbssd` multiplies a 16 x 64 block of input codes by 64 x 16 weight
-// codes into 16 x 16 int32 sums, 16x the products of an AVX-512 `vpdpbusd`. The sums are exact integers, so they
-// are the VNNI loop's sums whatever the order: every row keeps the bits of a one-row call.
+// INT8 code products on AMX tiles (Intel AMX-INT8: Sapphire Rapids and later), for `int8_integer_linear` from
+// AMX_MIN_ROWS_INT8 input rows on (a verify, a batch decode step, prompt chunks): one `tdpbssd` multiplies a
+// 16 x 64 block of input codes by 64 x 16 weight codes into 16 x 16 int32 sums, 16x the products of an AVX-512
+// `vpdpbusd`. The sums are exact integers, so they are the VNNI loop's sums whatever the order: every row keeps
+// the bits of a one-row call.
 //
 // A tile multiply wants the weights as 4-code groups of 16 outputs side by side (B[k/4][16 outputs][4 codes]);
 // the codes are stored [outputs, k] for the one-row kernels, so each thread regroups a strip of 16 outputs at a

@@ -6,7 +6,7 @@ import torch
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 # This CPU's packed-kernel build without AMX tiles (`packed_linear.build(NO_AMX)`): where the CPU has AMX-INT8, the
-# VNNI loops it would otherwise skip for 16+ rows must give the same bits.
+# VNNI loops it would otherwise skip from `AMX_MIN_ROWS_*` rows on (csrc/packed_ops.h) must give the same bits.
 NO_AMX = ["-O3", "-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16", "-fopenmp"]
 
 

@@ -193,8 +193,9 @@ def test_failed_swap_answers_an_error_and_keeps_serving(small_engine, tmp_path):
 
 
 def test_start_up_warm_up_runs_the_engine_but_is_no_request(small_engine):
-    """The lifespan sends one short chat through the engine before the server listens (its first prompt chunk
-    and decode steps cost more than later ones); the request metrics do not count it."""
+    """The lifespan sends one chat (~120 tokens, cut to the context) through the engine before the server
+    listens (its first prompt chunk and decode steps cost more than later ones); the request metrics do not count
+    it."""
     queried = small_engine.stats().prefix_cache_queries
     with TestClient(create_app(small_engine)) as client:
         assert small_engine.stats().prefix_cache_queries > queried  # its prompt went through the scheduler
