@@ -1,5 +1,5 @@
 // INT8 code products on AMX tiles (Intel AMX-INT8: Sapphire Rapids and later), for `int8_integer_linear` from
-// AMX_MIN_ROWS_INT8 input rows on (a verify, a batch decode step, prompt chunks): one `tdpbssd` multiplies a
+// AMX_MIN_ROWS_INT8 input rows on (prompt chunks, large verifies and batches): one `tdpbssd` multiplies a
 // 16 x 64 block of input codes by 64 x 16 weight codes into 16 x 16 int32 sums, 16x the products of an AVX-512
 // `vpdpbusd`. The sums are exact integers, so they are the VNNI loop's sums whatever the order: every row keeps
 // the bits of a one-row call.

@@ -21,33 +21,49 @@ constexpr int X_OFFSET = 128;  // the input codes are stored + 128 (unsigned byt
 constexpr int ROWS = 4;        // weight rows a block: 4 x 4 accumulators + operands fit 32 registers
 
 // vpdpbusd multiplies unsigned by signed bytes, so inputs are stored offset by 128 (code + 128, in 0..255) and
-// 128 * sum(w) is taken back off: the row sum comes from the same loop (a vpdpbusd against ones).
+// 128 * sum(w) is taken back off (`wsum`: the weight rows' sums, computed once a block by `row_sums`).
 // Not auto-vectorized: GCC 12 turned the tail loop into a wrong byte dot product (tested: k = 37, codes < 0).
 template <int R, int M>
-__attribute__((optimize("no-tree-vectorize"))) static void dot_block(const uint8_t* X, int64_t ldx, const int8_t* W, int64_t k, int64_t out_stride, int32_t* S) {
-  __m512i acc[R][M], wsum[R];
-  const __m512i ones = _mm512_set1_epi8(1);
-  for (int r = 0; r < R; r++) {
-    wsum[r] = _mm512_setzero_si512();
+__attribute__((optimize("no-tree-vectorize"))) static void dot_block(const uint8_t* X, int64_t ldx, const int8_t* W,
+                                                                     int64_t k, const int32_t* wsum,
+                                                                     int64_t out_stride, int32_t* S) {
+  __m512i acc[R][M];
+  for (int r = 0; r < R; r++)
     for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_si512();
-  }
   int64_t j = 0;
   for (; j + 64 <= k; j += 64) {
     __m512i xv[M];
     for (int m = 0; m < M; m++) xv[m] = _mm512_loadu_si512(X + m * ldx + j);
     for (int r = 0; r < R; r++) {
-      __m512i w = _mm512_loadu_si512(W + r * k + j);
-      wsum[r] = _mm512_dpbusd_epi32(wsum[r], ones, w);
+      const __m512i w = _mm512_loadu_si512(W + r * k + j);
       for (int m = 0; m < M; m++) acc[r][m] = _mm512_dpbusd_epi32(acc[r][m], xv[m], w);
     }
   }
-  for (int r = 0; r < R; r++) {
-    int32_t ws = _mm512_reduce_add_epi32(wsum[r]);
-    for (int m = 0; m < M; m++) {
-      int32_t s = _mm512_reduce_add_epi32(acc[r][m]) - 128 * ws;
-      for (int64_t t = j; t < k; t++) s += ((int32_t)X[m * ldx + t] - 128) * W[r * k + t];
-      S[m * out_stride + r] = s;
+  for (int m = 0; m < M; m++) {
+    int32_t s[R];
+    if constexpr (R == 4) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(s), hsum4_epi32(acc[0][m], acc[1][m], acc[2][m], acc[3][m]));
+    } else {
+      for (int r = 0; r < R; r++) s[r] = _mm512_reduce_add_epi32(acc[r][m]);
     }
+    for (int r = 0; r < R; r++) {
+      int32_t t = s[r] - 128 * wsum[r];
+      for (int64_t i = j; i < k; i++) t += (int32_t)X[m * ldx + i] * W[r * k + i];  // wsum spans the tail too
+      S[m * out_stride + r] = t;
+    }
+  }
+}
+
+// wsum[r] = the sum of weight row r's codes, for n rows.
+static void row_sums(const int8_t* W, int64_t n, int64_t k, int32_t* wsum) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t r = 0; r < n; r++) {
+    __m512i acc = _mm512_setzero_si512();
+    int64_t j = 0;
+    for (; j + 64 <= k; j += 64) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512(W + r * k + j));
+    int32_t t = _mm512_reduce_add_epi32(acc);
+    for (; j < k; j++) t += W[r * k + j];
+    wsum[r] = t;
   }
 }
 
@@ -59,7 +75,9 @@ constexpr int ROWS = 2;  // 16 registers: 2 x 4 accumulators + operands
 
 // 16 codes at a time widened to int16; `vpmaddwd` adds adjacent products into int32 lanes (|sum| <= 2 * 128^2).
 template <int R, int M>
-__attribute__((optimize("no-tree-vectorize"))) static void dot_block(const uint8_t* X, int64_t ldx, const int8_t* W, int64_t k, int64_t out_stride, int32_t* S) {
+__attribute__((optimize("no-tree-vectorize"))) static void dot_block(const uint8_t* X, int64_t ldx, const int8_t* W,
+                                                                     int64_t k, const int32_t*, int64_t out_stride,
+                                                                     int32_t* S) {
   const int8_t* Xs = reinterpret_cast<const int8_t*>(X);
   __m256i acc[R][M];
   for (int r = 0; r < R; r++)
@@ -81,17 +99,37 @@ __attribute__((optimize("no-tree-vectorize"))) static void dot_block(const uint8
       S[m * out_stride + r] = s;
     }
 }
+
+static void row_sums(const int8_t*, int64_t, int64_t, int32_t*) {}  // signed codes: no offset to take off
 #endif
 
 #ifdef INT8_INTEGER_PATH
 bool int8_integer_path() { return true; }
 
 template <int M>
-static void dot_rows(const uint8_t* X, int64_t ldx, const int8_t* W, int64_t n, int64_t k, int64_t out_stride,
-                     int32_t* S) {
+static void dot_rows(const uint8_t* X, int64_t ldx, const int8_t* W, int64_t n, int64_t k, const int32_t* wsum,
+                     int64_t out_stride, int32_t* S) {
   int64_t r = 0;
-  for (; r + ROWS <= n; r += ROWS) dot_block<ROWS, M>(X, ldx, W + r * k, k, out_stride, S + r);
-  for (; r < n; r++) dot_block<1, M>(X, ldx, W + r * k, k, out_stride, S + r);
+  for (; r + ROWS <= n; r += ROWS) dot_block<ROWS, M>(X, ldx, W + r * k, k, wsum + r, out_stride, S + r);
+  for (; r < n; r++) dot_block<1, M>(X, ldx, W + r * k, k, wsum + r, out_stride, S + r);
+}
+
+// Input rows [0, m) of X against weight rows [r0, r1): a block of weight rows at a time, small enough to stay in L1
+// (a third of a 48 KB one) while every block of input rows passes over it, so each weight is read from memory once
+// for all rows.
+constexpr int64_t L1_BLOCK_BYTES = 16384;
+
+static void dot_all(const uint8_t* X, int64_t m, const int8_t* W, int64_t r0, int64_t r1, int64_t k, int32_t* S,
+                    int64_t out_stride) {
+  const int64_t block = std::max<int64_t>(ROWS, L1_BLOCK_BYTES / k / ROWS * ROWS);
+  std::vector<int32_t> wsum(block);
+  for (int64_t rb = r0; rb < r1; rb += block) {
+    const int64_t n = std::min(r1, rb + block) - rb;
+    row_sums(W + rb * k, n, k, wsum.data());
+    for_row_blocks(m, [&]<int M>(int64_t i) {
+      dot_rows<M>(X + i * k, k, W + rb * k, n, k, wsum.data(), out_stride, S + i * out_stride + rb);
+    });
+  }
 }
 
 // x [n] -> int8_code(x, sx) + offset as bytes (offset 0: the signed codes' bytes), 16 at a time with AVX-512.
@@ -151,9 +189,7 @@ at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std:
         amx_int8_sums(reinterpret_cast<const int8_t*>(xq.data()), m, kp, W + r0 * k, r1 - r0, k,
                       sums.data() + col0 + r0, out);
       else
-        for_row_blocks(m, [&]<int M>(int64_t i) {
-          dot_rows<M>(xq.data() + i * k, k, W + r0 * k, r1 - r0, k, out, sums.data() + i * out + col0 + r0);
-        });
+        dot_all(xq.data(), m, W, r0, r1, k, sums.data() + col0, out);
       for (int64_t i = 0; i < m; i++)
         scale_sums(sums.data() + i * out + col0, r0, r1, sx, ws, b ? b + col0 : nullptr, Y + i * out + col0);
     });

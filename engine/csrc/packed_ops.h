@@ -37,8 +37,9 @@ at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std:
 // 64; W int8 [n, k].
 bool amx_int8_available();
 // From this many input rows on, the INT8 and W4A8 kernels take AMX tiles: one tile pass reads each weight once for
-// all rows, where the one-row kernels read it once per 1-4 rows but skip the regrouping (crossovers in the README).
-constexpr int64_t AMX_MIN_ROWS_INT8 = 5;
+// all rows but regroups it into the tile layout on every call; the one-row kernels skip the regrouping (crossovers
+// in the README).
+constexpr int64_t AMX_MIN_ROWS_INT8 = 12;
 constexpr int64_t AMX_MIN_ROWS_W4A8 = 8;
 void amx_int8_sums(const int8_t* A, int64_t m, int64_t kp, const int8_t* W, int64_t n, int64_t k, int32_t* S,
                    int64_t out_stride);

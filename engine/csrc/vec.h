@@ -58,6 +58,17 @@ static inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
 }
 #endif
+#if defined(__AVX512F__)
+// The sums of four vectors' 16 int32 lanes, [sum(a), sum(b), sum(c), sum(d)] (exact in any order): interleaved adds
+// within each 128-bit lane, then the four lanes added — a quarter of four separate reductions' shuffles.
+static inline __m128i hsum4_epi32(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+#endif
 static inline void vstore(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
 
 static inline float dot(const float* a, const float* b, int64_t n) {
