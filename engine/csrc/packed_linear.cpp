@@ -175,13 +175,14 @@ struct Bf16Rows {
   Bf16Rows from(int64_t r) const { return {q + r * k, k}; }
 };
 
-// Input rows up to which the weights are decoded in registers for each pass of them (decode, verify); more share a
-// decoded tile (prefill). Both give the same bits.
-constexpr int64_t DIRECT_MAX_ROWS = 4;
+// Weights decoded in registers for each pass of up to 4 input rows, or decoded once into a tile that every pass
+// reads: both give the same bits. Rows decoded in registers cost less than a decoded tile for any number of input rows (every pass after the first
+// reads the tile's packed rows from L1), except FP8's, whose decode costs more than the tile's loads from 5 rows on.
+constexpr int64_t FP8_DIRECT_MAX_ROWS = 4;
 
 static bool direct_applies(Format fmt, int64_t m, int64_t k, int64_t group) {
   bool group_pow2 = fmt != INT4 || (group & (group - 1)) == 0;
-  return m <= DIRECT_MAX_ROWS && k % 16 == 0 && group_pow2;  // whole NVFP4 blocks, whole vectors
+  return (fmt != FP8 || m <= FP8_DIRECT_MAX_ROWS) && k % 16 == 0 && group_pow2;  // whole NVFP4 blocks, whole vectors
 }
 
 // Rows [r0, r0 + n) of `s` against every input row, decoded in registers (`direct_applies`); `steps` is room for
