@@ -195,23 +195,25 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor,
         cache: KVCache | None,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | TreeMask | None,
         capture: tuple[int, ...] = (),
         num_layers: int | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run the layers over `tokens` [B, S] at `positions` [B, S]; returns states [B, S, H] (before the final
         norm) and the outputs of the layers listed in `capture` (what an EAGLE-3 draft head reads).
 
-        `mask` [B, 1, G*S, L] bool, or None for a decode/verify step (see `Attention.forward`);
+        `mask` [B, 1, G*S, L] bool, None for a decode/verify step, or a draft tree's (see `Attention.forward`);
         `cache` None runs without a KV cache (training: the keys are the tokens given, `mask` must be causal);
         `num_layers` stops after that many layers (when only captured states are wanted)."""
         x = self.embed(tokens)
         freqs = self.rope_table[positions]  # [B, S, D/2, 2]
-        stack = self.layer_stack(x, cache, mask, num_layers)
+        tree = mask if isinstance(mask, TreeMask) and mask.dense is None else None  # one the kernel reads
+        stack = self.layer_stack(x, cache, None if tree is not None else mask, num_layers)
         if stack is not None:  # every layer in one kernel call
+            slots = positions if tree is None else tree.slots  # where rows are written (a tree's share positions)
             x, *captured = packed_linear.load().decoder_layers(
-                stack, x, freqs, cache.k, cache.v, cache.token_rows(positions), cache.block_table, positions,
-                list(capture))
+                stack, x, freqs, cache.k, cache.v, cache.token_rows(slots), cache.block_table, slots,
+                *ops.tree_operands(tree), list(capture))
             return x, captured
         captured = []
         for i, layer in enumerate(self.layers[:num_layers]):
@@ -223,7 +225,8 @@ class Transformer(nn.Module):
     def layer_stack(self, x: torch.Tensor, cache: KVCache | None, mask, num_layers: int | None):
         """The packed kernel's `LayerStack` of the first `num_layers` layers when `decoder_layers` computes this
         forward: every layer on the fused path (`DecoderLayer.fused_weights`), rows attending through the kernel
-        (`mask` None: prefill, decode, chain verify, ragged rows), unquantized fp32 KV pools; else None. Built once per
+        (`mask` None: prefill, decode, chain verify, ragged rows, a draft tree the kernel reads), unquantized fp32 KV
+        pools; else None. Built once per
         model and set of fused weights (served weights change by swapping models, or a linear's `fused`)."""
         if (cache is None or mask is not None or cache.kv_format != "none" or cache.k.dtype != torch.float32
                 or x.requires_grad or x.dtype != torch.float32 or not x.is_contiguous()):

@@ -177,7 +177,7 @@ def decode_attention(
     draft `tree`, row (b, s) attends the prefix and its ancestors instead (tree_attention.py), bit-identical to
     decode steps over its path. Packed pools (`KVPages`, FP8/NVFP4) are decoded as they are read; keys stored
     rotated (NVFP4) are scored against the query rotated alike, once per row and head. Returns [B, S, n_heads*D]."""
-    base, ancestors = (tree.base, tree.ancestors) if tree is not None else (_EMPTY, _EMPTY)
+    base, ancestors = tree_operands(tree)
     if isinstance(k_pages, torch.Tensor):
         return load().decode_attention(qkv, k_pages, v_pages, block_table, positions, n_heads, window,  # type: ignore
                                        base, ancestors)
@@ -186,6 +186,11 @@ def decode_attention(
     return load().decode_attention_packed(  # type: ignore
         q, k_pages.codes, _or_empty(k_pages.scales), v_pages.codes, _or_empty(v_pages.scales), k.format.kernel_code,
         k.scale_value, v.scale_value, block_table, positions, n_heads, window, base, ancestors)
+
+
+def tree_operands(tree: TreeMask | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A draft tree as the attention kernel takes it: (base [B], ancestors [B, S, T]), both empty for no tree."""
+    return (tree.base, tree.ancestors) if tree is not None else (_EMPTY, _EMPTY)
 
 
 def kv_store(k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> None:

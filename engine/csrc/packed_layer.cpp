@@ -42,24 +42,28 @@ struct LayerStack {
 };
 
 // Every layer of a forward whose rows all attend through the attention kernel (prefill, decode, chain verify,
-// ragged rows: no mask, no draft tree) over unquantized fp32 KV pools: per layer what `DecoderLayer.fused_forward`
-// and `Attention.attend` do, the same kernels in the same order (so the same bits), without the 30 x 6 calls from
-// Python that cost as much as small matmuls at 4-bit weights. x [B, S, hidden]; freqs [B, S, D/2, 2]; k/v_pools
-// [layers, N, bs, KV, D]; rows [B * S] the pools' token rows of `positions` [B, S]; block_table [B, nb].
-// Returns x after the layers, then the outputs of the layers listed in `capture` (the EAGLE head's features).
+// ragged rows, a draft tree the kernel takes) over unquantized fp32 KV pools: per layer what
+// `DecoderLayer.fused_forward` and `Attention.attend` do, the same kernels in the same order (so the same bits),
+// without the 30 x 6 calls from Python that cost as much as small matmuls at 4-bit weights. x [B, S, hidden];
+// freqs [B, S, D/2, 2] (RoPE at the rows' positions); k/v_pools [layers, N, bs, KV, D]; rows [B * S] the pools'
+// token rows of `slots` [B, S], the cache indices the rows are written at and attend up to (their positions, but
+// for a tree's); block_table [B, nb]; tree_base [B] and tree_ancestors [B, S, T] a draft tree's (tree_attention.py),
+// or empty. Returns x after the layers, then the outputs of the layers listed in `capture` (the EAGLE head's
+// features).
 std::vector<at::Tensor> decoder_layers(const LayerStack& st, at::Tensor x, const at::Tensor& freqs,
                                        const at::Tensor& k_pools, const at::Tensor& v_pools, const at::Tensor& rows,
-                                       const at::Tensor& block_table, const at::Tensor& positions,
+                                       const at::Tensor& block_table, const at::Tensor& slots,
+                                       const at::Tensor& tree_base, const at::Tensor& tree_ancestors,
                                        const std::vector<int64_t>& capture) {
   const int64_t B = x.size(0), S = x.size(1), H = st.n_heads, KV = st.n_kv, D = k_pools.size(-1);
-  const at::Tensor no_tree = at::empty({0}, at::kLong);
   std::vector<at::Tensor> out{x};
   for (size_t l = 0; l < st.qkv.size(); l++) {
     at::Tensor qkv = apply(st.qkv[l], rms_norm(x, st.attn_norm[l], st.eps)).view({B, S, H + 2 * KV, D});
     rope_(qkv, freqs, H + KV);  // q and k, in place
     at::Tensor k_pool = k_pools.select(0, l), v_pool = v_pools.select(0, l);
     kv_store(qkv.narrow(2, H, KV), qkv.narrow(2, H + KV, KV), rows, k_pool, v_pool);
-    at::Tensor attn = decode_attention(qkv, k_pool, v_pool, block_table, positions, H, st.window, no_tree, no_tree);
+    at::Tensor attn = decode_attention(qkv, k_pool, v_pool, block_table, slots, H, st.window, tree_base,
+                                       tree_ancestors);
     x = mlp_add(linear_add(st.o[l], attn, x), st.mlp_norm[l], st.eps, st.gate_up[l], st.down[l]);
     if (std::find(capture.begin(), capture.end(), static_cast<int64_t>(l)) != capture.end()) out.push_back(x);
   }

@@ -12,6 +12,7 @@ from optiserve.engine import packed_linear as pl
 from optiserve.engine.model import Transformer
 from optiserve.engine.quant import QuantLinear, quantize_fused, quantize_weight, weight_bytes
 from optiserve.engine.runner import ModelRunner
+from optiserve.engine.tree_attention import ancestor_matrix, depths
 from optiserve.engine.weight_formats import weight_format
 from tests.engine.test_ops import cpu_flags
 from tests.engine.test_speculative import assert_verify_equals_decode_steps
@@ -156,10 +157,11 @@ def int8_builds() -> list:
 
 
 def test_int8_w8a8_is_the_integer_product_with_vnni_or_avx2():
-    """With AVX512-VNNI (`vpdpbusd`), AMX-INT8 tiles (5+ rows: a part of one tile, one, two) or AVX2
-    (`vpmaddwd`), INT8 W8A8 sums integer code products exactly, then scales: the bits of the GPU path (`int8_matmul`:
-    `torch._int_mm`, scales, bias), for any number of rows, odd K and codes of -128. Without VNNI or AVX2, the
-    kernel multiplies the quantized values in fp32: the product up to summation order."""
+    """With AVX512-VNNI (`vpdpbusd`; blocks of weight rows that 1-4 input rows at a time pass over), AMX-INT8 tiles
+    (12+ rows: a part of one tile, one, three) or AVX2 (`vpmaddwd`), INT8 W8A8 sums integer code products exactly,
+    then scales: the bits of the GPU path (`int8_matmul`: `torch._int_mm`, scales, bias), for any number of rows,
+    odd K and codes of -128. Without VNNI or AVX2, the kernel multiplies the quantized values in fp32: the product
+    up to summation order."""
     from optiserve.engine.weight_formats.int8 import int8_matmul
 
     f, gen = weight_format("int8"), torch.Generator().manual_seed(9)
@@ -167,7 +169,7 @@ def test_int8_w8a8_is_the_integer_product_with_vnni_or_avx2():
         for n, k in [(576, 576), (576, 1536), (30, 37), (20, 80)]:
             shards = [quantize_weight("int8", torch.randn(r, k, generator=gen)) for r in (n, n // 2 + 1)]
             ops, b = pl.operands(f, shards), torch.randn(n + n // 2 + 1, generator=gen)
-            for m in (1, 3, 4, 5, 8, 16, 40):  # 5+: AMX where the CPU has AMX-INT8
+            for m in (1, 3, 4, 5, 8, 11, 12, 16, 40):  # 12+: AMX where the CPU has AMX-INT8
                 x = torch.randn(m, k, generator=gen) * 2
                 scale = f.activations.input_scale(x.abs().amax() * 0.7)  # some inputs saturate (to -128 too)
                 got = assert_rows_alone(kernel, x, ops, b, scale)
@@ -179,11 +181,11 @@ def test_int8_w8a8_is_the_integer_product_with_vnni_or_avx2():
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_fused_layer_steps_give_the_modules_results_bit_for_bit(engine, chat_prompt_ids, fmt, monkeypatch):
-    """Every format runs a forward whose rows attend through the kernel (prefill, verify, decode) as one kernel call
-    over all layers (`decoder_layers`); with that call refused, layer by layer as three kernel calls around the
-    attention (`DecoderLayer.fused_forward`; activation-quantizing formats quantize each linear's input inside
-    them); with the fused weights taken away, module by module. Prefill, verify and decode logits must be equal
-    bit for bit (same kernels, same fp32 operations)."""
+    """Every format runs a forward whose rows attend through the kernel (prefill, verify, decode, a draft tree) as one
+    kernel call over all layers (`decoder_layers`); with that call refused, layer by layer as three kernel calls
+    around the attention (`DecoderLayer.fused_forward`; activation-quantizing formats quantize each linear's input
+    inside them); with the fused weights taken away, module by module. Prefill, verify, decode and draft-tree logits
+    must be equal bit for bit (same kernels, same fp32 operations)."""
     q = quantized_default_model(engine, fmt)
     linears = [m for m in q.modules() if isinstance(m, QuantLinear)]
     assert all(m.fused is not None for m in linears)
@@ -201,11 +203,14 @@ def test_fused_layer_steps_give_the_modules_results_bit_for_bit(engine, chat_pro
         start = len(prompt) - 5
         prefill = runner.prefill(0, prompt[:start], all_logits=True)
         verify = runner.verify([prompt[start:]], [start])[0]  # 5 rows through the attention kernel
-        return prefill, verify, runner.decode([prompt[-1]], [len(prompt)])
+        decode = runner.decode([prompt[-1]], [len(prompt)])
+        parents = [-1, 0, 0, 1, 2]  # a draft tree over the same slots: two branches of two
+        tree = runner.verify_tree([prompt[start:]], [start], [depths(parents)], ancestor_matrix(parents)[None])[0]
+        return prefill, verify, decode, tree
 
     monkeypatch.setattr(Transformer, "layer_stack", spy)
     whole = logits()
-    assert stacked == [True, True, True]
+    assert stacked == [True] * 4
     monkeypatch.setattr(Transformer, "layer_stack", lambda *args: None)
     layered = logits()
     saved = [m.fused for m in linears]
