@@ -23,9 +23,10 @@ from .weight_formats import weight_format
 KERNEL_FORMAT = {"bfloat16": "bf16", "int8": "int8", "fp8": "fp8"}  # --lm-head-dtype -> packed kernel format
 
 
-class LowPrecisionHead(nn.Module):
-    """y = x @ W.T with W [V, H] held as bf16 / int8 / fp8; x and y in the model's dtype. What it holds is
-    registered as (frozen) parameters, so `quant.weight_bytes` and `.to()` see it like any other weight."""
+class LowPrecisionLinear(nn.Module):
+    """y = x @ W.T with W [V, H] held as bf16 / int8 / fp8 (the LM head; bf16 also the draft head's linears); x and y
+    in the model's dtype. What it holds is registered as (frozen) parameters, so `quant.weight_bytes` and `.to()`
+    see it like any other weight."""
 
     def __init__(self, dtype: str, weight: torch.Tensor):
         super().__init__()
@@ -64,7 +65,7 @@ def with_lm_head(model: Transformer, dtype: str) -> Transformer:
     check_lm_head_dtype(dtype)
     if dtype == "float32" or getattr(model.lm_head, "dtype_name", None) == dtype:
         return model
-    head = LowPrecisionHead(dtype, model.lm_head.weight)
+    head = LowPrecisionLinear(dtype, model.lm_head.weight)
     new = with_layers(model, {})
     new.lm_head = head
     return new

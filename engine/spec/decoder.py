@@ -12,7 +12,7 @@ from ..config import EngineConfig, ModelLoadError
 from ..runner import ModelRunner
 from ..sequence import Sequence
 from ..tree_attention import ancestor_matrix, depths
-from .draft_head import is_draft_dir, load_draft_head
+from .draft_head import is_draft_dir, load_draft_head, with_bf16_linears
 from .drafters import EagleDrafter, NgramDrafter, Proposal
 from .policy import AdaptivePolicy, PolicyConfig, StepRecord
 from .tree_drafter import EagleTreeDrafter
@@ -189,7 +189,7 @@ def make_spec_decoder(cfg: EngineConfig, runner: ModelRunner, model_dir: Path) -
     if not is_draft_dir(path):
         raise ModelLoadError(f"--speculative {cfg.speculative}: {path} is not a draft head directory")
     dtype = runner.cache.dtype
-    head = load_draft_head(path, dtype).to(runner.device).attach(runner.model)
+    head = with_bf16_linears(load_draft_head(path, dtype).to(runner.device)).attach(runner.model)
     tables = runner.cache.tables
     if not cfg.tree:
         drafter = EagleDrafter(head, k, tables, dtype)

@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import packed_linear
 from ..config import ModelConfig
 from ..kv_cache import KVCache
+from ..lm_head import LowPrecisionLinear
 from ..model import MLP, Attention, Linear, RMSNorm, Transformer
 
 CONFIG_FILE = "draft_config.json"
@@ -96,7 +98,7 @@ class DraftHead(nn.Module):
 
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
         """Target features [..., 3H] (low|mid|high layer outputs) -> the head's hidden input [..., H]."""
-        return self.fc(features.to(self.fc.weight_t.dtype))
+        return self.fc(features.to(self.norm.weight.dtype))
 
     def forward(
         self,
@@ -159,3 +161,16 @@ def load_draft_head(path: str | Path, dtype: torch.dtype = torch.float32) -> Dra
         else:
             raise ValueError(f"{path}: unexpected tensor {name!r}")
     return head.to(dtype).eval()
+
+
+def with_bf16_linears(head: DraftHead) -> DraftHead:
+    """`head` (in place) with its linears held as bf16 for the packed kernel, where it runs (fp32 on the CPU): the
+    values the head is saved with, half the bytes of a draft step, which reading them bounds; the products stay
+    fp32 (in the kernel's summation order). Serving's form of the head; training keeps fp32 `Linear`s."""
+    if head.norm.weight.dtype != torch.float32 or not head.norm.weight.is_cpu or packed_linear.load() is None:
+        return head
+    for name, module in list(head.named_modules()):
+        if isinstance(module, Linear) and module.bias is None:
+            parent, _, attr = name.rpartition(".")
+            setattr(head.get_submodule(parent), attr, LowPrecisionLinear("bfloat16", module.weight))
+    return head

@@ -64,7 +64,7 @@ class EagleDrafter:
         self.cache = KVCache(shape, dtype, tables=tables)  # the target's block tables index the head's pool too
         self.group = c.num_heads // c.num_kv_heads
         # As in the target's runner: one-token steps need no mask when the decode-attention kernel bounds each row.
-        self.unmasked_decode = ops.decode_attention_available(dtype, head.fc.weight_t.device)
+        self.unmasked_decode = ops.decode_attention_available(dtype, head.norm.weight.device)
 
     def on_prefill(self, seq: Sequence, features: torch.Tensor | None) -> None:
         """After the target read the prompt (features [S, 3H]): nothing drafted from them yet."""

@@ -10,7 +10,7 @@ import torch
 from optiserve.engine import packed_linear as pl
 from optiserve.engine.config import EngineConfig, SamplingParams
 from optiserve.engine.llm_engine import LLMEngine, run_to_completion
-from optiserve.engine.lm_head import LowPrecisionHead, with_lm_head
+from optiserve.engine.lm_head import LowPrecisionLinear, with_lm_head
 from optiserve.engine.quant import weight_bytes
 from optiserve.engine.runner import ModelRunner
 from optiserve.engine.weight_set import WeightSet
@@ -62,8 +62,8 @@ def test_an_unknown_head_dtype_is_refused():
 def test_logits_stay_close_and_only_the_head_changes(engine, chat_prompt_ids, dtype):
     model = engine.master
     head = with_lm_head(model, dtype)
-    assert isinstance(head.lm_head, LowPrecisionHead) and head.embed.weight is model.embed.weight
-    assert not isinstance(model.lm_head, LowPrecisionHead)  # the master keeps its fp32 head
+    assert isinstance(head.lm_head, LowPrecisionLinear) and head.embed.weight is model.embed.weight
+    assert not isinstance(model.lm_head, LowPrecisionLinear)  # the master keeps its fp32 head
     assert (head.lm_head.operands is not None) == (KERNEL is not None)  # computed from the low-precision weights
     bytes_per_weight = 2 if dtype == "bfloat16" else 1
     held = weight_bytes(head)[1] - weight_bytes(model)[1]
@@ -86,10 +86,10 @@ def test_greedy_decoding_and_swaps_keep_the_head(engine, chat_prompt_ids, dtype)
     prompts = chat_prompt_ids[:2]
     ref = run_to_completion(engine, prompts, params)
     low = LLMEngine(EngineConfig(model="default", max_batch=2, max_model_len=256, lm_head_dtype=dtype))
-    assert isinstance(low.runner.model.lm_head, LowPrecisionHead)
+    assert isinstance(low.runner.model.lm_head, LowPrecisionLinear)
     out = run_to_completion(low, prompts, params)
     if dtype != "fp8":
         assert out == ref
     low.use_weights(WeightSet(low.master))
-    assert isinstance(low.runner.model.lm_head, LowPrecisionHead)
+    assert isinstance(low.runner.model.lm_head, LowPrecisionLinear)
     assert run_to_completion(low, prompts, params) == out

@@ -4,8 +4,9 @@
 step: the same token embeddings, hidden states, positions and visible keys. On held-out text (a chat prompt and
 the target's own answer), the drafter is run at every prefix as in serving — prefill, then one verified position
 at a time — with its picks forced to the true next tokens, and its argmax at each chain step must equal the
-training-time test's argmax at that position and step. Both read the same (bf16-stored) target features; a
-disagreement is tolerated only at a near-tie of the training logits (fp32 kernels vs masked SDPA round apart).
+training-time test's argmax at that position and step. Both read the same (bf16-stored) target features; serving
+holds the head's linears as bf16 (the values it was saved with) for the packed kernel; a disagreement is tolerated
+only at a near-tie of the training logits (fp32 kernels vs masked SDPA round apart).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from optiserve.engine.block_manager import BlockPool
 from optiserve.engine.config import SamplingParams
 from optiserve.engine.kv_cache import SlotTables
 from optiserve.engine.llm_engine import run_to_completion
+from optiserve.engine.model import Linear
 from optiserve.engine.spec.decoder import shipped_head_dir
-from optiserve.engine.spec.draft_head import load_draft_head
+from optiserve.engine.spec.draft_head import load_draft_head, with_bf16_linears
 from optiserve.engine.spec.drafters import EagleDrafter
 from optiserve.optimize.draft_data import label_sequence
 from optiserve.optimize.draft_ttt import PackedBatch, ttt_states
@@ -89,7 +91,9 @@ def test_teacher_forced_drafter_predicts_what_training_scores(engine, head, held
     target = engine.runner.model
     argmax, gaps, features = training_predictions(head, target, held_out)
     max_len = len(held_out) + STEPS
-    drafter = EagleDrafter(head, STEPS, SlotTables(BlockPool(-(-max_len // 16), 16), 1, max_len), torch.float32)
+    served = with_bf16_linears(load_draft_head(shipped_head_dir())).attach(target)  # as make_spec_decoder loads it
+    assert not any(isinstance(m, Linear) for m in served.modules())  # every linear on the packed bf16 kernel
+    drafter = EagleDrafter(served, STEPS, SlotTables(BlockPool(-(-max_len // 16), 16), 1, max_len), torch.float32)
     first = len(held_out) - ANSWER_TOKENS - 1  # drafting starts where the answer does
     got = serving_predictions(drafter, held_out, features.float(), first)
     for k in range(STEPS):
