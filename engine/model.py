@@ -226,8 +226,8 @@ class Transformer(nn.Module):
         """The packed kernel's `LayerStack` of the first `num_layers` layers when `decoder_layers` computes this
         forward: every layer on the fused path (`DecoderLayer.fused_weights`), rows attending through the kernel
         (`mask` None: prefill, decode, chain verify, ragged rows, a draft tree the kernel reads), unquantized fp32 KV
-        pools; else None. Built once per
-        model and set of fused weights (served weights change by swapping models, or a linear's `fused`)."""
+        pools; else None. Built once per model and set of fused weights (served weights change by swapping models,
+        or a linear's `fused`)."""
         if (cache is None or mask is not None or cache.kv_format != "none" or cache.k.dtype != torch.float32
                 or x.requires_grad or x.dtype != torch.float32 or not x.is_contiguous()):
             return None

@@ -176,8 +176,9 @@ struct Bf16Rows {
 };
 
 // Weights decoded in registers for each pass of up to 4 input rows, or decoded once into a tile that every pass
-// reads: both give the same bits. Rows decoded in registers cost less than a decoded tile for any number of input rows (every pass after the first
-// reads the tile's packed rows from L1), except FP8's, whose decode costs more than the tile's loads from 5 rows on.
+// reads: both give the same bits. Decoding in registers costs less at any number of input rows (every pass after
+// the first reads the tile's packed rows from L1), except FP8's decode, which costs more than the tile's loads
+// from 5 rows on.
 constexpr int64_t FP8_DIRECT_MAX_ROWS = 4;
 
 static bool direct_applies(Format fmt, int64_t m, int64_t k, int64_t group) {
