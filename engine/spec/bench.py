@@ -27,25 +27,27 @@ def load_prompt_file(path: str, offset: int, count: int) -> list[str]:
     return picked
 
 
-def timed_decode(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> tuple[int, float, SpecStats]:
-    """Generate greedily for prompts decoded together; (tokens after the first step, seconds they took,
-    speculation counts summed over the prompts)."""
+def timed_decode(engine: LLMEngine, prompts: list[list[int]],
+                 max_tokens: int) -> tuple[int, float, int, SpecStats]:
+    """Generate greedily for prompts decoded together; (tokens after the first step, seconds they took, engine
+    steps they took, speculation counts summed over the prompts)."""
     outs: dict[int, list[RequestOutput]] = {i: [] for i in range(len(prompts))}
     for i, ids in enumerate(prompts):
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         engine.add_request(Request(f"bench-{i}", ids, params, outs[i].append))
     engine.step()
     count = lambda: sum(len(o.token_ids) for got in outs.values() for out in got for o in out.outputs)  # noqa: E731
-    first = count()
+    first, steps = count(), 0
     start = time.perf_counter()
     while engine.scheduler.has_work():
         engine.step()
+        steps += 1
     seconds = time.perf_counter() - start
     stats = SpecStats()
     for got in outs.values():
         if got[-1].spec is not None:
             stats.add(got[-1].spec)
-    return count() - first, seconds, stats
+    return count() - first, seconds, steps, stats
 
 
 def conditional_acceptance(stats: SpecStats) -> list[float]:
@@ -76,19 +78,21 @@ def bench_spec(engines: list[LLMEngine], prompts: list[list[int]], max_tokens: i
         timed_decode(engine, prompts[:batch], 8)
     for engine in specs:
         engine.spec.timing = SpecTiming()  # forget the warm-up
-    tok, secs = [0] * len(engines), [0.0] * len(engines)
+    tok, secs, steps = [0] * len(engines), [0.0] * len(engines), [0] * len(engines)
     stats = [SpecStats() for _ in engines]
     for at in range(0, len(prompts), batch):
         for i, engine in enumerate(engines):  # interleaved: load drift hits every mode alike
-            n, s, st = timed_decode(engine, prompts[at : at + batch], max_tokens)
-            tok[i], secs[i] = tok[i] + n, secs[i] + s
+            n, s, k, st = timed_decode(engine, prompts[at : at + batch], max_tokens)
+            tok[i], secs[i], steps[i] = tok[i] + n, secs[i] + s, steps[i] + k
             stats[i].add(st)
     rate = [t / s for t, s in zip(tok, secs, strict=True)]
-    base_step = secs[0] / max(tok[0], 1) * batch  # seconds per plain decode step of the whole batch
+    # Seconds per plain decode step, measured: sequences that stop early leave a smaller batch than `batch`.
+    base_step = secs[0] / max(steps[0], 1)
     full = spec_figures(stats[1], specs[0].spec.timing, base_step)
     result = {
         **label, "prompts": len(prompts), "max_tokens": max_tokens,
         "base_tok_s": round(rate[0], 2), "spec_tok_s": round(rate[1], 2), "speedup": round(rate[1] / rate[0], 3),
+        "plain_step_ms": round(base_step * 1e3, 2),
         **full,
         "adaptive": {"spec_tok_s": round(rate[2], 2), "speedup": round(rate[2] / rate[0], 3),
                      **spec_figures(stats[2], specs[1].spec.timing, base_step)},
