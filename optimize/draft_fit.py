@@ -43,6 +43,7 @@ class DraftTrainConfig:
     eval_every: int = 0  # steps between held-out evaluations (0: only at the end)
     patience: int = 4  # evaluations without a better held-out τ before stopping
     fresh_lm_head: bool = False  # LM head randomly initialised instead of the target's rows for the draft vocab
+    bf16_autocast: bool = False  # training steps' matmuls in bf16 (fp32 master weights; held-out scoring in fp32)
 
     def __post_init__(self) -> None:
         if self.ttt_steps < 1 or self.rows_per_step < 1 or self.epochs <= 0:
@@ -137,6 +138,7 @@ def fit(head: DraftHead, rows: Sequence[PackedBatch], cfg: DraftTrainConfig, out
     after `patience` evaluations without improvement. Checkpoints to `out` (a rerun resumes; a different row
     count refuses). Returns the history; `head` ends as the best evaluated head (the last one if none)."""
     out.mkdir(parents=True, exist_ok=True)
+    device = head.fc.weight.device.type
     opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     total = cfg.max_steps or max(1, int(len(rows) * cfg.epochs) // cfg.rows_per_step)
     state = {"step": 0, "rows": len(rows), "best_tau": -1.0, "bad_evals": 0, "history": []}
@@ -156,8 +158,10 @@ def fit(head: DraftHead, rows: Sequence[PackedBatch], cfg: DraftTrainConfig, out
             break
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, cfg)
-        losses, _, _ = ttt_losses(head, stack([rows[i] for i in row_order(step, len(rows), cfg)]), cfg.ttt_steps)
-        loss = sum(cfg.step_decay**k * l for k, l in enumerate(losses))
+        batch = stack([rows[i] for i in row_order(step, len(rows), cfg)])
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+            losses, _, _ = ttt_losses(head, batch, cfg.ttt_steps)
+            loss = sum(cfg.step_decay**k * l for k, l in enumerate(losses))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 0.5)

@@ -40,6 +40,7 @@ class LargeDataConfig:
     max_samples: int = 16  # samples per prompt at each temperature > 0
     target_tokens: int = 3_200_000
     max_batch: int = 16
+    generate_quant: str = "none"  # the training answers' generator: the target in this PTQ format (faster)
 
     def __post_init__(self) -> None:
         self.train_rows, self.heldout_rows = tuple(self.train_rows), tuple(self.heldout_rows)
@@ -52,24 +53,37 @@ class LargeDataConfig:
 
 
 def answer_jobs(data: LargeDataConfig) -> list[AnswerJob]:
-    rows = range(*data.train_rows)
-    return [AnswerJob(rows, t, s) for s in range(1, data.max_samples + 1) for t in data.temperatures]
+    """The training answers in the order they are stored: greedy, then each sample at every temperature."""
+    rows, by = range(*data.train_rows), data.generate_quant
+    return [AnswerJob(rows, 0.0, 0, by)] + [AnswerJob(rows, t, s, by) for s in range(1, data.max_samples + 1)
+                                            for t in data.temperatures]
 
 
-def build_stores(engine, data: LargeDataConfig, cfg: DraftTrainConfig, out: Path, layers) -> None:
-    width = 3 * engine.model_config.hidden_size
+def serve_generator(engine, target, fmt: str) -> None:
+    """The engine generates in `fmt` from here on; `target` (the unquantized model) still labels."""
+    from .ptq_pipeline import QuantRequest, prepare_quantized
+
+    if fmt != "none":
+        engine.use_weights(prepare_quantized(engine.model_dir, target, engine.tokenizer, QuantRequest(fmt)))
+
+
+def build_stores(engine, target, data: LargeDataConfig, cfg: DraftTrainConfig, out: Path, layers) -> None:
+    """The held-out store (the target's own greedy answers, as `bench spec` meets them), then the training store
+    job by job until `target_tokens`: prefill-labelled references and texts first (cheap), then answers."""
+    width, tok = 3 * engine.model_config.hidden_size, engine.tokenizer
     jsonl = Path(data.instructions)
     held = StoreWriter(out / "store-heldout", width)
-    store_answers(engine, held, jsonl, AnswerJob(range(*data.heldout_rows), 0.0), cfg.max_answer_tokens, layers)
+    store_answers(engine, target, held, jsonl, AnswerJob(range(*data.heldout_rows), 0.0), cfg.max_answer_tokens,
+                  layers)
     train = StoreWriter(out / "store-train", width)
-    store_answers(engine, train, jsonl, AnswerJob(range(*data.train_rows), 0.0), cfg.max_answer_tokens, layers)
-    store_references(engine, train, jsonl, range(*data.train_rows), cfg.row_len, layers)
+    store_references(tok, target, train, jsonl, range(*data.train_rows), cfg.row_len, layers)
     for text in data.texts:
-        store_text(engine, train, Path(text), cfg.row_len, layers)
+        store_text(tok, target, train, Path(text), cfg.row_len, layers)
+    serve_generator(engine, target, data.generate_quant)
     for job in answer_jobs(data):
         if train.tokens >= data.target_tokens:
             break
-        store_answers(engine, train, jsonl, job, cfg.max_answer_tokens, layers)
+        store_answers(engine, target, train, jsonl, job, cfg.max_answer_tokens, layers)
         print(f"stored {train.tokens} training tokens ({train.tokens * bytes_per_token(width) / 1e9:.1f} GB)",
               flush=True)
 
@@ -91,9 +105,9 @@ def train_large(model: str, data: LargeDataConfig, output: str, cfg: DraftTrainC
     torch.manual_seed(cfg.seed)
     engine = LLMEngine(EngineConfig(model=model, max_batch=data.max_batch,
                                     max_model_len=cfg.row_len + cfg.max_answer_tokens + 64))
-    target = engine.runner.model
+    target = engine.runner.model  # unquantized: it labels and trains, whatever format generates
     head_cfg = DraftConfig.for_target(engine.model_config, cfg.draft_vocab_size)
-    build_stores(engine, data, cfg, out, head_cfg.target_layers)
+    build_stores(engine, target, data, cfg, out, head_cfg.target_layers)
     train_store, held_store = StoreReader(out / "store-train"), StoreReader(out / "store-heldout")
     d2t = vocabulary(train_store, cfg.draft_vocab_size, out / "d2t.pt")
     t2d = inverse_vocab(d2t, head_cfg.target_vocab_size)
@@ -119,6 +133,7 @@ def train_large(model: str, data: LargeDataConfig, output: str, cfg: DraftTrainC
         "minutes": round((time.monotonic() - began) / 60, 1),
         "heldout_draft_vocab_coverage": vocab_coverage(held_store.all_labels(), t2d),
         "bytes_per_token": bytes_per_token(3 * head_cfg.hidden_size),
+        "command": large_command(model, data, cfg, compare_steps),
     }
     final = out / "head"
     head.save(final, {"training": summary})
@@ -126,6 +141,21 @@ def train_large(model: str, data: LargeDataConfig, output: str, cfg: DraftTrainC
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return summary
+
+
+def large_command(model: str, data: LargeDataConfig, cfg: DraftTrainConfig, compare_steps: int) -> str:
+    """The command line that reproduces a run (for its model card)."""
+    def words(xs) -> str:
+        return " ".join(map(str, xs))
+
+    texts = f" --texts {words(data.texts)}" if data.texts else ""
+    steps = f" --max-steps {cfg.max_steps}" if cfg.max_steps else f" --epochs {cfg.epochs}"
+    return (f"optiserve train-draft-large --model {model} --instructions {data.instructions}{texts} --output DIR "
+            f"--train-rows {words(data.train_rows)} --heldout-rows {words(data.heldout_rows)} "
+            f"--temperatures {words(data.temperatures)} --max-samples {data.max_samples} --max-batch {data.max_batch} "
+            f"--generate-quant {data.generate_quant} --target-tokens {data.target_tokens}{steps} --lr {cfg.lr} "
+            f"--eval-every {cfg.eval_every} --patience {cfg.patience} --compare-steps {compare_steps}"
+            + ("" if cfg.bf16_autocast else " --no-bf16-autocast"))
 
 
 def shipped_baseline(target, held_store: StoreReader, cfg: DraftTrainConfig) -> dict:

@@ -86,6 +86,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     tl.add_argument("--max-samples", type=int, default=16, help="sampled answers per prompt and temperature")
     tl.add_argument("--target-tokens", type=int, default=3_200_000, help="stop adding data past this many tokens")
     tl.add_argument("--max-batch", type=int, default=16)
+    tl.add_argument("--generate-quant", default="none",
+                    help="PTQ format the training answers are generated in (faster); the unquantized target labels")
     tl.add_argument("--max-answer-tokens", type=int, default=256)
     tl.add_argument("--epochs", type=float, default=4.0)
     tl.add_argument("--max-steps", type=int, default=None)
@@ -93,6 +95,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     tl.add_argument("--eval-every", type=int, default=250, help="steps between held-out tau evaluations")
     tl.add_argument("--patience", type=int, default=4, help="evaluations without improvement before stopping")
     tl.add_argument("--compare-steps", type=int, default=300, help="steps per LM-head init in the comparison")
+    tl.add_argument("--no-bf16-autocast", dest="bf16_autocast", action="store_false",
+                    help="train in fp32 (default: matmuls in bf16 with fp32 master weights, faster where the CPU "
+                    "has AMX or AVX512-BF16)")
     tl.set_defaults(run=run_train_draft_large)
 
 
@@ -148,9 +153,10 @@ def run_train_draft_large(args: argparse.Namespace) -> None:
     from optiserve.optimize.draft_large import LargeDataConfig, train_large
 
     data = LargeDataConfig(args.instructions, args.texts, args.train_rows, args.heldout_rows, args.temperatures,
-                           args.max_samples, args.target_tokens, args.max_batch)
+                           args.max_samples, args.target_tokens, args.max_batch, args.generate_quant)
     cfg = DraftTrainConfig(epochs=args.epochs, lr=args.lr, max_answer_tokens=args.max_answer_tokens,
-                           max_steps=args.max_steps, eval_every=args.eval_every, patience=args.patience)
+                           max_steps=args.max_steps, eval_every=args.eval_every, patience=args.patience,
+                           bf16_autocast=args.bf16_autocast)
     train_large(args.model, data, args.output, cfg, args.compare_steps)
 
 

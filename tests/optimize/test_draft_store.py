@@ -1,5 +1,6 @@
 """The draft-head feature store: shards round-trip, a killed writer leaves a readable prefix that a rerun
-continues, and training streams rows from it equal to rows packed in memory (and resumes from its checkpoint)."""
+continues, training streams rows from it equal to rows packed in memory (and resumes from its checkpoint), and
+answers generated in a PTQ format carry the unquantized target's labels."""
 
 from __future__ import annotations
 
@@ -12,13 +13,19 @@ import time
 import pytest
 import torch
 
+from optiserve.engine.config import EngineConfig
+from optiserve.engine.llm_engine import LLMEngine
 from optiserve.engine.spec.draft_head import DraftConfig
+from optiserve.optimize.draft_corpus import AnswerJob, load_prompts, store_answers
 from optiserve.optimize.draft_data import DraftSample, label_sequence, text_chunks
 from optiserve.optimize.draft_fit import DraftTrainConfig, StoreRows, fit, pack
+from optiserve.optimize.draft_large import serve_generator
 from optiserve.optimize.draft_store import MANIFEST, StoreReader, StoreWriter
 from optiserve.optimize.draft_train import draft_vocabulary, init_head
 
 WIDTH = 12
+GENERATOR = "nvfp4"  # the format whose greedy answers stray furthest from the unquantized target's
+QUESTIONS = ["Write a short poem about the sea.", "List three uses of a paperclip and explain each one."]
 
 
 def unit_sample(unit: int) -> DraftSample:
@@ -120,3 +127,25 @@ def test_training_streams_from_the_store_and_resumes(engine, labelled, tmp_path)
                   held)
     assert resumed["steps"] == 3 and [h["step"] for h in resumed["history"]] == [1, 2, 3]
     assert resumed["best_tau"] >= first["best_tau"] > 1.0
+
+
+def test_answers_of_a_quantized_generator_are_labelled_by_the_unquantized_target(tmp_path):
+    """`--generate-quant`: the engine answers in a PTQ format (faster), and every stored label is the unquantized
+    target's argmax from a prefill — not the generator's next token, which differs from it somewhere."""
+    engine = LLMEngine(EngineConfig(max_batch=2, max_model_len=1024))  # calibration reads 512
+    target, layers = engine.runner.model, DraftConfig.for_target(engine.model_config, 512).target_layers
+    serve_generator(engine, target, GENERATOR)
+    assert engine.runner.model is not target
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps({"instruction": q}) + "\n" for q in QUESTIONS))
+    store = StoreWriter(tmp_path / "store", 3 * engine.model_config.hidden_size)
+    job = AnswerJob(range(len(QUESTIONS)), 0.0, 0, GENERATOR)
+    store_answers(engine, target, store, jsonl, job, 48, layers)
+    reader, prompts = StoreReader(tmp_path / "store"), load_prompts(engine.tokenizer, jsonl, job.rows)
+    differs = False
+    for i, prompt in enumerate(prompts):
+        got, start = reader.sample(i), len(prompt) - 1
+        want = label_sequence(target, got.tokens.tolist(), layers, start, own_tokens=False)
+        assert torch.equal(got.labels, want.labels) and torch.equal(got.features, want.features)
+        differs |= bool((got.labels[start:-1] != got.tokens[start + 1 :]).any())
+    assert differs
