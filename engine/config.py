@@ -17,6 +17,9 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit seed, as OpenAI and 
 # Tokens a chunked-prefill step computes by default: max(this, 2 x max_batch), so prompts get at least as many rows
 # as decode does; the trade-off between TTFT, ITL and throughput is measured in the README (bench serve).
 MIN_BATCHED_TOKENS = 64
+# A chunked-prefill step with no sequence decoding may compute up to max(this, max_num_batched_tokens) prompt tokens:
+# no stream waits on it, and prompt tokens cost less in fewer, larger steps (SGLang's max-prefill-tokens).
+MAX_PREFILL_TOKENS = 2048
 LM_HEAD_DTYPES = ("float32", "bfloat16", "int8", "fp8")  # what the LM head's weights may be held in (lm_head.py)
 
 
@@ -162,6 +165,9 @@ class EngineConfig:
     # Chunked prefill: tokens one step computes, decode rows first, then chunks of prompts (0: whole prompts;
     # None: max(MIN_BATCHED_TOKENS, 2 x max_batch) where it works, --speculative none).
     max_num_batched_tokens: int | None = None
+    # With chunked prefill, tokens a step computes when no sequence is decoding (only prompts); None: the larger
+    # of MAX_PREFILL_TOKENS and max_num_batched_tokens.
+    max_prefill_tokens: int | None = None
 
     def __post_init__(self) -> None:
         check_lm_head_dtype(self.lm_head_dtype)
@@ -199,6 +205,11 @@ class EngineConfig:
         if self.max_num_batched_tokens < 0 or 0 < self.max_num_batched_tokens < self.max_batch:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_batch "
                              f"({self.max_batch}): every running sequence decodes one token per step")
+        if self.max_prefill_tokens is None:
+            self.max_prefill_tokens = max(MAX_PREFILL_TOKENS, self.max_num_batched_tokens)
+        if self.max_prefill_tokens < self.max_num_batched_tokens:
+            raise ValueError(f"max_prefill_tokens ({self.max_prefill_tokens}) must be >= max_num_batched_tokens "
+                             f"({self.max_num_batched_tokens})")
         if self.max_num_batched_tokens and self.speculative != "none":
             raise ValueError("chunked prefill (max_num_batched_tokens) works with --speculative none so far: "
                              "speculative steps verify whole drafts and a draft head reads every prompt position")

@@ -83,7 +83,7 @@ class LLMEngine:
                                   cfg.enable_prefix_caching, cfg.kv_cache_format)
         self.spec = make_spec_decoder(cfg, self.runner, self.model_dir)
         self.scheduler = Scheduler(cfg.max_batch, self.runner.cache.tables, cfg.spec_cache_room,
-                                   cfg.max_num_batched_tokens)
+                                   cfg.max_num_batched_tokens, cfg.max_prefill_tokens)
         self.eos_ids = set(self.model_config.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}
         self._new: queue.SimpleQueue[Request] = queue.SimpleQueue()  # filled by callers, drained by the loop
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()

@@ -5,11 +5,12 @@ Two ways to admit, by `token_budget`:
   beside those the running ones may still grow to, and is prefilled whole; blocks never run out mid-step (what a
   speculative step, which writes drafts past the end, relies on).
 - N (chunked prefill, `schedule`): each step computes at most N tokens, one for each decoding sequence first, then
-  chunks of the prompts being prefilled, then of newly admitted ones (vLLM's order). Blocks are taken for the
-  scheduled tokens only; when the pool runs short the running sequence in the last slot not yet planned this step
-  is preempted: its blocks go back and it waits at the front of the queue, to be recomputed (its prompt and what it
-  generated; prefix caching finds its full blocks again) when readmitted. The first sequence planned is never
-  preempted for another, so some sequence always progresses.
+  chunks of the prompts being prefilled, then of newly admitted ones (vLLM's order). A step with no sequence that
+  has generated a token computes up to `prefill_budget` (>= N) prompt tokens: no stream waits on it. Blocks are
+  taken for the scheduled tokens only; when the pool runs short the running sequence in the last slot not yet
+  planned this step is preempted: its blocks go back and it waits at the front of the queue, to be recomputed (its
+  prompt and what it generated; prefix caching finds its full blocks again) when readmitted. The first sequence
+  planned is never preempted for another, so some sequence always progresses.
 """
 
 from __future__ import annotations
@@ -53,11 +54,13 @@ class Scheduler:
     """Admits waiting sequences into free slots at step boundaries, while the KV pool has blocks for them, and keeps
     running slots packed; `kv_usage` counts the blocks actually held."""
 
-    def __init__(self, num_slots: int, tables: SlotTables, room: int = 0, token_budget: int = 0):
+    def __init__(self, num_slots: int, tables: SlotTables, room: int = 0, token_budget: int = 0,
+                 prefill_budget: int = 0):
         self.num_slots = num_slots
         self.tables = tables  # each slot's KV blocks (the target's and any drafter's caches read them)
         self.room = room  # cache positions past a sequence's end that a step writes (speculation's)
         self.token_budget = token_budget  # tokens per step (chunked prefill); 0: whole prompts
+        self.prefill_budget = max(prefill_budget, token_budget)  # tokens per step while no sequence decodes
         self.reserved_blocks = 0  # whole prompts: blocks the running sequences may grow to
         self.num_preemptions = 0
         self.waiting: deque[Sequence] = deque()
@@ -134,8 +137,10 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         """The next step's chunks under the token budget, their blocks taken (preempting when the pool is short):
         decode rows first (so running streams keep their pace), then the prompts being computed, in slot order."""
-        plan, budget, preemptions = StepPlan(), self.token_budget, self.num_preemptions
+        plan, preemptions = StepPlan(), self.num_preemptions
         decode_first = sorted(self.running, key=lambda s: len(s.token_ids) - s.num_computed > 1)
+        streaming = any(s.num_generated > 0 for s in self.running)  # a client waits on this step for a token
+        budget = self.token_budget if streaming else self.prefill_budget
         for seq in decode_first:
             if budget == 0:
                 break

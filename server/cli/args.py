@@ -57,6 +57,7 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
               "kv_cache_format": getattr(args, "kv_cache", EngineConfig.kv_cache_format),
               "enable_prefix_caching": getattr(args, "enable_prefix_caching", EngineConfig.enable_prefix_caching),
               "max_num_batched_tokens": getattr(args, "max_num_batched_tokens", EngineConfig.max_num_batched_tokens),
+              "max_prefill_tokens": getattr(args, "max_prefill_tokens", EngineConfig.max_prefill_tokens),
               **{name: getattr(args, name) for name in TREE_FIELDS if hasattr(args, name)}}
     return EngineConfig(**{**fields, **overrides})
 

@@ -6,7 +6,7 @@ logprobs, weight swaps mid-prompt and a shared system prompt behave as without c
 import pytest
 from prometheus_client import generate_latest
 
-from optiserve.engine.config import EngineConfig, SamplingParams
+from optiserve.engine.config import MAX_PREFILL_TOKENS, EngineConfig, SamplingParams
 from optiserve.engine.llm_engine import LLMEngine, WeightSet, run_to_completion
 from optiserve.engine.sequence import Request, RequestOutput
 from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
@@ -24,10 +24,12 @@ BUDGET = 16  # tokens per step: 8 decode rows leave chunks of 8-16 prompt tokens
 
 
 def chunked_engine(engine: LLMEngine, **kw) -> LLMEngine:
-    """An engine like `engine` (the whole-prompt reference) with a token budget and, unless asked, no prefix cache
-    (each test computes what it asks for; the defaults together are tested in test_paged.py)."""
+    """An engine like `engine` (the whole-prompt reference) with a token budget, idle steps held to it too (so an
+    idle engine's prompts are split as well) and, unless asked, no prefix cache (each test computes what it asks
+    for; the defaults together are tested in test_paged.py)."""
+    budget = kw.get("max_num_batched_tokens", BUDGET)
     cfg = {"max_batch": engine.cfg.max_batch, "max_model_len": engine.cfg.max_model_len,
-           "max_num_batched_tokens": BUDGET, "enable_prefix_caching": False, **kw}
+           "max_num_batched_tokens": budget, "max_prefill_tokens": budget, "enable_prefix_caching": False, **kw}
     return LLMEngine(EngineConfig(**cfg))
 
 
@@ -75,6 +77,27 @@ def test_a_pool_too_small_preempts_and_recomputes_with_identical_outputs(plain_e
     assert stats.prefix_cache_queries == sum(map(len, chat_prompt_ids))  # a recompute is not a new query
     metrics = generate_latest(ServerMetrics("m", small.stats).registry).decode()
     assert f'optiserve:num_preemptions_total{{model_name="m"}} {float(stats.num_preemptions)}' in metrics
+
+
+def test_an_idle_engine_prefills_whole_prompts_then_chunks_beside_decode_rows(plain_engine, chat_prompt_ids):
+    """While no request has a token, a step computes up to max_prefill_tokens (4 chats in one step); a prompt that
+    arrives while they decode gets what the token budget leaves beside their 4 decode rows; outputs are unchanged."""
+    engine = chunked_engine(plain_engine, max_prefill_tokens=None)
+    assert engine.cfg.max_prefill_tokens == MAX_PREFILL_TOKENS
+    got: dict[str, list[int]] = {}
+    first, late = chat_prompt_ids[:4], chat_prompt_ids[4]
+    for i, ids in enumerate([*first, late]):
+        if i == len(first):
+            engine.step()
+            assert [s.num_generated for s in engine.scheduler.running] == [1] * len(first)
+        engine.add_request(Request(str(i), ids, GREEDY, lambda out: got.setdefault(out.request_id, []).extend(
+            out.outputs[0].token_ids)))
+    engine.step()
+    assert engine.scheduler.running[-1].num_computed == BUDGET - len(first)
+    while engine.scheduler.has_work():
+        engine.step()
+    assert_every_block_free(engine)
+    assert [got[str(i)] for i in range(len(first) + 1)] == run_to_completion(plain_engine, [*first, late], GREEDY)
 
 
 def test_n_sequences_share_the_prompt_and_sample_as_without_chunks(plain_engine, chunked, chat_prompt_ids):
