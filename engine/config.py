@@ -207,7 +207,8 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_batch "
                              f"({self.max_batch}): every running sequence decodes one token per step")
         if self.max_prefill_tokens is None:
-            self.max_prefill_tokens = max(MAX_PREFILL_TOKENS, self.max_num_batched_tokens)
+            budget = self.max_num_batched_tokens
+            self.max_prefill_tokens = max(MAX_PREFILL_TOKENS, budget) if budget else 0  # 0: whole prompts
         if self.max_prefill_tokens < self.max_num_batched_tokens:
             raise ValueError(f"max_prefill_tokens ({self.max_prefill_tokens}) must be >= max_num_batched_tokens "
                              f"({self.max_num_batched_tokens})")

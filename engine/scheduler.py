@@ -60,7 +60,7 @@ class Scheduler:
         self.tables = tables  # each slot's KV blocks (the target's and any drafter's caches read them)
         self.room = room  # cache positions past a sequence's end that a step writes (speculation's)
         self.token_budget = token_budget  # tokens per step (chunked prefill); 0: whole prompts
-        self.prefill_budget = max(prefill_budget, token_budget)  # tokens per step while no request has a token
+        self.prefill_budget = prefill_budget or token_budget  # tokens per step while no request has a token
         self.reserved_blocks = 0  # whole prompts: blocks the running sequences may grow to
         self.num_preemptions = 0
         self.waiting: deque[Sequence] = deque()
