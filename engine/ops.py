@@ -20,11 +20,13 @@ a failed build (no compiler) leaves every op on its reference.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
 import os
 import platform
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -61,12 +63,37 @@ def build_name(cflags: list[str]) -> str:
     return f"optiserve_cpu_{digest}"
 
 
-def build(cflags: list[str] = CFLAGS) -> ModuleType:
-    """Compile (or load the cached build of) the kernels with `cflags`; raises when the build fails."""
+def extension_dir(name: str) -> Path:
+    """Where torch builds and caches extension `name` (under $TORCH_EXTENSIONS_DIR when set)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return root / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / name
+
+
+def compile_extension(name: str, sources: list[str], cflags: list[str]) -> ModuleType:
+    """torch's JIT build of `sources` from csrc/ (or its cached build), under an OS file lock.
+
+    torch guards a build with a `lock` file that only the builder removes: a process killed mid-build leaves it, and
+    every later start waits on it forever. The kernel releases our `flock` when its holder dies, so whoever holds it
+    knows any `lock` left in the build directory is stale and removes it."""
     from torch.utils.cpp_extension import load as load_extension
 
-    sources = [str(CSRC / name) for name in SOURCES]
-    return load_extension(build_name(cflags), sources, extra_cflags=cflags)
+    build_dir = extension_dir(name)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir.with_suffix(".flock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # released on close, or by the kernel if this process dies
+        stale = build_dir / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a build that was killed", stale)
+            stale.unlink()
+        return load_extension(name, [str(CSRC / s) for s in sources], extra_cflags=cflags,
+                              build_directory=str(build_dir))
+
+
+def build(cflags: list[str] = CFLAGS) -> ModuleType:
+    """Compile (or load the cached build of) the kernels with `cflags`; raises when the build fails."""
+    return compile_extension(build_name(cflags), SOURCES, cflags)
 
 
 @functools.cache

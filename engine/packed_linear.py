@@ -38,10 +38,8 @@ SOURCES = ["packed_linear.cpp", "packed_layer.cpp", "rowwise.cpp", "activations.
 
 def build(cflags: list[str] = ops.CFLAGS) -> ModuleType:
     """Compile (or load the cached build of) the packed-weight kernel with `cflags`; raises when the build fails."""
-    from torch.utils.cpp_extension import load as load_extension
-
     name = ops.build_name(cflags).replace("optiserve_cpu_", "optiserve_packed_")
-    return load_extension(name, [str(ops.CSRC / s) for s in SOURCES], extra_cflags=cflags)
+    return ops.compile_extension(name, SOURCES, cflags)
 
 
 @functools.cache

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,14 @@ def test_the_avx2_build_is_correct_too() -> None:
     avx2 = ops.build(["-O3", "-march=haswell", "-fopenmp"])
     for inp, out in SHAPES[:2] + SHAPES[3:]:
         assert_linear_rows_alone(avx2, inp, out, list(range(1, 17)) + [20])
+
+
+@needs_kernels
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_start() -> None:
+    """torch's build `lock` outlives a process killed mid-build; the next start must remove it, not wait forever."""
+    lock = ops.extension_dir(ops.build_name(ops.CFLAGS)) / "lock"
+    lock.touch()  # what a build killed between torch's try_acquire and release leaves
+    start = "from optiserve.engine import ops; assert ops.build() is not None; print('started')"
+    run = subprocess.run([sys.executable, "-c", start], capture_output=True, text=True, timeout=240)
+    assert run.stdout.strip() == "started", run.stderr[-2000:]
+    assert not lock.exists()
