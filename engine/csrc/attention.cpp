@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "kv_rows.h"
@@ -113,6 +114,80 @@ static inline void attend(const float* q, const KRows& k, const VRows& v, int64_
   weighted_sum(sc, inv, v, D, keys, o);
 }
 
+// Query rows that read the same keys and values: one KV head of one sequence (its G query heads, and every row of
+// that sequence in the forward: a verify's, or a prompt chunk's), so up to QT of them share each key and value
+// vector loaded (and, in FP8/NVFP4 pools, decoded). Each row's numbers are `attend`'s, operation for operation: its
+// scores, max, exp_sum and weighted sum run over its own keys in the same order, only interleaved with the others'.
+constexpr int QT = 4;
+
+// NQ rows whose keys agree on indices [0, common) (keys[0] gives them); `sc` scratch [NQ, L] scores.
+template <int NQ, int N, class KRows, class VRows, class Keys>
+static void attend_tile(const float* const* q, const KRows& k, const VRows& v, const Keys* keys, int64_t common,
+                        float scale, float* sc, int64_t L, float* const* o) {
+  constexpr int64_t D = N * V;
+  for (int64_t i = 0; i < common; i++) {
+    const int64_t t = keys[0](i);
+    vf a[NQ];
+    for (int j = 0; j < NQ; j++) a[j] = vzero();
+    for (int64_t c = 0; c < D; c += V) {
+      const vf kc = k.load(t, c);
+      for (int j = 0; j < NQ; j++) a[j] = vfma(vload(q[j] + c), kc, a[j]);
+    }
+    for (int j = 0; j < NQ; j++) sc[j * L + i] = hsum(a[j]) * scale;
+  }
+  float inv[NQ];
+  for (int j = 0; j < NQ; j++) {
+    float* s = sc + j * L;
+    const int64_t n = keys[j].size();
+    for (int64_t i = common; i < n; i++) s[i] = row_dot(q[j], k, keys[j](i), D) * scale;
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < n; i++) mx = std::max(mx, s[i]);
+    inv[j] = 1.0f / exp_sum(s, n, mx);
+  }
+  vf acc[NQ][N];
+  for (int j = 0; j < NQ; j++)
+    for (int n = 0; n < N; n++) acc[j][n] = vzero();
+  for (int64_t i = 0; i < common; i++) {
+    const int64_t t = keys[0](i);
+    for (int n = 0; n < N; n++) {
+      const vf vv = v.load(t, n * V);
+      for (int j = 0; j < NQ; j++) acc[j][n] = vfma(vset(sc[j * L + i]), vv, acc[j][n]);
+    }
+  }
+  for (int j = 0; j < NQ; j++) {
+    for (int64_t i = common; i < keys[j].size(); i++) {
+      const vf pi = vset(sc[j * L + i]);
+      const int64_t t = keys[j](i);
+      for (int n = 0; n < N; n++) acc[j][n] = vfma(pi, v.load(t, n * V), acc[j][n]);
+    }
+    for (int n = 0; n < N; n++) vstore(o[j] + n * V, acc[j][n] * vset(inv[j]));
+  }
+}
+
+// `attend_tile` for nq <= QT rows, where D is 2, 4 or 8 vectors (else each row through `attend`).
+template <class KRows, class VRows, class Keys>
+static void attend_rows(int nq, const float* const* q, const KRows& k, const VRows& v, int64_t D, const Keys* keys,
+                        int64_t common, float scale, float* sc, int64_t L, float* const* o) {
+#define OPTISERVE_TILE(NQ, N) return attend_tile<NQ, N>(q, k, v, keys, common, scale, sc, L, o)
+#define OPTISERVE_TILES(N)                        \
+  switch (nq) {                                   \
+    case 1: OPTISERVE_TILE(1, N);                 \
+    case 2: OPTISERVE_TILE(2, N);                 \
+    case 3: OPTISERVE_TILE(3, N);                 \
+    default: OPTISERVE_TILE(QT, N);               \
+  }
+  static_assert(QT == 4);
+  switch (D % V == 0 ? D / V : 0) {
+    case 2: OPTISERVE_TILES(2);
+    case 4: OPTISERVE_TILES(4);
+    case 8: OPTISERVE_TILES(8);
+    default:
+      for (int j = 0; j < nq; j++) attend(q[j], k, v, D, keys[j], scale, sc, o[j]);
+  }
+#undef OPTISERVE_TILES
+#undef OPTISERVE_TILE
+}
+
 // Element offsets of positions [0, L) of each sequence in a pool [num_blocks, block_size, KV, D]: [B * L].
 // Entries past a table's blocks (-1) point at block 0; no row reads them.
 static std::vector<int64_t> token_offsets(const at::Tensor& table, int64_t block_size, int64_t block_stride,
@@ -127,12 +202,35 @@ static std::vector<int64_t> token_offsets(const at::Tensor& table, int64_t block
   return off;
 }
 
+// For each sequence b, the first b' whose block-table row equals its own: rows that read the same cache (a ragged
+// batch gives each token of a prompt chunk its own row of the table).
+static std::vector<int64_t> same_cache(const at::Tensor& table) {
+  at::Tensor t64 = table.to(at::kLong).contiguous();
+  const int64_t *T = t64.data_ptr<int64_t>(), B = table.size(0), nb = table.size(1);
+  std::vector<int64_t> first(B);
+  for (int64_t b = 0; b < B; b++) {
+    first[b] = b;
+    for (int64_t c = 0; c < b; c++)
+      if (first[c] == c && std::equal(T + b * nb, T + (b + 1) * nb, T + c * nb)) {
+        first[b] = c;
+        break;
+      }
+  }
+  return first;
+}
+
+// One query row (b, s, h) of a forward: its keys' first index and count, and what it may share keys with.
+struct QueryRow {
+  int64_t cache, group, first, size, bs, h;
+  auto order() const { return std::tie(cache, group, first, size); }
+};
+
 // The rows of a forward: q [B, S, >=H, D] (heads [0, H) used) over the pools' positions [0, L) that `rows(b, g)`
-// reads ({keys, values} of sequence b, KV head g); see `decode_attention` for the rest.
+// reads ({keys, values} of sequence b, KV head g); `cache[b]` from `same_cache`; see `decode_attention` for the rest.
 template <class MakeRows>
 static at::Tensor attention(const at::Tensor& q, int64_t L, const at::Tensor& pos, int64_t H, int64_t KV,
                             int64_t window, const at::Tensor& tree_base, const at::Tensor& tree_mask,
-                            const MakeRows& rows) {
+                            const std::vector<int64_t>& cache, const MakeRows& rows) {
   TORCH_CHECK(is_f32_cpu(q) && q.stride(3) == 1 && H % KV == 0, "decode_attention: fp32 CPU q, unit stride along D");
   int64_t B = q.size(0), S = q.size(1), D = q.size(3), G = H / KV;
   TORCH_CHECK(pos.numel() == B * S, "decode_attention: one position per query row");
@@ -147,26 +245,60 @@ static at::Tensor attention(const at::Tensor& q, int64_t L, const at::Tensor& po
   const int64_t *P = p64.data_ptr<int64_t>(), *TB = base64.data_ptr<int64_t>();
   const bool* A = tree ? anc.data_ptr<bool>() : nullptr;
   for (int64_t b = 0; tree && b < B; b++) TORCH_CHECK(TB[b] >= 0 && TB[b] + T <= L, "decode_attention: tree past L");
+  // Rows sorted so that those sharing keys (cache, KV head, first key) sit together, nearest in length together.
+  std::vector<QueryRow> qrows;
+  for (int64_t bs = 0; bs < B * S; bs++) {
+    const int64_t b = bs / S;
+    int64_t first = TB[b], size = TB[b];  // a tree row: the prefix [0, base), then its ancestors
+    if (tree) {
+      size += std::count(A + bs * T, A + (bs + 1) * T, true);
+    } else {
+      const int64_t end = std::min<int64_t>(P[bs] + 1, L);
+      first = window > 0 ? std::max<int64_t>(0, end - window) : 0, size = end - first;
+    }
+    for (int64_t h = 0; h < H; h++) qrows.push_back({cache[b], h / G, first, size, bs, h});
+  }
+  std::sort(qrows.begin(), qrows.end(), [](const QueryRow& x, const QueryRow& y) { return x.order() < y.order(); });
+  std::vector<int64_t> tiles;  // tile i: qrows [tiles[i], tiles[i + 1])
+  for (int64_t i = 0; i < (int64_t)qrows.size(); i++) {
+    const QueryRow& r = qrows[i];
+    bool joins = !tiles.empty() && i - tiles.back() < QT && qrows[tiles.back()].cache == r.cache &&
+                 qrows[tiles.back()].group == r.group && qrows[tiles.back()].first == r.first;
+    if (!joins) tiles.push_back(i);
+  }
+  tiles.push_back(qrows.size());
   const float* Q = q.data_ptr<float>();
   float* O = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt((float)D);
-  int64_t grain = std::max<int64_t>(1, (1 << 17) / std::max<int64_t>(1, L * D));
-  at::parallel_for(0, B * S * H, grain, [&](int64_t b0, int64_t e0) {
-    std::vector<float> sc(L);
-    std::vector<int64_t> ancestors(T);
-    for (int64_t bsh = b0; bsh < e0; bsh++) {
-      int64_t bs = bsh / H, b = bs / S, s = bs % S, h = bsh % H;
-      const float* qv = Q + b * q.stride(0) + s * q.stride(1) + h * q.stride(2);
-      const auto [k, v] = rows(b, h / G);
-      float* o = O + bs * H * D + h * D;
+  const int64_t num_tiles = tiles.size() - 1;
+  int64_t grain = std::max<int64_t>(1, (1 << 17) / std::max<int64_t>(1, L * D * QT));
+  at::parallel_for(0, num_tiles, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> sc(QT * L);
+    std::vector<int64_t> ancestors(QT * T);
+    for (int64_t t = t0; t < t1; t++) {
+      const int nq = tiles[t + 1] - tiles[t];
+      const QueryRow* r = &qrows[tiles[t]];
+      const float* qv[QT];
+      float* o[QT];
+      for (int j = 0; j < nq; j++) {
+        const int64_t b = r[j].bs / S, s = r[j].bs % S;
+        qv[j] = Q + b * q.stride(0) + s * q.stride(1) + r[j].h * q.stride(2);
+        o[j] = O + r[j].bs * H * D + r[j].h * D;
+      }
+      const auto [k, v] = rows(r[0].bs / S, r[0].group);  // the tile's rows read the same cache
       if (tree) {
-        int64_t n = 0;
-        for (int64_t j = 0; j < T; j++)
-          if (A[bs * T + j]) ancestors[n++] = TB[b] + j;
-        attend(qv, k, v, D, TreeKeys{TB[b], ancestors.data(), n}, scale, sc.data(), o);
+        TreeKeys keys[QT];
+        for (int j = 0; j < nq; j++) {
+          int64_t n = 0, *anc_j = ancestors.data() + j * T, bs = r[j].bs;
+          for (int64_t c = 0; c < T; c++)
+            if (A[bs * T + c]) anc_j[n++] = r[j].first + c;
+          keys[j] = TreeKeys{r[j].first, anc_j, n};
+        }
+        attend_rows(nq, qv, k, v, D, keys, r[0].first, scale, sc.data(), L, o);
       } else {
-        int64_t end = std::min<int64_t>(P[bs] + 1, L), start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
-        attend(qv, k, v, D, KeyRun{start, end}, scale, sc.data(), o);
+        KeyRun keys[QT];
+        for (int j = 0; j < nq; j++) keys[j] = KeyRun{r[j].first, r[j].first + r[j].size};
+        attend_rows(nq, qv, k, v, D, keys, r[0].size, scale, sc.data(), L, o);  // sorted: the shortest first
       }
     }
   });
@@ -189,7 +321,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   int64_t bs = k.size(1), L = block_table.size(1) * bs;
   const std::vector<int64_t> off = token_offsets(block_table, bs, k.stride(0), k.stride(1));
   const float *K = k.data_ptr<float>(), *Vp = v.data_ptr<float>();
-  return attention(q, L, pos, H, k.size(2), window, tree_base, tree_mask, [&](int64_t b, int64_t g) {
+  const std::vector<int64_t> cache = same_cache(block_table);
+  return attention(q, L, pos, H, k.size(2), window, tree_base, tree_mask, cache, [&](int64_t b, int64_t g) {
     return std::pair{F32Rows{K + g * k.stride(2), off.data() + b * L}, F32Rows{Vp + g * v.stride(2), off.data() + b * L}};
   });
 }
@@ -211,15 +344,16 @@ at::Tensor decode_attention_packed(const at::Tensor& q, const at::Tensor& k_code
               "decode_attention_packed: code pools of the query's head_dim (NVFP4: a multiple of 16)");
   const std::vector<int64_t> off = token_offsets(block_table, bs, bs * KV, KV);  // token rows, times a row's width
   const uint8_t *Kc = k_codes.data_ptr<uint8_t>(), *Vc = v_codes.data_ptr<uint8_t>();
+  const std::vector<int64_t> cache = same_cache(block_table);
   if (format == 3)
-    return attention(q, L, pos, H, KV, window, tree_base, tree_mask, [&](int64_t b, int64_t g) {
+    return attention(q, L, pos, H, KV, window, tree_base, tree_mask, cache, [&](int64_t b, int64_t g) {
       return std::pair{Fp8Rows{Kc + g * D, off.data() + b * L, D, (float)k_scale},
                        Fp8Rows{Vc + g * D, off.data() + b * L, D, (float)v_scale}};
     });
   TORCH_CHECK(k_scales.is_contiguous() && v_scales.is_contiguous() && k_scales.numel() == k_codes.numel() / 8 &&
               v_scales.sizes() == k_scales.sizes(), "decode_attention_packed: NVFP4 scale pools [N, bs, KV, D/16]");
   const uint8_t *Ks = k_scales.data_ptr<uint8_t>(), *Vs = v_scales.data_ptr<uint8_t>();
-  return attention(q, L, pos, H, KV, window, tree_base, tree_mask, [&](int64_t b, int64_t g) {
+  return attention(q, L, pos, H, KV, window, tree_base, tree_mask, cache, [&](int64_t b, int64_t g) {
     return std::pair{Nvfp4Rows{Kc + g * D / 2, Ks + g * D / 16, off.data() + b * L, D, (float)k_scale},
                      Nvfp4Rows{Vc + g * D / 2, Vs + g * D / 16, off.data() + b * L, D, (float)v_scale}};
   });

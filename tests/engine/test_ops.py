@@ -88,6 +88,43 @@ def test_decode_attention_reads_blocks_in_place_and_matches_masked_sdpa() -> Non
     torch.testing.assert_close(outs[0], want.transpose(1, 2).flatten(2), rtol=1e-4, atol=1e-5)
 
 
+@needs_kernels
+@pytest.mark.parametrize(("KV", "D", "window"), [(3, 64, 0), (3, 64, 4), (1, 128, 0), (5, 32, 0), (2, 24, 0)])
+def test_each_attention_row_is_its_one_row_call_whatever_rows_share_its_keys(KV: int, D: int, window: int) -> None:
+    """The kernel shares each key and value it loads among the rows that read them (a sequence's query heads, a
+    verify's rows, a prompt chunk given one table row per token); every row must still be, bit for bit, what a
+    one-row decode call gives it: in [B, S] form, as a ragged batch, and as draft-tree rows."""
+    gen = torch.Generator().manual_seed(KV * D + window)
+    B, S, H, L, nb = 2, 7, 3 * KV, 48, 6
+    qkv = torch.randn(B, S, H + 2 * KV, D, generator=gen)
+    table = torch.randperm(B * nb, generator=gen).view(B, nb)  # [B, nb] 8-token blocks
+    k_pages, v_pages = paged(torch.randn(B, KV, L, D, generator=gen), table, B * nb), \
+        paged(torch.randn(B, KV, L, D, generator=gen), table, B * nb)
+    pos = torch.tensor([[9, 10, 11, 12, 13, 14, 15], [40, 41, 41, 42, 43, 44, 47]])  # [B, S]
+
+    def call(q, tab, p, base=None, anc=None):
+        empty = torch.empty(0, dtype=torch.long)
+        return KERNELS.decode_attention(q.contiguous(), k_pages, v_pages, tab, p, H, window,
+                                        empty if base is None else base, empty if anc is None else anc)
+
+    alone = torch.stack([torch.stack([call(qkv[b, s][None, None], table[b][None], pos[b, s].view(1, 1))[0, 0]
+                                      for s in range(S)]) for b in range(B)])  # [B, S, H*D]
+    assert torch.equal(call(qkv, table, pos), alone)
+    ragged = call(qkv.flatten(0, 1)[:, None], table.repeat_interleave(S, 0), pos.view(-1, 1))  # [B*S, 1, H*D]
+    assert torch.equal(ragged.view(B, S, -1), alone)
+    if window:
+        return
+    base = torch.tensor([20, 30])
+    anc = torch.tril(torch.ones(S, S, dtype=torch.bool))
+    anc[3, 1] = anc[5, 2] = anc[6, 4] = False  # [S, S] row s reads base + j where anc[s, j]
+    tree = call(qkv, table, pos, base, anc.expand(B, S, S).contiguous())
+    for b in range(B):
+        for s in range(S):
+            one = call(qkv[b, s][None, None], table[b][None], pos[b, s].view(1, 1), base[b:b + 1],
+                       anc[s][None, None].contiguous())
+            assert torch.equal(tree[b, s], one[0, 0]), (b, s)
+
+
 def test_every_op_falls_back_to_its_reference_for_autograd_and_bf16() -> None:
     gen = torch.Generator().manual_seed(3)
     w = row_major_t(8, 16, gen).requires_grad_()
