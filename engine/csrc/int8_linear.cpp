@@ -155,6 +155,26 @@ __attribute__((optimize("fp-contract=off"))) static void scale_sums(const int32_
   }
 }
 
+// Many rows without AMX: oneDNN's int8 GEMM (`at::_int_mm`: signed codes, exact int32 sums) packs its operands
+// for compute-bound blocking, which these loops, shaped for reading each weight once, do not: a step of 8 decode
+// rows + 56 prompt rows took 0.73x the time, a 256-row prefill 0.70x (interleaved one-off timing, AVX512-VNNI
+// EPYC); at 16 rows its per-call cost made a step slower, at 24 it broke even. The sums are exact either way, so
+// the outputs keep their bits. Only where the CPU multiplies bytes with VNNI: without it oneDNN's int8 kernels may
+// saturate 16-bit pair sums.
+#if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
+constexpr bool GEMM_SUMS_EXACT = true;
+#else
+constexpr bool GEMM_SUMS_EXACT = false;
+#endif
+constexpr int64_t GEMM_MIN_ROWS = 32;
+
+// The code sums [m, out] of the signed input codes `xq` [m, k] against each shard's weight codes [rows_s, k].
+static at::Tensor gemm_sums(const at::Tensor& xq, const std::vector<at::Tensor>& codes) {
+  std::vector<at::Tensor> parts;
+  for (const at::Tensor& c : codes) parts.push_back(at::_int_mm(xq, c.view(at::kChar).t()));
+  return parts.size() == 1 ? parts[0] : at::cat(parts, 1);
+}
+
 at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std::vector<at::Tensor>& codes,
                                const std::vector<at::Tensor>& scales, const std::optional<at::Tensor>& bias) {
   const int64_t k = x.size(-1);
@@ -175,12 +195,26 @@ at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std:
   // Many rows: AMX tiles where there are some, on signed codes in rows padded to whole tiles (zeros add nothing);
   // else the codes + X_OFFSET.
   const bool tiles = m >= AMX_MIN_ROWS_INT8 && amx_int8_available();
+  const bool gemm = !tiles && GEMM_SUMS_EXACT && m >= GEMM_MIN_ROWS;
+  float* Y = y.data_ptr<float>();
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  if (gemm) {
+    at::Tensor xq = at::empty({m, k}, x.options().dtype(at::kChar));
+    for (int64_t i = 0; i < m; i++) quantize_codes(X + i * k, k, sx, 0, (uint8_t*)xq.data_ptr<int8_t>() + i * k);
+    const at::Tensor sums = gemm_sums(xq, codes);  // [m, out]
+    const int32_t* S = sums.data_ptr<int32_t>();
+    at::parallel_for(0, m, 1, [&](int64_t i0, int64_t i1) {
+      for (size_t s = 0, col0 = 0; s < codes.size(); col0 += codes[s].size(0), s++)
+        for (int64_t i = i0; i < i1; i++)
+          scale_sums(S + i * out + col0, 0, codes[s].size(0), sx, scales[s].data_ptr<float>(),
+                     b ? b + col0 : nullptr, Y + i * out + col0);
+    });
+    return y;
+  }
   const int64_t kp = tiles ? (k + 63) / 64 * 64 : k;
   std::vector<uint8_t> xq(tiles ? (m + 15) / 16 * 16 * kp : m * k);
   for (int64_t i = 0; i < m; i++) quantize_codes(X + i * k, k, sx, tiles ? 0 : X_OFFSET, xq.data() + i * kp);
   std::vector<int32_t> sums(m * out);
-  float* Y = y.data_ptr<float>();
-  const float* b = bias ? bias->data_ptr<float>() : nullptr;
   for (size_t s = 0, col0 = 0; s < codes.size(); col0 += codes[s].size(0), s++) {
     const int8_t* W = reinterpret_cast<const int8_t*>(codes[s].data_ptr<uint8_t>());
     const float* ws = scales[s].data_ptr<float>();

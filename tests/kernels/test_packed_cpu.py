@@ -157,8 +157,9 @@ def int8_builds() -> list:
 
 
 def test_int8_w8a8_is_the_integer_product_with_vnni_or_avx2():
-    """With AVX512-VNNI (`vpdpbusd`; blocks of weight rows that 1-4 input rows at a time pass over), AMX-INT8 tiles
-    (12+ rows: a part of one tile, one, three) or AVX2 (`vpmaddwd`), INT8 W8A8 sums integer code products exactly,
+    """With AVX512-VNNI (`vpdpbusd`; blocks of weight rows that 1-4 input rows at a time pass over; oneDNN's int8
+    GEMM from 32 rows where there is no AMX), AMX-INT8 tiles (12+ rows: a part of one tile, one, three) or AVX2
+    (`vpmaddwd`), INT8 W8A8 sums integer code products exactly,
     then scales: the bits of the GPU path (`int8_matmul`: `torch._int_mm`, scales, bias), for any number of rows,
     odd K and codes of -128. Without VNNI or AVX2, the kernel multiplies the quantized values in fp32: the product
     up to summation order."""
