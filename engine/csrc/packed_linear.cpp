@@ -96,7 +96,7 @@ static inline void dot_block(const Weights& w, const float* X, int64_t k, const 
 
 // A decoded tile: rows of ld floats.
 struct TileRows {
-  static constexpr bool PAIRS = false;
+  static constexpr bool PAIRS = false, WIDE = false;
   const float* T;
   int64_t ld;
   vf vec(int r, int64_t i) const { return vload(T + r * ld + i); }
@@ -107,21 +107,28 @@ struct TileRows {
 template <int M, class Weights>
 static void dot_rows(const Weights& w, int64_t n, const float* X, int64_t k, const float* b, float* Y, int64_t ldy) {
   int64_t r = 0;
-  for (; r + 4 <= n; r += 4) dot_block<4, M>(w.from(r), X, k, b ? b + r : nullptr, Y + r, ldy);
+  if constexpr (M <= 4)
+    for (; r + 4 <= n; r += 4) dot_block<4, M>(w.from(r), X, k, b ? b + r : nullptr, Y + r, ldy);
   for (; r + 2 <= n; r += 2) dot_block<2, M>(w.from(r), X, k, b ? b + r : nullptr, Y + r, ldy);
   for (; r < n; r++) dot_block<1, M>(w.from(r), X, k, b ? b + r : nullptr, Y + r, ldy);
 }
 
-// Every input row of X [m, k] against n weight rows; Y points at their first output column.
+// Every input row of X [m, k] against n weight rows; Y points at their first output column. Weights decoded in
+// registers (`Weights::WIDE`) take input rows 8 at a time where 32 vector registers hold 2 x 8 accumulators: each
+// weight vector is then decoded once per 8 rows instead of twice (an LM head of 49152 x 576 at 8 rows: int8 0.86x,
+// int4 0.85x, NVFP4 0.92x the time, interleaved one-off timing on an AVX512 EPYC; bf16's shift-only decode lost 5%).
 template <class Weights>
 static void dot_all(const Weights& w, int64_t n, const float* X, int64_t m, int64_t k, const float* b, float* Y,
                     int64_t ldy) {
-  for_row_blocks(m, [&]<int M>(int64_t i) { dot_rows<M>(w, n, X + i * k, k, b, Y + i * ldy, ldy); });
+  int64_t i = 0;
+  if constexpr (Weights::WIDE && NUM_VREGS >= 32)
+    for (; i + 8 <= m; i += 8) dot_rows<8>(w, n, X + i * k, k, b, Y + i * ldy, ldy);
+  for_row_blocks(m - i, [&]<int M>(int64_t j) { dot_rows<M>(w, n, X + (i + j) * k, k, b, Y + (i + j) * ldy, ldy); });
 }
 
 // ---- Packed rows decoded in registers (k a multiple of 16: no tail): one per format, rows from `row` of a shard ----
 struct Nvfp4Rows {
-  static constexpr bool PAIRS = NVFP4_PAIRS;  // x comes in `nvfp4_pair_order`
+  static constexpr bool PAIRS = NVFP4_PAIRS, WIDE = true;  // PAIRS: x comes in `nvfp4_pair_order`
   const uint8_t* q;
   const float* steps;  // each row's block steps, precomputed
   int64_t nb;
@@ -135,7 +142,7 @@ struct Nvfp4Rows {
 };
 
 struct Int4Rows {  // rows start even: row r is the low (r even) or high nibble of byte row r / 2
-  static constexpr bool PAIRS = false;
+  static constexpr bool PAIRS = false, WIDE = true;
   const uint8_t* q;
   const float* scales;  // [rows, groups]
   int64_t k, groups, group_shift;
@@ -147,7 +154,7 @@ struct Int4Rows {  // rows start even: row r is the low (r even) or high nibble 
 };
 
 struct Int8Rows {
-  static constexpr bool PAIRS = false;
+  static constexpr bool PAIRS = false, WIDE = true;
   const int8_t* q;
   const float* scales;
   int64_t k;
@@ -157,7 +164,7 @@ struct Int8Rows {
 };
 
 struct Fp8Rows {
-  static constexpr bool PAIRS = false;
+  static constexpr bool PAIRS = false, WIDE = true;
   const uint8_t* q;
   float scale;
   int64_t k;
@@ -167,7 +174,7 @@ struct Fp8Rows {
 };
 
 struct Bf16Rows {
-  static constexpr bool PAIRS = false;
+  static constexpr bool PAIRS = false, WIDE = false;
   const uint16_t* q;
   int64_t k;
   vf vec(int r, int64_t i) const { return bf16_vec(q + r * k, i); }
