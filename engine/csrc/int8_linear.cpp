@@ -168,11 +168,21 @@ constexpr bool GEMM_SUMS_EXACT = false;
 #endif
 constexpr int64_t GEMM_MIN_ROWS = 32;
 
-// The code sums [m, out] of the signed input codes `xq` [m, k] against each shard's weight codes [rows_s, k].
-static at::Tensor gemm_sums(const at::Tensor& xq, const std::vector<at::Tensor>& codes) {
+// y [m, out] from X [m, k] through oneDNN's code sums against each shard's weight codes [rows_s, k].
+static void gemm_linear(const float* X, int64_t m, int64_t k, float sx, const std::vector<at::Tensor>& codes,
+                        const std::vector<at::Tensor>& scales, const float* b, int64_t out, float* Y) {
+  at::Tensor xq = at::empty({m, k}, at::kChar);  // the signed codes
+  for (int64_t i = 0; i < m; i++) quantize_codes(X + i * k, k, sx, 0, (uint8_t*)xq.data_ptr<int8_t>() + i * k);
   std::vector<at::Tensor> parts;
-  for (const at::Tensor& c : codes) parts.push_back(at::_int_mm(xq, c.view(at::kChar).t()));
-  return parts.size() == 1 ? parts[0] : at::cat(parts, 1);
+  for (const at::Tensor& c : codes) parts.push_back(at::_int_mm(xq, c.view(at::kChar).t()));  // [m, rows_s]
+  const at::Tensor sums = parts.size() == 1 ? parts[0] : at::cat(parts, 1);  // [m, out]
+  const int32_t* S = sums.data_ptr<int32_t>();
+  at::parallel_for(0, m, 1, [&](int64_t i0, int64_t i1) {
+    for (size_t s = 0, col0 = 0; s < codes.size(); col0 += codes[s].size(0), s++)
+      for (int64_t i = i0; i < i1; i++)
+        scale_sums(S + i * out + col0, 0, codes[s].size(0), sx, scales[s].data_ptr<float>(), b ? b + col0 : nullptr,
+                   Y + i * out + col0);
+  });
 }
 
 at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std::vector<at::Tensor>& codes,
@@ -193,22 +203,12 @@ at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std:
   const float sx = (float)act_scale;
   const float* X = x2.data_ptr<float>();
   // Many rows: AMX tiles where there are some, on signed codes in rows padded to whole tiles (zeros add nothing);
-  // else the codes + X_OFFSET.
+  // else oneDNN's GEMM where its sums are exact; else the codes + X_OFFSET through these loops.
   const bool tiles = m >= AMX_MIN_ROWS_INT8 && amx_int8_available();
-  const bool gemm = !tiles && GEMM_SUMS_EXACT && m >= GEMM_MIN_ROWS;
   float* Y = y.data_ptr<float>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
-  if (gemm) {
-    at::Tensor xq = at::empty({m, k}, x.options().dtype(at::kChar));
-    for (int64_t i = 0; i < m; i++) quantize_codes(X + i * k, k, sx, 0, (uint8_t*)xq.data_ptr<int8_t>() + i * k);
-    const at::Tensor sums = gemm_sums(xq, codes);  // [m, out]
-    const int32_t* S = sums.data_ptr<int32_t>();
-    at::parallel_for(0, m, 1, [&](int64_t i0, int64_t i1) {
-      for (size_t s = 0, col0 = 0; s < codes.size(); col0 += codes[s].size(0), s++)
-        for (int64_t i = i0; i < i1; i++)
-          scale_sums(S + i * out + col0, 0, codes[s].size(0), sx, scales[s].data_ptr<float>(),
-                     b ? b + col0 : nullptr, Y + i * out + col0);
-    });
+  if (!tiles && GEMM_SUMS_EXACT && m >= GEMM_MIN_ROWS) {
+    gemm_linear(X, m, k, sx, codes, scales, b, out, Y);
     return y;
   }
   const int64_t kp = tiles ? (k + 63) / 64 * 64 : k;
