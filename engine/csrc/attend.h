@@ -72,32 +72,21 @@ static inline void scores(const float* q, const Rows& k, int64_t D, const Keys& 
   for (; i < n; i++) s[i] = row_dot(q, k, keys(i), D) * scale;
 }
 
-// o[:N*V] = scale * sum_i p[i] * v_keys(i)[:N*V], accumulated in N registers.
-template <int N, class Rows, class Keys>
-static inline void weighted_sum_regs(const float* p, float scale, const Rows& v, const Keys& keys, float* o) {
-  vf acc[N];
-  for (int n = 0; n < N; n++) acc[n] = vzero();
-  for (int64_t i = 0; i < keys.size(); i++) {
-    vf pi = vset(p[i]);
-    int64_t t = keys(i);
-    for (int n = 0; n < N; n++) acc[n] = vfma(pi, v.load(t, n * V), acc[n]);
-  }
-  for (int n = 0; n < N; n++) vstore(o + n * V, acc[n] * vset(scale));
-}
-
-// o[:D] = scale * sum_i p[i] * v_keys(i).
+// o[:D] = scale * sum_i p[i] * v_keys(i), one value at a time (rows of 2, 4 or 8 whole vectors go through
+// `attend_tile`, which keeps them in registers).
 template <class Rows, class Keys>
 static inline void weighted_sum(const float* p, float scale, const Rows& v, int64_t D, const Keys& keys, float* o) {
-  switch (D % V == 0 ? D / V : 0) {
-    case 2: return weighted_sum_regs<2>(p, scale, v, keys, o);
-    case 4: return weighted_sum_regs<4>(p, scale, v, keys, o);
-    case 8: return weighted_sum_regs<8>(p, scale, v, keys, o);
-    default:
-      for (int64_t c = 0; c < D; c++) o[c] = 0;
-      for (int64_t i = 0; i < keys.size(); i++)
-        for (int64_t c = 0; c < D; c++) o[c] += p[i] * v.at(keys(i), c);
-      for (int64_t c = 0; c < D; c++) o[c] *= scale;
-  }
+  for (int64_t c = 0; c < D; c++) o[c] = 0;
+  for (int64_t i = 0; i < keys.size(); i++)
+    for (int64_t c = 0; c < D; c++) o[c] += p[i] * v.at(keys(i), c);
+  for (int64_t c = 0; c < D; c++) o[c] *= scale;
+}
+
+// s[i] = e^(s[i] - max(s)) for i < n; returns 1 / their sum (the softmax's normaliser).
+static inline float softmax_unnormalised(float* s, int64_t n) {
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < n; i++) mx = std::max(mx, s[i]);
+  return 1.0f / exp_sum(s, n, mx);
 }
 
 // Softmax attention of one query row over `keys`; `sc` is scratch for one score per key.
@@ -105,10 +94,7 @@ template <class KRows, class VRows, class Keys>
 static inline void attend(const float* q, const KRows& k, const VRows& v, int64_t D, const Keys& keys, float scale,
                           float* sc, float* o) {
   scores(q, k, D, keys, scale, sc);
-  float mx = -INFINITY;
-  for (int64_t i = 0; i < keys.size(); i++) mx = std::max(mx, sc[i]);
-  float inv = 1.0f / exp_sum(sc, keys.size(), mx);
-  weighted_sum(sc, inv, v, D, keys, o);
+  weighted_sum(sc, softmax_unnormalised(sc, keys.size()), v, D, keys, o);
 }
 
 // Query rows that read the same keys and values: one KV head of one sequence (its G query heads, and every row of
@@ -137,9 +123,7 @@ static void attend_tile(const float* const* q, const KRows& k, const VRows& v, c
     float* s = sc + j * L;
     const int64_t n = keys[j].size();
     for (int64_t i = common; i < n; i++) s[i] = row_dot(q[j], k, keys[j](i), D) * scale;
-    float mx = -INFINITY;
-    for (int64_t i = 0; i < n; i++) mx = std::max(mx, s[i]);
-    inv[j] = 1.0f / exp_sum(s, n, mx);
+    inv[j] = softmax_unnormalised(s, n);
   }
   vf acc[NQ][N];
   for (int j = 0; j < NQ; j++)

@@ -13,35 +13,31 @@
 #include "ops.h"
 #include "vec.h"
 
-// Element offsets of positions [0, L) of each sequence in a pool [num_blocks, block_size, KV, D]: [B * L].
-// Entries past a table's blocks (-1) point at block 0; no row reads them.
-static std::vector<int64_t> token_offsets(const at::Tensor& table, int64_t block_size, int64_t block_stride,
-                                          int64_t token_stride) {
+// Where each sequence's positions [0, L) lie in a pool [num_blocks, block_size, KV, D]: `off[b * L + i]`, element
+// offsets (entries past a table's blocks, -1, point at block 0; no row reads them); and `cache[b]`, the first b'
+// whose block-table row equals b's, so rows that read the same cache are known (a ragged batch gives each token of
+// a prompt chunk its own row of the table).
+struct Layout {
+  std::vector<int64_t> off, cache;
+};
+
+static Layout layout(const at::Tensor& table, int64_t block_size, int64_t block_stride, int64_t token_stride) {
   int64_t B = table.size(0), nb = table.size(1), L = nb * block_size;
   at::Tensor t64 = table.to(at::kLong).contiguous();
   const int64_t* T = t64.data_ptr<int64_t>();
-  std::vector<int64_t> off(B * L);
-  for (int64_t b = 0; b < B; b++)
-    for (int64_t i = 0; i < L; i++)
-      off[b * L + i] = std::max<int64_t>(T[b * nb + i / block_size], 0) * block_stride + (i % block_size) * token_stride;
-  return off;
-}
-
-// For each sequence b, the first b' whose block-table row equals its own: rows that read the same cache (a ragged
-// batch gives each token of a prompt chunk its own row of the table).
-static std::vector<int64_t> same_cache(const at::Tensor& table) {
-  at::Tensor t64 = table.to(at::kLong).contiguous();
-  const int64_t *T = t64.data_ptr<int64_t>(), B = table.size(0), nb = table.size(1);
-  std::vector<int64_t> first(B);
+  Layout out{std::vector<int64_t>(B * L), std::vector<int64_t>(B)};
   for (int64_t b = 0; b < B; b++) {
-    first[b] = b;
+    for (int64_t i = 0; i < L; i++)
+      out.off[b * L + i] =
+          std::max<int64_t>(T[b * nb + i / block_size], 0) * block_stride + (i % block_size) * token_stride;
+    out.cache[b] = b;
     for (int64_t c = 0; c < b; c++)
-      if (first[c] == c && std::equal(T + b * nb, T + (b + 1) * nb, T + c * nb)) {
-        first[b] = c;
+      if (out.cache[c] == c && std::equal(T + b * nb, T + (b + 1) * nb, T + c * nb)) {
+        out.cache[b] = c;
         break;
       }
   }
-  return first;
+  return out;
 }
 
 // One query row (b, s, h) of a forward: its keys' first index and count, and what it may share keys with.
@@ -51,7 +47,7 @@ struct QueryRow {
 };
 
 // The rows of a forward: q [B, S, >=H, D] (heads [0, H) used) over the pools' positions [0, L) that `rows(b, g)`
-// reads ({keys, values} of sequence b, KV head g); `cache[b]` from `same_cache`; see `decode_attention` for the rest.
+// reads ({keys, values} of sequence b, KV head g); `cache` from `layout`; see `decode_attention` for the rest.
 template <class MakeRows>
 static at::Tensor attention(const at::Tensor& q, int64_t L, const at::Tensor& pos, int64_t H, int64_t KV,
                             int64_t window, const at::Tensor& tree_base, const at::Tensor& tree_mask,
@@ -144,11 +140,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
               k.stride(3) == 1, "decode_attention: fp32 CPU K and V pools [N, bs, KV, D] alike, unit stride along D");
   TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == q.size(0), "decode_attention: a table row per sequence");
   int64_t bs = k.size(1), L = block_table.size(1) * bs;
-  const std::vector<int64_t> off = token_offsets(block_table, bs, k.stride(0), k.stride(1));
+  const Layout lay = layout(block_table, bs, k.stride(0), k.stride(1));
+  const int64_t* off = lay.off.data();
   const float *K = k.data_ptr<float>(), *Vp = v.data_ptr<float>();
-  const std::vector<int64_t> cache = same_cache(block_table);
-  return attention(q, L, pos, H, k.size(2), window, tree_base, tree_mask, cache, [&](int64_t b, int64_t g) {
-    return std::pair{F32Rows{K + g * k.stride(2), off.data() + b * L}, F32Rows{Vp + g * v.stride(2), off.data() + b * L}};
+  return attention(q, L, pos, H, k.size(2), window, tree_base, tree_mask, lay.cache, [&](int64_t b, int64_t g) {
+    return std::pair{F32Rows{K + g * k.stride(2), off + b * L}, F32Rows{Vp + g * v.stride(2), off + b * L}};
   });
 }
 
@@ -167,19 +163,19 @@ at::Tensor decode_attention_packed(const at::Tensor& q, const at::Tensor& k_code
   int64_t D = q.size(3), bs = k_codes.size(1), KV = k_codes.size(2), L = block_table.size(1) * bs;
   TORCH_CHECK(k_codes.size(3) == (format == 3 ? D : D / 2) && (format == 3 || D % 16 == 0),
               "decode_attention_packed: code pools of the query's head_dim (NVFP4: a multiple of 16)");
-  const std::vector<int64_t> off = token_offsets(block_table, bs, bs * KV, KV);  // token rows, times a row's width
+  const Layout lay = layout(block_table, bs, bs * KV, KV);  // token rows, times a row's width
+  const int64_t* off = lay.off.data();
   const uint8_t *Kc = k_codes.data_ptr<uint8_t>(), *Vc = v_codes.data_ptr<uint8_t>();
-  const std::vector<int64_t> cache = same_cache(block_table);
   if (format == 3)
-    return attention(q, L, pos, H, KV, window, tree_base, tree_mask, cache, [&](int64_t b, int64_t g) {
-      return std::pair{Fp8Rows{Kc + g * D, off.data() + b * L, D, (float)k_scale},
-                       Fp8Rows{Vc + g * D, off.data() + b * L, D, (float)v_scale}};
+    return attention(q, L, pos, H, KV, window, tree_base, tree_mask, lay.cache, [&](int64_t b, int64_t g) {
+      return std::pair{Fp8Rows{Kc + g * D, off + b * L, D, (float)k_scale},
+                       Fp8Rows{Vc + g * D, off + b * L, D, (float)v_scale}};
     });
   TORCH_CHECK(k_scales.is_contiguous() && v_scales.is_contiguous() && k_scales.numel() == k_codes.numel() / 8 &&
               v_scales.sizes() == k_scales.sizes(), "decode_attention_packed: NVFP4 scale pools [N, bs, KV, D/16]");
   const uint8_t *Ks = k_scales.data_ptr<uint8_t>(), *Vs = v_scales.data_ptr<uint8_t>();
-  return attention(q, L, pos, H, KV, window, tree_base, tree_mask, cache, [&](int64_t b, int64_t g) {
-    return std::pair{Nvfp4Rows{Kc + g * D / 2, Ks + g * D / 16, off.data() + b * L, D, (float)k_scale},
-                     Nvfp4Rows{Vc + g * D / 2, Vs + g * D / 16, off.data() + b * L, D, (float)v_scale}};
+  return attention(q, L, pos, H, KV, window, tree_base, tree_mask, lay.cache, [&](int64_t b, int64_t g) {
+    return std::pair{Nvfp4Rows{Kc + g * D / 2, Ks + g * D / 16, off + b * L, D, (float)k_scale},
+                     Nvfp4Rows{Vc + g * D / 2, Vs + g * D / 16, off + b * L, D, (float)v_scale}};
   });
 }
