@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <tuple>
 #include <vector>
 
@@ -92,11 +93,24 @@ static at::Tensor attention(const at::Tensor& q, int64_t L, const at::Tensor& po
   float* O = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt((float)D);
   const int64_t num_tiles = tiles.size() - 1;
-  int64_t grain = std::max<int64_t>(1, (1 << 17) / std::max<int64_t>(1, L * D * QT));
-  at::parallel_for(0, num_tiles, grain, [&](int64_t t0, int64_t t1) {
+  // Threads take tiles one at a time, the longest first, as they come free: a decode row's keys come from memory
+  // and a prompt chunk's were just written (in cache), so keys read do not say how long a tile takes, and a
+  // thread given the step's decode rows by count or by keys worked alone while the other waited.
+  std::vector<int64_t> order(num_tiles), keys_of(num_tiles);
+  int64_t total = 0;
+  for (int64_t t = 0; t < num_tiles; t++) {
+    order[t] = t;
+    keys_of[t] = qrows[tiles[t + 1] - 1].size;  // sorted: the tile's last row reads the most keys
+    total += keys_of[t] * (tiles[t + 1] - tiles[t]);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return keys_of[x] > keys_of[y]; });
+  const int64_t parts = std::clamp<int64_t>(total * D >> 16, 1, at::get_num_threads());  // >= 64k key-dims a part
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, parts, 1, [&](int64_t, int64_t) {
     std::vector<float> sc(QT * L);
     std::vector<int64_t> ancestors(QT * T);
-    for (int64_t t = t0; t < t1; t++) {
+    for (int64_t n = next++; n < num_tiles; n = next++) {
+      const int64_t t = order[n];
       const int nq = tiles[t + 1] - tiles[t];
       const QueryRow* r = &qrows[tiles[t]];
       const float* qv[QT];
