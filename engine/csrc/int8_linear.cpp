@@ -146,6 +146,14 @@ static void quantize_codes(const float* x, int64_t n, float sx, int offset, uint
   for (; i < n; i++) out[i] = (uint8_t)((int)int8_code(x[i], sx) + offset);
 }
 
+// X [m, k] -> codes [m, ldq] (`quantize_codes` per row), rows split over the threads: done serially, the other
+// thread spun at the next parallel region's barrier for as long.
+static void quantize_rows(const float* X, int64_t m, int64_t k, float sx, int offset, uint8_t* out, int64_t ldq) {
+  at::parallel_for(0, m, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++) quantize_codes(X + i * k, k, sx, offset, out + i * ldq);
+  });
+}
+
 // y[r] = float(sum[r]) * (sx * ws[r]), then + b[r]: two roundings, as torch takes them (no fused multiply-add).
 __attribute__((optimize("fp-contract=off"))) static void scale_sums(const int32_t* sum, int64_t r0, int64_t r1, float sx,
                                                                    const float* ws, const float* b, float* y) {
@@ -155,33 +163,32 @@ __attribute__((optimize("fp-contract=off"))) static void scale_sums(const int32_
   }
 }
 
-// Many rows without AMX: oneDNN's int8 GEMM (`at::_int_mm`: signed codes, exact int32 sums) packs its operands
-// for compute-bound blocking, which these loops, shaped for reading each weight once, do not: a step of 8 decode
-// rows + 56 prompt rows took 0.73x the time, a 256-row prefill 0.70x (interleaved one-off timing, AVX512-VNNI
-// EPYC); at 16 rows its per-call cost made a step slower, at 24 it broke even. The sums are exact either way, so
-// the outputs keep their bits. Only where the CPU multiplies bytes with VNNI: without it oneDNN's int8 kernels may
-// saturate 16-bit pair sums.
+// Many rows: oneDNN's int8 GEMM (`at::_int_mm`: signed codes, exact int32 sums) packs its operands for
+// compute-bound blocking, which these loops, shaped for reading each weight once, do not. It wins from 32 rows
+// without AMX (below, its per-call cost made a step slower) and from 128 with it (below, our tiles match it):
+// interleaved timings in the README. The sums are exact either way, so the outputs keep their bits. Only where the
+// CPU multiplies bytes with VNNI: without it oneDNN's int8 kernels may saturate 16-bit pair sums.
 #if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
 constexpr bool GEMM_SUMS_EXACT = true;
 #else
 constexpr bool GEMM_SUMS_EXACT = false;
 #endif
-constexpr int64_t GEMM_MIN_ROWS = 32;
+constexpr int64_t GEMM_MIN_ROWS = 32, GEMM_MIN_ROWS_AMX = 128;
 
 // y [m, out] from X [m, k] through oneDNN's code sums against each shard's weight codes [rows_s, k].
 static void gemm_linear(const float* X, int64_t m, int64_t k, float sx, const std::vector<at::Tensor>& codes,
                         const std::vector<at::Tensor>& scales, const float* b, int64_t out, float* Y) {
   at::Tensor xq = at::empty({m, k}, at::kChar);  // the signed codes
-  for (int64_t i = 0; i < m; i++) quantize_codes(X + i * k, k, sx, 0, (uint8_t*)xq.data_ptr<int8_t>() + i * k);
-  std::vector<at::Tensor> parts;
-  for (const at::Tensor& c : codes) parts.push_back(at::_int_mm(xq, c.view(at::kChar).t()));  // [m, rows_s]
-  const at::Tensor sums = parts.size() == 1 ? parts[0] : at::cat(parts, 1);  // [m, out]
-  const int32_t* S = sums.data_ptr<int32_t>();
+  quantize_rows(X, m, k, sx, 0, reinterpret_cast<uint8_t*>(xq.data_ptr<int8_t>()), k);
+  std::vector<at::Tensor> sums;  // a shard's [m, rows_s], read in place: concatenating them cost as much as a GEMM
+  for (const at::Tensor& c : codes) sums.push_back(at::_int_mm(xq, c.view(at::kChar).t()));
   at::parallel_for(0, m, 1, [&](int64_t i0, int64_t i1) {
-    for (size_t s = 0, col0 = 0; s < codes.size(); col0 += codes[s].size(0), s++)
+    for (size_t s = 0, col0 = 0; s < codes.size(); col0 += codes[s].size(0), s++) {
+      const int64_t rows = codes[s].size(0);
       for (int64_t i = i0; i < i1; i++)
-        scale_sums(S + i * out + col0, 0, codes[s].size(0), sx, scales[s].data_ptr<float>(), b ? b + col0 : nullptr,
-                   Y + i * out + col0);
+        scale_sums(sums[s].data_ptr<int32_t>() + i * rows, 0, rows, sx, scales[s].data_ptr<float>(),
+                   b ? b + col0 : nullptr, Y + i * out + col0);
+    }
   });
 }
 
@@ -202,18 +209,18 @@ at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std:
   if (m == 0 || out == 0) return y;
   const float sx = (float)act_scale;
   const float* X = x2.data_ptr<float>();
-  // Many rows: AMX tiles where there are some, on signed codes in rows padded to whole tiles (zeros add nothing);
-  // else oneDNN's GEMM where its sums are exact; else the codes + X_OFFSET through these loops.
-  const bool tiles = m >= AMX_MIN_ROWS_INT8 && amx_int8_available();
+  // Many rows: oneDNN's GEMM where its sums are exact; else AMX tiles where there are some, on signed codes in rows
+  // padded to whole tiles (zeros add nothing); else the codes + X_OFFSET through these loops.
+  const bool amx = amx_int8_available(), tiles = m >= AMX_MIN_ROWS_INT8 && amx;
   float* Y = y.data_ptr<float>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
-  if (!tiles && GEMM_SUMS_EXACT && m >= GEMM_MIN_ROWS) {
+  if (GEMM_SUMS_EXACT && m >= (amx ? GEMM_MIN_ROWS_AMX : GEMM_MIN_ROWS)) {
     gemm_linear(X, m, k, sx, codes, scales, b, out, Y);
     return y;
   }
   const int64_t kp = tiles ? (k + 63) / 64 * 64 : k;
   std::vector<uint8_t> xq(tiles ? (m + 15) / 16 * 16 * kp : m * k);
-  for (int64_t i = 0; i < m; i++) quantize_codes(X + i * k, k, sx, tiles ? 0 : X_OFFSET, xq.data() + i * kp);
+  quantize_rows(X, m, k, sx, tiles ? 0 : X_OFFSET, xq.data(), kp);
   std::vector<int32_t> sums(m * out);
   for (size_t s = 0, col0 = 0; s < codes.size(); col0 += codes[s].size(0), s++) {
     const int8_t* W = reinterpret_cast<const int8_t*>(codes[s].data_ptr<uint8_t>());

@@ -158,7 +158,7 @@ def int8_builds() -> list:
 
 def test_int8_w8a8_is_the_integer_product_with_vnni_or_avx2():
     """With AVX512-VNNI (`vpdpbusd`; blocks of weight rows that 1-4 input rows at a time pass over; oneDNN's int8
-    GEMM from 32 rows where there is no AMX), AMX-INT8 tiles (12+ rows: a part of one tile, one, three) or AVX2
+    GEMM from 32 rows without AMX, from 128 with it), AMX-INT8 tiles (12+ rows: a part of one tile, one, three) or AVX2
     (`vpmaddwd`), INT8 W8A8 sums integer code products exactly,
     then scales: the bits of the GPU path (`int8_matmul`: `torch._int_mm`, scales, bias), for any number of rows,
     odd K and codes of -128. Without VNNI or AVX2, the kernel multiplies the quantized values in fp32: the product
@@ -170,7 +170,7 @@ def test_int8_w8a8_is_the_integer_product_with_vnni_or_avx2():
         for n, k in [(576, 576), (576, 1536), (30, 37), (20, 80)]:
             shards = [quantize_weight("int8", torch.randn(r, k, generator=gen)) for r in (n, n // 2 + 1)]
             ops, b = pl.operands(f, shards), torch.randn(n + n // 2 + 1, generator=gen)
-            for m in (1, 3, 4, 5, 8, 11, 12, 16, 40):  # 12+: AMX where the CPU has AMX-INT8
+            for m in (1, 3, 4, 5, 8, 11, 12, 16, 40, 130):  # 12+: AMX where the CPU has AMX-INT8
                 x = torch.randn(m, k, generator=gen) * 2
                 scale = f.activations.input_scale(x.abs().amax() * 0.7)  # some inputs saturate (to -128 too)
                 got = assert_rows_alone(kernel, x, ops, b, scale)
