@@ -47,6 +47,38 @@ struct QueryRow {
   auto order() const { return std::tie(cache, group, first, size); }
 };
 
+// Keys x rows of tile t (rows qrows[tiles[t], tiles[t + 1]); sorted, the last reads the most keys).
+static int64_t tile_work(const std::vector<QueryRow>& qrows, const std::vector<int64_t>& tiles, int64_t t) {
+  return qrows[tiles[t + 1] - 1].size * (tiles[t + 1] - tiles[t]);
+}
+
+// How threads share a forward's tiles: they take runs of them as they come free, the largest first (`order`). A run
+// is one cache's consecutive tiles (a decode row's KV heads, whose keys lie side by side in the blocks), cut once it
+// holds `cap` work. Equal halves by count left one thread with a step's decode rows (keys read from memory) and the
+// other with its prompt rows (keys just written, in cache); single tiles dealt alternately split a sequence's blocks
+// between the threads.
+struct Runs {
+  std::vector<int64_t> bounds, order;  // run i: tiles [bounds[i], bounds[i + 1])
+};
+
+static Runs plan_runs(const std::vector<QueryRow>& qrows, const std::vector<int64_t>& tiles, int64_t cap) {
+  const int64_t num_tiles = tiles.size() - 1;
+  Runs runs{{0}, {}};
+  std::vector<int64_t> work{0};
+  for (int64_t t = 0; t < num_tiles; t++) {
+    if (t > runs.bounds.back() && (qrows[tiles[t]].cache != qrows[tiles[t - 1]].cache || work.back() >= cap)) {
+      runs.bounds.push_back(t);
+      work.push_back(0);
+    }
+    work.back() += tile_work(qrows, tiles, t);
+  }
+  runs.bounds.push_back(num_tiles);
+  runs.order.resize(work.size());
+  for (size_t i = 0; i < work.size(); i++) runs.order[i] = i;
+  std::stable_sort(runs.order.begin(), runs.order.end(), [&](int64_t x, int64_t y) { return work[x] > work[y]; });
+  return runs;
+}
+
 // The rows of a forward: q [B, S, >=H, D] (heads [0, H) used) over the pools' positions [0, L) that `rows(b, g)`
 // reads ({keys, values} of sequence b, KV head g); `cache` from `layout`; see `decode_attention` for the rest.
 template <class MakeRows>
@@ -92,48 +124,42 @@ static at::Tensor attention(const at::Tensor& q, int64_t L, const at::Tensor& po
   const float* Q = q.data_ptr<float>();
   float* O = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt((float)D);
-  const int64_t num_tiles = tiles.size() - 1;
-  // Threads take tiles one at a time, the longest first, as they come free: a decode row's keys come from memory
-  // and a prompt chunk's were just written (in cache), so keys read do not say how long a tile takes, and a
-  // thread given the step's decode rows by count or by keys worked alone while the other waited.
-  std::vector<int64_t> order(num_tiles), keys_of(num_tiles);
-  int64_t total = 0;
-  for (int64_t t = 0; t < num_tiles; t++) {
-    order[t] = t;
-    keys_of[t] = qrows[tiles[t + 1] - 1].size;  // sorted: the tile's last row reads the most keys
-    total += keys_of[t] * (tiles[t + 1] - tiles[t]);
-  }
-  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return keys_of[x] > keys_of[y]; });
+  int64_t total = 0;  // keys x rows
+  for (int64_t t = 0; t + 1 < (int64_t)tiles.size(); t++) total += tile_work(qrows, tiles, t);
   const int64_t parts = std::clamp<int64_t>(total * D >> 16, 1, at::get_num_threads());  // >= 64k key-dims a part
+  const Runs runs = plan_runs(qrows, tiles, std::max<int64_t>(1, total / (4 * parts)));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, parts, 1, [&](int64_t, int64_t) {
     std::vector<float> sc(QT * L);
     std::vector<int64_t> ancestors(QT * T);
-    for (int64_t n = next++; n < num_tiles; n = next++) {
-      const int64_t t = order[n];
-      const int nq = tiles[t + 1] - tiles[t];
-      const QueryRow* r = &qrows[tiles[t]];
-      const float* qv[QT];
-      float* o[QT];
-      for (int j = 0; j < nq; j++) {
-        const int64_t b = r[j].bs / S, s = r[j].bs % S;
-        qv[j] = Q + b * q.stride(0) + s * q.stride(1) + r[j].h * q.stride(2);
-        o[j] = O + r[j].bs * H * D + r[j].h * D;
-      }
-      const auto [k, v] = rows(r[0].bs / S, r[0].group);  // the tile's rows read the same cache
-      if (tree) {
-        TreeKeys keys[QT];
+    const int64_t num_runs = runs.order.size();
+    for (int64_t u = next++; u < num_runs; u = next++) {
+      const int64_t run = runs.order[u];
+      for (int64_t t = runs.bounds[run]; t < runs.bounds[run + 1]; t++) {
+        const int nq = tiles[t + 1] - tiles[t];
+        const QueryRow* r = &qrows[tiles[t]];
+        const float* qv[QT];
+        float* o[QT];
         for (int j = 0; j < nq; j++) {
-          int64_t n = 0, *anc_j = ancestors.data() + j * T, bs = r[j].bs;
-          for (int64_t c = 0; c < T; c++)
-            if (A[bs * T + c]) anc_j[n++] = r[j].first + c;
-          keys[j] = TreeKeys{r[j].first, anc_j, n};
+          const int64_t b = r[j].bs / S, s = r[j].bs % S;
+          qv[j] = Q + b * q.stride(0) + s * q.stride(1) + r[j].h * q.stride(2);
+          o[j] = O + r[j].bs * H * D + r[j].h * D;
         }
-        attend_rows(nq, qv, k, v, D, keys, r[0].first, scale, sc.data(), L, o);
-      } else {
-        KeyRun keys[QT];
-        for (int j = 0; j < nq; j++) keys[j] = KeyRun{r[j].first, r[j].first + r[j].size};
-        attend_rows(nq, qv, k, v, D, keys, r[0].size, scale, sc.data(), L, o);  // sorted: the shortest first
+        const auto [k, v] = rows(r[0].bs / S, r[0].group);  // the tile's rows read the same cache
+        if (tree) {
+          TreeKeys keys[QT];
+          for (int j = 0; j < nq; j++) {
+            int64_t n = 0, *anc_j = ancestors.data() + j * T, bs = r[j].bs;
+            for (int64_t c = 0; c < T; c++)
+              if (A[bs * T + c]) anc_j[n++] = r[j].first + c;
+            keys[j] = TreeKeys{r[j].first, anc_j, n};
+          }
+          attend_rows(nq, qv, k, v, D, keys, r[0].first, scale, sc.data(), L, o);
+        } else {
+          KeyRun keys[QT];
+          for (int j = 0; j < nq; j++) keys[j] = KeyRun{r[j].first, r[j].first + r[j].size};
+          attend_rows(nq, qv, k, v, D, keys, r[0].size, scale, sc.data(), L, o);  // sorted: the shortest first
+        }
       }
     }
   });
