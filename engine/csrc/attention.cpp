@@ -52,18 +52,22 @@ static int64_t tile_work(const std::vector<QueryRow>& qrows, const std::vector<i
   return qrows[tiles[t + 1] - 1].size * (tiles[t + 1] - tiles[t]);
 }
 
-// How threads share a forward's tiles: they take runs of them as they come free, the largest first (`order`). A run
-// is one cache's consecutive tiles (a decode row's KV heads, whose keys lie side by side in the blocks), cut once it
-// holds `cap` work. Equal halves by count left one thread with a step's decode rows (keys read from memory) and the
-// other with its prompt rows (keys just written, in cache); single tiles dealt alternately split a sequence's blocks
-// between the threads.
+// How threads share a forward's tiles: `parts` threads (one per 64k key-dims of work, at most all of them) take runs
+// of tiles as they come free, the largest first (`order`). A run is one cache's consecutive tiles (a decode row's KV
+// heads, whose keys lie side by side in the blocks), cut at a quarter of a thread's share. Equal halves by count
+// left one thread with a step's decode rows (keys read from memory) and the other with its prompt rows (keys just
+// written, in cache); single tiles dealt alternately split a sequence's blocks between the threads.
 struct Runs {
   std::vector<int64_t> bounds, order;  // run i: tiles [bounds[i], bounds[i + 1])
+  int64_t parts;
 };
 
-static Runs plan_runs(const std::vector<QueryRow>& qrows, const std::vector<int64_t>& tiles, int64_t cap) {
+static Runs plan_runs(const std::vector<QueryRow>& qrows, const std::vector<int64_t>& tiles, int64_t D) {
   const int64_t num_tiles = tiles.size() - 1;
-  Runs runs{{0}, {}};
+  int64_t total = 0;  // keys x rows
+  for (int64_t t = 0; t < num_tiles; t++) total += tile_work(qrows, tiles, t);
+  Runs runs{{0}, {}, std::clamp<int64_t>(total * D >> 16, 1, at::get_num_threads())};
+  const int64_t cap = std::max<int64_t>(1, total / (4 * runs.parts));
   std::vector<int64_t> work{0};
   for (int64_t t = 0; t < num_tiles; t++) {
     if (t > runs.bounds.back() && (qrows[tiles[t]].cache != qrows[tiles[t - 1]].cache || work.back() >= cap)) {
@@ -124,12 +128,9 @@ static at::Tensor attention(const at::Tensor& q, int64_t L, const at::Tensor& po
   const float* Q = q.data_ptr<float>();
   float* O = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt((float)D);
-  int64_t total = 0;  // keys x rows
-  for (int64_t t = 0; t + 1 < (int64_t)tiles.size(); t++) total += tile_work(qrows, tiles, t);
-  const int64_t parts = std::clamp<int64_t>(total * D >> 16, 1, at::get_num_threads());  // >= 64k key-dims a part
-  const Runs runs = plan_runs(qrows, tiles, std::max<int64_t>(1, total / (4 * parts)));
+  const Runs runs = plan_runs(qrows, tiles, D);
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, parts, 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, runs.parts, 1, [&](int64_t, int64_t) {
     std::vector<float> sc(QT * L);
     std::vector<int64_t> ancestors(QT * T);
     const int64_t num_runs = runs.order.size();

@@ -170,7 +170,7 @@ def test_int8_w8a8_is_the_integer_product_with_vnni_or_avx2():
         for n, k in [(576, 576), (576, 1536), (30, 37), (20, 80)]:
             shards = [quantize_weight("int8", torch.randn(r, k, generator=gen)) for r in (n, n // 2 + 1)]
             ops, b = pl.operands(f, shards), torch.randn(n + n // 2 + 1, generator=gen)
-            for m in (1, 3, 4, 5, 8, 11, 12, 16, 40, 130):  # 12+: AMX where the CPU has AMX-INT8
+            for m in (1, 3, 4, 5, 8, 11, 12, 16, 40, 130):  # 12+: AMX tiles, 130: oneDNN (32+ without AMX)
                 x = torch.randn(m, k, generator=gen) * 2
                 scale = f.activations.input_scale(x.abs().amax() * 0.7)  # some inputs saturate (to -128 too)
                 got = assert_rows_alone(kernel, x, ops, b, scale)
