@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class SpecDecoder:
         self.drafter = drafter
         self.policy = policy  # None: always draft the full chain or tree
         self.timing = SpecTiming()
+        self.clock: Callable[[], float] = time.perf_counter  # what the policy and `timing` time steps with
 
     def attach(self, model) -> None:
         """Follow a weight swap: the head reads the new target's embedding (and lets the old one be freed)."""
@@ -70,14 +72,14 @@ class SpecDecoder:
 
     def step(self, seqs: list[Sequence]) -> list[Accepted]:
         budget = self._budget(seqs)
-        t0 = time.perf_counter()
+        t0 = self.clock()
         proposals = self.drafter.propose(seqs, budget) if budget else [Proposal([], None) for _ in seqs]
-        t1 = time.perf_counter()
+        t1 = self.clock()
         verify = self._verify_tree if any(p.parents is not None for p in proposals) else self._verify_chain
         results = verify(seqs, proposals, t1 - t0)
         if self.policy:  # a tree is counted as a chain of its accepted depth: nodes drafted, path kept
             self.policy.observe(StepRecord(budget, [len(p.tokens) for p in proposals],
-                                           [len(r.tokens) - 1 for r in results], time.perf_counter() - t0))
+                                           [len(r.tokens) - 1 for r in results], self.clock() - t0))
         return results
 
     def _budget(self, seqs: list[Sequence]) -> int:
@@ -89,13 +91,13 @@ class SpecDecoder:
 
     def _verify_chain(self, seqs: list[Sequence], proposals: list[Proposal], draft_s: float) -> list[Accepted]:
         """Verify draft chains (last token + drafts, zero-padded) in one target forward; keep each accepted prefix."""
-        t0 = time.perf_counter()
+        t0 = self.clock()
         width = 1 + max(len(p.tokens) for p in proposals)
         rows = [[s.token_ids[-1], *p.tokens] + [0] * (width - 1 - len(p.tokens))  # [B, W], zero-padded
                 for s, p in zip(seqs, proposals, strict=True)]
         starts = [len(s.token_ids) - 1 for s in seqs]
         logits, features = self.runner.verify(rows, starts, self.drafter.capture)  # [B, W, V], [B, W, 3H]
-        self.timing.add(draft_s, time.perf_counter() - t0, width - 1)
+        self.timing.add(draft_s, self.clock() - t0, width - 1)
         results = []
         for b, (seq, prop) in enumerate(zip(seqs, proposals, strict=True)):
             k = len(prop.tokens)
@@ -110,7 +112,7 @@ class SpecDecoder:
 
     def _verify_tree(self, seqs: list[Sequence], proposals: list[Proposal], draft_s: float) -> list[Accepted]:
         """Verify draft trees (root + nodes) in one target forward with a tree mask, keep each accepted path."""
-        t0 = time.perf_counter()
+        t0 = self.clock()
         trees = [VerifyTree.of(s.token_ids[-1], p) for s, p in zip(seqs, proposals, strict=True)]
         width = max(len(t.tokens) for t in trees)
         for t in trees:
@@ -120,7 +122,7 @@ class SpecDecoder:
         logits, features = self.runner.verify_tree([t.tokens for t in trees], starts,
                                                    [depths(t.parents) for t in trees], ancestors,
                                                    self.drafter.capture)  # [B, W, V], [B, W, 3H]
-        self.timing.add(draft_s, time.perf_counter() - t0, width - 1)
+        self.timing.add(draft_s, self.clock() - t0, width - 1)
         results = []
         for b, (seq, prop, tree) in enumerate(zip(seqs, proposals, trees, strict=True)):
             if seq.params.greedy:

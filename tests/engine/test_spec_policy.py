@@ -1,6 +1,8 @@
 """The adaptive draft budget: decisions on recorded figures, and on the real model (lossless, off when drafts
 are always wrong, on when they are mostly right)."""
 
+import time
+
 import pytest
 
 from optiserve.engine.chat import chat_prompt_ids
@@ -116,9 +118,11 @@ def adaptive_ngram():
 @pytest.fixture(autouse=True)
 def fresh_policy(request):
     """Each engine test starts from the priors (the policy learns across requests: one test's drafter must not
-    leave its estimates to the next)."""
+    leave its estimates to the next). Steps are timed in this process's CPU time: the work a step did, which
+    another process on a shared machine does not stretch (a slow moment must not turn drafting off here)."""
     if "adaptive_ngram" in request.fixturenames:
-        request.getfixturevalue("adaptive_ngram").spec.policy = AdaptivePolicy(PolicyConfig(K))
+        spec = request.getfixturevalue("adaptive_ngram").spec
+        spec.policy, spec.clock = AdaptivePolicy(PolicyConfig(K)), time.process_time
 
 
 def totals(results) -> SpecStats:
