@@ -17,9 +17,9 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit seed, as OpenAI and 
 # Tokens a chunked-prefill step computes by default: max(this, 2 x max_batch), so prompts get at least as many rows
 # as decode does; the trade-off between TTFT, ITL and throughput is measured in the README (bench serve).
 MIN_BATCHED_TOKENS = 64
-# A chunked-prefill step in which no request has a token yet may compute up to max(this, max_num_batched_tokens)
-# prompt tokens: no stream waits on it, and prompt tokens cost less in fewer, larger steps (SGLang's
-# max-prefill-tokens).
+# A chunked-prefill step in which the requests waiting for their first token outnumber those streaming may compute
+# up to max(this, max_num_batched_tokens) tokens: few streams wait on it, and prompt tokens cost less in fewer,
+# larger steps (SGLang's max-prefill-tokens; the ratio is TGI's waiting-served ratio).
 MAX_PREFILL_TOKENS = 2048
 LM_HEAD_DTYPES = ("float32", "bfloat16", "int8", "fp8")  # what the LM head's weights may be held in (lm_head.py)
 
@@ -166,8 +166,8 @@ class EngineConfig:
     # Chunked prefill: tokens one step computes, decode rows first, then chunks of prompts (0: whole prompts;
     # None: max(MIN_BATCHED_TOKENS, 2 x max_batch) where it works, --speculative none).
     max_num_batched_tokens: int | None = None
-    # With chunked prefill, tokens a step computes while no request has a token yet (only prompts); None: the
-    # larger of MAX_PREFILL_TOKENS and max_num_batched_tokens.
+    # With chunked prefill, tokens a step computes while prompts waiting for a first token outnumber the streams;
+    # None: the larger of MAX_PREFILL_TOKENS and max_num_batched_tokens.
     max_prefill_tokens: int | None = None
 
     def __post_init__(self) -> None:

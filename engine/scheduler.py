@@ -5,8 +5,9 @@ Two ways to admit, by `token_budget`:
   beside those the running ones may still grow to, and is prefilled whole; blocks never run out mid-step (what a
   speculative step, which writes drafts past the end, relies on).
 - N (chunked prefill, `schedule`): each step computes at most N tokens, one for each decoding sequence first, then
-  chunks of the prompts being prefilled, then of newly admitted ones (vLLM's order). A step with no sequence that
-  has generated a token computes up to `prefill_budget` (>= N) prompt tokens: no stream waits on it. Blocks are
+  chunks of the prompts being prefilled, then of newly admitted ones (vLLM's order). A step in which the sequences
+  waiting for their first token outnumber those streaming computes up to `prefill_budget` (>= N) tokens: with no
+  stream, none waits on it; with a few, they wait one long step instead of a wave of prompts many. Blocks are
   taken for the scheduled tokens only; when the pool runs short the running sequence in the last slot not yet
   planned this step is preempted: its blocks go back and it waits at the front of the queue, to be recomputed (its
   prompt and what it generated; prefix caching finds its full blocks again) when readmitted. The first sequence
@@ -60,7 +61,7 @@ class Scheduler:
         self.tables = tables  # each slot's KV blocks (the target's and any drafter's caches read them)
         self.room = room  # cache positions past a sequence's end that a step writes (speculation's)
         self.token_budget = token_budget  # tokens per step (chunked prefill); 0: whole prompts
-        self.prefill_budget = prefill_budget or token_budget  # tokens per step while no request has a token
+        self.prefill_budget = prefill_budget or token_budget  # tokens per step while prompts outnumber streams
         self.reserved_blocks = 0  # whole prompts: blocks the running sequences may grow to
         self.num_preemptions = 0
         self.waiting: deque[Sequence] = deque()
@@ -139,8 +140,7 @@ class Scheduler:
         decode rows first (so running streams keep their pace), then the prompts being computed, in slot order."""
         plan, preemptions = StepPlan(), self.num_preemptions
         decode_first = sorted(self.running, key=lambda s: len(s.token_ids) - s.num_computed > 1)
-        streaming = any(s.num_generated > 0 for s in self.running)  # a client waits on this step for a token
-        budget = self.token_budget if streaming else self.prefill_budget
+        budget = self.prefill_budget if self._prompts_outnumber_streams() else self.token_budget
         for seq in decode_first:
             if budget == 0:
                 break
@@ -162,6 +162,14 @@ class Scheduler:
             self._key_blocks(chunk)
             budget -= chunk.num_tokens
         return plan
+
+    def _prompts_outnumber_streams(self) -> bool:
+        """Whether more sequences wait for their first token (admitted, or admissible into a free slot) than stream
+        tokens: then one long step serves them all (TGI's waiting-served ratio), where budget-sized chunks would
+        hold the last of a wave of prompts for many steps, each paying the decode rows' weight reads again."""
+        streams = sum(s.num_generated > 0 for s in self.running)
+        admissible = min(len(self.waiting), self.num_slots - len(self.running))
+        return len(self.running) - streams + admissible > streams
 
     def _key_blocks(self, chunk: Chunk) -> None:
         """Key the full blocks `chunk` completes now: a prompt admitted later in this step finds them (the forward

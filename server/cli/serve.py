@@ -52,8 +52,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "front; default: "
                         f"max({MIN_BATCHED_TOKENS}, 2 x --max-batch) with --speculative none, else 0)")
     p.add_argument("--max-prefill-tokens", type=int, default=None,
-                   help="chunked prefill: tokens a step computes while no request has a token yet (only prompts: "
-                        f"no stream waits on it; default: max({MAX_PREFILL_TOKENS}, --max-num-batched-tokens))")
+                   help="chunked prefill: tokens a step computes while the requests waiting for their first token "
+                        "outnumber those streaming (a wave of prompts is served in one step, not chunked over "
+                        f"many; default: max({MAX_PREFILL_TOKENS}, --max-num-batched-tokens))")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the dir name)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--api-key", default=os.environ.get("OPTISERVE_API_KEY"),

@@ -80,7 +80,7 @@ def test_a_pool_too_small_preempts_and_recomputes_with_identical_outputs(plain_e
 
 
 def test_an_idle_engine_prefills_whole_prompts_then_chunks_beside_decode_rows(plain_engine, chat_prompt_ids):
-    """While no request has a token, a step computes up to max_prefill_tokens (4 chats in one step); a prompt that
+    """While no request has a token, a step computes up to max_prefill_tokens (4 chats in one step); one prompt that
     arrives while they decode gets what the token budget leaves beside their 4 decode rows; outputs are unchanged."""
     engine = chunked_engine(plain_engine, max_prefill_tokens=None)
     assert engine.cfg.max_prefill_tokens == MAX_PREFILL_TOKENS
@@ -98,6 +98,26 @@ def test_an_idle_engine_prefills_whole_prompts_then_chunks_beside_decode_rows(pl
         engine.step()
     assert_every_block_free(engine)
     assert [got[str(i)] for i in range(len(first) + 1)] == run_to_completion(plain_engine, [*first, late], GREEDY)
+
+
+def test_a_wave_of_prompts_that_outnumbers_the_streams_is_prefilled_in_one_step(plain_engine, chat_prompt_ids):
+    """3 prompts arriving beside 2 streams are computed whole in one step (the budget of 16 would hold the last
+    of them for many steps, each re-reading the weights for the 2 decode rows); outputs are unchanged."""
+    engine = chunked_engine(plain_engine, max_prefill_tokens=None)
+    got: dict[str, list[int]] = {}
+    first, late = chat_prompt_ids[:2], chat_prompt_ids[2:5]
+    for i, ids in enumerate([*first, *late]):
+        if i == len(first):
+            engine.step()
+        engine.add_request(Request(str(i), ids, GREEDY, lambda out: got.setdefault(out.request_id, []).extend(
+            out.outputs[0].token_ids)))
+    engine.step()
+    assert [s.num_generated for s in engine.scheduler.running] == [2] * len(first) + [1] * len(late)
+    while engine.scheduler.has_work():
+        engine.step()
+    assert_every_block_free(engine)
+    want = run_to_completion(plain_engine, [*first, *late], GREEDY)
+    assert [got[str(i)] for i in range(len(first) + len(late))] == want
 
 
 def test_n_sequences_share_the_prompt_and_sample_as_without_chunks(plain_engine, chunked, chat_prompt_ids):
