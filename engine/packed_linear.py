@@ -106,13 +106,14 @@ def fake_quant_activations(fmt: WeightFormat, x: torch.Tensor, input_scale: torc
 
 
 def packed_linear(x: torch.Tensor, ops_: PackedOperands, bias: torch.Tensor | None,
-                  kernel: ModuleType | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] fp32 @ the shards' weights stacked [N, K] (+ bias) -> [..., N]. With `input_scale` (a format that
-    quantizes activations) x is quantized first, in the kernel; INT8 and INT4 W4A8 then multiply as exact integer
-    sums (`csrc/int8_linear.cpp`, `csrc/int4_w4a8.cpp`)."""
+                  kernel: ModuleType | None = None, input_scale: torch.Tensor | None = None,
+                  pre_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(x [..., K] fp32 * pre_scale [K]) @ the shards' weights stacked [N, K] (+ bias) -> [..., N]. With
+    `input_scale` (a format that quantizes activations) x is quantized first, in the kernel; INT8 and INT4 W4A8 then
+    multiply as exact integer sums (`csrc/int8_linear.cpp`, `csrc/int4_w4a8.cpp`)."""
     kernel = kernel or load()
     return kernel.packed_linear(ops_.code, x, ops_.codes, ops_.scales, ops_.tensor_scales, bias, INT4_GROUP_SIZE,
-                                *_activations(ops_, input_scale))
+                                *_activations(ops_, input_scale), pre_scale)
 
 
 def _activations(ops_: PackedOperands, input_scale: torch.Tensor | None) -> tuple[int, float]:

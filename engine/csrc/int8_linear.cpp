@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <memory>
 #include <vector>
 
 #include "encode.h"
@@ -132,25 +134,29 @@ static void dot_all(const uint8_t* X, int64_t m, const int8_t* W, int64_t r0, in
   }
 }
 
-// x [n] -> int8_code(x, sx) + offset as bytes (offset 0: the signed codes' bytes), 16 at a time with AVX-512.
-static void quantize_codes(const float* x, int64_t n, float sx, int offset, uint8_t* out) {
+// x [n] (times pre [n], if given: torch's fp32 product) -> int8_code(x, sx) + offset as bytes (offset 0: the signed
+// codes' bytes), 16 at a time with AVX-512.
+static void quantize_codes(const float* x, const float* pre, int64_t n, float sx, int offset, uint8_t* out) {
   int64_t i = 0;
 #if defined(__AVX512F__)
   const __m512 s = _mm512_set1_ps(sx);
   const __m512i off = _mm512_set1_epi32(offset);
   for (; i + 16 <= n; i += 16) {
-    const __m512i c = _mm512_add_epi32(int8_codes16(_mm512_loadu_ps(x + i), s), off);
+    __m512 v = _mm512_loadu_ps(x + i);
+    if (pre) v = _mm512_mul_ps(v, _mm512_loadu_ps(pre + i));
+    const __m512i c = _mm512_add_epi32(int8_codes16(v, s), off);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(c));
   }
 #endif
-  for (; i < n; i++) out[i] = (uint8_t)((int)int8_code(x[i], sx) + offset);
+  for (; i < n; i++) out[i] = (uint8_t)((int)int8_code(pre ? x[i] * pre[i] : x[i], sx) + offset);
 }
 
 // X [m, k] -> codes [m, ldq] (`quantize_codes` per row), rows split over the threads: done serially, the other
-// thread spun at the next parallel region's barrier for as long.
-static void quantize_rows(const float* X, int64_t m, int64_t k, float sx, int offset, uint8_t* out, int64_t ldq) {
+// thread spun at the next parallel region's barrier for as long. Codes past k in a row are left as they are.
+static void quantize_rows(const float* X, const float* pre, int64_t m, int64_t k, float sx, int offset, uint8_t* out,
+                          int64_t ldq) {
   at::parallel_for(0, m, 16, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; i++) quantize_codes(X + i * k, k, sx, offset, out + i * ldq);
+    for (int64_t i = i0; i < i1; i++) quantize_codes(X + i * k, pre, k, sx, offset, out + i * ldq);
   });
 }
 
@@ -176,10 +182,11 @@ constexpr bool GEMM_SUMS_EXACT = false;
 constexpr int64_t GEMM_MIN_ROWS = 32, GEMM_MIN_ROWS_AMX = 128;
 
 // y [m, out] from X [m, k] through oneDNN's code sums against each shard's weight codes [rows_s, k].
-static void gemm_linear(const float* X, int64_t m, int64_t k, float sx, const std::vector<at::Tensor>& codes,
-                        const std::vector<at::Tensor>& scales, const float* b, int64_t out, float* Y) {
+static void gemm_linear(const float* X, const float* pre, int64_t m, int64_t k, float sx,
+                        const std::vector<at::Tensor>& codes, const std::vector<at::Tensor>& scales, const float* b,
+                        int64_t out, float* Y) {
   at::Tensor xq = at::empty({m, k}, at::kChar);  // the signed codes
-  quantize_rows(X, m, k, sx, 0, reinterpret_cast<uint8_t*>(xq.data_ptr<int8_t>()), k);
+  quantize_rows(X, pre, m, k, sx, 0, reinterpret_cast<uint8_t*>(xq.data_ptr<int8_t>()), k);
   std::vector<at::Tensor> sums;  // a shard's [m, rows_s], read in place: concatenating them cost as much as a GEMM
   for (const at::Tensor& c : codes) sums.push_back(at::_int_mm(xq, c.view(at::kChar).t()));
   at::parallel_for(0, m, 1, [&](int64_t i0, int64_t i1) {
@@ -193,7 +200,8 @@ static void gemm_linear(const float* X, int64_t m, int64_t k, float sx, const st
 }
 
 at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std::vector<at::Tensor>& codes,
-                               const std::vector<at::Tensor>& scales, const std::optional<at::Tensor>& bias) {
+                               const std::vector<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& pre_scale) {
   const int64_t k = x.size(-1);
   at::Tensor x2 = x.contiguous();
   const int64_t m = k ? x2.numel() / k : 0;
@@ -214,25 +222,31 @@ at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std:
   const bool amx = amx_int8_available(), tiles = m >= AMX_MIN_ROWS_INT8 && amx;
   float* Y = y.data_ptr<float>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  const at::Tensor pre_c = pre_scale ? pre_scale->contiguous() : at::Tensor();
+  const float* pre = pre_scale ? pre_c.data_ptr<float>() : nullptr;
   if (GEMM_SUMS_EXACT && m >= (amx ? GEMM_MIN_ROWS_AMX : GEMM_MIN_ROWS)) {
-    gemm_linear(X, m, k, sx, codes, scales, b, out, Y);
+    gemm_linear(X, pre, m, k, sx, codes, scales, b, out, Y);
     return y;
   }
-  const int64_t kp = tiles ? (k + 63) / 64 * 64 : k;
-  std::vector<uint8_t> xq(tiles ? (m + 15) / 16 * 16 * kp : m * k);
-  quantize_rows(X, m, k, sx, tiles ? 0 : X_OFFSET, xq.data(), kp);
-  std::vector<int32_t> sums(m * out);
+  // Tiles take rows padded to 16 and columns to 64 with zero codes; every other byte and every sum is written
+  // before it is read, so neither buffer is cleared (clearing them cost ~2% of a mixed step).
+  const int64_t kp = tiles ? (k + 63) / 64 * 64 : k, mp = tiles ? (m + 15) / 16 * 16 : m;
+  auto xq = std::make_unique_for_overwrite<uint8_t[]>(mp * kp);
+  quantize_rows(X, pre, m, k, sx, tiles ? 0 : X_OFFSET, xq.get(), kp);
+  for (int64_t i = 0; i < m && kp > k; i++) std::memset(xq.get() + i * kp + k, 0, kp - k);
+  std::memset(xq.get() + m * kp, 0, (mp - m) * kp);
+  auto sums = std::make_unique_for_overwrite<int32_t[]>(m * out);
   for (size_t s = 0, col0 = 0; s < codes.size(); col0 += codes[s].size(0), s++) {
     const int8_t* W = reinterpret_cast<const int8_t*>(codes[s].data_ptr<uint8_t>());
     const float* ws = scales[s].data_ptr<float>();
     at::parallel_for(0, codes[s].size(0), 16, [&](int64_t r0, int64_t r1) {
       if (tiles)
-        amx_int8_sums(reinterpret_cast<const int8_t*>(xq.data()), m, kp, W + r0 * k, r1 - r0, k,
-                      sums.data() + col0 + r0, out);
+        amx_int8_sums(reinterpret_cast<const int8_t*>(xq.get()), m, kp, W + r0 * k, r1 - r0, k,
+                      sums.get() + col0 + r0, out);
       else
-        dot_all(xq.data(), m, W, r0, r1, k, sums.data() + col0, out);
+        dot_all(xq.get(), m, W, r0, r1, k, sums.get() + col0, out);
       for (int64_t i = 0; i < m; i++)
-        scale_sums(sums.data() + i * out + col0, r0, r1, sx, ws, b ? b + col0 : nullptr, Y + i * out + col0);
+        scale_sums(sums.get() + i * out + col0, r0, r1, sx, ws, b ? b + col0 : nullptr, Y + i * out + col0);
     });
   }
   return y;
@@ -243,7 +257,8 @@ at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std:
 bool int8_integer_path() { return false; }
 
 at::Tensor int8_integer_linear(const at::Tensor&, double, const std::vector<at::Tensor>&,
-                               const std::vector<at::Tensor>&, const std::optional<at::Tensor>&) {
+                               const std::vector<at::Tensor>&, const std::optional<at::Tensor>&,
+                               const std::optional<at::Tensor>&) {
   TORCH_CHECK(false, "int8_integer_linear: this build has neither AVX512-VNNI nor AVX2");
 }
 

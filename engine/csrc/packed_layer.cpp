@@ -16,8 +16,8 @@
 
 // x [..., K] (times the pre-quant scale, then quantized as the format's activations) @ W.T + b.
 static at::Tensor apply(const PackedWeight& w, const at::Tensor& x) {
-  at::Tensor in = w.pre_scale ? x * *w.pre_scale : x;
-  return packed_linear(w.format, in, w.codes, w.scales, w.tensor_scales, w.bias, w.group, w.act_format, w.act_scale);
+  return packed_linear(w.format, x, w.codes, w.scales, w.tensor_scales, w.bias, w.group, w.act_format, w.act_scale,
+                       w.pre_scale);
 }
 
 at::Tensor norm_linear(const at::Tensor& x, const at::Tensor& norm, double eps, const PackedWeight& w) {

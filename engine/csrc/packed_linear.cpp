@@ -245,7 +245,8 @@ static Shard check_shard(Format fmt, const at::Tensor& codes, const at::Tensor& 
 // stacked, + bias [sum rows_i] -> [..., sum rows_i].
 at::Tensor packed_linear(int64_t format, const at::Tensor& x_in, const std::vector<at::Tensor>& codes,
                          const std::vector<at::Tensor>& scales, const std::vector<double>& tensor_scales,
-                         const std::optional<at::Tensor>& bias, int64_t group, int64_t act_format, double act_scale) {
+                         const std::optional<at::Tensor>& bias, int64_t group, int64_t act_format, double act_scale,
+                         const std::optional<at::Tensor>& pre_scale) {
   Format fmt = static_cast<Format>(format);
   TORCH_CHECK(format >= NVFP4 && format <= BF16, "packed_linear: unknown format ", format);
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat, "packed_linear: fp32 CPU input");
@@ -262,12 +263,17 @@ at::Tensor packed_linear(int64_t format, const at::Tensor& x_in, const std::vect
   }
   TORCH_CHECK(!bias || (bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
                         bias->numel() == out), "packed_linear: contiguous fp32 bias of ", out);
-  if (act_format == INT8 && int8_integer_path()) return int8_integer_linear(x_in, act_scale, codes, scales, bias);
+  TORCH_CHECK(!pre_scale || (pre_scale->scalar_type() == at::kFloat && pre_scale->numel() == k),
+              "packed_linear: fp32 pre_scale of ", k);
+  // INT8's integer path multiplies by pre_scale while quantizing the input: the same products, one pass less.
+  if (act_format == INT8 && int8_integer_path())
+    return int8_integer_linear(x_in, act_scale, codes, scales, bias, pre_scale);
+  const at::Tensor x_scaled = pre_scale ? x_in * *pre_scale : x_in;
   if (act_format == ACT_INT8_GROUPS) {
     TORCH_CHECK(group == 128, "packed_linear: INT4 W4A8 takes 128-groups");
-    return int4_w4a8_linear(x_in, codes, scales, bias);
+    return int4_w4a8_linear(x_scaled, codes, scales, bias);
   }
-  at::Tensor x2 = (act_format < 0 ? x_in : fake_quant_activations(act_format, x_in, act_scale)).contiguous();
+  at::Tensor x2 = (act_format < 0 ? x_scaled : fake_quant_activations(act_format, x_scaled, act_scale)).contiguous();
   std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
   shape.back() = out;
   at::Tensor y = at::empty(shape, x_in.options());

@@ -22,15 +22,18 @@ inline void for_row_blocks(int64_t m, F&& f) {
   }
 }
 
-// `act_format` -1: x as it is; else x is first quantized as that format's activations with `act_scale`.
+// `act_format` -1: x as it is; else x is first quantized as that format's activations with `act_scale`. `pre_scale`
+// [k] (SmoothQuant, AWQ): x is multiplied by it first.
 at::Tensor packed_linear(int64_t format, const at::Tensor& x, const std::vector<at::Tensor>& codes,
                          const std::vector<at::Tensor>& scales, const std::vector<double>& tensor_scales,
-                         const std::optional<at::Tensor>& bias, int64_t group, int64_t act_format, double act_scale);
+                         const std::optional<at::Tensor>& bias, int64_t group, int64_t act_format, double act_scale,
+                         const std::optional<at::Tensor>& pre_scale);
 
 // INT8 W8A8 as exact integer sums (int8_linear.cpp), where this build has AVX512-VNNI or AVX2.
 bool int8_integer_path();
 at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std::vector<at::Tensor>& codes,
-                               const std::vector<at::Tensor>& scales, const std::optional<at::Tensor>& bias);
+                               const std::vector<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& pre_scale);
 
 // AMX-INT8 tiles (int8_amx.cpp), where this build and the OS allow them: S[i * out_stride + r] = the exact sum over
 // t < k of A[i, t] * W[r, t] for i < m, r < n; A int8 [m rounded up to 16, kp] (zeros past k), kp = k rounded up to

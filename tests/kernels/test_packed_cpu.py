@@ -161,8 +161,8 @@ def test_int8_w8a8_is_the_integer_product_with_vnni_or_avx2():
     GEMM from 32 rows without AMX, from 128 with it), AMX-INT8 tiles (12+ rows: a part of one tile, one, three) or AVX2
     (`vpmaddwd`), INT8 W8A8 sums integer code products exactly,
     then scales: the bits of the GPU path (`int8_matmul`: `torch._int_mm`, scales, bias), for any number of rows,
-    odd K and codes of -128. Without VNNI or AVX2, the kernel multiplies the quantized values in fp32: the product
-    up to summation order."""
+    odd K and codes of -128; a pre-quant scale multiplied in while quantizing gives the bits of multiplying first.
+    Without VNNI or AVX2, the kernel multiplies the quantized values in fp32: the product up to summation order."""
     from optiserve.engine.weight_formats.int8 import int8_matmul
 
     f, gen = weight_format("int8"), torch.Generator().manual_seed(9)
@@ -174,6 +174,9 @@ def test_int8_w8a8_is_the_integer_product_with_vnni_or_avx2():
                 x = torch.randn(m, k, generator=gen) * 2
                 scale = f.activations.input_scale(x.abs().amax() * 0.7)  # some inputs saturate (to -128 too)
                 got = assert_rows_alone(kernel, x, ops, b, scale)
+                pre = torch.rand(k, generator=gen) + 0.5  # SmoothQuant's: multiplied in while quantizing
+                assert torch.equal(pl.packed_linear(x, ops, b, kernel, scale, pre),
+                                   pl.packed_linear(x * pre, ops, b, kernel, scale))
                 if kernel.int8_integer_path():
                     assert torch.equal(got, torch.cat([int8_matmul(x, w, scale, None) for w in shards], -1) + b)
                 else:
