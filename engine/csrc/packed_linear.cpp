@@ -263,8 +263,8 @@ at::Tensor packed_linear(int64_t format, const at::Tensor& x_in, const std::vect
   }
   TORCH_CHECK(!bias || (bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
                         bias->numel() == out), "packed_linear: contiguous fp32 bias of ", out);
-  TORCH_CHECK(!pre_scale || (pre_scale->scalar_type() == at::kFloat && pre_scale->numel() == k),
-              "packed_linear: fp32 pre_scale of ", k);
+  TORCH_CHECK(!pre_scale || (pre_scale->device().is_cpu() && pre_scale->scalar_type() == at::kFloat &&
+                              pre_scale->numel() == k), "packed_linear: fp32 CPU pre_scale of ", k);
   // INT8's integer path multiplies by pre_scale while quantizing the input: the same products, one pass less.
   if (act_format == INT8 && int8_integer_path())
     return int8_integer_linear(x_in, act_scale, codes, scales, bias, pre_scale);
