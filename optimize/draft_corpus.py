@@ -82,7 +82,7 @@ def store_answers(engine, target, store: StoreWriter, jsonl: Path, job: AnswerJo
         end = min(start + CHUNK, len(prompts))
         answers = cached_answers(engine, prompts, job, end, max_tokens, path)
         samples = [label_sequence(target, prompts[i] + answers[i], layers, len(prompts[i]) - 1,
-                                  own_tokens=job.own_tokens) for i in range(start, end)]
+                                  own_tokens=job.own_tokens, top_k=store.top_k) for i in range(start, end)]
         store.add(job.name, end, samples)
         bar.update(end - start)
     store.flush()
@@ -99,7 +99,8 @@ def store_references(tok, target, store: StoreWriter, jsonl: Path, rows: range, 
     for k in tqdm(range(store.done(job), len(rows)), desc=job, unit="answer"):
         answer = tok(json.loads(lines[rows[k]])["output"], add_special_tokens=False).input_ids
         tokens = (prompts[k] + answer)[:row_len]
-        store.add(job, k + 1, [label_sequence(target, tokens, layers, len(prompts[k]) - 1, own_tokens=False)])
+        sample = label_sequence(target, tokens, layers, len(prompts[k]) - 1, own_tokens=False, top_k=store.top_k)
+        store.add(job, k + 1, [sample])
     store.flush()
 
 
@@ -110,5 +111,5 @@ def store_text(tok, target, store: StoreWriter, path: Path, row_len: int, layers
     chunks = text_chunks(tok, path.read_text(), row_len)
     job = f"text-{path.name}"
     for k in tqdm(range(store.done(job), len(chunks)), desc=job, unit="chunk"):
-        store.add(job, k + 1, [label_sequence(target, chunks[k][0], layers, 0, own_tokens=False)])
+        store.add(job, k + 1, [label_sequence(target, chunks[k][0], layers, 0, own_tokens=False, top_k=store.top_k)])
     store.flush()

@@ -24,11 +24,20 @@ GENERATE_BATCH = 16
 @dataclass
 class DraftSample:
     """One training sequence: `tokens` [T] the target read, `labels` [T] its greedy next token at each position
-    (-100 where there is nothing to learn, e.g. inside a prompt), `features` [T, 3H] from the captured layers."""
+    (-100 where there is nothing to learn, e.g. inside a prompt), `features` [T, 3H] from the captured layers,
+    and optionally the target's K most likely next tokens `top_ids` [T, K] with their probabilities `top_probs`
+    [T, K] (0 where there is no label): the teacher's distribution, more than its argmax to learn from."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
     features: torch.Tensor
+    top_ids: torch.Tensor | None = None
+    top_probs: torch.Tensor | None = None
+
+    def head(self, n: int) -> DraftSample:
+        """The first `n` positions."""
+        cut = [None if t is None else t[:n] for t in (self.top_ids, self.top_probs)]
+        return DraftSample(self.tokens[:n], self.labels[:n], self.features[:n], *cut)
 
 
 def generate_answers(engine, prompts: list[list[int]], max_tokens: int, out_path: Path) -> list[dict]:
@@ -54,22 +63,28 @@ def generate_answers(engine, prompts: list[list[int]], max_tokens: int, out_path
 
 @torch.inference_mode()
 def label_sequence(target: Transformer, tokens: list[int], layers: tuple[int, ...], learn_from: int,
-                   own_tokens: bool) -> DraftSample:
+                   own_tokens: bool, top_k: int = 0) -> DraftSample:
     """Run the target over `tokens` once: its greedy next token at each position and the captured features.
 
     Positions before `learn_from` (a chat prompt) get no label. For the target's own greedy answers
-    (`own_tokens`) the label is simply the next token, and the layers above the highest captured one are skipped;
-    for other text the labels are what the target would have said there."""
+    (`own_tokens`) the label is simply the next token, and the layers above the highest captured one are skipped
+    unless `top_k` asks for the target's `top_k` most likely next tokens too; for other text the labels are what
+    the target would have said there."""
     ids = torch.tensor([tokens])  # [1, T]
     positions = torch.arange(len(tokens)).unsqueeze(0)
     mask = attention_mask(positions, len(tokens), target.cfg.group_size, target.cfg.sliding_window)
-    through = max(layers) + 1 if own_tokens else None
+    through = max(layers) + 1 if own_tokens and not top_k else None
     x, captured = target.hidden_states(ids, positions, None, mask, capture=layers, num_layers=through)
+    logits = None if through else target.logits(x[0])  # [T, V]
     own = torch.cat([ids[0, 1:], torch.tensor([-100])])
-    labels = own if own_tokens else target.logits(x[0]).argmax(-1)  # [T]
+    labels = own if own_tokens else logits.argmax(-1)  # [T]
     labels[:learn_from] = -100
     features = torch.cat(captured, dim=-1)[0].to(torch.bfloat16)  # [T, 3H]
-    return DraftSample(ids[0], labels, features)
+    if not top_k:
+        return DraftSample(ids[0], labels, features)
+    probs, top = logits.softmax(-1).topk(top_k, dim=-1)  # [T, K]
+    probs[labels < 0] = 0
+    return DraftSample(ids[0], labels, features, top.to(torch.int32), probs.to(torch.float16))
 
 
 def label_all(target: Transformer, sequences: list[tuple[list[int], int]], layers: tuple[int, ...]

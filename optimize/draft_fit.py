@@ -44,6 +44,7 @@ class DraftTrainConfig:
     patience: int = 4  # evaluations without a better held-out τ before stopping
     fresh_lm_head: bool = False  # LM head randomly initialised instead of the target's rows for the draft vocab
     bf16_autocast: bool = False  # training steps' matmuls in bf16 (fp32 master weights; held-out scoring in fp32)
+    teacher_probs: bool = False  # learn the target's stored top-k distribution, not only its argmax
 
     def __post_init__(self) -> None:
         if self.ttt_steps < 1 or self.rows_per_step < 1 or self.epochs <= 0:
@@ -69,7 +70,7 @@ def pack_index(lengths: list[int], row_len: int) -> list[list[int]]:
 
 def make_row(samples: list[DraftSample], t2d: torch.Tensor, row_len: int) -> PackedBatch:
     """Sequences (each cut to `row_len`) packed into one row of `row_len`: a batch of 1."""
-    samples = [DraftSample(s.tokens[:row_len], s.labels[:row_len], s.features[:row_len]) for s in samples]
+    samples = [s.head(row_len) for s in samples]
     pad = row_len - sum(len(s.tokens) for s in samples)
     tokens = torch.cat([s.tokens for s in samples] + [torch.zeros(pad, dtype=torch.long)])
     labels = torch.cat([s.labels for s in samples] + [torch.full((pad,), IGNORE)])
@@ -78,7 +79,13 @@ def make_row(samples: list[DraftSample], t2d: torch.Tensor, row_len: int) -> Pac
     feats = torch.cat([s.features for s in samples] + [samples[0].features.new_zeros(pad, width)])
     segs = torch.cat([torch.full((len(s.tokens),), i) for i, s in enumerate(samples)] + [torch.full((pad,), -1)])
     pos = torch.cat([torch.arange(len(s.tokens)) for s in samples] + [torch.zeros(pad, dtype=torch.long)])
-    return PackedBatch(tokens[None], labels[None], feats[None], segs[None], pos[None])
+    row = PackedBatch(tokens[None], labels[None], feats[None], segs[None], pos[None])
+    if samples[0].top_ids is not None:
+        k = samples[0].top_ids.shape[1]
+        ids = t2d[torch.cat([s.top_ids for s in samples] + [torch.zeros(pad, k, dtype=torch.long)])]  # [T, K]
+        probs = torch.cat([s.top_probs for s in samples] + [torch.zeros(pad, k)]).masked_fill(ids < 0, 0)
+        row.top_ids, row.top_probs = ids.clamp(min=0)[None], probs[None]
+    return row
 
 
 def pack(samples: list[DraftSample], t2d: torch.Tensor, row_len: int) -> list[PackedBatch]:
@@ -101,7 +108,8 @@ class StoreRows(Sequence):
 
 
 def stack(rows: list[PackedBatch]) -> PackedBatch:
-    return PackedBatch(*(torch.cat([getattr(r, f) for r in rows]) for f in PackedBatch.__dataclass_fields__))
+    return PackedBatch(*(None if getattr(rows[0], f) is None else torch.cat([getattr(r, f) for r in rows])
+                         for f in PackedBatch.__dataclass_fields__))
 
 
 def evaluate_head(head: DraftHead, rows: Sequence[PackedBatch], steps: int) -> list[float]:
@@ -160,7 +168,7 @@ def fit(head: DraftHead, rows: Sequence[PackedBatch], cfg: DraftTrainConfig, out
             group["lr"] = lr_at(step, total, cfg)
         batch = stack([rows[i] for i in row_order(step, len(rows), cfg)])
         with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
-            losses, _, _ = ttt_losses(head, batch, cfg.ttt_steps)
+            losses, _, _ = ttt_losses(head, batch, cfg.ttt_steps, cfg.teacher_probs)
             loss = sum(cfg.step_decay**k * l for k, l in enumerate(losses))
         opt.zero_grad()
         loss.backward()

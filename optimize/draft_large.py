@@ -41,6 +41,7 @@ class LargeDataConfig:
     target_tokens: int = 3_200_000
     max_batch: int = 16
     generate_quant: str = "none"  # the training answers' generator: the target in this PTQ format (faster)
+    teacher_top_k: int = 8  # the target's top-k next tokens stored per training token (6 bytes each)
 
     def __post_init__(self) -> None:
         self.train_rows, self.heldout_rows = tuple(self.train_rows), tuple(self.heldout_rows)
@@ -50,6 +51,8 @@ class LargeDataConfig:
             raise ValueError("train and held-out rows must be disjoint and below 700 (700+ are for bench spec)")
         if any(not 0 < t <= 2 for t in self.temperatures) or self.max_batch < 16:
             raise ValueError("temperatures must be in (0, 2], max_batch >= 16 (continuous batching)")
+        if not 0 <= self.teacher_top_k <= 64:
+            raise ValueError("teacher_top_k must be in [0, 64]")
 
 
 def answer_jobs(data: LargeDataConfig) -> list[AnswerJob]:
@@ -75,7 +78,7 @@ def build_stores(engine, target, data: LargeDataConfig, cfg: DraftTrainConfig, o
     held = StoreWriter(out / "store-heldout", width)
     store_answers(engine, target, held, jsonl, AnswerJob(range(*data.heldout_rows), 0.0), cfg.max_answer_tokens,
                   layers)
-    train = StoreWriter(out / "store-train", width)
+    train = StoreWriter(out / "store-train", width, top_k=data.teacher_top_k)
     store_references(tok, target, train, jsonl, range(*data.train_rows), cfg.row_len, layers)
     for text in data.texts:
         store_text(tok, target, train, Path(text), cfg.row_len, layers)
@@ -84,8 +87,8 @@ def build_stores(engine, target, data: LargeDataConfig, cfg: DraftTrainConfig, o
         if train.tokens >= data.target_tokens:
             break
         store_answers(engine, target, train, jsonl, job, cfg.max_answer_tokens, layers)
-        print(f"stored {train.tokens} training tokens ({train.tokens * bytes_per_token(width) / 1e9:.1f} GB)",
-              flush=True)
+        gb = train.tokens * bytes_per_token(width, train.top_k) / 1e9
+        print(f"stored {train.tokens} training tokens ({gb:.1f} GB)", flush=True)
 
 
 def vocabulary(reader: StoreReader, size: int, path: Path) -> torch.Tensor:
@@ -132,7 +135,7 @@ def train_large(model: str, data: LargeDataConfig, output: str, cfg: DraftTrainC
         "init_comparison": comparison, "shipped_head_heldout": baseline, "steps": fit_info["steps"], "rows": len(rows),
         "minutes": round((time.monotonic() - began) / 60, 1),
         "heldout_draft_vocab_coverage": vocab_coverage(held_store.all_labels(), t2d),
-        "bytes_per_token": bytes_per_token(3 * head_cfg.hidden_size),
+        "bytes_per_token": bytes_per_token(3 * head_cfg.hidden_size, data.teacher_top_k),
         "command": large_command(model, data, cfg, compare_steps),
     }
     final = out / "head"
@@ -153,9 +156,10 @@ def large_command(model: str, data: LargeDataConfig, cfg: DraftTrainConfig, comp
     return (f"optiserve train-draft-large --model {model} --instructions {data.instructions}{texts} --output DIR "
             f"--train-rows {words(data.train_rows)} --heldout-rows {words(data.heldout_rows)} "
             f"--temperatures {words(data.temperatures)} --max-samples {data.max_samples} --max-batch {data.max_batch} "
-            f"--generate-quant {data.generate_quant} --target-tokens {data.target_tokens}{steps} --lr {cfg.lr} "
+            f"--generate-quant {data.generate_quant} --teacher-top-k {data.teacher_top_k} "
+            f"--target-tokens {data.target_tokens}{steps} --lr {cfg.lr} "
             f"--eval-every {cfg.eval_every} --patience {cfg.patience} --compare-steps {compare_steps}"
-            + ("" if cfg.bf16_autocast else " --no-bf16-autocast"))
+            + ("" if cfg.bf16_autocast else " --no-bf16-autocast") + (" --teacher-probs" if cfg.teacher_probs else ""))
 
 
 def shipped_baseline(target, held_store: StoreReader, cfg: DraftTrainConfig) -> dict:

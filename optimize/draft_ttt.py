@@ -38,7 +38,9 @@ class StepKeys:
 
 @dataclass
 class PackedBatch:
-    """Rows of packed sequences: `tokens`/`labels`/`segments`/`positions` [B, T], `features` [B, T, 3H].
+    """Rows of packed sequences: `tokens`/`labels`/`segments`/`positions` [B, T], `features` [B, T, 3H], and
+    optionally the target's top-k next tokens `top_ids` (draft ids, 0 where absent) with `top_probs` [B, T, K]
+    (0 where absent, or where the target's token has no draft id).
 
     `labels` are draft-vocabulary ids (IGNORE where none); `segments` tell packed sequences apart (-1 = padding)."""
 
@@ -47,6 +49,8 @@ class PackedBatch:
     features: torch.Tensor
     segments: torch.Tensor
     positions: torch.Tensor
+    top_ids: torch.Tensor | None = None
+    top_probs: torch.Tensor | None = None
 
 
 def shift_left(x: torch.Tensor, n: int, fill: int) -> torch.Tensor:
@@ -84,14 +88,30 @@ def step_labels(batch: PackedBatch, k: int) -> torch.Tensor:
     return labels.masked_fill(shift_left(batch.segments, 1 + k, -1) != batch.segments, IGNORE)
 
 
-def ttt_losses(head: DraftHead, batch: PackedBatch, steps: int) -> tuple[list[torch.Tensor], list[int], list[int]]:
-    """Per step: the cross-entropy loss, the correct top-1 predictions and the number of valid positions."""
+def teacher_cross_entropy(logits: torch.Tensor, top_ids: torch.Tensor, top_probs: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -sum_j p_j log q(id_j): logits [N, Vd], the target's top-k [N, K] renormalised over the
+    draft vocabulary — the teacher's distribution (EAGLE-3 trains on it) instead of its argmax alone."""
+    p = top_probs / top_probs.sum(-1, keepdim=True).clamp(min=1e-6)
+    return -(p * F.log_softmax(logits.float(), -1).gather(-1, top_ids)).sum(-1).mean()
+
+
+def ttt_losses(head: DraftHead, batch: PackedBatch, steps: int, teacher_probs: bool = False
+               ) -> tuple[list[torch.Tensor], list[int], list[int]]:
+    """Per step: the loss (cross-entropy against the target's argmax, or against its top-k distribution with
+    `teacher_probs` where the batch has it), the correct top-1 predictions and the number of valid positions."""
+    soft = teacher_probs and batch.top_ids is not None
     losses, correct, counted = [], [], []
     for k, hidden in enumerate(ttt_states(head, batch, steps)):
         logits = head.logits(hidden)  # [B, T, Vd]
         labels = step_labels(batch, k)
         valid = labels != IGNORE
-        losses.append(F.cross_entropy(logits[valid], labels[valid]) if valid.any() else logits.sum() * 0)
+        if not valid.any():
+            losses.append(logits.sum() * 0)
+        elif soft:
+            ids, probs = (shift_left(t, 1 + k, 0)[valid] for t in (batch.top_ids, batch.top_probs))  # [N, K]
+            losses.append(teacher_cross_entropy(logits[valid], ids, probs))
+        else:
+            losses.append(F.cross_entropy(logits[valid], labels[valid]))
         correct.append(int((logits[valid].argmax(-1) == labels[valid]).sum()))
         counted.append(int(valid.sum()))
     return losses, correct, counted

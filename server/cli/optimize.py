@@ -88,6 +88,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     tl.add_argument("--max-batch", type=int, default=16)
     tl.add_argument("--generate-quant", default="none",
                     help="PTQ format the training answers are generated in (faster); the unquantized target labels")
+    tl.add_argument("--teacher-top-k", type=int, default=8,
+                    help="the target's top-k next tokens and probabilities stored per training token (0: none)")
+    tl.add_argument("--teacher-probs", action="store_true",
+                    help="train on the stored top-k distribution (cross-entropy against it) instead of the argmax")
     tl.add_argument("--max-answer-tokens", type=int, default=256)
     tl.add_argument("--epochs", type=float, default=4.0)
     tl.add_argument("--max-steps", type=int, default=None)
@@ -153,10 +157,11 @@ def run_train_draft_large(args: argparse.Namespace) -> None:
     from optiserve.optimize.draft_large import LargeDataConfig, train_large
 
     data = LargeDataConfig(args.instructions, args.texts, args.train_rows, args.heldout_rows, args.temperatures,
-                           args.max_samples, args.target_tokens, args.max_batch, args.generate_quant)
+                           args.max_samples, args.target_tokens, args.max_batch, args.generate_quant,
+                           args.teacher_top_k)
     cfg = DraftTrainConfig(epochs=args.epochs, lr=args.lr, max_answer_tokens=args.max_answer_tokens,
                            max_steps=args.max_steps, eval_every=args.eval_every, patience=args.patience,
-                           bf16_autocast=args.bf16_autocast)
+                           bf16_autocast=args.bf16_autocast, teacher_probs=args.teacher_probs)
     train_large(args.model, data, args.output, cfg, args.compare_steps)
 
 

@@ -1,6 +1,7 @@
-"""The draft-head feature store: shards round-trip, a killed writer leaves a readable prefix that a rerun
-continues, training streams rows from it equal to rows packed in memory (and resumes from its checkpoint), and
-answers generated in a PTQ format carry the unquantized target's labels."""
+"""The draft-head feature store: shards round-trip (with the target's top-k), a killed writer leaves a readable
+prefix that a rerun continues, the stored top-k is the target's own distribution, training streams rows from the
+store equal to rows packed in memory (and resumes from its checkpoint), learning from the top-k is learning from
+the argmax when the target is sure, and answers generated in a PTQ format carry the unquantized target's labels."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from optiserve.engine.config import EngineConfig
 from optiserve.engine.llm_engine import LLMEngine
+from optiserve.engine.runner import attention_mask
 from optiserve.engine.spec.draft_head import DraftConfig
 from optiserve.optimize.draft_corpus import AnswerJob, load_prompts, store_answers
 from optiserve.optimize.draft_data import DraftSample, label_sequence, text_chunks
@@ -22,39 +24,48 @@ from optiserve.optimize.draft_fit import DraftTrainConfig, StoreRows, fit, pack
 from optiserve.optimize.draft_large import serve_generator
 from optiserve.optimize.draft_store import MANIFEST, StoreReader, StoreWriter
 from optiserve.optimize.draft_train import draft_vocabulary, init_head
+from optiserve.optimize.draft_ttt import PackedBatch, ttt_losses
 
 WIDTH = 12
 GENERATOR = "nvfp4"  # the format whose greedy answers stray furthest from the unquantized target's
 QUESTIONS = ["Write a short poem about the sea.", "List three uses of a paperclip and explain each one."]
 
 
-def unit_sample(unit: int) -> DraftSample:
+def unit_sample(unit: int, top_k: int = 0) -> DraftSample:
     """A deterministic sample per unit, of varying length, so any unit can be checked after a resume."""
     g = torch.Generator().manual_seed(unit)
     n = 3 + unit % 5
+    top = (torch.randint(0, 49152, (n, top_k), generator=g), torch.rand(n, top_k, generator=g).half().float())
     return DraftSample(torch.randint(0, 49152, (n,), generator=g), torch.randint(-100, 49152, (n,), generator=g),
-                       torch.randn(n, WIDTH, generator=g).to(torch.bfloat16))
+                       torch.randn(n, WIDTH, generator=g).to(torch.bfloat16), *(top if top_k else ()))
 
 
-def assert_units(reader: StoreReader, units: range) -> None:
+def assert_units(reader: StoreReader, units: range, top_k: int = 0) -> None:
     assert len(reader) == len(units)
     for i, unit in enumerate(units):
-        want, got = unit_sample(unit), reader.sample(i)
+        want, got = unit_sample(unit, top_k), reader.sample(i)
         assert torch.equal(got.tokens, want.tokens) and torch.equal(got.labels, want.labels)
         assert torch.equal(got.features, want.features)
+        if top_k:
+            assert torch.equal(got.top_ids, want.top_ids) and torch.equal(got.top_probs, want.top_probs)
+        else:
+            assert got.top_ids is None and got.top_probs is None
 
 
-def test_store_round_trips_across_shards(tmp_path):
-    writer = StoreWriter(tmp_path, WIDTH, shard_tokens=20)
+@pytest.mark.parametrize("top_k", [0, 4])
+def test_store_round_trips_across_shards(tmp_path, top_k):
+    writer = StoreWriter(tmp_path, WIDTH, shard_tokens=20, top_k=top_k)
     for unit in range(30):
-        writer.add("job", unit + 1, [unit_sample(unit)])
+        writer.add("job", unit + 1, [unit_sample(unit, top_k)])
     writer.flush()
     reader = StoreReader(tmp_path)
     assert len(reader.manifest["shards"]) > 3
-    assert_units(reader, range(30))
-    assert StoreWriter(tmp_path, WIDTH).done("job") == 30
-    with pytest.raises(ValueError, match="wide"):
-        StoreWriter(tmp_path, WIDTH + 1)
+    assert_units(reader, range(30), top_k)
+    assert StoreWriter(tmp_path, WIDTH, top_k=top_k).done("job") == 30
+    with pytest.raises(ValueError, match="width"):
+        StoreWriter(tmp_path, WIDTH + 1, top_k=top_k)
+    with pytest.raises(ValueError, match="top_k"):  # a rerun must store what the shards already hold
+        StoreWriter(tmp_path, WIDTH, top_k=top_k + 2)
 
 
 WRITER = """
@@ -93,22 +104,68 @@ def test_killed_writer_leaves_a_readable_prefix_that_a_rerun_continues(tmp_path)
     assert_units(StoreReader(tmp_path), range(stored + 7))
 
 
+TOP_K = 4
+
+
 @pytest.fixture(scope="module")
 def labelled(engine, train_text) -> list[DraftSample]:
-    """Real target features and labels for a few 96-token chunks of training text."""
+    """Real target features, labels and top-k for a few 96-token chunks of training text."""
     layers = DraftConfig.for_target(engine.model_config, 512).target_layers
     chunks = text_chunks(engine.tokenizer, train_text.read_text(), 96)[:6]
-    return [label_sequence(engine.runner.model, t, layers, 0, own_tokens=False) for t, _ in chunks]
+    return [label_sequence(engine.runner.model, t, layers, 0, own_tokens=False, top_k=TOP_K) for t, _ in chunks]
+
+
+def test_the_stored_top_k_is_the_targets_next_token_distribution(engine, labelled):
+    target = engine.runner.model
+    layers = DraftConfig.for_target(engine.model_config, 512).target_layers
+    tokens, start = labelled[0].tokens.tolist(), 30
+    sample = label_sequence(target, tokens, layers, start, own_tokens=False, top_k=TOP_K)
+    plain = label_sequence(target, tokens, layers, start, own_tokens=False)
+    assert plain.top_ids is None and torch.equal(sample.labels, plain.labels)
+    assert torch.equal(sample.features, plain.features)
+    positions = torch.arange(len(tokens))[None]
+    mask = attention_mask(positions, len(tokens), target.cfg.group_size, target.cfg.sliding_window)
+    with torch.inference_mode():
+        probs = target(torch.tensor([tokens]), positions, None, mask, all_logits=True)[0].softmax(-1)  # [T, V]
+    want, want_ids = probs.topk(TOP_K, dim=-1)
+    assert torch.equal(sample.top_ids[start:], want_ids[start:].int())
+    torch.testing.assert_close(sample.top_probs[start:].float(), want[start:], atol=1e-3, rtol=1e-3)  # fp16
+    assert (sample.top_probs[:start] == 0).all()  # inside the prompt: nothing to learn
+    assert torch.equal(sample.top_ids[start:, 0].long(), sample.labels[start:])  # the argmax leads
+    own = label_sequence(target, tokens, layers, start, own_tokens=True, top_k=TOP_K)  # labels = next tokens
+    assert torch.equal(own.top_ids, sample.top_ids)  # the last position has no next token, so no probabilities
+    assert torch.equal(own.top_probs[:-1], sample.top_probs[:-1]) and (own.top_probs[-1] == 0).all()
+
+
+def test_learning_the_top_k_of_a_sure_target_is_learning_its_argmax(engine, labelled):
+    """With all of the target's probability on its argmax, the top-k loss is the argmax's cross-entropy at every
+    TTT step (and the real, spread top-k gives another loss)."""
+    t2d = torch.full((49152,), -100)
+    d2t = draft_vocabulary([s.labels for s in labelled], 512)
+    t2d[d2t] = torch.arange(len(d2t))
+    row = pack(labelled[:2], t2d, 200)[0]
+    head = init_head(engine.runner.model, DraftConfig.for_target(engine.model_config, 512), d2t)
+    sure = PackedBatch(**{**row.__dict__, "top_ids": row.top_ids.clone(), "top_probs": torch.zeros_like(row.top_probs)})
+    sure.top_probs[..., 0] = 1.0
+    sure.top_ids[..., 0] = row.labels.clamp(min=0)
+    with torch.no_grad():
+        hard, hits, counted = ttt_losses(head, row, 3)
+        soft_sure, hits_sure, _ = ttt_losses(head, sure, 3, teacher_probs=True)
+        soft, _, _ = ttt_losses(head, row, 3, teacher_probs=True)
+    assert hits == hits_sure and min(counted) > 50
+    for h, s, spread in zip(hard, soft_sure, soft, strict=True):
+        torch.testing.assert_close(s, h)
+        assert abs(float(spread - h)) > 1e-3
 
 
 def test_training_streams_from_the_store_and_resumes(engine, labelled, tmp_path):
-    writer = StoreWriter(tmp_path / "store", labelled[0].features.shape[1], shard_tokens=200)
+    writer = StoreWriter(tmp_path / "store", labelled[0].features.shape[1], shard_tokens=200, top_k=TOP_K)
     for i, s in enumerate(labelled):
         writer.add("text", i + 1, [s])
     writer.flush()
     reader = StoreReader(tmp_path / "store")
     cfg = DraftTrainConfig(draft_vocab_size=512, row_len=200, rows_per_step=2, max_steps=2, warmup_steps=1,
-                           eval_every=1, ttt_steps=2)
+                           eval_every=1, ttt_steps=2, teacher_probs=True)
     d2t = draft_vocabulary(reader.all_labels(), cfg.draft_vocab_size)
     t2d = torch.full((49152,), -100)
     t2d[d2t] = torch.arange(len(d2t))
