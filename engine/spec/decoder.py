@@ -77,9 +77,10 @@ class SpecDecoder:
         t1 = self.clock()
         verify = self._verify_tree if any(p.parents is not None for p in proposals) else self._verify_chain
         results = verify(seqs, proposals, t1 - t0)
-        if self.policy:  # a tree is counted as a chain of its accepted depth: nodes drafted, path kept
+        if self.policy:  # a tree counts as a chain as deep as its deepest node: nodes drafted, path kept
             self.policy.observe(StepRecord(budget, [len(p.tokens) for p in proposals],
-                                           [len(r.tokens) - 1 for r in results], self.clock() - t0))
+                                           [len(r.tokens) - 1 for r in results], self.clock() - t0,
+                                           [draft_depth(p) for p in proposals]))
         return results
 
     def _budget(self, seqs: list[Sequence]) -> int:
@@ -155,6 +156,13 @@ class VerifyTree:
         self.tokens += [0] * n
         self.parents += [-1] * n
 
+
+
+def draft_depth(prop: Proposal) -> int:
+    """How many positions past the last token a proposal reaches (a chain: its length)."""
+    if prop.parents is None:
+        return len(prop.tokens)
+    return 1 + max(depths(prop.parents), default=-1)
 
 
 def shipped_head_dir() -> Path:

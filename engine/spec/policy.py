@@ -41,13 +41,15 @@ class PolicyConfig:
 
 @dataclass
 class StepRecord:
-    """One speculative (or plain) step as it happened: the budget asked, per sequence the drafts proposed and
-    how many of them were accepted, and the step's wall time (drafting + verifying)."""
+    """One speculative (or plain) step as it happened: the budget asked, per sequence the drafts proposed, how
+    many of them were accepted and how deep they went (a chain: its length; a tree: its deepest node; None: the
+    drafts are chains), and the step's wall time (drafting + verifying)."""
 
     budget: int
     drafted: list[int]
     accepted: list[int]
     seconds: float
+    depths: list[int] | None = None
 
 
 @dataclass
@@ -125,11 +127,11 @@ class AdaptivePolicy:
         cost.since_draft = 0
         if cost.plain_s is not None:
             cost.per_draft = self._ema(cost.per_draft, max(rec.seconds / cost.plain_s - 1.0, 0.0) / width)
-        for drafted, accepted in zip(rec.drafted, rec.accepted, strict=True):
-            for i in range(min(accepted + 1, drafted)):  # positions tried: up to the first rejection
+        for depth, accepted in zip(rec.depths or rec.drafted, rec.accepted, strict=True):
+            for i in range(min(accepted + 1, depth)):  # positions tried: up to the first rejection
                 self.acceptance[i] = self._ema(self.acceptance[i], float(i < accepted))
-            if 0 < drafted == accepted < self.cfg.max_budget:  # the next position was never tried
-                self.acceptance[drafted] = self._ema(self.acceptance[drafted], self.cfg.prior_acceptance)
+            if 0 < depth == accepted < self.cfg.max_budget:  # the next position was never tried
+                self.acceptance[depth] = self._ema(self.acceptance[depth], self.cfg.prior_acceptance)
 
     def _cost(self, batch: int) -> BatchCost:
         return self.costs.setdefault(batch, BatchCost())

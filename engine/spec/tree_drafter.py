@@ -38,27 +38,30 @@ class EagleTreeDrafter(EagleDrafter):
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], num_draft_tokens: int | None = None) -> list[Proposal]:
-        """A draft tree of up to `num_draft_tokens` (<= the configured number) nodes per sequence in slots [0, B)."""
+        """A draft tree of up to `num_draft_tokens` (<= the configured number) nodes per sequence in slots [0, B).
+        A smaller budget also expands fewer depths: b connected nodes reach depth b at most, and the candidates
+        above that depth do not depend on the expansion below it (so the tree is the full expansion's b best)."""
         budget = self.num_draft_tokens if num_draft_tokens is None else min(num_draft_tokens, self.num_draft_tokens)
         if budget == 0 or not all(s.params.greedy for s in seqs):
             return super().propose(seqs, min(budget, self.k))
         h, ends = self._catch_up(seqs)  # [B, 1, H], [B]
-        scores, tokens, parents = self._expand(h, ends)  # candidates [B, N] each
+        scores, tokens, parents = self._expand(h, ends, min(self.k, budget))  # candidates [B, N] each
         lookups = [propose_ngram(s.token_ids, min(self.k, budget // 2)) if self.ngram_branch else [] for s in seqs]
         return [with_branch(self._best_subtree(scores[b], tokens[b], parents[b], budget - len(lookups[b])),
                             lookups[b]) for b in range(len(seqs))]
 
-    def _expand(self, h: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """All candidate nodes: cumulative log-probs, draft ids and parent candidate ids (-1: root), [B, N] each,
-        numbered so that a parent comes before its children."""
+    def _expand(self, h: torch.Tensor, ends: torch.Tensor, num_steps: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All candidate nodes of `num_steps` depths: cumulative log-probs, draft ids and parent candidate ids (-1:
+        root), [B, N] each, numbered so that a parent comes before its children."""
         B, K, H = h.shape[0], self.topk, h.shape[-1]
         score, tok = self.head.logits(h[:, 0]).log_softmax(-1).topk(K, -1)  # [B, K]
         cand_score, cand_tok, cand_parent = [score], [tok], [torch.full((B, K), -1)]
         frontier = torch.arange(K).expand(B, K)  # candidate ids of the frontier nodes
         hidden = h.expand(B, K, H)  # the state each frontier node reads: its parent's output
-        ancestors = torch.zeros(B, K, self.k * K, dtype=torch.bool)  # over the head cache's tree slots
+        ancestors = torch.zeros(B, K, num_steps * K, dtype=torch.bool)  # over the head cache's tree slots
         num_cand = K
-        for depth in range(1, self.k):
+        for depth in range(1, num_steps):
             slots = (depth - 1) * K + torch.arange(K)  # this depth's rows, relative to `ends`
             ancestors[:, torch.arange(K), slots] = True  # each row attends itself
             out = self._run_tree(self.head.d2t[tok], hidden, ends, depth - 1, slots, ancestors)  # [B, K, H]

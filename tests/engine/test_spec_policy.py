@@ -95,6 +95,19 @@ def test_probes_are_rarer_where_they_cost_more():
     assert batch8.probe_interval(8) * batch8.cfg.probe_overhead >= r > 0.3
 
 
+def test_a_tree_that_keeps_its_whole_depth_is_not_a_rejection_past_it():
+    """A tree of 8 nodes, 2 deep, accepted 2 deep: position 3 was never drafted, so it must not be learned as
+    rejected (a chain of 8 accepting 2 was rejected at position 3)."""
+    tree, chain = AdaptivePolicy(PolicyConfig(8)), AdaptivePolicy(PolicyConfig(8))
+    for policy, depths in ((tree, [2]), (chain, None)):
+        policy.observe(StepRecord(0, [0], [0], PLAIN_S))
+        for _ in range(50):
+            policy.observe(StepRecord(8, [8], [2], 1.5 * PLAIN_S, depths))
+    assert tree.acceptance[:2] == chain.acceptance[:2] == pytest.approx([1.0, 1.0], abs=0.01)
+    assert tree.acceptance[2] == pytest.approx(tree.cfg.prior_acceptance) and chain.acceptance[2] < 0.01
+    assert tree.expected_tokens(8) > chain.expected_tokens(8)
+
+
 class WrongTokenDrafter(NgramDrafter):
     """A drafter whose acceptance is ~0 by construction: it always proposes the last vocabulary id, a token
     the chat model never emits. It stands for a head that does not match its target."""

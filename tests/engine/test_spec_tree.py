@@ -2,13 +2,19 @@
 keeping the accepted path leaves the cache as if only it was written, and greedy output with trees equals plain
 decoding (fp32 and a packed weight format)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from optiserve.engine.block_manager import BlockPool
 from optiserve.engine.config import EngineConfig, SamplingParams
+from optiserve.engine.kv_cache import SlotTables
 from optiserve.engine.llm_engine import LLMEngine, WeightSet
-from optiserve.engine.spec.drafters import Proposal
-from optiserve.engine.spec.tree_drafter import with_branch
+from optiserve.engine.spec.decoder import draft_depth, shipped_head_dir
+from optiserve.engine.spec.draft_head import load_draft_head, with_bf16_linears
+from optiserve.engine.spec.drafters import EagleState, Proposal
+from optiserve.engine.spec.tree_drafter import EagleTreeDrafter, with_branch
 from optiserve.engine.tree_attention import ancestor_matrix, depths
 from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
 
@@ -145,6 +151,36 @@ def test_chain_length_alias():
     assert EngineConfig(num_speculative_tokens=3).speculative_num_steps == 3
     cfg = EngineConfig(speculative="auto", speculative_num_steps=4, speculative_eagle_topk=3)
     assert (cfg.num_speculative_tokens, cfg.speculative_num_draft_tokens, cfg.spec_cache_room) == (4, 12, 13)
+
+
+def test_a_smaller_budget_drafts_the_full_trees_best_nodes_from_fewer_depths(base, chat_prompt_ids):
+    """The adaptive budget asks a tree for b < num_draft_tokens nodes (b = 1: a probe): it expands only b depths
+    (one head forward for a probe, not num_steps) and still gets the b best nodes of the full expansion."""
+    prompt = chat_prompt_ids[2]
+    head = with_bf16_linears(load_draft_head(shipped_head_dir())).attach(base.runner.model)
+    tables = SlotTables(BlockPool(64, 16), 1, 1024)
+    drafter = EagleTreeDrafter(head, 4, 3, 8, tables, torch.float32)
+    base.runner.cache.truncate(0, 0)
+    _, features = base.runner.prefill_features(0, prompt, capture=drafter.capture)
+    tables.admit(0, prompt, lookup=False)
+    seq = SimpleNamespace(token_ids=prompt + [0], params=SamplingParams(temperature=0), draft_state=None)
+    runs = []
+    head_forwards = head.forward
+
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return head_forwards(*args, **kwargs)
+
+    head.forward = counted
+    for budget in (8, 4, 2, 1):
+        seq.draft_state = EagleState(features)  # the same prefix to catch up on for every budget
+        h, ends = drafter._catch_up([seq])
+        full = [c[0] for c in drafter._expand(h, ends, 4)]
+        seq.draft_state, runs[:] = EagleState(features), []
+        got = drafter.propose([seq], budget)[0]
+        want = drafter._best_subtree(*full, budget)
+        assert (got.tokens, got.parents) == (want.tokens, want.parents)
+        assert len(runs) == min(budget, 4) and draft_depth(got) <= min(budget, 4)
 
 
 def test_ngram_branch_shares_the_nodes_it_agrees_with():
