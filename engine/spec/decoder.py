@@ -99,10 +99,11 @@ class SpecDecoder:
         starts = [len(s.token_ids) - 1 for s in seqs]
         logits, features = self.runner.verify(rows, starts, self.drafter.capture)  # [B, W, V], [B, W, 3H]
         self.timing.add(draft_s, self.clock() - t0, width - 1)
+        best = logits.argmax(-1).tolist()  # [B, W] one call for the batch: row by row it cost ~5% of a batch-8 step
         results = []
         for b, (seq, prop) in enumerate(zip(seqs, proposals, strict=True)):
             k = len(prop.tokens)
-            new = accept(prop.tokens, prop.probs, logits[b, : k + 1], seq.params, seq.generator)
+            new = accept(prop.tokens, prop.probs, logits[b, : k + 1], seq.params, seq.generator, best[b][: k + 1])
             kept = len(new)  # positions of the last old token and the accepted drafts
             # Rejected drafts (and padding) leave the cache as if never written.
             self.runner.cache.truncate(b, starts[b] + kept, starts[b] + width)

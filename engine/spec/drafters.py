@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,10 +45,19 @@ class NgramDrafter:
 
 @dataclass
 class EagleState:
-    """Target features [n, 3H] not yet run through the head (positions draft_len..), and the head's cache length."""
+    """Target features [n, 3H] not yet run through the head (positions draft_len..), and the head's cache length.
+    Verified features are appended as pieces (`pending_parts`) and joined when the head next reads them: steps that
+    draft nothing would otherwise copy the whole backlog each step."""
 
     pending: torch.Tensor
     draft_len: int = 0
+    pending_parts: list[torch.Tensor] = field(default_factory=list)
+
+    def take_pending(self) -> torch.Tensor:
+        if self.pending_parts:
+            self.pending = torch.cat([self.pending, *self.pending_parts])
+            self.pending_parts = []
+        return self.pending
 
 
 class EagleDrafter:
@@ -73,8 +82,7 @@ class EagleDrafter:
     def on_verify(self, seq: Sequence, features: torch.Tensor | None) -> None:
         """Features [m, 3H] of the positions the target kept: the next proposal reads them first. Appended: a
         proposal that failed part-way (its batch retried without drafts) may have left some unread."""
-        state = seq.draft_state
-        state.pending = features if not len(state.pending) else torch.cat([state.pending, features])
+        seq.draft_state.pending_parts.append(features)
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], num_draft_tokens: int | None = None) -> list[Proposal]:
@@ -99,7 +107,7 @@ class EagleDrafter:
         """Run the head over each sequence's pending features (one forward); returns each row's last output state
         [B, 1, H] (it predicts the first draft) and the positions where drafting continues [B]."""
         states: list[EagleState] = [s.draft_state for s in seqs]
-        counts = [len(st.pending) for st in states]
+        counts = [len(st.take_pending()) for st in states]
         S = max(counts)
         tokens = torch.zeros(len(seqs), S, dtype=torch.long)  # token t+1 pairs with the feature at t
         feats = torch.zeros(len(seqs), S, states[0].pending.shape[-1], dtype=states[0].pending.dtype)

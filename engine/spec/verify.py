@@ -15,9 +15,10 @@ from ..config import SamplingParams
 from ..sampler import filter_logits
 
 
-def accept_greedy(drafts: list[int], target_logits: torch.Tensor) -> list[int]:
-    """`target_logits` [k+1, V] scored at the last accepted token and each draft; returns accepted + bonus."""
-    best = target_logits.argmax(-1).tolist()
+def accept_greedy(drafts: list[int], target_logits: torch.Tensor, best: list[int] | None = None) -> list[int]:
+    """`target_logits` [k+1, V] scored at the last accepted token and each draft (or their argmax ids `best`, where
+    the caller took them for a whole batch in one call); returns accepted + bonus."""
+    best = target_logits.argmax(-1).tolist() if best is None else best
     out = []
     for i, d in enumerate(drafts):
         if d != best[i]:
@@ -80,12 +81,14 @@ def accept(
     target_logits: torch.Tensor,
     params: SamplingParams,
     generator: torch.Generator | None,
+    best: list[int] | None = None,
 ) -> list[int]:
     """Accepted drafts plus the target's own next token, by the rule the request's sampling calls for.
 
-    `draft_probs` None means deterministic drafts (n-gram lookup): a one-hot q."""
+    `draft_probs` None means deterministic drafts (n-gram lookup): a one-hot q. `best`: the rows' argmax ids, if
+    the caller has them (greedy only)."""
     if params.greedy:
-        return accept_greedy(drafts, target_logits)
+        return accept_greedy(drafts, target_logits, best)
     if draft_probs is None:
         draft_probs = torch.zeros(len(drafts), target_logits.shape[-1])
         draft_probs[torch.arange(len(drafts)), torch.tensor(drafts, dtype=torch.long)] = 1.0
