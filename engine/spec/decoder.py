@@ -99,7 +99,7 @@ class SpecDecoder:
         starts = [len(s.token_ids) - 1 for s in seqs]
         logits, features = self.runner.verify(rows, starts, self.drafter.capture)  # [B, W, V], [B, W, 3H]
         self.timing.add(draft_s, self.clock() - t0, width - 1)
-        best = logits.argmax(-1).tolist()  # [B, W] one call for the batch: row by row it cost ~5% of a batch-8 step
+        best = logits.argmax(-1).tolist()  # [B, W] in one call: a call per row costs more than it computes
         results = []
         for b, (seq, prop) in enumerate(zip(seqs, proposals, strict=True)):
             k = len(prop.tokens)
