@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -45,19 +45,17 @@ class NgramDrafter:
 
 @dataclass
 class EagleState:
-    """Target features [n, 3H] not yet run through the head (positions draft_len..), and the head's cache length.
-    Verified features are appended as pieces (`pending_parts`) and joined when the head next reads them: steps that
-    draft nothing would otherwise copy the whole backlog each step."""
+    """Target features not yet run through the head (positions draft_len..), as the pieces [m, 3H] they arrived in
+    (joined only when the head reads them: steps that draft nothing would otherwise copy the backlog each step),
+    and the head's cache length."""
 
-    pending: torch.Tensor
+    pending: list[torch.Tensor]
     draft_len: int = 0
-    pending_parts: list[torch.Tensor] = field(default_factory=list)
 
     def take_pending(self) -> torch.Tensor:
-        if self.pending_parts:
-            self.pending = torch.cat([self.pending, *self.pending_parts])
-            self.pending_parts = []
-        return self.pending
+        """The pending features [n, 3H], joined; nothing is pending afterwards."""
+        features, self.pending = torch.cat(self.pending), []
+        return features
 
 
 class EagleDrafter:
@@ -77,12 +75,13 @@ class EagleDrafter:
 
     def on_prefill(self, seq: Sequence, features: torch.Tensor | None) -> None:
         """After the target read the prompt (features [S, 3H]): nothing drafted from them yet."""
-        seq.draft_state = EagleState(features)
+        seq.draft_state = EagleState([features])
 
     def on_verify(self, seq: Sequence, features: torch.Tensor | None) -> None:
         """Features [m, 3H] of the positions the target kept: the next proposal reads them first. Appended: a
         proposal that failed part-way (its batch retried without drafts) may have left some unread."""
-        seq.draft_state.pending_parts.append(features)
+        state = seq.draft_state
+        state.pending = [*state.pending, features]  # a new list: the engine's pre-step copy must not see it
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], num_draft_tokens: int | None = None) -> list[Proposal]:
@@ -107,18 +106,19 @@ class EagleDrafter:
         """Run the head over each sequence's pending features (one forward); returns each row's last output state
         [B, 1, H] (it predicts the first draft) and the positions where drafting continues [B]."""
         states: list[EagleState] = [s.draft_state for s in seqs]
-        counts = [len(st.take_pending()) for st in states]
+        pending = [st.take_pending() for st in states]  # [n_b, 3H] each
+        counts = [len(f) for f in pending]
         S = max(counts)
         tokens = torch.zeros(len(seqs), S, dtype=torch.long)  # token t+1 pairs with the feature at t
-        feats = torch.zeros(len(seqs), S, states[0].pending.shape[-1], dtype=states[0].pending.dtype)
+        feats = pending[0].new_zeros(len(seqs), S, pending[0].shape[-1])
         for b, (seq, st, n) in enumerate(zip(seqs, states, counts, strict=True)):
             tokens[b, :n] = torch.tensor(seq.token_ids[st.draft_len + 1 : st.draft_len + 1 + n])
-            feats[b, :n] = st.pending
+            feats[b, :n] = pending[b]
         starts = torch.tensor([st.draft_len for st in states])
         h = self._run(tokens, self.head.fuse(feats), starts[:, None] + torch.arange(S))  # [B, S, H]
         h = h[torch.arange(len(seqs)), torch.tensor(counts) - 1].unsqueeze(1)  # each row's last real pair
         for st, n in zip(states, counts, strict=True):
-            st.draft_len, st.pending = st.draft_len + n, st.pending[:0]
+            st.draft_len += n
         return h, torch.tensor([st.draft_len for st in states])
 
     def _run(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -173,10 +173,10 @@ def test_a_smaller_budget_drafts_the_full_trees_best_nodes_from_fewer_depths(bas
 
     head.forward = counted
     for budget in (8, 4, 2, 1):
-        seq.draft_state = EagleState(features)  # the same prefix to catch up on for every budget
+        seq.draft_state = EagleState([features])  # the same prefix to catch up on for every budget
         h, ends = drafter._catch_up([seq])
         full = [c[0] for c in drafter._expand(h, ends, 4)]
-        seq.draft_state, runs[:] = EagleState(features), []
+        seq.draft_state, runs[:] = EagleState([features]), []
         got = drafter.propose([seq], budget)[0]
         want = drafter._best_subtree(*full, budget)
         assert (got.tokens, got.parents) == (want.tokens, want.parents)

@@ -141,3 +141,31 @@ def test_sampling_with_speculation_runs_seeded(speculative, chat_prompt_ids):
     again = generate(speculative, chat_prompt_ids[:2], params, at_once=True)
     assert [ids for ids, *_ in first] == [ids for ids, *_ in again]
     assert all(len(ids) > 0 for ids, *_ in first)
+
+
+def test_a_step_that_fails_part_way_leaves_each_drafts_backlog_as_before(chat_prompt_ids):
+    """A batched speculative step that raises after some sequences took their verified features is undone and each
+    sequence is decoded alone: every head's state must again hold exactly the positions the target verified (the
+    engine's pre-step copy must not share what the failed step appended). The policy drafts nothing here: the
+    steps where features pile up between proposals."""
+    engine = LLMEngine(EngineConfig(max_batch=2, max_model_len=1024, speculative="auto"))
+    engine.spec.policy.budget = lambda seqs: 0
+    truncate, second_rows = engine.runner.cache.truncate, []
+
+    def fails_once(slot, *args):
+        second_rows.append(slot) if slot == 1 else None
+        if slot == 1 and len(second_rows) == 3:  # after the first sequence of the third step took its features
+            raise RuntimeError("injected failure")
+        return truncate(slot, *args)
+
+    engine.runner.cache.truncate = fails_once
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    for i, prompt in enumerate(chat_prompt_ids[:2]):
+        engine.add_request(Request(str(i), prompt, params, lambda out: None))
+    engine.step()
+    while engine.scheduler.has_work():
+        engine.step()
+        for seq in engine.scheduler.running:
+            state = seq.draft_state
+            assert state.draft_len + sum(len(f) for f in state.pending) == len(seq.token_ids) - 1
+    assert len(second_rows) > 3  # the failure happened, and decoding went on
