@@ -37,10 +37,12 @@ class LowPrecisionLinear(nn.Module):
         held = [self.packed] if self.fmt == "bf16" else [self.packed.qdata, self.packed.scale]
         self.held = nn.ParameterList(nn.Parameter(t, requires_grad=False) for t in held)
         self.operands = None
+        self.fused = None  # what fused kernel steps take (a draft head's `draft_head_step`), with `operands`
         self.weight_t = None  # the fallback's dequantized copy [H, V], when the kernel does not compute the head
         if w.device.type == "cpu" and packed_linear.load() is not None:
             self.operands = (packed_linear.bf16_operands(self.packed) if self.fmt == "bf16"
                              else packed_linear.operands(weight_format(self.fmt), [self.packed]))
+            self.fused = packed_linear.kernel_weight(self.operands, None, None)
         else:
             self.weight_t = nn.Parameter(self.dequantized().t(), requires_grad=False)
 

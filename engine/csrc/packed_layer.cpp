@@ -5,6 +5,7 @@
 //   linear_add:  residual + linear(x)                 (the attention output projection)
 //   mlp_add:     x + down(silu(gate) * up)(rms_norm(x))
 // and `decoder_layers`, every layer of a forward in one call (with RoPE, the KV store and the attention kernel).
+// `draft_head_step` is an EAGLE-3 draft head's forward in one call, the same way.
 // Each is the composition of the same kernels the modules call (rms_norm and silu_mul from rowwise.cpp, the packed
 // matmul) and the same fp32 elementwise products and sums, so it gives the module path's results bit for bit.
 #include <torch/extension.h>
@@ -71,6 +72,39 @@ std::vector<at::Tensor> decoder_layers(const LayerStack& st, at::Tensor x, const
   return out;
 }
 
+// An EAGLE-3 draft head's layer (engine/spec/draft_head.py), gathered once per head: the target's embedding table,
+// its norms, its five linears (as bf16 or packed weights) and attention shape.
+struct HeadStack {
+  at::Tensor embed, embed_norm, hidden_norm, mlp_norm, norm;
+  PackedWeight qkv, o, gate_up, down, lm_head;
+  double eps;
+  int64_t n_heads, n_kv, window;
+};
+
+// One forward of the head over `tokens` [B, S] (target ids) and `hidden` [B, S, H], as `DraftHead.forward` and
+// `DraftHead.logits` compute it with the same kernels in the same order (so the same bits), in one call: a draft
+// step is a few small matmuls, and the ~20 ops and modules between them cost as much as a fifth of it. The cache
+// operands are `decoder_layers`' for the head's one-layer pools. Returns the output states [B, S, H], then, with
+// `logits`, the draft-vocabulary logits [B, S, Vd].
+std::vector<at::Tensor> draft_head_step(const HeadStack& st, const at::Tensor& tokens, const at::Tensor& hidden,
+                                        const at::Tensor& freqs, const at::Tensor& k_pools,
+                                        const at::Tensor& v_pools, const at::Tensor& rows,
+                                        const at::Tensor& block_table, const at::Tensor& slots,
+                                        const at::Tensor& tree_base, const at::Tensor& tree_ancestors, bool logits) {
+  const int64_t B = tokens.size(0), S = tokens.size(1), H = st.n_heads, KV = st.n_kv, D = k_pools.size(-1);
+  at::Tensor e = st.embed.index_select(0, tokens.reshape(-1)).view({B, S, -1});  // [B, S, hidden]
+  at::Tensor x = at::cat({rms_norm(e, st.embed_norm, st.eps), rms_norm(hidden, st.hidden_norm, st.eps)}, -1);
+  at::Tensor qkv = apply(st.qkv, x).view({B, S, H + 2 * KV, D});
+  rope_(qkv, freqs, H + KV);  // q and k, in place
+  at::Tensor k_pool = k_pools.select(0, 0), v_pool = v_pools.select(0, 0);
+  kv_store(qkv.narrow(2, H, KV), qkv.narrow(2, H + KV, KV), rows, k_pool, v_pool);
+  at::Tensor attn = decode_attention(qkv, k_pool, v_pool, block_table, slots, H, st.window, tree_base,
+                                     tree_ancestors);
+  at::Tensor h = mlp_add(linear_add(st.o, attn, hidden), st.mlp_norm, st.eps, st.gate_up, st.down);
+  if (!logits) return {h};
+  return {h, apply(st.lm_head, rms_norm(h, st.norm, st.eps))};
+}
+
 // The kernels run without the GIL (see bindings.cpp).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
@@ -105,4 +139,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
                     std::vector<PackedWeight>, double, int64_t, int64_t, int64_t>());
   mod.def("decoder_layers", &decoder_layers, no_gil,
           "every decoder layer of a kernel-attended forward over fp32 KV pools");
+  py::class_<HeadStack>(mod, "HeadStack", py::module_local())
+      .def(py::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, PackedWeight, PackedWeight,
+                    PackedWeight, PackedWeight, PackedWeight, double, int64_t, int64_t, int64_t>());
+  mod.def("draft_head_step", &draft_head_step, no_gil,
+          "an EAGLE-3 draft head's layer (and its logits) over its kernel-attended fp32 KV pool");
 }

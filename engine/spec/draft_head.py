@@ -13,20 +13,26 @@ Stored as `draft_config.json` + `model.safetensors` (bf16) in a directory.
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import packed_linear
+from .. import ops, packed_linear
 from ..config import ModelConfig
 from ..kv_cache import KVCache
 from ..lm_head import LowPrecisionLinear
 from ..model import MLP, Attention, Linear, RMSNorm, Transformer
+from ..tree_attention import TreeMask
 
 CONFIG_FILE = "draft_config.json"
 WEIGHTS_FILE = "model.safetensors"
+
+# DraftHead -> (the tensors its stack was built from, its `HeadStack`): beside the module, so copying a head never
+# copies a stack.
+_HEAD_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -119,6 +125,50 @@ class DraftHead(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits [..., Vd] (fp32) from output states [..., H]."""
         return self.lm_head(self.norm(h)).float()
+
+    def step(
+        self,
+        tokens: torch.Tensor,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        mask: torch.Tensor | TreeMask | None,
+        with_logits: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward` over the cache, then (`with_logits`) `logits` of every output state: (states [B, S, H], logits
+        [B, S, Vd] or None). One kernel call where `head_stack` applies, else the modules: the same bits."""
+        stack = self.head_stack(hidden, cache, mask)
+        if stack is None:
+            h = self(tokens, hidden, positions, cache, mask)
+            return h, self.logits(h) if with_logits else None
+        tree = mask if isinstance(mask, TreeMask) else None
+        slots = positions if tree is None else tree.slots  # where rows are written (a tree's share positions)
+        h, *logits = packed_linear.load().draft_head_step(
+            stack, tokens, hidden, self.target.rope_table[positions], cache.k, cache.v, cache.token_rows(slots),
+            cache.block_table, slots, *ops.tree_operands(tree), with_logits)
+        return h, logits[0] if with_logits else None
+
+    def head_stack(self, hidden: torch.Tensor, cache: KVCache, mask):
+        """The packed kernel's `HeadStack` when `draft_head_step` computes this step: every linear a packed or
+        bf16 one the kernel takes (`with_bf16_linears`), rows attending through the kernel (`mask` None, or a tree
+        it reads), an unquantized fp32 KV pool; else None. Built once per set of weights and target embedding."""
+        if (mask is not None and not (isinstance(mask, TreeMask) and mask.dense is None)
+                or cache.kv_format != "none" or cache.k.dtype != torch.float32 or hidden.requires_grad
+                or hidden.dtype != torch.float32 or not hidden.is_contiguous()):
+            return None
+        linears = [getattr(m, "fused", None) for m in (self.attn.qkv, self.attn.o, self.mlp.gate_up, self.mlp.down,
+                                                        self.lm_head)]
+        if None in linears:
+            return None
+        made_from = [*linears, self.target.embed.weight]
+        held = _HEAD_STACKS.get(self)
+        if held is not None and all(a is b for a, b in zip(held[0], made_from, strict=True)):
+            return held[1]
+        stack = packed_linear.load().HeadStack(
+            self.target.embed.weight, self.embed_norm.weight, self.hidden_norm.weight, self.mlp_norm.weight,
+            self.norm.weight, *linears, self.cfg.rms_norm_eps, self.attn.n_heads, self.attn.n_kv, self.attn.window)
+        _HEAD_STACKS[self] = (made_from, stack)
+        return stack
 
     def save(self, out_dir: str | Path, extra: dict | None = None) -> None:
         """Write `draft_config.json` (+ `extra` fields, e.g. training provenance) and bf16 safetensors."""

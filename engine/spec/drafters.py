@@ -91,13 +91,15 @@ class EagleDrafter:
         if k == 0:
             return [Proposal([], None) for _ in seqs]
         h, ends = self._catch_up(seqs)
+        logits = self.head.logits(h[:, 0])  # [B, Vd]
         drafted, probs = [], []
         for j in range(k):
-            d, q = self._pick(self.head.logits(h[:, 0]), seqs)
+            d, q = self._pick(logits, seqs)
             drafted.append(d)
             probs.append(q)
             if j + 1 < k:  # the head embeds target ids, as in training: map the draft id back
-                h = self._run(self.head.d2t[d].unsqueeze(1), h, (ends + j).unsqueeze(1))
+                h, logits = self._run(self.head.d2t[d].unsqueeze(1), h, (ends + j).unsqueeze(1), with_logits=True)
+                logits = logits[:, 0]
         target_ids = self.head.d2t[torch.stack(drafted, dim=1)].tolist()  # [B, k]
         return [Proposal(ids, None if probs[0][b] is None else torch.stack([q[b] for q in probs]))
                 for b, ids in enumerate(target_ids)]
@@ -115,19 +117,21 @@ class EagleDrafter:
             tokens[b, :n] = torch.tensor(seq.token_ids[st.draft_len + 1 : st.draft_len + 1 + n])
             feats[b, :n] = pending[b]
         starts = torch.tensor([st.draft_len for st in states])
-        h = self._run(tokens, self.head.fuse(feats), starts[:, None] + torch.arange(S))  # [B, S, H]
+        h, _ = self._run(tokens, self.head.fuse(feats), starts[:, None] + torch.arange(S))  # [B, S, H]
         h = h[torch.arange(len(seqs)), torch.tensor(counts) - 1].unsqueeze(1)  # each row's last real pair
         for st, n in zip(states, counts, strict=True):
             st.draft_len += n
         return h, torch.tensor([st.draft_len for st in states])
 
-    def _run(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The head over `tokens` [B, S] at `positions` [B, S] in cache slots [0, B)."""
+    def _run(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+             with_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head over `tokens` [B, S] at `positions` [B, S] in cache slots [0, B): output states [B, S, H] and
+        (`with_logits`) their draft logits [B, S, Vd]."""
         lengths = (positions.amax(1) + 1).tolist()  # [B]
         self.cache.begin(0, lengths)
         attn_len = max(lengths)
         mask = mask_unless_kernel(positions, attn_len, self.group, None, self.unmasked_decode)
-        return self.head(tokens, hidden, positions, self.cache, mask)
+        return self.head.step(tokens, hidden, positions, self.cache, mask, with_logits)
 
     def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, list]:
         """Draft ids [B]: argmax for greedy requests, else a sample from softmax(logits / T); and for sampled

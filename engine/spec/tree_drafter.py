@@ -58,14 +58,14 @@ class EagleTreeDrafter(EagleDrafter):
         score, tok = self.head.logits(h[:, 0]).log_softmax(-1).topk(K, -1)  # [B, K]
         cand_score, cand_tok, cand_parent = [score], [tok], [torch.full((B, K), -1)]
         frontier = torch.arange(K).expand(B, K)  # candidate ids of the frontier nodes
-        hidden = h.expand(B, K, H)  # the state each frontier node reads: its parent's output
+        hidden = h.expand(B, K, H).contiguous()  # the state each frontier node reads: its parent's output
         ancestors = torch.zeros(B, K, num_steps * K, dtype=torch.bool)  # over the head cache's tree slots
         num_cand = K
         for depth in range(1, num_steps):
             slots = (depth - 1) * K + torch.arange(K)  # this depth's rows, relative to `ends`
             ancestors[:, torch.arange(K), slots] = True  # each row attends itself
-            out = self._run_tree(self.head.d2t[tok], hidden, ends, depth - 1, slots, ancestors)  # [B, K, H]
-            child_score, child_tok = self.head.logits(out).log_softmax(-1).topk(K, -1)  # [B, K, K]
+            out, logits = self._run_tree(self.head.d2t[tok], hidden, ends, depth - 1, slots, ancestors)
+            child_score, child_tok = logits.log_softmax(-1).topk(K, -1)  # [B, K, K]
             child_score = (score[..., None] + child_score).flatten(1)  # [B, K*K] cumulative
             child_tok = child_tok.flatten(1)
             cand_score.append(child_score)
@@ -80,16 +80,17 @@ class EagleTreeDrafter(EagleDrafter):
         return torch.cat(cand_score, 1), torch.cat(cand_tok, 1), torch.cat(cand_parent, 1)
 
     def _run_tree(self, tokens: torch.Tensor, hidden: torch.Tensor, ends: torch.Tensor, depth: int,
-                  slots: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
-        """The head over frontier `tokens` [B, K] (draft ids) at position ends + depth, rows written at
-        ends + slots, attending the prefix [0, ends) and their `ancestors` [B, K, T]."""
+                  slots: torch.Tensor, ancestors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head over frontier `tokens` [B, K] (target ids) at position ends + depth, rows written at
+        ends + slots, attending the prefix [0, ends) and their `ancestors` [B, K, T]: output states [B, K, H] and
+        their draft logits [B, K, Vd]."""
         positions = (ends + depth)[:, None].expand_as(tokens)  # [B, K] a tree depth is one position
         write_at = ends[:, None] + slots  # [B, K]
         lengths = (ends + ancestors.shape[-1]).tolist()  # [B] the prefix and the tree slots
         self.cache.begin(0, lengths)
         attn_len = max(lengths)
         mask = tree_mask(write_at, ends, ancestors, attn_len, self.group, self.unmasked_decode)
-        return self.head(tokens, hidden, positions, self.cache, mask)
+        return self.head.step(tokens, hidden, positions, self.cache, mask, with_logits=True)
 
     def _best_subtree(self, scores: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
                       budget: int) -> Proposal:

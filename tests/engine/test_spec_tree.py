@@ -12,7 +12,7 @@ from optiserve.engine.config import EngineConfig, SamplingParams
 from optiserve.engine.kv_cache import SlotTables
 from optiserve.engine.llm_engine import LLMEngine, WeightSet
 from optiserve.engine.spec.decoder import draft_depth, shipped_head_dir
-from optiserve.engine.spec.draft_head import load_draft_head, with_bf16_linears
+from optiserve.engine.spec.draft_head import DraftHead, load_draft_head, with_bf16_linears
 from optiserve.engine.spec.drafters import EagleState, Proposal
 from optiserve.engine.spec.tree_drafter import EagleTreeDrafter, with_branch
 from optiserve.engine.tree_attention import ancestor_matrix, depths
@@ -165,13 +165,13 @@ def test_a_smaller_budget_drafts_the_full_trees_best_nodes_from_fewer_depths(bas
     tables.admit(0, prompt, lookup=False)
     seq = SimpleNamespace(token_ids=prompt + [0], params=SamplingParams(temperature=0), draft_state=None)
     runs = []
-    head_forwards = head.forward
+    head_steps = head.step
 
     def counted(*args, **kwargs):
         runs.append(1)
-        return head_forwards(*args, **kwargs)
+        return head_steps(*args, **kwargs)
 
-    head.forward = counted
+    head.step = counted
     for budget in (8, 4, 2, 1):
         seq.draft_state = EagleState([features])  # the same prefix to catch up on for every budget
         h, ends = drafter._catch_up([seq])
@@ -181,6 +181,38 @@ def test_a_smaller_budget_drafts_the_full_trees_best_nodes_from_fewer_depths(bas
         want = drafter._best_subtree(*full, budget)
         assert (got.tokens, got.parents) == (want.tokens, want.parents)
         assert len(runs) == min(budget, 4) and draft_depth(got) <= min(budget, 4)
+
+
+def test_the_draft_heads_kernel_step_gives_the_modules_results_bit_for_bit(base, chat_prompt_ids, monkeypatch):
+    """Where it applies, a head forward is one kernel call (`draft_head_step`): the catch-up over a prompt's
+    features, a tree's depths and a chain step must give the module path's states, logits and drafts bit for bit."""
+    prompt = chat_prompt_ids[1]
+    head = with_bf16_linears(load_draft_head(shipped_head_dir())).attach(base.runner.model)
+    tables = SlotTables(BlockPool(64, 16), 1, 1024)
+    drafter = EagleTreeDrafter(head, 4, 3, 8, tables, torch.float32)
+    base.runner.cache.truncate(0, 0)
+    _, features = base.runner.prefill_features(0, prompt, capture=drafter.capture)
+    tables.admit(0, prompt, lookup=False)
+    seq = SimpleNamespace(token_ids=prompt + [0], params=SamplingParams(temperature=0), draft_state=None)
+    stacked = []
+    head_stack = DraftHead.head_stack
+
+    def spy(*args):
+        stack = head_stack(*args)
+        stacked.append(stack is not None)
+        return stack
+
+    def drafts() -> tuple[torch.Tensor, ...]:
+        seq.draft_state = EagleState([features])
+        h, ends = drafter._catch_up([seq])  # every prompt position, then a tree of 4 depths, then a chain step
+        return h, *drafter._expand(h, ends, 4), *drafter._run(torch.tensor([[17]]), h, ends[:, None], True)
+
+    monkeypatch.setattr(DraftHead, "head_stack", spy)
+    fused = drafts()
+    assert stacked == [True] * 5  # catch-up, 3 tree depths, the chain step
+    monkeypatch.setattr(DraftHead, "head_stack", lambda *args: None)
+    for a, b in zip(fused, drafts(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_ngram_branch_shares_the_nodes_it_agrees_with():
