@@ -156,6 +156,7 @@ class EngineConfig:
     speculative_num_draft_tokens: int | None = None
     speculative_ngram_branch: bool = False  # n-gram lookup candidates enter the head's tree as an extra branch
     speculative_adaptive: bool = True  # per step, draft only as much as pays (engine/spec/policy.py)
+    speculative_draft_dtype: str = "int8"  # the draft head's linears (spec/draft_head.with_serving_linears)
     lm_head_dtype: str = "float32"  # the served LM head's weights (engine/lm_head.py); the master keeps fp32
     kv_block_size: int = 16  # tokens per KV block; 0: one block of the whole context per sequence (unpaged)
     kv_cache_memory: int | None = None  # bytes of KV blocks (the target's); None: max_batch full-length sequences
@@ -172,6 +173,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check_lm_head_dtype(self.lm_head_dtype)
+        check_lm_head_dtype(self.speculative_draft_dtype)
         if self.speculative_num_steps is None:
             self.speculative_num_steps = self.num_speculative_tokens
         self.num_speculative_tokens = self.speculative_num_steps  # one chain length, whichever name set it

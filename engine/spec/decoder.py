@@ -13,7 +13,7 @@ from ..config import EngineConfig, ModelLoadError
 from ..runner import ModelRunner
 from ..sequence import Sequence
 from ..tree_attention import ancestor_matrix, depths
-from .draft_head import is_draft_dir, load_draft_head, with_bf16_linears
+from .draft_head import is_draft_dir, load_draft_head, with_serving_linears
 from .drafters import EagleDrafter, NgramDrafter, Proposal
 from .policy import AdaptivePolicy, PolicyConfig, StepRecord
 from .tree_drafter import EagleTreeDrafter
@@ -200,7 +200,8 @@ def make_spec_decoder(cfg: EngineConfig, runner: ModelRunner, model_dir: Path) -
     if not is_draft_dir(path):
         raise ModelLoadError(f"--speculative {cfg.speculative}: {path} is not a draft head directory")
     dtype = runner.cache.dtype
-    head = with_bf16_linears(load_draft_head(path, dtype).to(runner.device)).attach(runner.model)
+    head = load_draft_head(path, dtype).to(runner.device)
+    head = with_serving_linears(head, cfg.speculative_draft_dtype).attach(runner.model)
     tables = runner.cache.tables
     if not cfg.tree:
         drafter = EagleDrafter(head, k, tables, dtype)

@@ -150,7 +150,7 @@ class DraftHead(nn.Module):
 
     def head_stack(self, hidden: torch.Tensor, cache: KVCache, mask):
         """The packed kernel's `HeadStack` when `draft_head_step` computes this step: every linear a packed or
-        bf16 one the kernel takes (`with_bf16_linears`), rows attending through the kernel (`mask` None, or a tree
+        bf16 one the kernel takes (`with_serving_linears`), rows attending through the kernel (`mask` None, or a tree
         it reads), an unquantized fp32 KV pool; else None. Built once per set of weights and target embedding."""
         if (mask is not None and not (isinstance(mask, TreeMask) and mask.dense is None)
                 or cache.kv_format != "none" or cache.k.dtype != torch.float32 or hidden.requires_grad
@@ -213,14 +213,16 @@ def load_draft_head(path: str | Path, dtype: torch.dtype = torch.float32) -> Dra
     return head.to(dtype).eval()
 
 
-def with_bf16_linears(head: DraftHead) -> DraftHead:
-    """`head` (in place) with its linears held as bf16 for the packed kernel, where it runs (fp32 on the CPU): the
-    values the head is saved with, half the bytes of a draft step, which reading them bounds; the products stay
-    fp32 (in the kernel's summation order). Serving's form of the head; training keeps fp32 `Linear`s."""
-    if head.norm.weight.dtype != torch.float32 or not head.norm.weight.is_cpu or packed_linear.load() is None:
+def with_serving_linears(head: DraftHead, dtype: str) -> DraftHead:
+    """`head` (in place) with its linears held in `dtype` (`--speculative-draft-dtype`, the LM head's choices) for the
+    packed kernel, where it runs (fp32 on the CPU): bfloat16 keeps the values the head is saved with, int8 halves
+    them again (per-channel scales); a draft step reads every weight once, so its bytes bound it. The products stay
+    fp32. Serving's form of the head; float32, and training, keep the `Linear`s."""
+    if (dtype == "float32" or head.norm.weight.dtype != torch.float32 or not head.norm.weight.is_cpu
+            or packed_linear.load() is None):
         return head
     for name, module in list(head.named_modules()):
         if isinstance(module, Linear) and module.bias is None:
             parent, _, attr = name.rpartition(".")
-            setattr(head.get_submodule(parent), attr, LowPrecisionLinear("bfloat16", module.weight))
+            setattr(head.get_submodule(parent), attr, LowPrecisionLinear(dtype, module.weight))
     return head

@@ -37,13 +37,16 @@ def add_spec_args(p: argparse.ArgumentParser, default: str = "none") -> None:
     p.add_argument("--speculative-adaptive", action=argparse.BooleanOptionalAction, default=True,
                    help="each step, draft as many tokens as the measured acceptance and step costs say pay (0: a "
                         "plain decode step); --no-speculative-adaptive always drafts the full chain or tree")
+    p.add_argument("--speculative-draft-dtype", default=EngineConfig.speculative_draft_dtype, choices=LM_HEAD_DTYPES,
+                   help="the draft head's weights (bfloat16: as it is saved; int8: per-channel, half the bytes a "
+                        "draft step reads)")
     p.add_argument("--speculative-ngram-branch", action="store_true",
                    help="n-gram lookup candidates join the head's draft tree as an extra branch (at most half "
                         "the nodes)")
 
 
-TREE_FIELDS = ("speculative_num_steps", "speculative_eagle_topk", "speculative_num_draft_tokens",
-               "speculative_ngram_branch")
+SPEC_FIELDS = ("speculative_num_steps", "speculative_eagle_topk", "speculative_num_draft_tokens",
+               "speculative_ngram_branch", "speculative_draft_dtype")
 
 
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
@@ -58,7 +61,7 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
               "enable_prefix_caching": getattr(args, "enable_prefix_caching", EngineConfig.enable_prefix_caching),
               "max_num_batched_tokens": getattr(args, "max_num_batched_tokens", EngineConfig.max_num_batched_tokens),
               "max_prefill_tokens": getattr(args, "max_prefill_tokens", EngineConfig.max_prefill_tokens),
-              **{name: getattr(args, name) for name in TREE_FIELDS if hasattr(args, name)}}
+              **{name: getattr(args, name) for name in SPEC_FIELDS if hasattr(args, name)}}
     return EngineConfig(**{**fields, **overrides})
 
 

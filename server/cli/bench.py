@@ -8,7 +8,7 @@ import functools
 import os
 
 from .args import (
-    TREE_FIELDS,
+    SPEC_FIELDS,
     add_lm_head_arg,
     add_model_args,
     add_quant_args,
@@ -113,7 +113,7 @@ def run_bench_spec(args: argparse.Namespace) -> None:
         apply_quant(engine, req)
     prompts = chat_prompt_ids(engines[0].tokenizer, load_prompt_file(args.prompts, args.offset, args.num_prompts))
     label = {"model": args.model, "quant": req.quant, "kv_cache": req.kv_cache, "speculative": args.speculative,
-             **{k: getattr(engines[1].cfg, k) for k in ("num_speculative_tokens", *TREE_FIELDS)},
+             **{k: getattr(engines[1].cfg, k) for k in ("num_speculative_tokens", *SPEC_FIELDS)},
              "prompts_file": args.prompts, "offset": args.offset, "batch": args.batch}
     bench_spec(engines, prompts, args.max_tokens, label, args.json, args.batch)
 

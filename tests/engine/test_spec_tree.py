@@ -12,7 +12,7 @@ from optiserve.engine.config import EngineConfig, SamplingParams
 from optiserve.engine.kv_cache import SlotTables
 from optiserve.engine.llm_engine import LLMEngine, WeightSet
 from optiserve.engine.spec.decoder import draft_depth, shipped_head_dir
-from optiserve.engine.spec.draft_head import DraftHead, load_draft_head, with_bf16_linears
+from optiserve.engine.spec.draft_head import DraftHead, load_draft_head, with_serving_linears
 from optiserve.engine.spec.drafters import EagleState, Proposal
 from optiserve.engine.spec.tree_drafter import EagleTreeDrafter, with_branch
 from optiserve.engine.tree_attention import ancestor_matrix, depths
@@ -141,6 +141,7 @@ def test_sampled_requests_draft_chains_and_stay_seeded(tree_engine, chat_prompt_
     {"speculative_eagle_topk": 4, "speculative_num_draft_tokens": 16},  # past one 16-row verify
     {"speculative_eagle_topk": 0},
     {"speculative": "ngram", "speculative_eagle_topk": 2},
+    {"speculative_draft_dtype": "int4"},  # the draft head's linears take the LM head's dtypes
 ])
 def test_tree_settings_are_checked(fields):
     with pytest.raises(ValueError):
@@ -157,7 +158,7 @@ def test_a_smaller_budget_drafts_the_full_trees_best_nodes_from_fewer_depths(bas
     """The adaptive budget asks a tree for b < num_draft_tokens nodes (b = 1: a probe): it expands only b depths
     (one head forward for a probe, not num_steps) and still gets the b best nodes of the full expansion."""
     prompt = chat_prompt_ids[2]
-    head = with_bf16_linears(load_draft_head(shipped_head_dir())).attach(base.runner.model)
+    head = with_serving_linears(load_draft_head(shipped_head_dir()), "bfloat16").attach(base.runner.model)
     tables = SlotTables(BlockPool(64, 16), 1, 1024)
     drafter = EagleTreeDrafter(head, 4, 3, 8, tables, torch.float32)
     base.runner.cache.truncate(0, 0)
@@ -183,11 +184,13 @@ def test_a_smaller_budget_drafts_the_full_trees_best_nodes_from_fewer_depths(bas
         assert len(runs) == min(budget, 4) and draft_depth(got) <= min(budget, 4)
 
 
-def test_the_draft_heads_kernel_step_gives_the_modules_results_bit_for_bit(base, chat_prompt_ids, monkeypatch):
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_the_draft_heads_kernel_step_gives_the_modules_results_bit_for_bit(base, chat_prompt_ids, monkeypatch, dtype):
     """Where it applies, a head forward is one kernel call (`draft_head_step`): the catch-up over a prompt's
-    features, a tree's depths and a chain step must give the module path's states, logits and drafts bit for bit."""
+    features, a tree's depths and a chain step must give the module path's states, logits and drafts bit for bit,
+    with the head's linears in each serving dtype."""
     prompt = chat_prompt_ids[1]
-    head = with_bf16_linears(load_draft_head(shipped_head_dir())).attach(base.runner.model)
+    head = with_serving_linears(load_draft_head(shipped_head_dir()), dtype).attach(base.runner.model)
     tables = SlotTables(BlockPool(64, 16), 1, 1024)
     drafter = EagleTreeDrafter(head, 4, 3, 8, tables, torch.float32)
     base.runner.cache.truncate(0, 0)

@@ -22,7 +22,7 @@ from optiserve.engine.kv_cache import SlotTables
 from optiserve.engine.llm_engine import run_to_completion
 from optiserve.engine.model import Linear
 from optiserve.engine.spec.decoder import shipped_head_dir
-from optiserve.engine.spec.draft_head import load_draft_head, with_bf16_linears
+from optiserve.engine.spec.draft_head import load_draft_head, with_serving_linears
 from optiserve.engine.spec.drafters import EagleDrafter
 from optiserve.optimize.draft_data import label_sequence
 from optiserve.optimize.draft_ttt import PackedBatch, ttt_states
@@ -91,7 +91,8 @@ def test_teacher_forced_drafter_predicts_what_training_scores(engine, head, held
     target = engine.runner.model
     argmax, gaps, features = training_predictions(head, target, held_out)
     max_len = len(held_out) + STEPS
-    served = with_bf16_linears(load_draft_head(shipped_head_dir())).attach(target)  # as make_spec_decoder loads it
+    # Served from the weights it was saved with (`--speculative-draft-dtype bfloat16`): int8 rounds them again.
+    served = with_serving_linears(load_draft_head(shipped_head_dir()), "bfloat16").attach(target)
     assert not any(isinstance(m, Linear) for m in served.modules())  # every linear on the packed bf16 kernel
     drafter = EagleDrafter(served, STEPS, SlotTables(BlockPool(-(-max_len // 16), 16), 1, max_len), torch.float32)
     first = len(held_out) - ANSWER_TOKENS - 1  # drafting starts where the answer does
