@@ -55,16 +55,7 @@ class SpecDecoder:
         self.drafter = drafter
         self.policy = policy  # None: always draft the full chain or tree
         self.timing = SpecTiming()
-        self.clock = time.perf_counter
-
-    @property
-    def clock(self) -> Callable[[], float]:
-        """What the policy and `timing` time steps with (the drafter times its backlog with it too)."""
-        return self._clock
-
-    @clock.setter
-    def clock(self, clock: Callable[[], float]) -> None:
-        self._clock = self.drafter.clock = clock
+        self.clock: Callable[[], float] = time.perf_counter  # what the policy and `timing` time steps with
 
     def attach(self, model) -> None:
         """Follow a weight swap: the head reads the new target's embedding (and lets the old one be freed)."""
@@ -87,11 +78,8 @@ class SpecDecoder:
         verify = self._verify_tree if any(p.parents is not None for p in proposals) else self._verify_chain
         results = verify(seqs, proposals, t1 - t0)
         if self.policy:  # a tree counts as a chain as deep as its deepest node: nodes drafted, path kept
-            # A backlog the head read first (a prompt, or the steps drafting was off) is owed whatever the budget:
-            # charged to this step's drafts, a probe after a pause would look too dear to ever turn drafting on.
-            seconds = self.clock() - t0 - (self.drafter.backlog_s if budget else 0.0)
             self.policy.observe(StepRecord(budget, [len(p.tokens) for p in proposals],
-                                           [len(r.tokens) - 1 for r in results], seconds,
+                                           [len(r.tokens) - 1 for r in results], self.clock() - t0,
                                            [draft_depth(p) for p in proposals]))
         return results
 

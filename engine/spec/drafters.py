@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +28,6 @@ class NgramDrafter:
     """Prompt lookup; needs nothing from the target."""
 
     capture: tuple[int, ...] = ()
-    backlog_s = 0.0  # it reads no backlog (see EagleDrafter)
-    clock = staticmethod(time.perf_counter)
 
     def __init__(self, k: int):
         self.k = self.max_draft_tokens = k
@@ -68,10 +65,6 @@ class EagleDrafter:
         self.head, self.k = head, k
         self.max_draft_tokens = k  # what a step may verify per sequence (a tree: its node budget)
         self.capture = head.cfg.target_layers
-        # Seconds the last `propose` spent catching the head up on a backlog: more positions than a drafting step
-        # verifies (k + 1), as after a prefill or steps that drafted nothing. Timed with `clock` (the decoder's).
-        self.backlog_s = 0.0
-        self.clock = time.perf_counter
         c = head.cfg
         shape = CacheShape(1, len(tables.tables), c.num_kv_heads, tables.max_len, c.head_dim, tables.block_size,
                            tables.pool.num_blocks)
@@ -114,7 +107,6 @@ class EagleDrafter:
     def _catch_up(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the head over each sequence's pending features (one forward); returns each row's last output state
         [B, 1, H] (it predicts the first draft) and the positions where drafting continues [B]."""
-        start = self.clock()
         states: list[EagleState] = [s.draft_state for s in seqs]
         pending = [st.take_pending() for st in states]  # [n_b, 3H] each
         counts = [len(f) for f in pending]
@@ -129,8 +121,6 @@ class EagleDrafter:
         h = h[torch.arange(len(seqs)), torch.tensor(counts) - 1].unsqueeze(1)  # each row's last real pair
         for st, n in zip(states, counts, strict=True):
             st.draft_len += n
-        backlog = max(counts) > self.k + 1  # more positions than a drafting step verifies
-        self.backlog_s = self.clock() - start if backlog else 0.0
         return h, torch.tensor([st.draft_len for st in states])
 
     def _run(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,

@@ -108,33 +108,6 @@ def test_a_tree_that_keeps_its_whole_depth_is_not_a_rejection_past_it():
     assert tree.expected_tokens(8) > chain.expected_tokens(8)
 
 
-def test_a_heads_backlog_is_not_charged_to_the_drafts_of_its_step(chat_prompt_ids):
-    """Before its first draft the head reads the whole prompt (after steps that drafted nothing, their positions):
-    owed whatever the budget, so the policy must time that step without it, or a probe after a pause looks too dear
-    to ever turn drafting back on. A fake clock ticks 1 s a reading, and 1000 s more when the head reads more
-    positions than a drafting step verifies."""
-    engine = LLMEngine(EngineConfig(max_batch=1, max_model_len=1024, speculative="auto"))
-    spec, now = engine.spec, [0.0]
-
-    def clock() -> float:
-        now[0] += 1.0
-        return now[0]
-
-    run = spec.drafter._run
-
-    def slow_backlog(tokens, *args, **kwargs):
-        now[0] += 1000.0 if tokens.shape[1] > spec.drafter.k + 1 else 0.0
-        return run(tokens, *args, **kwargs)
-
-    records: list[StepRecord] = []
-    observe = spec.policy.observe
-    spec.clock, spec.drafter._run = clock, slow_backlog
-    spec.policy.observe = lambda rec: (records.append(rec), observe(rec))
-    generate(engine, chat_prompt_ids[:1], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True), True)
-    drafted = [r.seconds for r in records if r.budget]
-    assert drafted and max(drafted) < 100, drafted
-
-
 class WrongTokenDrafter(NgramDrafter):
     """A drafter whose acceptance is ~0 by construction: it always proposes the last vocabulary id, a token
     the chat model never emits. It stands for a head that does not match its target."""
