@@ -154,17 +154,24 @@ def test_chain_length_alias():
     assert (cfg.num_speculative_tokens, cfg.speculative_num_draft_tokens, cfg.spec_cache_room) == (4, 12, 13)
 
 
-def test_a_smaller_budget_drafts_the_full_trees_best_nodes_from_fewer_depths(base, chat_prompt_ids):
-    """The adaptive budget asks a tree for b < num_draft_tokens nodes (b = 1: a probe): it expands only b depths
-    (one head forward for a probe, not num_steps) and still gets the b best nodes of the full expansion."""
-    prompt = chat_prompt_ids[2]
-    head = with_serving_linears(load_draft_head(shipped_head_dir()), "bfloat16").attach(base.runner.model)
+def tree_drafter_after(base, prompt: list[int], dtype: str):
+    """The shipped head (linears in `dtype`) as a 4-depth, top-3, 8-node tree drafter over its own cache, after the
+    target read `prompt` in slot 0: (drafter, the prompt's features [S, 3H], a greedy sequence to draft for)."""
+    head = with_serving_linears(load_draft_head(shipped_head_dir()), dtype).attach(base.runner.model)
     tables = SlotTables(BlockPool(64, 16), 1, 1024)
     drafter = EagleTreeDrafter(head, 4, 3, 8, tables, torch.float32)
     base.runner.cache.truncate(0, 0)
     _, features = base.runner.prefill_features(0, prompt, capture=drafter.capture)
     tables.admit(0, prompt, lookup=False)
-    seq = SimpleNamespace(token_ids=prompt + [0], params=SamplingParams(temperature=0), draft_state=None)
+    return drafter, features, SimpleNamespace(token_ids=prompt + [0], params=SamplingParams(temperature=0),
+                                              draft_state=None)
+
+
+def test_a_smaller_budget_drafts_the_full_trees_best_nodes_from_fewer_depths(base, chat_prompt_ids):
+    """The adaptive budget asks a tree for b < num_draft_tokens nodes (b = 1: a probe): it expands only b depths
+    (one head forward for a probe, not num_steps) and still gets the b best nodes of the full expansion."""
+    drafter, features, seq = tree_drafter_after(base, chat_prompt_ids[2], "bfloat16")
+    head = drafter.head
     runs = []
     head_steps = head.step
 
@@ -189,14 +196,7 @@ def test_the_draft_heads_kernel_step_gives_the_modules_results_bit_for_bit(base,
     """Where it applies, a head forward is one kernel call (`draft_head_step`): the catch-up over a prompt's
     features, a tree's depths and a chain step must give the module path's states, logits and drafts bit for bit,
     with the head's linears in each serving dtype."""
-    prompt = chat_prompt_ids[1]
-    head = with_serving_linears(load_draft_head(shipped_head_dir()), dtype).attach(base.runner.model)
-    tables = SlotTables(BlockPool(64, 16), 1, 1024)
-    drafter = EagleTreeDrafter(head, 4, 3, 8, tables, torch.float32)
-    base.runner.cache.truncate(0, 0)
-    _, features = base.runner.prefill_features(0, prompt, capture=drafter.capture)
-    tables.admit(0, prompt, lookup=False)
-    seq = SimpleNamespace(token_ids=prompt + [0], params=SamplingParams(temperature=0), draft_state=None)
+    drafter, features, seq = tree_drafter_after(base, chat_prompt_ids[1], dtype)
     stacked = []
     head_stack = DraftHead.head_stack
 
