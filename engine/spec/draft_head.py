@@ -152,9 +152,9 @@ class DraftHead(nn.Module):
         """The packed kernel's `HeadStack` when `draft_head_step` computes this step: every linear a packed or
         bf16 one the kernel takes (`with_serving_linears`), rows attending through the kernel (`mask` None, or a tree
         it reads), an unquantized fp32 KV pool; else None. Built once per set of weights and target embedding."""
-        if (mask is not None and not (isinstance(mask, TreeMask) and mask.dense is None)
-                or cache.kv_format != "none" or cache.k.dtype != torch.float32 or hidden.requires_grad
-                or hidden.dtype != torch.float32 or not hidden.is_contiguous()):
+        kernel_tree = isinstance(mask, TreeMask) and mask.dense is None
+        if ((mask is not None and not kernel_tree) or cache.kv_format != "none" or cache.k.dtype != torch.float32
+                or hidden.requires_grad or hidden.dtype != torch.float32 or not hidden.is_contiguous()):
             return None
         linears = [getattr(m, "fused", None) for m in (self.attn.qkv, self.attn.o, self.mlp.gate_up, self.mlp.down,
                                                         self.lm_head)]
