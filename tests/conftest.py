@@ -43,6 +43,29 @@ CHAT_PROMPTS = CHAT_INSTRUCTIONS  # 8 short single-turn chat prompts
 SERVER_START_TIMEOUT_S = 300
 
 
+@pytest.fixture
+def stack_calls(monkeypatch):
+    """`watch(owner, name)`: the stack builder `owner.name` (`Transformer.layer_stack`, `DraftHead.head_stack`)
+    records, each call, whether it gave a stack (the forward then runs as one kernel call); returns that list.
+    `refuse(owner, name)`: it gives none, so the forward runs through the modules."""
+
+    def watch(owner, name: str) -> list[bool]:
+        build, calls = getattr(owner, name), []
+
+        def recorded(*args):
+            stack = build(*args)
+            calls.append(stack is not None)
+            return stack
+
+        monkeypatch.setattr(owner, name, recorded)
+        return calls
+
+    def refuse(owner, name: str) -> None:
+        monkeypatch.setattr(owner, name, lambda *args: None)
+
+    return watch, refuse
+
+
 @pytest.fixture(scope="session")
 def engine() -> LLMEngine:
     return LLMEngine(EngineConfig(model="default", max_batch=8, max_model_len=1024))

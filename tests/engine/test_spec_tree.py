@@ -192,28 +192,22 @@ def test_a_smaller_budget_drafts_the_full_trees_best_nodes_from_fewer_depths(bas
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
-def test_the_draft_heads_kernel_step_gives_the_modules_results_bit_for_bit(base, chat_prompt_ids, monkeypatch, dtype):
+def test_the_draft_heads_kernel_step_gives_the_modules_results_bit_for_bit(base, chat_prompt_ids, stack_calls, dtype):
     """Where it applies, a head forward is one kernel call (`draft_head_step`): the catch-up over a prompt's
     features, a tree's depths and a chain step must give the module path's states, logits and drafts bit for bit,
     with the head's linears in each serving dtype."""
     drafter, features, seq = tree_drafter_after(base, chat_prompt_ids[1], dtype)
-    stacked = []
-    head_stack = DraftHead.head_stack
-
-    def spy(*args):
-        stack = head_stack(*args)
-        stacked.append(stack is not None)
-        return stack
+    watch, refuse = stack_calls
 
     def drafts() -> tuple[torch.Tensor, ...]:
         seq.draft_state = EagleState([features])
         h, ends = drafter._catch_up([seq])  # every prompt position, then a tree of 4 depths, then a chain step
         return h, *drafter._expand(h, ends, 4), *drafter._run(torch.tensor([[17]]), h, ends[:, None], True)
 
-    monkeypatch.setattr(DraftHead, "head_stack", spy)
+    stacked = watch(DraftHead, "head_stack")
     fused = drafts()
     assert stacked == [True] * 5  # catch-up, 3 tree depths, the chain step
-    monkeypatch.setattr(DraftHead, "head_stack", lambda *args: None)
+    refuse(DraftHead, "head_stack")
     for a, b in zip(fused, drafts(), strict=True):
         assert torch.equal(a, b)
 

@@ -184,7 +184,7 @@ def test_int8_w8a8_is_the_integer_product_with_vnni_or_avx2():
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_fused_layer_steps_give_the_modules_results_bit_for_bit(engine, chat_prompt_ids, fmt, monkeypatch):
+def test_fused_layer_steps_give_the_modules_results_bit_for_bit(engine, chat_prompt_ids, fmt, stack_calls):
     """Every format runs a forward whose rows attend through the kernel (prefill, verify, decode, a draft tree) as one
     kernel call over all layers (`decoder_layers`); with that call refused, layer by layer as three kernel calls
     around the attention (`DecoderLayer.fused_forward`; activation-quantizing formats quantize each linear's input
@@ -194,13 +194,7 @@ def test_fused_layer_steps_give_the_modules_results_bit_for_bit(engine, chat_pro
     linears = [m for m in q.modules() if isinstance(m, QuantLinear)]
     assert all(m.fused is not None for m in linears)
     prompt = chat_prompt_ids[0]
-    stacked = []
-    layer_stack = Transformer.layer_stack
-
-    def spy(*args):
-        stack = layer_stack(*args)
-        stacked.append(stack is not None)
-        return stack
+    watch, refuse = stack_calls
 
     def logits() -> tuple[torch.Tensor, ...]:
         runner = ModelRunner(q, 1, len(prompt) + 2, torch.float32)
@@ -212,10 +206,10 @@ def test_fused_layer_steps_give_the_modules_results_bit_for_bit(engine, chat_pro
         tree = runner.verify_tree([prompt[start:]], [start], [depths(parents)], ancestor_matrix(parents)[None])[0]
         return prefill, verify, decode, tree
 
-    monkeypatch.setattr(Transformer, "layer_stack", spy)
+    stacked = watch(Transformer, "layer_stack")
     whole = logits()
     assert stacked == [True] * 4
-    monkeypatch.setattr(Transformer, "layer_stack", lambda *args: None)
+    refuse(Transformer, "layer_stack")
     layered = logits()
     saved = [m.fused for m in linears]
     try:
