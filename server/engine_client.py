@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from optiserve.engine.config import SamplingParams
@@ -38,7 +38,7 @@ class Submission:
 
     request: Request
     client_id: str
-    outputs: asyncio.Queue[RequestOutput] = field(default_factory=asyncio.Queue)
+    outputs: asyncio.Queue[RequestOutput | None] = field(default_factory=asyncio.Queue)  # None: timed out
     counted: bool = True
 
 
@@ -52,7 +52,7 @@ class EngineClient:
         self.max_waiting = max_waiting
         self.in_flight = 0  # sequences submitted and not yet finished or aborted (touched on the event loop only)
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams, client_id: str) -> list[AsyncIterator]:
+    def submit(self, prompts: list[list[int]], params: SamplingParams, client_id: str) -> list[AsyncGenerator]:
         """Admit all of a call's sequences (`n` per prompt) or none, queue them in the engine, and return one
         output stream per prompt. Raises EngineDeadError, QueueFullError, or the engine's RequestError."""
         if not self.engine.alive():
@@ -110,7 +110,7 @@ class EngineClient:
             sub.counted = False
             self.in_flight -= sub.request.params.n
 
-    async def _stream(self, sub: Submission) -> AsyncIterator[RequestOutput]:
+    async def _stream(self, sub: Submission) -> AsyncGenerator[RequestOutput, None]:
         """Yield the request's outputs as the engine produces them; aborts it if the consumer stops early.
 
         Past the per-request timeout the request is aborted and ends like a `length` stop with what it has (as
@@ -120,17 +120,17 @@ class EngineClient:
         params, prompt_ids = request.params, request.prompt_ids
         m, name = self.metrics, self.metrics.model_name
         start = last = time.monotonic()
-        deadline = start + self.timeout_s
         generated, reason, finished = 0, "abort", False
         open_seqs = set(range(params.n))
         spec_seen = SpecStats()  # the request's counts already added to the metrics
+        # One timer per request, not a `wait_for` (a task and a timer) per output.
+        timer = asyncio.get_running_loop().call_later(self.timeout_s, sub.outputs.put_nowait, None)
         try:
             while not finished:
-                try:
-                    out = await asyncio.wait_for(sub.outputs.get(), max(0.0, deadline - time.monotonic()))
-                except TimeoutError:
+                out = await sub.outputs.get()
+                if out is None:
                     if not self.engine.alive():
-                        raise EngineRequestError("the engine stopped before finishing this request") from None
+                        raise EngineRequestError("the engine stopped before finishing this request")
                     self.engine.abort(rid)
                     out = RequestOutput(rid, [SeqOutput(i, [], "", [], "length") for i in sorted(open_seqs)],
                                         prompt_ids, finished=True)
@@ -159,6 +159,7 @@ class EngineClient:
                 finished = out.finished
                 yield out
         finally:
+            timer.cancel()
             if not finished:
                 self.engine.abort(rid)
             self._uncount(sub)

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 
 from fastapi import APIRouter, HTTPException
@@ -160,7 +160,7 @@ async def completions(req: CompletionRequest, raw: HttpRequest):
 
 
 async def stream_completion(req: CompletionRequest, rid: str, created: int, prompts: list[list[int]],
-                            streams: list[AsyncIterator[RequestOutput]], tok) -> AsyncIterator[str]:
+                            streams: list[AsyncGenerator[RequestOutput, None]], tok) -> AsyncIterator[str]:
     base = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
     chunks = CompletionChunks(req, prompts, tok)
     spec: dict[int, SpecStats | None] = {}
@@ -222,7 +222,7 @@ async def chat_completions(req: ChatCompletionRequest, raw: HttpRequest):
 
 
 async def stream_chat(req: ChatCompletionRequest, rid: str, created: int, prompt: list[int],
-                      stream: AsyncIterator[RequestOutput], tok) -> AsyncIterator[str]:
+                      stream: AsyncGenerator[RequestOutput, None], tok) -> AsyncIterator[str]:
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
     for idx in range(req.n):
         delta = {"role": "assistant", "content": ""}

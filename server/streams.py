@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TypeVar
 
 from fastapi import Request as HttpRequest
@@ -12,8 +12,15 @@ T = TypeVar("T")
 _DONE = object()
 
 
-async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+async def merge_streams(streams: list[AsyncGenerator[T, None]]) -> AsyncIterator[tuple[int, T]]:
     """Yield (stream index, item) from all streams as items arrive. Closing this closes every stream."""
+    if len(streams) == 1:  # read in place: no task and queue between the stream and its reader
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await streams[0].aclose()
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, stream: AsyncIterator[T]) -> None:
@@ -42,7 +49,8 @@ async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def collect_until_disconnect(raw: HttpRequest, streams: list[AsyncIterator[T]], poll_s: float) -> list[list[T]]:
+async def collect_until_disconnect(raw: HttpRequest, streams: list[AsyncGenerator[T, None]],
+                                   poll_s: float) -> list[list[T]]:
     """All items of each stream; if the client disconnects first, cancel (which frees the engine slots)."""
     results: list[list[T]] = [[] for _ in streams]
 

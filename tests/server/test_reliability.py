@@ -133,6 +133,17 @@ def test_chunked_body_over_the_limit_is_413_before_it_ends(url):
     assert b" 413 " in status_line
 
 
+def test_chunked_body_under_the_limit_reaches_the_route(url):
+    """A chunked upload within the limit: the guard reads it whole, then hands it on to the route unchanged."""
+    body = chat("Name a colour.")
+    raw = json.dumps(body).encode()
+    pieces = (raw[i : i + 16] for i in range(0, len(raw), 16))  # an iterator: httpx sends it chunked
+    r = httpx.post(f"{url}/v1/chat/completions", content=pieces, timeout=120,
+                   headers={**HEADERS, "Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"] == post(url, "/v1/chat/completions", body).json()["choices"][0]["message"]
+
+
 @pytest.mark.parametrize(("path", "body", "param"), [
     ("/v1/completions", {"model": MODEL, "prompt": "a\ud800b", "max_tokens": 2}, "prompt"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "\ud800"}]},
