@@ -11,6 +11,7 @@ import torch
 
 from ..config import EngineConfig, ModelLoadError
 from ..runner import ModelRunner
+from ..sampler import argmax
 from ..sequence import Sequence
 from ..tree_attention import ancestor_matrix, depths
 from .draft_head import is_draft_dir, load_draft_head, with_serving_linears
@@ -99,7 +100,7 @@ class SpecDecoder:
         starts = [len(s.token_ids) - 1 for s in seqs]
         logits, features = self.runner.verify(rows, starts, self.drafter.capture)  # [B, W, V], [B, W, 3H]
         self.timing.add(draft_s, self.clock() - t0, width - 1)
-        best = logits.argmax(-1).tolist()  # [B, W] in one call: a call per row costs more than it computes
+        best = argmax(logits).tolist()  # [B, W] in one call: a call per row costs more than it computes
         results = []
         for b, (seq, prop) in enumerate(zip(seqs, proposals, strict=True)):
             k = len(prop.tokens)

@@ -9,6 +9,7 @@ import torch
 from .. import ops
 from ..kv_cache import CacheShape, KVCache, SlotTables
 from ..runner import mask_unless_kernel
+from ..sampler import argmax
 from ..sequence import Sequence
 from .draft_head import DraftHead
 from .ngram import propose_ngram
@@ -136,7 +137,7 @@ class EagleDrafter:
     def _pick(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, list]:
         """Draft ids [B]: argmax for greedy requests, else a sample from softmax(logits / T); and for sampled
         rows q over the target vocabulary [V] (rejection sampling needs the exact distribution drawn from)."""
-        picks, qs = logits.argmax(-1), []
+        picks, qs = argmax(logits), []
         V = self.head.cfg.target_vocab_size
         for b, seq in enumerate(seqs):
             if seq.params.greedy:

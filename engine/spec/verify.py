@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 
 from ..config import SamplingParams
-from ..sampler import filter_logits
+from ..sampler import argmax, filter_logits
 
 
 def accept_greedy(drafts: list[int], target_logits: torch.Tensor, best: list[int] | None = None) -> list[int]:
     """`target_logits` [k+1, V] scored at the last accepted token and each draft (or their argmax ids `best`, where
     the caller took them for a whole batch in one call); returns accepted + bonus."""
-    best = target_logits.argmax(-1).tolist() if best is None else best
+    best = argmax(target_logits).tolist() if best is None else best
     out = []
     for i, d in enumerate(drafts):
         if d != best[i]:
@@ -33,7 +33,7 @@ def accept_tree_greedy(tokens: list[int], parents: list[int],
     """A verified draft tree, row 0 the root (`parents[r]` < r, -1 for the root and unused rows), `target_logits`
     [W, V] scored at each row: follow the child equal to the target's argmax from the root while there is one.
     Returns the emitted tokens (accepted + bonus) and the rows of the accepted path (root first)."""
-    best = target_logits.argmax(-1).tolist()
+    best = argmax(target_logits).tolist()
     children: dict[int, list[int]] = {}
     for r, p in enumerate(parents):
         children.setdefault(p, []).append(r)

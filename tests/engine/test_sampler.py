@@ -1,9 +1,10 @@
 """Sampling: filters, seeds, and that sampled frequencies follow the filtered distribution."""
 
+import pytest
 import torch
 
 from optiserve.engine.config import SamplingParams
-from optiserve.engine.sampler import filter_logits, make_generator, sample, sample_rows, token_logprobs
+from optiserve.engine.sampler import argmax, filter_logits, make_generator, sample, sample_rows, token_logprobs
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
 
@@ -64,3 +65,17 @@ def test_a_failing_row_fails_alone_and_others_draw_as_if_alone():
     assert failed == [1] and out[1] is None
     alone = [sample(logits[r : r + 1], [params[r]], [make_generator(params[r].seed, 0)])[0] for r in (0, 2, 3)]
     assert [out[0], out[2], out[3]] == alone
+
+
+@pytest.mark.parametrize("shape", [(49152,), (8, 49152), (2, 6, 3000)])
+def test_argmax_is_torch_argmax(shape):
+    """Ties to the first index, a NaN wins, infinities, strided views: the ids torch.argmax gives, int64."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-3, 4, shape, generator=g).float()  # many ties
+    flat = x.view(-1, shape[-1])
+    flat[0, 5], flat[-1, 7] = float("inf"), float("nan")
+    flat[-1, 2] = float("nan")
+    for t in (x, x[..., ::2], x.transpose(0, -1) if x.dim() > 1 else x):
+        got = argmax(t)
+        assert got.dtype == torch.int64 and torch.equal(got, t.argmax(-1))
+    assert torch.equal(argmax(x.double()), x.double().argmax(-1))  # other dtypes go through torch
