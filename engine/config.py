@@ -118,9 +118,10 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def check_lm_head_dtype(name: str) -> str:
+def check_lm_head_dtype(name: str, field: str = "lm_head dtype") -> str:
+    """`name` if it is one of the low-precision linears' dtypes (`field`: which setting named it, for the error)."""
     if name not in LM_HEAD_DTYPES:
-        raise ValueError(f"unknown lm_head dtype {name!r}; choose from {', '.join(LM_HEAD_DTYPES)}")
+        raise ValueError(f"unknown {field} {name!r}; choose from {', '.join(LM_HEAD_DTYPES)}")
     return name
 
 
@@ -173,7 +174,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check_lm_head_dtype(self.lm_head_dtype)
-        check_lm_head_dtype(self.speculative_draft_dtype)
+        check_lm_head_dtype(self.speculative_draft_dtype, "speculative_draft_dtype")
         if self.speculative_num_steps is None:
             self.speculative_num_steps = self.num_speculative_tokens
         self.num_speculative_tokens = self.speculative_num_steps  # one chain length, whichever name set it
