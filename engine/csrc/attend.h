@@ -84,8 +84,11 @@ static inline void weighted_sum(const float* p, float scale, const Rows& v, int6
 
 // s[i] = e^(s[i] - max(s)) for i < n; returns 1 / their sum (the softmax's normaliser).
 static inline float softmax_unnormalised(float* s, int64_t n) {
-  float mx = -INFINITY;
-  for (int64_t i = 0; i < n; i++) mx = std::max(mx, s[i]);
+  vf m = vset(-INFINITY);
+  int64_t i = 0;
+  for (; i + V <= n; i += V) m = vmax(m, vload(s + i));
+  float mx = hmax(m);  // the max is exact in any order
+  for (; i < n; i++) mx = std::max(mx, s[i]);
   return 1.0f / exp_sum(s, n, mx);
 }
 
@@ -108,7 +111,28 @@ template <int NQ, int N, class KRows, class VRows, class Keys>
 static void attend_tile(const float* const* q, const KRows& k, const VRows& v, const Keys* keys, int64_t common,
                         float scale, float* sc, int64_t L, float* const* o) {
   constexpr int64_t D = N * V;
-  for (int64_t i = 0; i < common; i++) {
+  // The shared keys' scores, KB keys a pass: NQ x KB dot products whose lane sums `hsums` takes together.
+  constexpr int KB = V / NQ;
+  int64_t i = 0;
+  for (; i + KB <= common; i += KB) {
+    int64_t t[KB];
+    for (int u = 0; u < KB; u++) t[u] = keys[0](i + u);
+    vf a[V];  // a[j * KB + u]: row j, key i + u
+    for (int u = 0; u < V; u++) a[u] = vzero();
+    for (int64_t c = 0; c < D; c += V) {
+      vf qc[NQ];
+      for (int j = 0; j < NQ; j++) qc[j] = vload(q[j] + c);
+      for (int u = 0; u < KB; u++) {
+        const vf kc = k.load(t[u], c);
+        for (int j = 0; j < NQ; j++) a[j * KB + u] = vfma(qc[j], kc, a[j * KB + u]);
+      }
+    }
+    alignas(64) float s[V];
+    vstore(s, hsums(a) * vset(scale));
+    for (int j = 0; j < NQ; j++)
+      for (int u = 0; u < KB; u++) sc[j * L + i + u] = s[j * KB + u];
+  }
+  for (; i < common; i++) {
     const int64_t t = keys[0](i);
     vf a[NQ];
     for (int j = 0; j < NQ; j++) a[j] = vzero();

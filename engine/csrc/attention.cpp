@@ -14,30 +14,36 @@
 #include "ops.h"
 #include "vec.h"
 
-// Where each sequence's positions [0, L) lie in a pool [num_blocks, block_size, KV, D]: `off[b * L + i]`, element
-// offsets (entries past a table's blocks, -1, point at block 0; no row reads them); and `cache[b]`, the first b'
+// Where each sequence's positions [0, L) lie in a pool [num_blocks, block_size, KV, D]: `cache[b]`, the first b'
 // whose block-table row equals b's, so rows that read the same cache are known (a ragged batch gives each token of
-// a prompt chunk its own row of the table).
+// a prompt chunk its own row of the table); and `offsets(b)`, element offsets of its positions, filled once per
+// distinct row (entries past a table's blocks, -1, point at block 0; no row reads them).
 struct Layout {
-  std::vector<int64_t> off, cache;
+  std::vector<int64_t> off, cache, slot;  // off [distinct rows, L]; slot[b]: cache[b]'s row of `off`
+  int64_t L;
+  const int64_t* offsets(int64_t b) const { return off.data() + slot[b] * L; }
 };
 
 static Layout layout(const at::Tensor& table, int64_t block_size, int64_t block_stride, int64_t token_stride) {
-  int64_t B = table.size(0), nb = table.size(1), L = nb * block_size;
+  int64_t B = table.size(0), nb = table.size(1);
   at::Tensor t64 = table.to(at::kLong).contiguous();
   const int64_t* T = t64.data_ptr<int64_t>();
-  Layout out{std::vector<int64_t>(B * L), std::vector<int64_t>(B)};
+  Layout out{{}, std::vector<int64_t>(B), std::vector<int64_t>(B), nb * block_size};
+  std::vector<int64_t> distinct;  // the b that start a cache
   for (int64_t b = 0; b < B; b++) {
-    for (int64_t i = 0; i < L; i++)
-      out.off[b * L + i] =
-          std::max<int64_t>(T[b * nb + i / block_size], 0) * block_stride + (i % block_size) * token_stride;
-    out.cache[b] = b;
-    for (int64_t c = 0; c < b; c++)
-      if (out.cache[c] == c && std::equal(T + b * nb, T + (b + 1) * nb, T + c * nb)) {
-        out.cache[b] = c;
+    out.cache[b] = b, out.slot[b] = distinct.size();
+    for (size_t u = 0; u < distinct.size(); u++)
+      if (std::equal(T + b * nb, T + (b + 1) * nb, T + distinct[u] * nb)) {
+        out.cache[b] = distinct[u], out.slot[b] = u;
         break;
       }
+    if (out.cache[b] == b) distinct.push_back(b);
   }
+  out.off.resize(distinct.size() * out.L);
+  for (size_t u = 0; u < distinct.size(); u++)
+    for (int64_t i = 0; i < out.L; i++)
+      out.off[u * out.L + i] =
+          std::max<int64_t>(T[distinct[u] * nb + i / block_size], 0) * block_stride + (i % block_size) * token_stride;
   return out;
 }
 
@@ -182,10 +188,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == q.size(0), "decode_attention: a table row per sequence");
   int64_t bs = k.size(1), L = block_table.size(1) * bs;
   const Layout lay = layout(block_table, bs, k.stride(0), k.stride(1));
-  const int64_t* off = lay.off.data();
   const float *K = k.data_ptr<float>(), *Vp = v.data_ptr<float>();
   return attention(q, L, pos, H, k.size(2), window, tree_base, tree_mask, lay.cache, [&](int64_t b, int64_t g) {
-    return std::pair{F32Rows{K + g * k.stride(2), off + b * L}, F32Rows{Vp + g * v.stride(2), off + b * L}};
+    return std::pair{F32Rows{K + g * k.stride(2), lay.offsets(b)}, F32Rows{Vp + g * v.stride(2), lay.offsets(b)}};
   });
 }
 
@@ -205,18 +210,17 @@ at::Tensor decode_attention_packed(const at::Tensor& q, const at::Tensor& k_code
   TORCH_CHECK(k_codes.size(3) == (format == 3 ? D : D / 2) && (format == 3 || D % 16 == 0),
               "decode_attention_packed: code pools of the query's head_dim (NVFP4: a multiple of 16)");
   const Layout lay = layout(block_table, bs, bs * KV, KV);  // token rows, times a row's width
-  const int64_t* off = lay.off.data();
   const uint8_t *Kc = k_codes.data_ptr<uint8_t>(), *Vc = v_codes.data_ptr<uint8_t>();
   if (format == 3)
     return attention(q, L, pos, H, KV, window, tree_base, tree_mask, lay.cache, [&](int64_t b, int64_t g) {
-      return std::pair{Fp8Rows{Kc + g * D, off + b * L, D, (float)k_scale},
-                       Fp8Rows{Vc + g * D, off + b * L, D, (float)v_scale}};
+      return std::pair{Fp8Rows{Kc + g * D, lay.offsets(b), D, (float)k_scale},
+                       Fp8Rows{Vc + g * D, lay.offsets(b), D, (float)v_scale}};
     });
   TORCH_CHECK(k_scales.is_contiguous() && v_scales.is_contiguous() && k_scales.numel() == k_codes.numel() / 8 &&
               v_scales.sizes() == k_scales.sizes(), "decode_attention_packed: NVFP4 scale pools [N, bs, KV, D/16]");
   const uint8_t *Ks = k_scales.data_ptr<uint8_t>(), *Vs = v_scales.data_ptr<uint8_t>();
   return attention(q, L, pos, H, KV, window, tree_base, tree_mask, lay.cache, [&](int64_t b, int64_t g) {
-    return std::pair{Nvfp4Rows{Kc + g * D / 2, Ks + g * D / 16, off + b * L, D, (float)k_scale},
-                     Nvfp4Rows{Vc + g * D / 2, Vs + g * D / 16, off + b * L, D, (float)v_scale}};
+    return std::pair{Nvfp4Rows{Kc + g * D / 2, Ks + g * D / 16, lay.offsets(b), D, (float)k_scale},
+                     Nvfp4Rows{Vc + g * D / 2, Vs + g * D / 16, lay.offsets(b), D, (float)v_scale}};
   });
 }

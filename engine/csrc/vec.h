@@ -16,7 +16,31 @@ constexpr int NUM_VREGS = 32;
 static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
 static inline vf vzero() { return _mm512_setzero_ps(); }
 static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
-static inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
+// The sum of the 16 lanes in a fixed tree (GCC's `_mm512_reduce_add_ps` order, written out so that every compiler
+// gives these bits and `hsums` can match them): the 256-bit halves, then the 128-bit ones, then pairs, then the two.
+static inline float hsum(vf v) {
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+// Lane t = hsum(a[t]), the same additions in the same tree, for 16 sums at the shuffle cost of about two: each stage
+// adds the halves of two vectors' partial sums side by side (256-bit, 128-bit, 64-bit, then 32-bit halves).
+static inline vf hsums(const vf (&a)[V]) {
+  auto halves256 = [](vf x, vf y) { return _mm512_shuffle_f32x4(x, y, 0x44) + _mm512_shuffle_f32x4(x, y, 0xEE); };
+  auto halves128 = [](vf x, vf y) { return _mm512_shuffle_f32x4(x, y, 0x88) + _mm512_shuffle_f32x4(x, y, 0xDD); };
+  auto halves64 = [](vf x, vf y) {
+    const __m512d xd = _mm512_castps_pd(x), yd = _mm512_castps_pd(y);
+    return _mm512_castpd_ps(_mm512_unpacklo_pd(xd, yd)) + _mm512_castpd_ps(_mm512_unpackhi_pd(xd, yd));
+  };
+  auto halves32 = [](vf x, vf y) { return _mm512_shuffle_ps(x, y, 0x88) + _mm512_shuffle_ps(x, y, 0xDD); };
+  vf c[4];  // c[g]'s 128-bit block b: the 4 partial sums of a[4b + g]
+  for (int g = 0; g < 4; g++) c[g] = halves128(halves256(a[g], a[4 + g]), halves256(a[8 + g], a[12 + g]));
+  return halves32(halves64(c[0], c[1]), halves64(c[2], c[3]));
+}
+// Lane-wise max(m, x) as std::max(m, x) takes it: a NaN in x leaves m.
+static inline vf vmax(vf m, vf x) { return _mm512_max_ps(x, m); }
+static inline float hmax(vf v) { return _mm512_reduce_max_ps(v); }
 static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 // e^x, Cephes expf polynomial (~1 ulp) with AVX-512 scalef for the 2^n part.
 static inline vf vexp(vf x) {
@@ -41,6 +65,9 @@ static inline vf vload(const float* p) { vf v; __builtin_memcpy(&v, p, sizeof v)
 static inline vf vzero() { return vf{}; }
 static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
 static inline float hsum(vf v) { float s = 0; for (int k = 0; k < V; k++) s += v[k]; return s; }
+static inline vf hsums(const vf (&a)[V]) { vf s; for (int t = 0; t < V; t++) s[t] = hsum(a[t]); return s; }
+static inline vf vmax(vf m, vf x) { return x > m ? x : m; }
+static inline float hmax(vf v) { float m = v[0]; for (int k = 1; k < V; k++) m = v[k] > m ? v[k] : m; return m; }
 static inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 static inline vf vexp(vf x) { for (int k = 0; k < V; k++) x[k] = std::exp(x[k]); return x; }
 #endif
