@@ -17,10 +17,12 @@ built apart from `ops` (its own name, same flags and cache rule), and `load()` i
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 
 import torch
@@ -68,12 +70,22 @@ class PackedOperands:
     scales: list[torch.Tensor]
     tensor_scales: list[float]
     act_code: int = -1  # how the kernel quantizes the input when the format quantizes activations
+    gemm: list[torch.Tensor] = field(default_factory=list)  # `CpuKernel.gemm_copy`: the codes packed for oneDNN
+
+    def __deepcopy__(self, memo: dict) -> PackedOperands:
+        """The GEMM copy is packed again from the copied codes (oneDNN's blocked tensors have no storage to copy)."""
+        codes, scales = copy.deepcopy(self.codes, memo), copy.deepcopy(self.scales, memo)
+        gemm = load().int8_gemm_pack(codes, scales) if self.gemm else []
+        return dataclasses.replace(self, codes=codes, scales=scales, gemm=gemm)
 
 
-def operands(fmt: WeightFormat, shards: list) -> PackedOperands:
+def operands(fmt: WeightFormat, shards: list, quantized_input: bool = False) -> PackedOperands:
+    """`quantized_input`: the layer quantizes its input (a calibrated input scale), so the kernel may multiply
+    integer codes, from many rows on through the format's GEMM copy when it has one."""
     kernel = fmt.cpu_kernel
     codes, scales, tensor_scales = zip(*(kernel.operands(s) for s in shards), strict=True)
-    return PackedOperands(kernel.code, list(codes), list(scales), list(tensor_scales), kernel.activation_code)
+    gemm = load().int8_gemm_pack(list(codes), list(scales)) if quantized_input and kernel.gemm_copy else []
+    return PackedOperands(kernel.code, list(codes), list(scales), list(tensor_scales), kernel.activation_code, gemm)
 
 
 BF16_CODE = 4  # plain bf16 weights: no quantized format, what the LM head's `--lm-head-dtype bfloat16` holds
@@ -96,7 +108,7 @@ def kernel_weight(ops_: PackedOperands, bias: torch.Tensor | None, pre_scale: to
         if t is not None and not (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()):
             return None
     return load().PackedWeight(ops_.code, ops_.codes, ops_.scales, ops_.tensor_scales, bias, pre_scale,
-                               INT4_GROUP_SIZE, *_activations(ops_, input_scale))
+                               INT4_GROUP_SIZE, *_activations(ops_, input_scale), ops_.gemm)
 
 
 def fake_quant_activations(fmt: WeightFormat, x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
@@ -113,7 +125,7 @@ def packed_linear(x: torch.Tensor, ops_: PackedOperands, bias: torch.Tensor | No
     multiply as exact integer sums (`csrc/int8_linear.cpp`, `csrc/int4_w4a8.cpp`)."""
     kernel = kernel or load()
     return kernel.packed_linear(ops_.code, x, ops_.codes, ops_.scales, ops_.tensor_scales, bias, INT4_GROUP_SIZE,
-                                *_activations(ops_, input_scale), pre_scale)
+                                *_activations(ops_, input_scale), pre_scale, ops_.gemm)
 
 
 def _activations(ops_: PackedOperands, input_scale: torch.Tensor | None) -> tuple[int, float]:

@@ -83,12 +83,12 @@ class QuantLinear(nn.Module):
         self.compute = compute or default_compute(self.format, device, dtype)
         check_format(self.compute, COMPUTE_MODES, "compute")
         self.use_kernel = use_kernel
-        self.cpu_operands = None  # the packed CPU kernel's view of the shards, when it computes this layer
-        if self.compute == "packed" and use_kernel is None and cpu_packed_kernel(self.format, device, dtype):
-            self.cpu_operands = packed_linear.operands(self.format, shards)
         self.bias = bias
         self.input_scale = input_scale
         self.pre_quant_scale = pre_quant_scale
+        self.cpu_operands = None  # the packed CPU kernel's view of the shards, when it computes this layer
+        if self.compute == "packed" and use_kernel is None and cpu_packed_kernel(self.format, device, dtype):
+            self.cpu_operands = packed_linear.operands(self.format, shards, self._act_scale() is not None)
         # What the fused decoder-layer steps compute this layer from (layers on the packed kernel).
         self.fused = None
         if self.cpu_operands is not None:
@@ -118,8 +118,11 @@ class QuantLinear(nn.Module):
         return total
 
     def resident_bytes(self) -> int:
-        """Bytes this process holds for the weight: the compute copy, or the packed tensors."""
-        return self.weight_t.nbytes if self.compute == "copy" else self.packed_bytes()
+        """Bytes this process holds for the weight: the compute copy, or the packed tensors (and their GEMM copy)."""
+        if self.compute == "copy":
+            return self.weight_t.nbytes
+        gemm = self.cpu_operands.gemm if self.cpu_operands else []
+        return self.packed_bytes() + sum(t.nbytes for t in gemm)
 
     def bf16_bytes(self) -> int:
         return sum(s.shape[0] * s.shape[1] for s in self.shards) * 2

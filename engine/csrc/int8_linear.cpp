@@ -4,7 +4,10 @@
 // their order, so any number of input rows, and either instruction set, gives each row the bits of a one-row call:
 // AVX512-VNNI `vpdpbusd` (64 products an instruction) or AVX2 `vpmaddwd` on codes widened to 16 bits (exact:
 // `vpmaddubsw` would saturate on code -128). Elsewhere `packed_linear` multiplies the quantized values in fp32.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 
 #include <algorithm>
 #include <cmath>
@@ -169,39 +172,47 @@ __attribute__((optimize("fp-contract=off"))) static void scale_sums(const int32_
   }
 }
 
-// Many rows: oneDNN's int8 GEMM (`at::_int_mm`: signed codes, exact int32 sums) packs its operands for
-// compute-bound blocking, which these loops, shaped for reading each weight once, do not. It wins from 32 rows
-// without AMX (below, its per-call cost made a step slower) and from 128 with it (below, our tiles match it):
-// interleaved timings in the README. The sums are exact either way, so the outputs keep their bits. Only where the
-// CPU multiplies bytes with VNNI: without it oneDNN's int8 kernels may saturate 16-bit pair sums.
+// Many rows: oneDNN's int8 GEMM (`onednn::qlinear_pointwise`: signed codes, exact int32 sums, then
+// float(sum) * (act_scale * w_scale[r]) + b[r] in its epilogue: the bits of `scale_sums`, tested) on a copy of the
+// codes that `int8_gemm_pack` put in oneDNN's blocked layout once. Packing per call (`at::_int_mm`) took longer than
+// the products at a prompt's rows, and its int32 sums made a round trip through memory. It wins from 32 rows without
+// AMX and from 16 with it (interleaved timings in the README); the sums are exact either way, so the outputs keep
+// their bits. Only where the CPU multiplies bytes with VNNI: without it oneDNN's int8 kernels may saturate 16-bit
+// pair sums.
 #if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
 constexpr bool GEMM_SUMS_EXACT = true;
 #else
 constexpr bool GEMM_SUMS_EXACT = false;
 #endif
-constexpr int64_t GEMM_MIN_ROWS = 32, GEMM_MIN_ROWS_AMX = 128;
+constexpr int64_t GEMM_MIN_ROWS = 32, GEMM_MIN_ROWS_AMX = 16;
 
-// y [m, out] from X [m, k] through oneDNN's code sums against each shard's weight codes [rows_s, k].
-static void gemm_linear(const float* X, const float* pre, int64_t m, int64_t k, float sx,
-                        const std::vector<at::Tensor>& codes, const std::vector<at::Tensor>& scales, const float* b,
-                        int64_t out, float* Y) {
-  at::Tensor xq = at::empty({m, k}, at::kChar);  // the signed codes
+static at::Tensor call_op(const char* name, torch::jit::Stack stack) {
+  c10::Dispatcher::singleton().findSchemaOrThrow(name, "").callBoxed(&stack);
+  return stack.at(0).toTensor();
+}
+
+std::vector<at::Tensor> int8_gemm_pack(const std::vector<at::Tensor>& codes, const std::vector<at::Tensor>& scales) {
+  if (!GEMM_SUMS_EXACT || !at::hasMKLDNN()) return {};
+  std::vector<at::Tensor> signed_codes;
+  for (const at::Tensor& c : codes) signed_codes.push_back(c.view(at::kChar));
+  const at::Tensor w = at::cat(signed_codes);  // [out, k]
+  return {call_op("onednn::qlinear_prepack", {w, c10::IValue()}), at::cat(scales).contiguous(),
+          at::zeros({w.size(0)}, at::kLong)};
+}
+
+// y [m, out] from X [m, k]: its signed codes through oneDNN against `gemm` ({packed codes, scales, zero points}).
+static at::Tensor gemm_linear(const float* X, const float* pre, int64_t m, int64_t k, float sx,
+                              const std::vector<at::Tensor>& gemm, const std::optional<at::Tensor>& bias) {
+  at::Tensor xq = at::empty({m, k}, at::kChar);
   quantize_rows(X, pre, m, k, sx, 0, reinterpret_cast<uint8_t*>(xq.data_ptr<int8_t>()), k);
-  std::vector<at::Tensor> sums;  // a shard's [m, rows_s], read in place: concatenating them cost as much as a GEMM
-  for (const at::Tensor& c : codes) sums.push_back(at::_int_mm(xq, c.view(at::kChar).t()));
-  at::parallel_for(0, m, 1, [&](int64_t i0, int64_t i1) {
-    for (size_t s = 0, col0 = 0; s < codes.size(); col0 += codes[s].size(0), s++) {
-      const int64_t rows = codes[s].size(0);
-      for (int64_t i = i0; i < i1; i++)
-        scale_sums(sums[s].data_ptr<int32_t>() + i * rows, 0, rows, sx, scales[s].data_ptr<float>(),
-                   b ? b + col0 : nullptr, Y + i * out + col0);
-    }
-  });
+  return call_op("onednn::qlinear_pointwise",
+                 {xq, (double)sx, 0, gemm[0], gemm[1], gemm[2], bias ? c10::IValue(*bias) : c10::IValue(), 1.0, 0,
+                  at::kFloat, std::string("none"), c10::List<std::optional<at::Scalar>>(), std::string("")});
 }
 
 at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std::vector<at::Tensor>& codes,
                                const std::vector<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
-                               const std::optional<at::Tensor>& pre_scale) {
+                               const std::optional<at::Tensor>& pre_scale, const std::vector<at::Tensor>& gemm) {
   const int64_t k = x.size(-1);
   at::Tensor x2 = x.contiguous();
   const int64_t m = k ? x2.numel() / k : 0;
@@ -213,21 +224,19 @@ at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std:
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out;
-  at::Tensor y = at::empty(shape, x.options());
-  if (m == 0 || out == 0) return y;
+  if (m == 0 || out == 0) return at::empty(shape, x.options());
   const float sx = (float)act_scale;
   const float* X = x2.data_ptr<float>();
-  // Many rows: oneDNN's GEMM where its sums are exact; else AMX tiles where there are some, on signed codes in rows
-  // padded to whole tiles (zeros add nothing); else the codes + X_OFFSET through these loops.
-  const bool amx = amx_int8_available(), tiles = m >= AMX_MIN_ROWS_INT8 && amx;
-  float* Y = y.data_ptr<float>();
-  const float* b = bias ? bias->data_ptr<float>() : nullptr;
   const at::Tensor pre_c = pre_scale ? pre_scale->contiguous() : at::Tensor();
   const float* pre = pre_scale ? pre_c.data_ptr<float>() : nullptr;
-  if (GEMM_SUMS_EXACT && m >= (amx ? GEMM_MIN_ROWS_AMX : GEMM_MIN_ROWS)) {
-    gemm_linear(X, pre, m, k, sx, codes, scales, b, out, Y);
-    return y;
-  }
+  // Many rows: oneDNN's GEMM where the layer has its packed copy; else AMX tiles where there are some, on signed
+  // codes in rows padded to whole tiles (zeros add nothing); else the codes + X_OFFSET through these loops.
+  const bool amx = amx_int8_available(), tiles = m >= AMX_MIN_ROWS_INT8 && amx;
+  if (GEMM_SUMS_EXACT && !gemm.empty() && m >= (amx ? GEMM_MIN_ROWS_AMX : GEMM_MIN_ROWS))
+    return gemm_linear(X, pre, m, k, sx, gemm, bias).view(shape);
+  at::Tensor y = at::empty(shape, x.options());
+  float* Y = y.data_ptr<float>();
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
   // Tiles take rows padded to 16 and columns to 64 with zero codes; every other byte and every sum is written
   // before it is read, so neither buffer is cleared (clearing them cost ~2% of a mixed step).
   const int64_t kp = tiles ? (k + 63) / 64 * 64 : k, mp = tiles ? (m + 15) / 16 * 16 : m;
@@ -256,9 +265,11 @@ at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std:
 
 bool int8_integer_path() { return false; }
 
+std::vector<at::Tensor> int8_gemm_pack(const std::vector<at::Tensor>&, const std::vector<at::Tensor>&) { return {}; }
+
 at::Tensor int8_integer_linear(const at::Tensor&, double, const std::vector<at::Tensor>&,
                                const std::vector<at::Tensor>&, const std::optional<at::Tensor>&,
-                               const std::optional<at::Tensor>&) {
+                               const std::optional<at::Tensor>&, const std::vector<at::Tensor>&) {
   TORCH_CHECK(false, "int8_integer_linear: this build has neither AVX512-VNNI nor AVX2");
 }
 

@@ -18,7 +18,7 @@
 // x [..., K] (times the pre-quant scale, then quantized as the format's activations) @ W.T + b.
 static at::Tensor apply(const PackedWeight& w, const at::Tensor& x) {
   return packed_linear(w.format, x, w.codes, w.scales, w.tensor_scales, w.bias, w.group, w.act_format, w.act_scale,
-                       w.pre_scale);
+                       w.pre_scale, w.gemm);
 }
 
 at::Tensor norm_linear(const at::Tensor& x, const at::Tensor& norm, double eps, const PackedWeight& w) {
@@ -113,23 +113,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   using Tensors = std::vector<at::Tensor>;
   using MaybeTensor = std::optional<at::Tensor>;
   // Module-local: a build for another CPU (the AVX2 test) loads beside this one. Pickled as its fields, so
-  // `copy.deepcopy` of a model (`model.with_layers`) shares or copies its tensors as it does the layer's own.
+  // `copy.deepcopy` of a model (`model.with_layers`) shares or copies its tensors as it does the layer's own; the
+  // GEMM copy is packed again from the copied codes (oneDNN's blocked tensors have no storage to pickle).
   py::class_<PackedWeight>(mod, "PackedWeight", py::module_local())
       .def(py::init<int64_t, Tensors, Tensors, std::vector<double>, MaybeTensor, MaybeTensor, int64_t, int64_t,
-                    double>())
+                    double, Tensors>())
       .def(py::pickle(
           [](const PackedWeight& w) {
             return py::make_tuple(w.format, w.codes, w.scales, w.tensor_scales, w.bias, w.pre_scale, w.group,
-                                  w.act_format, w.act_scale);
+                                  w.act_format, w.act_scale, !w.gemm.empty());
           },
           [](const py::tuple& t) {
-            return PackedWeight{t[0].cast<int64_t>(), t[1].cast<Tensors>(), t[2].cast<Tensors>(),
-                                t[3].cast<std::vector<double>>(), t[4].cast<MaybeTensor>(), t[5].cast<MaybeTensor>(),
-                                t[6].cast<int64_t>(), t[7].cast<int64_t>(), t[8].cast<double>()};
+            const auto codes = t[1].cast<Tensors>(), scales = t[2].cast<Tensors>();
+            return PackedWeight{t[0].cast<int64_t>(), codes, scales, t[3].cast<std::vector<double>>(),
+                                t[4].cast<MaybeTensor>(), t[5].cast<MaybeTensor>(), t[6].cast<int64_t>(),
+                                t[7].cast<int64_t>(), t[8].cast<double>(),
+                                t[9].cast<bool>() ? int8_gemm_pack(codes, scales) : Tensors{}};
           }));
   mod.def("fake_quant_activations", &fake_quant_activations, no_gil,
           "x quantized-dequantized as NVFP4 / INT8 / FP8 activations (format 0 / 2 / 3) with a per-tensor scale, or "
           "as W4A8's int8 per 128-group (5)");
+  mod.def("int8_gemm_pack", &int8_gemm_pack, "INT8 shards' codes and scales as oneDNN's GEMM takes them, packed "
+          "once (empty where this build does not use it)");
   mod.def("int8_integer_path", &int8_integer_path, "whether INT8 W8A8 runs as integer sums (AVX512-VNNI or AVX2) here");
   mod.def("norm_linear", &norm_linear, no_gil, "linear(rms_norm(x))");
   mod.def("linear_add", &linear_add, no_gil, "residual + linear(x)");

@@ -246,7 +246,7 @@ static Shard check_shard(Format fmt, const at::Tensor& codes, const at::Tensor& 
 at::Tensor packed_linear(int64_t format, const at::Tensor& x_in, const std::vector<at::Tensor>& codes,
                          const std::vector<at::Tensor>& scales, const std::vector<double>& tensor_scales,
                          const std::optional<at::Tensor>& bias, int64_t group, int64_t act_format, double act_scale,
-                         const std::optional<at::Tensor>& pre_scale) {
+                         const std::optional<at::Tensor>& pre_scale, const std::vector<at::Tensor>& gemm) {
   Format fmt = static_cast<Format>(format);
   TORCH_CHECK(format >= NVFP4 && format <= BF16, "packed_linear: unknown format ", format);
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat, "packed_linear: fp32 CPU input");
@@ -267,7 +267,7 @@ at::Tensor packed_linear(int64_t format, const at::Tensor& x_in, const std::vect
                               pre_scale->numel() == k), "packed_linear: fp32 CPU pre_scale of ", k);
   // INT8's integer path multiplies by pre_scale while quantizing the input: the same products, one pass less.
   if (act_format == INT8 && int8_integer_path())
-    return int8_integer_linear(x_in, act_scale, codes, scales, bias, pre_scale);
+    return int8_integer_linear(x_in, act_scale, codes, scales, bias, pre_scale, gemm);
   const at::Tensor x_scaled = pre_scale ? x_in * *pre_scale : x_in;
   if (act_format == ACT_INT8_GROUPS) {
     TORCH_CHECK(group == 128, "packed_linear: INT4 W4A8 takes 128-groups");

@@ -27,13 +27,15 @@ inline void for_row_blocks(int64_t m, F&& f) {
 at::Tensor packed_linear(int64_t format, const at::Tensor& x, const std::vector<at::Tensor>& codes,
                          const std::vector<at::Tensor>& scales, const std::vector<double>& tensor_scales,
                          const std::optional<at::Tensor>& bias, int64_t group, int64_t act_format, double act_scale,
-                         const std::optional<at::Tensor>& pre_scale);
+                         const std::optional<at::Tensor>& pre_scale, const std::vector<at::Tensor>& gemm);
 
-// INT8 W8A8 as exact integer sums (int8_linear.cpp), where this build has AVX512-VNNI or AVX2.
+// INT8 W8A8 as exact integer sums (int8_linear.cpp), where this build has AVX512-VNNI or AVX2; `gemm`, the layer's
+// codes packed once for oneDNN's GEMM (`int8_gemm_pack`: empty where the build would not use it), takes many rows.
 bool int8_integer_path();
+std::vector<at::Tensor> int8_gemm_pack(const std::vector<at::Tensor>& codes, const std::vector<at::Tensor>& scales);
 at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std::vector<at::Tensor>& codes,
                                const std::vector<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
-                               const std::optional<at::Tensor>& pre_scale);
+                               const std::optional<at::Tensor>& pre_scale, const std::vector<at::Tensor>& gemm);
 
 // AMX-INT8 tiles (int8_amx.cpp), where this build and the OS allow them: S[i * out_stride + r] = the exact sum over
 // t < k of A[i, t] * W[r, t] for i < m, r < n; A int8 [m rounded up to 16, kp] (zeros past k), kp = k rounded up to
@@ -75,4 +77,5 @@ struct PackedWeight {
   int64_t group;
   int64_t act_format;
   double act_scale;
+  std::vector<at::Tensor> gemm;  // INT8: `int8_gemm_pack`'s copy of the codes, or empty
 };

@@ -58,7 +58,7 @@ INT8 = WeightFormat(
     permute_rows=int8_permute_rows,
     activations=INT8_ACTIVATIONS,
     matmul=int8_matmul,
-    cpu_kernel=CpuKernel(2, int8_kernel_operands),
+    cpu_kernel=CpuKernel(2, int8_kernel_operands, gemm_copy=True),
     # ModelOpt writes no config_groups for W8A8_SQ_PER_CHANNEL ("TODO: Handle other quantization algorithms")
     modelopt=single_scale_layout("W8A8_SQ_PER_CHANNEL", int8_from_tensors),
 )

@@ -46,6 +46,9 @@ class CpuKernel:
     code: int
     operands: Callable[[PackedWeight], tuple[torch.Tensor, torch.Tensor, float]]
     act_code: int | None = None  # the kernel's code for the format's activations, when not `code` (W4A8: 5)
+    # Many-row calls with quantized inputs run oneDNN's GEMM on a copy of the codes packed once (INT8 W8A8): a second
+    # copy of the weight, counted in the layer's resident bytes.
+    gemm_copy: bool = False
 
     @property
     def activation_code(self) -> int:

@@ -5,6 +5,9 @@ the input up to summation order, with rows independent of each other (a verify r
 
 from __future__ import annotations
 
+import itertools
+from copy import deepcopy
+
 import pytest
 import torch
 
@@ -91,11 +94,17 @@ def test_quant_linear_computes_packed_without_a_copy(fmt):
             torch.rand(576, generator=gen) + 0.5 if fmt.startswith("int4") else None, torch.float32)
     layer, copy = QuantLinear(*args), QuantLinear(*args, compute="copy")
     assert layer.compute == "packed" and layer.cpu_operands is not None and not hasattr(layer, "weight_t")
-    assert layer.resident_bytes() == layer.packed_bytes() < copy.resident_bytes() / 3  # 1 byte or less a weight
+    assert layer.packed_bytes() < copy.resident_bytes() / 3  # 1 byte or less a weight
+    gemm_bytes = sum(t.nbytes for t in layer.cpu_operands.gemm)  # INT8's copy for oneDNN's GEMM, where it runs
+    assert gemm_bytes == 0 or (fmt == "int8" and gemm_bytes > 3072 * 576)
+    assert layer.resident_bytes() == layer.packed_bytes() + gemm_bytes
     y, y_copy = layer(x), copy(x)
     torch.testing.assert_close(y, y_copy, rtol=1e-5, atol=1e-5 * y_copy.abs().max().item())
     model = torch.nn.Sequential(layer)
-    assert weight_bytes(model) == (layer.packed_bytes(), layer.packed_bytes())
+    assert weight_bytes(model) == (layer.packed_bytes(), layer.resident_bytes())
+    x40 = torch.randn(40, 576, generator=gen)  # oneDNN's rows, where INT8 has its GEMM copy
+    twin = deepcopy(layer)  # the GEMM copy is packed again from the copied codes
+    assert len(twin.cpu_operands.gemm) == len(layer.cpu_operands.gemm) and torch.equal(twin(x40), layer(x40))
 
 
 @pytest.mark.skipif(not {"avx512f", "avx2", "fma"} <= cpu_flags(), reason="builds for AVX2 on an AVX-512 CPU")
@@ -158,7 +167,8 @@ def int8_builds() -> list:
 
 def test_int8_w8a8_is_the_integer_product_with_vnni_or_avx2():
     """With AVX512-VNNI (`vpdpbusd`; blocks of weight rows that 1-4 input rows at a time pass over; oneDNN's int8
-    GEMM from 32 rows without AMX, from 128 with it), AMX-INT8 tiles (12+ rows: a part of one tile, one, three) or AVX2
+    GEMM on the codes packed once, from 32 rows without AMX, from 16 with it), AMX-INT8 tiles (12-15 rows, or any
+    count for a layer without its GEMM copy) or AVX2
     (`vpmaddwd`), INT8 W8A8 sums integer code products exactly,
     then scales: the bits of the GPU path (`int8_matmul`: `torch._int_mm`, scales, bias), for any number of rows,
     odd K and codes of -128; a pre-quant scale multiplied in while quantizing gives the bits of multiplying first.
@@ -169,8 +179,11 @@ def test_int8_w8a8_is_the_integer_product_with_vnni_or_avx2():
     for kernel in int8_builds():
         for n, k in [(576, 576), (576, 1536), (30, 37), (20, 80)]:
             shards = [quantize_weight("int8", torch.randn(r, k, generator=gen)) for r in (n, n // 2 + 1)]
-            ops, b = pl.operands(f, shards), torch.randn(n + n // 2 + 1, generator=gen)
-            for m in (1, 3, 4, 5, 8, 11, 12, 16, 40, 130):  # 12+: AMX tiles, 130: oneDNN (32+ without AMX)
+            b = torch.randn(n + n // 2 + 1, generator=gen)
+            with_gemm = pl.operands(f, shards, quantized_input=True)
+            assert bool(with_gemm.gemm) == ("avx512_vnni" in cpu_flags() or "avx_vnni" in cpu_flags())
+            for ops, m in itertools.product((pl.operands(f, shards), with_gemm), (1, 3, 4, 5, 8, 11, 12, 16, 40, 130)):
+                # 12+: AMX tiles; with the GEMM copy 16+: oneDNN (32+ without AMX)
                 x = torch.randn(m, k, generator=gen) * 2
                 scale = f.activations.input_scale(x.abs().amax() * 0.7)  # some inputs saturate (to -128 too)
                 got = assert_rows_alone(kernel, x, ops, b, scale)
