@@ -175,10 +175,10 @@ __attribute__((optimize("fp-contract=off"))) static void scale_sums(const int32_
 // Many rows: oneDNN's int8 GEMM (`onednn::qlinear_pointwise`: signed codes, exact int32 sums, then
 // float(sum) * (act_scale * w_scale[r]) + b[r] in its epilogue: the bits of `scale_sums`, tested) on a copy of the
 // codes that `int8_gemm_pack` put in oneDNN's blocked layout once. Packing per call (`at::_int_mm`) took longer than
-// the products at a prompt's rows, and its int32 sums made a round trip through memory. It wins from 32 rows without
-// AMX and from 16 with it (interleaved timings in the README); the sums are exact either way, so the outputs keep
-// their bits. Only where the CPU multiplies bytes with VNNI: without it oneDNN's int8 kernels may saturate 16-bit
-// pair sums.
+// the products at a prompt's rows, and its int32 sums made a round trip through memory. With AMX it wins from 16
+// rows (one-off timings in the README); without, from 32 (the crossover measured for `at::_int_mm`). The sums are
+// exact either way, so the outputs keep their bits. Only where the CPU multiplies bytes with VNNI: without it
+// oneDNN's int8 kernels may saturate 16-bit pair sums.
 #if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
 constexpr bool GEMM_SUMS_EXACT = true;
 #else

@@ -19,7 +19,8 @@ static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 // The sum of the 16 lanes in a fixed tree (GCC's `_mm512_reduce_add_ps` order, written out so that every compiler
 // gives these bits and `hsums` can match them): the 256-bit halves, then the 128-bit ones, then pairs, then the two.
 static inline float hsum(vf v) {
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
   __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
   q = _mm_add_ps(q, _mm_movehl_ps(q, q));
   return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
