@@ -114,15 +114,24 @@ static void dot_rows(const Weights& w, int64_t n, const float* X, int64_t k, con
 }
 
 // Every input row of X [m, k] against n weight rows; Y points at their first output column. Weights decoded in
-// registers (`Weights::WIDE`) take input rows 8 at a time where 32 vector registers hold 2 x 8 accumulators: each
-// weight vector is then decoded once per 8 rows instead of twice (an LM head of 49152 x 576 at 8 rows: int8 0.86x,
-// int4 0.85x, NVFP4 0.92x the time, interleaved one-off timing on an AVX512 EPYC; bf16's shift-only decode lost 5%).
+// registers (`Weights::WIDE`) take input rows 8 (or a last 5-7) at a time where 32 vector registers hold 2 x 8
+// accumulators: each weight vector is then decoded once per 8 rows instead of twice (an LM head of 49152 x 576 at 8
+// rows: int8 0.86x, int4 0.85x, NVFP4 0.92x the time, interleaved one-off timing on an AVX512 EPYC; bf16's
+// shift-only decode lost 5%).
 template <class Weights>
 static void dot_all(const Weights& w, int64_t n, const float* X, int64_t m, int64_t k, const float* b, float* Y,
                     int64_t ldy) {
   int64_t i = 0;
-  if constexpr (Weights::WIDE && NUM_VREGS >= 32)
+  if constexpr (Weights::WIDE && NUM_VREGS >= 32) {
     for (; i + 8 <= m; i += 8) dot_rows<8>(w, n, X + i * k, k, b, Y + i * ldy, ldy);
+    const float* Xi = X + i * k;
+    float* Yi = Y + i * ldy;
+    switch (m - i) {  // 5-7 rows left (a speculative verify's): one pass too, not 4 rows and then the rest
+      case 5: return dot_rows<5>(w, n, Xi, k, b, Yi, ldy);
+      case 6: return dot_rows<6>(w, n, Xi, k, b, Yi, ldy);
+      case 7: return dot_rows<7>(w, n, Xi, k, b, Yi, ldy);
+    }
+  }
   for_row_blocks(m - i, [&]<int M>(int64_t j) { dot_rows<M>(w, n, X + (i + j) * k, k, b, Y + (i + j) * ldy, ldy); });
 }
 
