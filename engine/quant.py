@@ -89,14 +89,28 @@ class QuantLinear(nn.Module):
         self.cpu_operands = None  # the packed CPU kernel's view of the shards, when it computes this layer
         if self.compute == "packed" and use_kernel is None and cpu_packed_kernel(self.format, device, dtype):
             self.cpu_operands = packed_linear.operands(self.format, shards, self._act_scale() is not None)
-        # What the fused decoder-layer steps compute this layer from (layers on the packed kernel).
-        self.fused = None
-        if self.cpu_operands is not None:
-            self.fused = packed_linear.kernel_weight(self.cpu_operands, bias, pre_quant_scale, self._act_scale())
+        self._build_fused()
         if self.compute == "copy":
             # Same layout as `Linear`: [in, out] as the transpose of row-major [out, in], what `ops.linear`
             # reads fastest.
             self.weight_t = nn.Parameter(self.dequantized().contiguous().t(), requires_grad=False)
+
+    def _build_fused(self) -> None:
+        """What the fused decoder-layer steps compute this layer from (layers on the packed kernel): a view of
+        `cpu_operands`, sharing its tensors and INT8's GEMM copy."""
+        self.fused = None
+        if self.cpu_operands is not None:
+            self.fused = packed_linear.kernel_weight(self.cpu_operands, self.bias, self.pre_quant_scale,
+                                                     self._act_scale())
+
+    def __getstate__(self) -> dict:
+        # A copy (`model.with_layers`) or pickle rebuilds `fused` from its own operands: copied on its own, it would
+        # pack INT8's GEMM copy a second time.
+        return {**self.__dict__, "fused": None}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._build_fused()
 
     def _act_scale(self) -> torch.Tensor | None:
         """The scale the kernel quantizes this layer's input with; None for a weight-only format."""
