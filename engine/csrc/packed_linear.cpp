@@ -89,7 +89,7 @@ static inline void dot_block(const Weights& w, const float* X, int64_t k, const 
   for (int r = 0; r < R; r++)
     for (int m = 0; m < M; m++) {
       float s = hsum(acc[r][m]) + (b ? b[r] : 0.0f);
-      for (int64_t j = i; j < k; j++) s += w.at(r, j) * X[m * k + j];
+      for (int64_t j = i; j < k; j++) s = std::fma(w.at(r, j), X[m * k + j], s);  // fused alike everywhere
       Y[m * ldy + r] = s;
     }
 }

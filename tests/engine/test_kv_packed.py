@@ -10,6 +10,7 @@ from optiserve.engine import ops
 from optiserve.engine.kv_cache import CacheShape, KVCache
 from optiserve.engine.kv_quant import KVFormat, KVPages, kv_bytes_per_element, kv_scale_for
 from optiserve.engine.runner import ModelRunner
+from tests.kernels.utils import AVX2
 
 from .test_ops import cpu_flags
 
@@ -163,7 +164,7 @@ def test_ops_rotates_the_query_and_scores_match_the_keys_own_basis(fmt):
 
 @pytest.mark.skipif(not {"avx512f", "avx2", "fma"} <= cpu_flags(), reason="builds for AVX2 on an AVX-512 CPU")
 def test_the_avx2_build_writes_and_reads_packed_kv_too():
-    avx2 = ops.build(["-O3", "-march=haswell", "-fopenmp"])
+    avx2 = ops.build(AVX2)
     gen = torch.Generator().manual_seed(5)
     for fmt in FORMATS:
         k, v = keys_like_a_model(gen, 2, 9, 3, 64), torch.randn(2, 9, 3, 64, generator=gen)

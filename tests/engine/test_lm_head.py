@@ -16,6 +16,7 @@ from optiserve.engine.runner import ModelRunner
 from optiserve.engine.weight_set import WeightSet
 from tests.engine.test_ops import cpu_flags
 from tests.kernels.test_packed_cpu import assert_product_up_to_order, assert_rows_alone
+from tests.kernels.utils import AVX2
 
 KERNEL = pl.load()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason="the packed CPU kernel is not built here")
@@ -48,7 +49,7 @@ def test_bf16_weights_decode_exactly_and_multiply_up_to_order(n, k):
 @needs_kernel
 @pytest.mark.skipif(not {"avx512f", "avx2", "fma"} <= cpu_flags(), reason="builds for AVX2 on an AVX-512 CPU")
 def test_bf16_weights_in_the_avx2_build_too():
-    avx2 = pl.build(["-O3", "-march=haswell", "-fopenmp"])
+    avx2 = pl.build(AVX2)
     for n, k in [(576, 576), (30, 37)]:
         check_bf16_kernel(avx2, n, k, 7)
 

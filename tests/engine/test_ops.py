@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from optiserve.engine import ops
+from tests.kernels.utils import AVX2
 
 KERNELS = ops.load()
 needs_kernels = pytest.mark.skipif(KERNELS is None, reason="the CPU kernels are not built here")
@@ -146,7 +147,7 @@ def cpu_flags() -> set[str]:
 @pytest.mark.skipif(not {"avx512f", "avx2", "fma"} <= cpu_flags(), reason="builds for AVX2 on an AVX-512 CPU")
 def test_the_avx2_build_is_correct_too() -> None:
     """Machines differ (AVX2-only or AVX-512): build the kernels for AVX2 here and check the same properties."""
-    avx2 = ops.build(["-O3", "-march=haswell", "-fopenmp"])
+    avx2 = ops.build(AVX2)
     for inp, out in SHAPES[:2] + SHAPES[3:]:
         assert_linear_rows_alone(avx2, inp, out, list(range(1, 17)) + [20])
 

@@ -14,7 +14,7 @@ from optiserve.engine.weight_formats.int4 import int4_w4a8_matmul
 from optiserve.kernels.int8 import Int8GroupTensor
 from tests.engine.test_ops import cpu_flags
 from tests.kernels.test_packed_cpu import assert_rows_alone, packed
-from tests.kernels.utils import NO_AMX
+from tests.kernels.utils import AVX2, NO_AMX
 
 KERNEL = pl.load()
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="the packed CPU kernel is not built here")
@@ -62,7 +62,7 @@ def test_kernel_is_the_reference_bit_for_bit_for_1_to_20_rows(n, k):
 def test_avx2_and_baseline_builds_give_the_same_bits():
     """The AVX2 (`vpmaddubsw`), plain x86-64 (scalar) and, where the CPU has AMX, no-AMX builds sum the same
     integers: the same bits as here (16 rows: AMX tiles here where there are some)."""
-    builds = [pl.build(["-O3", "-march=haswell", "-fopenmp"]), pl.build(["-O3", "-march=x86-64", "-fopenmp"]),
+    builds = [pl.build(AVX2), pl.build(["-O3", "-march=x86-64", "-fopenmp"]),
               *([pl.build(NO_AMX)] if "amx_int8" in cpu_flags() else [])]
     gen = torch.Generator().manual_seed(4)
     for n, k in [(576, 576), (30, 37), (20, 260)]:

@@ -20,7 +20,7 @@ from optiserve.engine.weight_formats import weight_format
 from tests.engine.test_ops import cpu_flags
 from tests.engine.test_speculative import assert_verify_equals_decode_steps
 from tests.kernels.test_packed_compute import quantized_default_model
-from tests.kernels.utils import NO_AMX
+from tests.kernels.utils import AVX2, NO_AMX
 
 KERNEL = pl.load()
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="the packed CPU kernel is not built here")
@@ -110,7 +110,7 @@ def test_quant_linear_computes_packed_without_a_copy(fmt):
 @pytest.mark.skipif(not {"avx512f", "avx2", "fma"} <= cpu_flags(), reason="builds for AVX2 on an AVX-512 CPU")
 def test_the_avx2_build_is_correct_too():
     """Machines differ (AVX2-only or AVX-512): build for AVX2 here, check bit-exact decode and rows alone."""
-    avx2 = pl.build(["-O3", "-march=haswell", "-fopenmp"])
+    avx2 = pl.build(AVX2)
     gen = torch.Generator().manual_seed(3)
     for fmt in FORMATS:
         for n, k in [(576, 576), (30, 37)]:
@@ -161,7 +161,7 @@ def int8_builds() -> list:
     AMX-INT8 (machines differ: each instruction set must give the same sums)."""
     flags = cpu_flags()
     avx2 = {"avx512f", "avx2", "fma"} <= flags
-    return [KERNEL, *([pl.build(["-O3", "-march=haswell", "-fopenmp"])] if avx2 else []),
+    return [KERNEL, *([pl.build(AVX2)] if avx2 else []),
             *([pl.build(NO_AMX)] if "amx_int8" in flags else [])]
 
 

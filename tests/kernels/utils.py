@@ -8,6 +8,9 @@ _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 # This CPU's packed-kernel build without AMX tiles (`packed_linear.build(NO_AMX)`): where the CPU has AMX-INT8, the
 # VNNI loops it would otherwise skip from `AMX_MIN_ROWS_*` rows on (csrc/packed_ops.h) must give the same bits.
 NO_AMX = ["-O3", "-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16", "-fopenmp"]
+# An AVX2 build (run where the CPU also has AVX-512), tuned for AMD Zen: GCC's Zen tuning splits multiply-add chains
+# that the source leaves to contraction, which once gave many-row calls other bits than 1-row calls on Zen CPUs alone.
+AVX2 = ["-O3", "-march=haswell", "-mtune=znver2", "-fopenmp"]
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
