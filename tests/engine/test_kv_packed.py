@@ -10,9 +10,7 @@ from optiserve.engine import ops
 from optiserve.engine.kv_cache import CacheShape, KVCache
 from optiserve.engine.kv_quant import KVFormat, KVPages, kv_bytes_per_element, kv_scale_for
 from optiserve.engine.runner import ModelRunner
-from tests.kernels.utils import AVX2
-
-from .test_ops import cpu_flags
+from tests.kernels.utils import AVX2, needs_distinct_avx2_build
 
 KERNELS = ops.load()
 needs_kernels = pytest.mark.skipif(KERNELS is None, reason="the CPU kernels are not built here")
@@ -162,7 +160,7 @@ def test_ops_rotates_the_query_and_scores_match_the_keys_own_basis(fmt):
     torch.testing.assert_close(got, ops.decode_attention(qkv, k_own, v_own, table, pos, H, 0), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif(not {"avx512f", "avx2", "fma"} <= cpu_flags(), reason="builds for AVX2 on an AVX-512 CPU")
+@needs_distinct_avx2_build
 def test_the_avx2_build_writes_and_reads_packed_kv_too():
     avx2 = ops.build(AVX2)
     gen = torch.Generator().manual_seed(5)

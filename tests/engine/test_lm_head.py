@@ -14,9 +14,8 @@ from optiserve.engine.lm_head import LowPrecisionLinear, with_lm_head
 from optiserve.engine.quant import weight_bytes
 from optiserve.engine.runner import ModelRunner
 from optiserve.engine.weight_set import WeightSet
-from tests.engine.test_ops import cpu_flags
 from tests.kernels.test_packed_cpu import assert_product_up_to_order, assert_rows_alone
-from tests.kernels.utils import AVX2
+from tests.kernels.utils import AVX2, needs_distinct_avx2_build
 
 KERNEL = pl.load()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason="the packed CPU kernel is not built here")
@@ -47,7 +46,7 @@ def test_bf16_weights_decode_exactly_and_multiply_up_to_order(n, k):
 
 
 @needs_kernel
-@pytest.mark.skipif(not {"avx512f", "avx2", "fma"} <= cpu_flags(), reason="builds for AVX2 on an AVX-512 CPU")
+@needs_distinct_avx2_build
 def test_bf16_weights_in_the_avx2_build_too():
     avx2 = pl.build(AVX2)
     for n, k in [(576, 576), (30, 37)]:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from optiserve.engine import ops
-from tests.kernels.utils import AVX2
+from tests.kernels.utils import AVX2, needs_distinct_avx2_build
 
 KERNELS = ops.load()
 needs_kernels = pytest.mark.skipif(KERNELS is None, reason="the CPU kernels are not built here")
@@ -138,13 +137,7 @@ def test_every_op_falls_back_to_its_reference_for_autograd_and_bf16() -> None:
     assert torch.equal(ops.silu_mul(gu), ops.silu_mul_ref(gu))
 
 
-def cpu_flags() -> set[str]:
-    cpuinfo = Path("/proc/cpuinfo")
-    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
-    return set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
-
-
-@pytest.mark.skipif(not {"avx512f", "avx2", "fma"} <= cpu_flags(), reason="builds for AVX2 on an AVX-512 CPU")
+@needs_distinct_avx2_build
 def test_the_avx2_build_is_correct_too() -> None:
     """Machines differ (AVX2-only or AVX-512): build the kernels for AVX2 here and check the same properties."""
     avx2 = ops.build(AVX2)

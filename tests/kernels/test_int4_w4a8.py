@@ -12,9 +12,8 @@ from optiserve.engine import packed_linear as pl
 from optiserve.engine.weight_formats import weight_format
 from optiserve.engine.weight_formats.int4 import int4_w4a8_matmul
 from optiserve.kernels.int8 import Int8GroupTensor
-from tests.engine.test_ops import cpu_flags
 from tests.kernels.test_packed_cpu import assert_rows_alone, packed
-from tests.kernels.utils import AVX2, NO_AMX
+from tests.kernels.utils import AVX2, NO_AMX, cpu_flags, needs_distinct_avx2_build
 
 KERNEL = pl.load()
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="the packed CPU kernel is not built here")
@@ -58,7 +57,7 @@ def test_kernel_is_the_reference_bit_for_bit_for_1_to_20_rows(n, k):
         assert torch.equal(got, torch.cat([int4_w4a8_matmul(x, w, ONE, None) for w in shards], -1) + b), (n, k, m)
 
 
-@pytest.mark.skipif(not {"avx512f", "avx2", "fma"} <= cpu_flags(), reason="builds for AVX2 on an AVX-512 CPU")
+@needs_distinct_avx2_build
 def test_avx2_and_baseline_builds_give_the_same_bits():
     """The AVX2 (`vpmaddubsw`), plain x86-64 (scalar) and, where the CPU has AMX, no-AMX builds sum the same
     integers: the same bits as here (16 rows: AMX tiles here where there are some)."""

@@ -17,10 +17,9 @@ from optiserve.engine.quant import QuantLinear, quantize_fused, quantize_weight,
 from optiserve.engine.runner import ModelRunner
 from optiserve.engine.tree_attention import ancestor_matrix, depths
 from optiserve.engine.weight_formats import weight_format
-from tests.engine.test_ops import cpu_flags
 from tests.engine.test_speculative import assert_verify_equals_decode_steps
 from tests.kernels.test_packed_compute import quantized_default_model
-from tests.kernels.utils import AVX2, NO_AMX
+from tests.kernels.utils import AVX2, AVX2_BUILD_DISTINCT, NO_AMX, cpu_flags, needs_distinct_avx2_build
 
 KERNEL = pl.load()
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="the packed CPU kernel is not built here")
@@ -107,7 +106,7 @@ def test_quant_linear_computes_packed_without_a_copy(fmt):
     assert len(twin.cpu_operands.gemm) == len(layer.cpu_operands.gemm) and torch.equal(twin(x40), layer(x40))
 
 
-@pytest.mark.skipif(not {"avx512f", "avx2", "fma"} <= cpu_flags(), reason="builds for AVX2 on an AVX-512 CPU")
+@needs_distinct_avx2_build
 def test_the_avx2_build_is_correct_too():
     """Machines differ (AVX2-only or AVX-512): build for AVX2 here, check bit-exact decode and rows alone."""
     avx2 = pl.build(AVX2)
@@ -160,8 +159,7 @@ def int8_builds() -> list:
     """This machine's kernel, its AVX2 build where the CPU has AVX-512 too, and its build without AMX where it has
     AMX-INT8 (machines differ: each instruction set must give the same sums)."""
     flags = cpu_flags()
-    avx2 = {"avx512f", "avx2", "fma"} <= flags
-    return [KERNEL, *([pl.build(AVX2)] if avx2 else []),
+    return [KERNEL, *([pl.build(AVX2)] if AVX2_BUILD_DISTINCT else []),
             *([pl.build(NO_AMX)] if "amx_int8" in flags else [])]
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
@@ -11,6 +14,17 @@ NO_AMX = ["-O3", "-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf
 # An AVX2 build (run where the CPU also has AVX-512), tuned for AMD Zen: GCC's Zen tuning splits multiply-add chains
 # that the source leaves to contraction, which once gave many-row calls other bits than 1-row calls on Zen CPUs alone.
 AVX2 = ["-O3", "-march=haswell", "-mtune=znver2", "-fopenmp"]
+
+
+def cpu_flags() -> set[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    return set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
+
+
+# `AVX2` is a build of its own only where the CPU has AVX-512 too (on an AVX2-only CPU the native build is it).
+AVX2_BUILD_DISTINCT = {"avx512f", "avx2", "fma"} <= cpu_flags()
+needs_distinct_avx2_build = pytest.mark.skipif(not AVX2_BUILD_DISTINCT, reason="builds for AVX2 on an AVX-512 CPU")
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
