@@ -1,5 +1,5 @@
 // y = x @ W.T + b in fp32 for W row-major [out, in]: register blocks of R weight rows x M input rows of dot
-// products, weight rows split across threads. Up to MAX_ROWS_PER_PASS input rows share one pass over the weights,
+// products, weight rows split across threads. Up to MAX_STREAM_ROWS input rows share one pass over the weights,
 // so a speculative verify reads each weight once, as a decode step does. Every output is one dot product
 // accumulated alone, in the same order whatever R and M, so a many-row call gives each row bit for bit what a
 // 1-row call gives.
@@ -14,12 +14,20 @@
 
 // A block holds R*M accumulators and R weight vectors in registers (one spare); x is read from L1.
 constexpr int MAX_ROWS_PER_PASS = std::min(16, NUM_VREGS - 2);  // R = 1: M accumulators + 1 weight register
-constexpr int MAX_WEIGHT_ROWS = 4;  // enough independent weight streams to keep the memory bus busy
+constexpr int MAX_WEIGHT_ROWS = 4;
 constexpr int64_t ROWS_PER_CHUNK = 16;  // weight rows kept in L1 while every pass of x goes over them
 constexpr int64_t PREFETCH = 256;       // floats ahead along each weight row
+// Input rows that share the pass streaming each weight row from memory.
+constexpr int MAX_STREAM_ROWS = NUM_VREGS == 16 ? 8 : 9;
+// Weight rows per block in that streaming pass. With AVX2 one: the pass then reads the weights as one sequential
+// stream that the hardware prefetcher keeps ahead of, where blocks of 2-4 rows interleave as many streams and made
+// a 6-row verify cost half as much again as one row on a Zen 2 (README, speculative decoding).
+constexpr int STREAM_WEIGHT_ROWS = NUM_VREGS == 16 ? 1 : MAX_WEIGHT_ROWS;
 
 // Weight rows per block for M input rows: the most whose R*M accumulators and R weights fit the registers.
-constexpr int weight_rows_for(int M) { return std::max(1, std::min(MAX_WEIGHT_ROWS, (NUM_VREGS - 1) / (M + 1))); }
+constexpr int weight_rows_for(int M, int most = MAX_WEIGHT_ROWS) {
+  return std::max(1, std::min(most, (NUM_VREGS - 1) / (M + 1)));
+}
 
 // Input rows per pass when there are more than one pass takes (prefill): the M whose block does the most FMAs
 // per vector loaded (R*M per R+M), as compute, not the weight read, bounds a many-row GEMM.
@@ -60,37 +68,39 @@ static inline void block(const float* W, const float* X, const float* b, float* 
     }
 }
 
-// Weight rows [begin, end) against M input rows.
-template <int M>
-static void rows(const float* W, const float* X, const float* b, float* Y, int64_t in, int64_t out, int64_t begin,
-                 int64_t end) {
-  constexpr int R = weight_rows_for(M);
+// Weight rows [begin, end) against M input rows, R weight rows per block. Out of line, so that each (R, M) loop is
+// compiled alike wherever it is called: inlined, the same 7- or 8-row pass ran a fifth slower in one caller.
+template <int R, int M>
+[[gnu::noinline]] static void rows(const float* W, const float* X, const float* b, float* Y, int64_t in, int64_t out,
+                                   int64_t begin, int64_t end) {
   int64_t o = begin;
   for (; o + R <= end; o += R) block<R, M>(W, X, b, Y, in, out, o);
   for (; o < end; o++) block<1, M>(W, X, b, Y, in, out, o);
 }
 
-// `rows` for m <= M input rows, M chosen at compile time.
-template <int M>
+// `rows` for m <= M input rows, M chosen at compile time; a streaming pass caps R at STREAM_WEIGHT_ROWS.
+template <int M, bool STREAM>
 static void pass(int64_t m, const float* W, const float* X, const float* b, float* Y, int64_t in, int64_t out,
                  int64_t begin, int64_t end) {
   if constexpr (M > 1) {
-    if (m < M) return pass<M - 1>(m, W, X, b, Y, in, out, begin, end);
+    if (m < M) return pass<M - 1, STREAM>(m, W, X, b, Y, in, out, begin, end);
   }
-  rows<M>(W, X, b, Y, in, out, begin, end);
+  rows<weight_rows_for(M, STREAM ? STREAM_WEIGHT_ROWS : MAX_WEIGHT_ROWS), M>(W, X, b, Y, in, out, begin, end);
 }
 
-// Input rows whose block still holds several weight rows (decode batches, speculative verify) share one pass over
-// each weight row; more (a big batch, a tree, prefill) go in compute-bound passes over each chunk of weight rows
-// while it sits in L1/L2 (a one-weight-row block of 16 inputs loads as many vectors as it multiplies).
+// Each chunk of weight rows is streamed from memory once, by a pass of up to MAX_STREAM_ROWS input rows (all of a
+// decode batch or a speculative verify); the rest (a big batch, a tree, prefill) go in compute-bound passes over the
+// chunk while it sits in L1/L2 (a one-weight-row block of 16 inputs loads as many vectors as it multiplies).
 static void gemm_rows(const float* W, const float* X, const float* b, float* Y, int64_t n, int64_t in, int64_t out) {
-  const int64_t per_pass = n <= MAX_ROWS_PER_PASS && weight_rows_for(n) > 2 ? n : compute_bound_rows();
+  constexpr int per_pass = compute_bound_rows();
   at::parallel_for(0, out, ROWS_PER_CHUNK, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; o += ROWS_PER_CHUNK) {
       int64_t oe = std::min(end, o + ROWS_PER_CHUNK);
-      for (int64_t m = 0; m < n; m += per_pass) {
+      int64_t m = std::min<int64_t>(n, MAX_STREAM_ROWS);
+      pass<MAX_STREAM_ROWS, true>(m, W, X, b, Y, in, out, o, oe);
+      for (; m < n; m += per_pass) {
         int64_t rows_now = std::min<int64_t>(per_pass, n - m);
-        pass<MAX_ROWS_PER_PASS>(rows_now, W, X + m * in, b, Y + m * out, in, out, o, oe);
+        pass<per_pass, false>(rows_now, W, X + m * in, b, Y + m * out, in, out, o, oe);
       }
     }
   });
