@@ -22,8 +22,10 @@
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define INT8_INTEGER_PATH 1
+using XCode = uint8_t;
 constexpr int X_OFFSET = 128;  // the input codes are stored + 128 (unsigned bytes for vpdpbusd)
 constexpr int ROWS = 4;        // weight rows a block: 4 x 4 accumulators + operands fit 32 registers
+constexpr int PASS_ROWS = 4;   // input rows a pass over a block of weight rows
 
 // vpdpbusd multiplies unsigned by signed bytes, so inputs are stored offset by 128 (code + 128, in 0..255) and
 // 128 * sum(w) is taken back off (`wsum`: the weight rows' sums, computed once a block by `row_sums`).
@@ -75,32 +77,36 @@ static void row_sums(const int8_t* W, int64_t n, int64_t k, int32_t* wsum) {
 #elif defined(__AVX2__)
 #include <immintrin.h>
 #define INT8_INTEGER_PATH 1
+using XCode = int16_t;  // the input codes widened once, so that vpmaddwd takes them straight from memory
 constexpr int X_OFFSET = 0;
-constexpr int ROWS = 2;  // 16 registers: 2 x 4 accumulators + operands
+// One weight row a block: a pass then reads the weights as one sequential stream (as the fp32 linear's AVX2 pass),
+// and up to 8 input rows (a decode batch's, a verify's) share it.
+constexpr int ROWS = 1;
+constexpr int PASS_ROWS = 8;
 
-// 16 codes at a time widened to int16; `vpmaddwd` adds adjacent products into int32 lanes (|sum| <= 2 * 128^2).
+// 16 weight codes at a time widened to int16; `vpmaddwd` adds adjacent products into int32 lanes
+// (|sum| <= 2 * 128^2).
 template <int R, int M>
-__attribute__((optimize("no-tree-vectorize"))) static void dot_block(const uint8_t* X, int64_t ldx, const int8_t* W,
+__attribute__((optimize("no-tree-vectorize"))) static void dot_block(const int16_t* X, int64_t ldx, const int8_t* W,
                                                                      int64_t k, const int32_t*, int64_t out_stride,
                                                                      int32_t* S) {
-  const int8_t* Xs = reinterpret_cast<const int8_t*>(X);
   __m256i acc[R][M];
   for (int r = 0; r < R; r++)
     for (int m = 0; m < M; m++) acc[r][m] = _mm256_setzero_si256();
   int64_t j = 0;
   for (; j + 16 <= k; j += 16) {
-    __m256i xv[M];
-    for (int m = 0; m < M; m++)
-      xv[m] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(Xs + m * ldx + j)));
     for (int r = 0; r < R; r++) {
       const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(W + r * k + j)));
-      for (int m = 0; m < M; m++) acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(xv[m], w));
+      for (int m = 0; m < M; m++) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(X + m * ldx + j));
+        acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(w, x));
+      }
     }
   }
   for (int r = 0; r < R; r++)
     for (int m = 0; m < M; m++) {
       int32_t s = hsum_epi32(acc[r][m]);
-      for (int64_t t = j; t < k; t++) s += Xs[m * ldx + t] * W[r * k + t];
+      for (int64_t t = j; t < k; t++) s += X[m * ldx + t] * W[r * k + t];
       S[m * out_stride + r] = s;
     }
 }
@@ -112,8 +118,8 @@ static void row_sums(const int8_t*, int64_t, int64_t, int32_t*) {}  // signed co
 bool int8_integer_path() { return true; }
 
 template <int M>
-static void dot_rows(const uint8_t* X, int64_t ldx, const int8_t* W, int64_t n, int64_t k, const int32_t* wsum,
-                     int64_t out_stride, int32_t* S) {
+[[gnu::noinline]] static void dot_rows(const XCode* X, int64_t ldx, const int8_t* W, int64_t n, int64_t k,
+                                       const int32_t* wsum, int64_t out_stride, int32_t* S) {
   int64_t r = 0;
   for (; r + ROWS <= n; r += ROWS) dot_block<ROWS, M>(X, ldx, W + r * k, k, wsum + r, out_stride, S + r);
   for (; r < n; r++) dot_block<1, M>(X, ldx, W + r * k, k, wsum + r, out_stride, S + r);
@@ -124,39 +130,43 @@ static void dot_rows(const uint8_t* X, int64_t ldx, const int8_t* W, int64_t n, 
 // for all rows.
 constexpr int64_t L1_BLOCK_BYTES = 16384;
 
-static void dot_all(const uint8_t* X, int64_t m, const int8_t* W, int64_t r0, int64_t r1, int64_t k, int32_t* S,
+static void dot_all(const XCode* X, int64_t m, const int8_t* W, int64_t r0, int64_t r1, int64_t k, int32_t* S,
                     int64_t out_stride) {
   const int64_t block = std::max<int64_t>(ROWS, L1_BLOCK_BYTES / k / ROWS * ROWS);
   std::vector<int32_t> wsum(block);
   for (int64_t rb = r0; rb < r1; rb += block) {
     const int64_t n = std::min(r1, rb + block) - rb;
     row_sums(W + rb * k, n, k, wsum.data());
-    for_row_blocks(m, [&]<int M>(int64_t i) {
+    for_row_blocks<PASS_ROWS>(m, [&]<int M>(int64_t i) {
       dot_rows<M>(X + i * k, k, W + rb * k, n, k, wsum.data(), out_stride, S + i * out_stride + rb);
     });
   }
 }
 
-// x [n] (times pre [n], if given: torch's fp32 product) -> int8_code(x, sx) + offset as bytes (offset 0: the signed
-// codes' bytes), 16 at a time with AVX-512.
-static void quantize_codes(const float* x, const float* pre, int64_t n, float sx, int offset, uint8_t* out) {
+// x [n] (times pre [n], if given: torch's fp32 product) -> int8_code(x, sx) + offset as Code: bytes (offset 0: the
+// signed codes' bytes) 16 at a time with AVX-512, or int16.
+template <class Code>
+static void quantize_codes(const float* x, const float* pre, int64_t n, float sx, int offset, Code* out) {
   int64_t i = 0;
 #if defined(__AVX512F__)
-  const __m512 s = _mm512_set1_ps(sx);
-  const __m512i off = _mm512_set1_epi32(offset);
-  for (; i + 16 <= n; i += 16) {
-    __m512 v = _mm512_loadu_ps(x + i);
-    if (pre) v = _mm512_mul_ps(v, _mm512_loadu_ps(pre + i));
-    const __m512i c = _mm512_add_epi32(int8_codes16(v, s), off);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(c));
+  if constexpr (sizeof(Code) == 1) {
+    const __m512 s = _mm512_set1_ps(sx);
+    const __m512i off = _mm512_set1_epi32(offset);
+    for (; i + 16 <= n; i += 16) {
+      __m512 v = _mm512_loadu_ps(x + i);
+      if (pre) v = _mm512_mul_ps(v, _mm512_loadu_ps(pre + i));
+      const __m512i c = _mm512_add_epi32(int8_codes16(v, s), off);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(c));
+    }
   }
 #endif
-  for (; i < n; i++) out[i] = (uint8_t)((int)int8_code(pre ? x[i] * pre[i] : x[i], sx) + offset);
+  for (; i < n; i++) out[i] = (Code)((int)int8_code(pre ? x[i] * pre[i] : x[i], sx) + offset);
 }
 
 // X [m, k] -> codes [m, ldq] (`quantize_codes` per row), rows split over the threads: done serially, the other
 // thread spun at the next parallel region's barrier for as long. Codes past k in a row are left as they are.
-static void quantize_rows(const float* X, const float* pre, int64_t m, int64_t k, float sx, int offset, uint8_t* out,
+template <class Code>
+static void quantize_rows(const float* X, const float* pre, int64_t m, int64_t k, float sx, int offset, Code* out,
                           int64_t ldq) {
   at::parallel_for(0, m, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; i++) quantize_codes(X + i * k, pre, k, sx, offset, out + i * ldq);
@@ -231,19 +241,19 @@ at::Tensor int8_integer_linear(const at::Tensor& x, double act_scale, const std:
   const float* pre = pre_scale ? pre_c.data_ptr<float>() : nullptr;
   // Many rows: oneDNN's GEMM where the layer has its packed copy; else AMX tiles where there are some, on signed
   // codes in rows padded to whole tiles (zeros add nothing); else the codes + X_OFFSET through these loops.
-  const bool amx = amx_int8_available(), tiles = m >= AMX_MIN_ROWS_INT8 && amx;
+  const bool amx = amx_int8_available(), tiles = m >= AMX_MIN_ROWS_INT8 && amx && sizeof(XCode) == 1;
   if (GEMM_SUMS_EXACT && !gemm.empty() && m >= (amx ? GEMM_MIN_ROWS_AMX : GEMM_MIN_ROWS))
     return gemm_linear(X, pre, m, k, sx, gemm, bias).view(shape);
   at::Tensor y = at::empty(shape, x.options());
   float* Y = y.data_ptr<float>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
-  // Tiles take rows padded to 16 and columns to 64 with zero codes; every other byte and every sum is written
+  // Tiles take rows padded to 16 and columns to 64 with zero codes; every other code and every sum is written
   // before it is read, so neither buffer is cleared (clearing them cost ~2% of a mixed step).
   const int64_t kp = tiles ? (k + 63) / 64 * 64 : k, mp = tiles ? (m + 15) / 16 * 16 : m;
-  auto xq = std::make_unique_for_overwrite<uint8_t[]>(mp * kp);
+  auto xq = std::make_unique_for_overwrite<XCode[]>(mp * kp);
   quantize_rows(X, pre, m, k, sx, tiles ? 0 : X_OFFSET, xq.get(), kp);
-  for (int64_t i = 0; i < m && kp > k; i++) std::memset(xq.get() + i * kp + k, 0, kp - k);
-  std::memset(xq.get() + m * kp, 0, (mp - m) * kp);
+  for (int64_t i = 0; i < m && kp > k; i++) std::fill(xq.get() + i * kp + k, xq.get() + (i + 1) * kp, XCode{0});
+  std::fill(xq.get() + m * kp, xq.get() + mp * kp, XCode{0});
   auto sums = std::make_unique_for_overwrite<int32_t[]>(m * out);
   for (size_t s = 0, col0 = 0; s < codes.size(); col0 += codes[s].size(0), s++) {
     const int8_t* W = reinterpret_cast<const int8_t*>(codes[s].data_ptr<uint8_t>());

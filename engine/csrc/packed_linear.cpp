@@ -104,40 +104,52 @@ struct TileRows {
   TileRows from(int64_t r) const { return {T + r * ld, ld}; }
 };
 
+// With 16 vector registers (AVX2), weights decoded in registers go one row a block: the pass reads them as one
+// sequential stream, as the fp32 linear's streaming pass does.
+constexpr bool ONE_WEIGHT_ROW = NUM_VREGS < 32;
+
 template <int M, class Weights>
-static void dot_rows(const Weights& w, int64_t n, const float* X, int64_t k, const float* b, float* Y, int64_t ldy) {
+[[gnu::noinline]] static void dot_rows(const Weights& w, int64_t n, const float* X, int64_t k, const float* b,
+                                       float* Y, int64_t ldy) {
   int64_t r = 0;
-  if constexpr (M <= 4)
-    for (; r + 4 <= n; r += 4) dot_block<4, M>(w.from(r), X, k, b ? b + r : nullptr, Y + r, ldy);
-  for (; r + 2 <= n; r += 2) dot_block<2, M>(w.from(r), X, k, b ? b + r : nullptr, Y + r, ldy);
+  if constexpr (Weights::WIDE && ONE_WEIGHT_ROW) {
+    constexpr int R = Weights::ROWS_TOGETHER;
+    if constexpr (R > 1)
+      for (; r + R <= n; r += R) dot_block<R, M>(w.from(r), X, k, b ? b + r : nullptr, Y + r, ldy);
+  } else {
+    if constexpr (M <= 4)
+      for (; r + 4 <= n; r += 4) dot_block<4, M>(w.from(r), X, k, b ? b + r : nullptr, Y + r, ldy);
+    for (; r + 2 <= n; r += 2) dot_block<2, M>(w.from(r), X, k, b ? b + r : nullptr, Y + r, ldy);
+  }
   for (; r < n; r++) dot_block<1, M>(w.from(r), X, k, b ? b + r : nullptr, Y + r, ldy);
 }
 
 // Every input row of X [m, k] against n weight rows; Y points at their first output column. Weights decoded in
-// registers (`Weights::WIDE`) take input rows 8 (or a last 5-7) at a time where 32 vector registers hold 2 x 8
-// accumulators: each weight vector is then decoded once per 8 rows instead of twice (an LM head of 49152 x 576 at 8
+// registers (`Weights::WIDE`) take input rows 8 (or a last 5-7) at a time: each weight vector is then decoded once
+// per 8 rows instead of twice. With 32 vector registers 2 x 8 accumulators fit (an LM head of 49152 x 576 at 8
 // rows: int8 0.86x, int4 0.85x, NVFP4 0.92x the time, interleaved one-off timing on an AVX512 EPYC; bf16's
-// shift-only decode lost 5%).
+// shift-only decode lost 5%); with 16 (AVX2) a block holds one weight row (`ONE_WEIGHT_ROW`).
 template <class Weights>
 static void dot_all(const Weights& w, int64_t n, const float* X, int64_t m, int64_t k, const float* b, float* Y,
                     int64_t ldy) {
+  auto pass = [&]<int M>(int64_t i) { dot_rows<M>(w, n, X + i * k, k, b, Y + i * ldy, ldy); };
+  if constexpr (Weights::WIDE && ONE_WEIGHT_ROW) return for_row_blocks<8>(m, pass);
   int64_t i = 0;
-  if constexpr (Weights::WIDE && NUM_VREGS >= 32) {
-    for (; i + 8 <= m; i += 8) dot_rows<8>(w, n, X + i * k, k, b, Y + i * ldy, ldy);
-    const float* Xi = X + i * k;
-    float* Yi = Y + i * ldy;
+  if constexpr (Weights::WIDE) {
+    for (; i + 8 <= m; i += 8) pass.template operator()<8>(i);
     switch (m - i) {  // 5-7 rows left (a speculative verify's): one pass too, not 4 rows and then the rest
-      case 5: return dot_rows<5>(w, n, Xi, k, b, Yi, ldy);
-      case 6: return dot_rows<6>(w, n, Xi, k, b, Yi, ldy);
-      case 7: return dot_rows<7>(w, n, Xi, k, b, Yi, ldy);
+      case 5: return pass.template operator()<5>(i);
+      case 6: return pass.template operator()<6>(i);
+      case 7: return pass.template operator()<7>(i);
     }
   }
-  for_row_blocks(m - i, [&]<int M>(int64_t j) { dot_rows<M>(w, n, X + (i + j) * k, k, b, Y + (i + j) * ldy, ldy); });
+  for_row_blocks(m - i, [&]<int M>(int64_t j) { pass.template operator()<M>(i + j); });
 }
 
 // ---- Packed rows decoded in registers (k a multiple of 16: no tail): one per format, rows from `row` of a shard ----
 struct Nvfp4Rows {
   static constexpr bool PAIRS = NVFP4_PAIRS, WIDE = true;  // PAIRS: x comes in `nvfp4_pair_order`
+  static constexpr int ROWS_TOGETHER = 1;
   const uint8_t* q;
   const float* steps;  // each row's block steps, precomputed
   int64_t nb;
@@ -152,6 +164,7 @@ struct Nvfp4Rows {
 
 struct Int4Rows {  // rows start even: row r is the low (r even) or high nibble of byte row r / 2
   static constexpr bool PAIRS = false, WIDE = true;
+  static constexpr int ROWS_TOGETHER = 2;  // the two nibbles of each byte
   const uint8_t* q;
   const float* scales;  // [rows, groups]
   int64_t k, groups, group_shift;
@@ -164,6 +177,7 @@ struct Int4Rows {  // rows start even: row r is the low (r even) or high nibble 
 
 struct Int8Rows {
   static constexpr bool PAIRS = false, WIDE = true;
+  static constexpr int ROWS_TOGETHER = 1;
   const int8_t* q;
   const float* scales;
   int64_t k;
@@ -174,6 +188,7 @@ struct Int8Rows {
 
 struct Fp8Rows {
   static constexpr bool PAIRS = false, WIDE = true;
+  static constexpr int ROWS_TOGETHER = 1;
   const uint8_t* q;
   float scale;
   int64_t k;
