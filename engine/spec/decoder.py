@@ -186,7 +186,8 @@ def resolve_head_dir(speculative: str, model: str, model_dir: Path) -> Path:
 
 def adaptive_policy(cfg: EngineConfig, drafter: Drafter) -> AdaptivePolicy | None:
     """The per-step draft budget (up to the drafter's most draft tokens), unless `--no-speculative-adaptive`."""
-    return AdaptivePolicy(PolicyConfig(drafter.max_draft_tokens)) if cfg.speculative_adaptive else None
+    whole = isinstance(drafter, EagleTreeDrafter)
+    return AdaptivePolicy(PolicyConfig(drafter.max_draft_tokens, whole=whole)) if cfg.speculative_adaptive else None
 
 
 def make_spec_decoder(cfg: EngineConfig, runner: ModelRunner, model_dir: Path) -> SpecDecoder | None:

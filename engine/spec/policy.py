@@ -9,7 +9,9 @@ turns off under load unless acceptance is high. A batch size not measured yet bo
 one-token probe keeps c_1 and r current, every `probe_every` steps or less often where a probe costs more (at batch
 8 a draft row costs compute): its extra cost r_B stays within `probe_overhead` of the steps between (up to
 `max_probe_every`). A row that accepts its whole chain says nothing of the next position: its estimate drifts back
-toward the prior, so a chain that shrank can grow again.
+toward the prior, so a chain that shrank can grow again. A draft tree is drafted whole or not at all (`whole`): a
+smaller node budget makes it narrower as well as shallower, so the acceptance measured on the whole tree does not
+tell what a smaller one would get; its probe is the whole tree.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class PolicyConfig:
     max_probe_every: int = 64  # ... but never rarer: one noisy timing must not keep drafting off for long
     prior_acceptance: float = 0.5  # c_i before any observation: optimistic enough to try drafting
     prior_cost_per_draft: float = 0.1  # r_B before any observation
+    whole: bool = False  # a draft tree: budgets are max_budget or 0
 
     def __post_init__(self) -> None:
         if self.max_budget < 1:
@@ -93,14 +96,19 @@ class AdaptivePolicy:
         return known[min(known, key=lambda b: (abs(b - batch), -b))]  # batch itself when measured
 
     def probe_interval(self, batch: int) -> int:
-        """Steps between one-token probes while off at `batch`."""
-        wanted = math.ceil(self.per_draft(batch) / self.cfg.probe_overhead)
+        """Steps between probes while off at `batch`."""
+        wanted = math.ceil(self.per_draft(batch) * self.probe_size / self.cfg.probe_overhead)
         return min(max(self.cfg.probe_every, wanted), self.cfg.max_probe_every)
+
+    @property
+    def probe_size(self) -> int:
+        """Draft tokens of a probe while off: one, or the whole tree."""
+        return self.cfg.max_budget if self.cfg.whole else 1
 
     def best_budget(self, batch: int) -> int:
         """argmax_k tokens/second relative to plain decoding; 0 when no k gains."""
-        gains = [self.expected_tokens(k) / self.relative_cost(batch, k) for k in range(self.cfg.max_budget + 1)]
-        return max(range(len(gains)), key=lambda k: (gains[k], -k))
+        budgets = (0, self.cfg.max_budget) if self.cfg.whole else range(self.cfg.max_budget + 1)
+        return max(budgets, key=lambda k: (self.expected_tokens(k) / self.relative_cost(batch, k), -k))
 
     def budget(self, seqs: list) -> int:
         """Draft tokens per sequence for the coming step of `seqs` (0: a plain decode step)."""
@@ -111,7 +119,7 @@ class AdaptivePolicy:
         if cost.plain_s is None or (k and cost.since_plain > self.cfg.probe_every):
             return 0  # time a plain step first, and re-time it now and then: context length and load drift
         if k == 0 and cost.since_draft > self.probe_interval(len(seqs)):
-            return 1  # the cheapest probe: it measures c_1 and r, so drafting can come back
+            return self.probe_size  # it measures c_1 and r, so drafting can come back
         return k
 
     def observe(self, rec: StepRecord) -> None:

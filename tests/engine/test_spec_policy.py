@@ -19,11 +19,11 @@ PLAIN_S = 0.030  # a plain decode step's seconds (any value: the policy works wi
 
 
 def policy_after(batch: int, acceptance: list[float], step_cost: float, steps: int = 500,
-                 ema: float = 0.01) -> AdaptivePolicy:
+                 ema: float = 0.01, whole: bool = False) -> AdaptivePolicy:
     """A policy fed `steps` full-chain steps whose drafts are accepted position by position with the given
     conditional rates (each row draws a quantile from a fixed scrambled cycle of 100) and that cost `step_cost`
-    plain steps each; a slow EMA so the estimates settle on the recorded rates."""
-    policy = AdaptivePolicy(PolicyConfig(K, ema=ema))
+    plain steps each; a slow EMA so the estimates settle on the recorded rates (`whole`: a tree's policy)."""
+    policy = AdaptivePolicy(PolicyConfig(K, ema=ema, whole=whole))
     policy.observe(StepRecord(0, [0] * batch, [0] * batch, PLAIN_S))
     for step in range(steps):
         accepted = []
@@ -106,6 +106,25 @@ def test_a_tree_that_keeps_its_whole_depth_is_not_a_rejection_past_it():
     assert tree.acceptance[:2] == chain.acceptance[:2] == pytest.approx([1.0, 1.0], abs=0.01)
     assert tree.acceptance[2] == pytest.approx(tree.cfg.prior_acceptance) and chain.acceptance[2] < 0.01
     assert tree.expected_tokens(8) > chain.expected_tokens(8)
+
+
+def test_a_tree_is_drafted_whole_or_not_at_all():
+    """A tree's acceptance was measured on the whole tree (a smaller budget is a narrower tree, which accepts less):
+    the fp32 model's 5-node tree + n-gram (positions 1 / 2 accepted 69% / 33%, a step 1.25x a plain one) drafts all
+    5 nodes, where the chain model of the same figures would shrink it; at batch 8 (3.4x) it is off, and its probe
+    is the whole tree, as rare as the policy allows."""
+    acceptance = [0.69, 0.48, 0.05, 0.05, 0.05]
+    chain = policy_after(1, acceptance, 1.25)
+    tree = policy_after(1, acceptance, 1.25, whole=True)
+    assert 0 < chain.best_budget(1) < K and tree.best_budget(1) == K
+    off = policy_after(8, acceptance, 3.4, whole=True)
+    assert off.best_budget(8) == 0
+    interval, budgets = off.probe_interval(8), []
+    for _ in range(3 * interval):
+        budgets.append(k := off.budget([None] * 8))
+        off.observe(StepRecord(k, [k] * 8, [0] * 8, (3.4 if k else 1.0) * PLAIN_S))
+    assert set(budgets) == {0, K} and 1 <= budgets.count(K) <= 3
+    assert interval == off.cfg.max_probe_every  # a probe costs ~2.4 plain steps here: as rare as allowed
 
 
 class WrongTokenDrafter(NgramDrafter):
