@@ -79,10 +79,8 @@ static void row_sums(const int8_t* W, int64_t n, int64_t k, int32_t* wsum) {
 #define INT8_INTEGER_PATH 1
 using XCode = int16_t;  // the input codes widened once, so that vpmaddwd takes them straight from memory
 constexpr int X_OFFSET = 0;
-// One weight row a block: a pass then reads the weights as one sequential stream (as the fp32 linear's AVX2 pass),
-// and up to 8 input rows (a decode batch's, a verify's) share it.
-constexpr int ROWS = 1;
-constexpr int PASS_ROWS = 8;
+constexpr int ROWS = 1;  // the streaming pass's blocks (vec.h)
+constexpr int PASS_ROWS = STREAM_ROWS;
 
 // 16 weight codes at a time widened to int16; `vpmaddwd` adds adjacent products into int32 lanes
 // (|sum| <= 2 * 128^2).

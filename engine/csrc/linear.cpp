@@ -17,12 +17,10 @@ constexpr int MAX_ROWS_PER_PASS = std::min(16, NUM_VREGS - 2);  // R = 1: M accu
 constexpr int MAX_WEIGHT_ROWS = 4;
 constexpr int64_t ROWS_PER_CHUNK = 16;  // weight rows kept in L1 while every pass of x goes over them
 constexpr int64_t PREFETCH = 256;       // floats ahead along each weight row
-// Input rows that share the pass streaming each weight row from memory.
-constexpr int MAX_STREAM_ROWS = NUM_VREGS == 16 ? 8 : 9;
-// Weight rows per block in that streaming pass. With AVX2 one: the pass then reads the weights as one sequential
-// stream that the hardware prefetcher keeps ahead of, where blocks of 2-4 rows interleave as many streams and made
-// a 6-row verify cost half as much again as one row on a Zen 2 (README, speculative decoding).
-constexpr int STREAM_WEIGHT_ROWS = NUM_VREGS == 16 ? 1 : MAX_WEIGHT_ROWS;
+// Input rows that share the pass streaming each weight row from memory (vec.h), and weight rows a block there: with
+// AVX-512 9 rows in blocks of up to 4 weight rows.
+constexpr int MAX_STREAM_ROWS = STREAM_ONE_WEIGHT_ROW ? STREAM_ROWS : 9;
+constexpr int STREAM_WEIGHT_ROWS = STREAM_ONE_WEIGHT_ROW ? 1 : MAX_WEIGHT_ROWS;
 
 // Weight rows per block for M input rows: the most whose R*M accumulators and R weights fit the registers.
 constexpr int weight_rows_for(int M, int most = MAX_WEIGHT_ROWS) {
@@ -92,6 +90,7 @@ static void pass(int64_t m, const float* W, const float* X, const float* b, floa
 // decode batch or a speculative verify); the rest (a big batch, a tree, prefill) go in compute-bound passes over the
 // chunk while it sits in L1/L2 (a one-weight-row block of 16 inputs loads as many vectors as it multiplies).
 static void gemm_rows(const float* W, const float* X, const float* b, float* Y, int64_t n, int64_t in, int64_t out) {
+  if (n == 0) return;  // a pass computes at least one row
   constexpr int per_pass = compute_bound_rows();
   at::parallel_for(0, out, ROWS_PER_CHUNK, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; o += ROWS_PER_CHUNK) {

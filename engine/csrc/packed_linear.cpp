@@ -104,15 +104,11 @@ struct TileRows {
   TileRows from(int64_t r) const { return {T + r * ld, ld}; }
 };
 
-// With 16 vector registers (AVX2), weights decoded in registers go one row a block: the pass reads them as one
-// sequential stream, as the fp32 linear's streaming pass does.
-constexpr bool ONE_WEIGHT_ROW = NUM_VREGS < 32;
-
 template <int M, class Weights>
 [[gnu::noinline]] static void dot_rows(const Weights& w, int64_t n, const float* X, int64_t k, const float* b,
                                        float* Y, int64_t ldy) {
   int64_t r = 0;
-  if constexpr (Weights::WIDE && ONE_WEIGHT_ROW) {
+  if constexpr (Weights::WIDE && STREAM_ONE_WEIGHT_ROW) {
     constexpr int R = Weights::ROWS_TOGETHER;
     if constexpr (R > 1)
       for (; r + R <= n; r += R) dot_block<R, M>(w.from(r), X, k, b ? b + r : nullptr, Y + r, ldy);
@@ -128,12 +124,12 @@ template <int M, class Weights>
 // registers (`Weights::WIDE`) take input rows 8 (or a last 5-7) at a time: each weight vector is then decoded once
 // per 8 rows instead of twice. With 32 vector registers 2 x 8 accumulators fit (an LM head of 49152 x 576 at 8
 // rows: int8 0.86x, int4 0.85x, NVFP4 0.92x the time, interleaved one-off timing on an AVX512 EPYC; bf16's
-// shift-only decode lost 5%); with 16 (AVX2) a block holds one weight row (`ONE_WEIGHT_ROW`).
+// shift-only decode lost 5%); with 16 (AVX2) a block holds one weight row (`STREAM_ONE_WEIGHT_ROW`).
 template <class Weights>
 static void dot_all(const Weights& w, int64_t n, const float* X, int64_t m, int64_t k, const float* b, float* Y,
                     int64_t ldy) {
   auto pass = [&]<int M>(int64_t i) { dot_rows<M>(w, n, X + i * k, k, b, Y + i * ldy, ldy); };
-  if constexpr (Weights::WIDE && ONE_WEIGHT_ROW) return for_row_blocks<8>(m, pass);
+  if constexpr (Weights::WIDE && STREAM_ONE_WEIGHT_ROW) return for_row_blocks<STREAM_ROWS>(m, pass);
   int64_t i = 0;
   if constexpr (Weights::WIDE) {
     for (; i + 8 <= m; i += 8) pass.template operator()<8>(i);

@@ -79,6 +79,12 @@ static inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 static inline vf vexp(vf x) { for (int k = 0; k < V; k++) x[k] = std::exp(x[k]); return x; }
 #endif
 static inline vf vset(float a) { return vzero() + a; }
+// A pass that streams the weights from memory (a decode batch's or a verify's rows): with 16 vector registers (AVX2)
+// a block holds one weight row, so the pass reads the weights as one sequential stream that the hardware prefetcher
+// keeps ahead of (blocks of 2-4 interleaved rows made a 6-row verify cost 1.4x one row on a Zen 2), and up to
+// STREAM_ROWS input rows share it.
+constexpr bool STREAM_ONE_WEIGHT_ROW = NUM_VREGS < 32;
+constexpr int STREAM_ROWS = 8;
 // Bytes [p, p + n) asked into the cache, a line at a time (a prefetch never faults: past the end is harmless).
 static inline void prefetch_lines(const void* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 64) prefetch(static_cast<const char*>(p) + i);

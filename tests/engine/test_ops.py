@@ -44,6 +44,7 @@ def test_linear_without_bias_and_with_leading_dims() -> None:
     gen = torch.Generator().manual_seed(0)
     w, x = row_major_t(64, 48, gen), torch.randn(2, 3, 48, generator=gen)
     torch.testing.assert_close(ops.linear(x, w, None), x @ w, rtol=1e-5, atol=1e-5)
+    assert ops.linear(x[:0], w, None).shape == (0, 3, 64)  # no rows (a chunk without logits to take): no work
 
 
 @needs_kernels
