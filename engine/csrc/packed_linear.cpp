@@ -129,17 +129,20 @@ template <class Weights>
 static void dot_all(const Weights& w, int64_t n, const float* X, int64_t m, int64_t k, const float* b, float* Y,
                     int64_t ldy) {
   auto pass = [&]<int M>(int64_t i) { dot_rows<M>(w, n, X + i * k, k, b, Y + i * ldy, ldy); };
-  if constexpr (Weights::WIDE && STREAM_ONE_WEIGHT_ROW) return for_row_blocks<STREAM_ROWS>(m, pass);
-  int64_t i = 0;
-  if constexpr (Weights::WIDE) {
-    for (; i + 8 <= m; i += 8) pass.template operator()<8>(i);
-    switch (m - i) {  // 5-7 rows left (a speculative verify's): one pass too, not 4 rows and then the rest
-      case 5: return pass.template operator()<5>(i);
-      case 6: return pass.template operator()<6>(i);
-      case 7: return pass.template operator()<7>(i);
+  if constexpr (Weights::WIDE && STREAM_ONE_WEIGHT_ROW) {
+    for_row_blocks<STREAM_ROWS>(m, pass);
+  } else {
+    int64_t i = 0;
+    if constexpr (Weights::WIDE) {
+      for (; i + 8 <= m; i += 8) pass.template operator()<8>(i);
+      switch (m - i) {  // 5-7 rows left (a speculative verify's): one pass too, not 4 rows and then the rest
+        case 5: return pass.template operator()<5>(i);
+        case 6: return pass.template operator()<6>(i);
+        case 7: return pass.template operator()<7>(i);
+      }
     }
+    for_row_blocks(m - i, [&]<int M>(int64_t j) { pass.template operator()<M>(i + j); });
   }
-  for_row_blocks(m - i, [&]<int M>(int64_t j) { pass.template operator()<M>(i + j); });
 }
 
 // ---- Packed rows decoded in registers (k a multiple of 16: no tail): one per format, rows from `row` of a shard ----
