@@ -46,13 +46,20 @@ SOURCES = ["linear.cpp", "rowwise.cpp", "attention.cpp", "kv_write.cpp", "bindin
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
+def cpu_flags_line() -> str:
+    """/proc/cpuinfo's ISA flags line ("flags" on x86, "Features" on Arm), "" where there is none."""
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+
+
+def cpu_flags() -> set[str]:
+    return set(cpu_flags_line().partition(":")[2].split())
+
+
 def _cpu_id() -> str:
     """The machine and its ISA flags: a build for one CPU must not be loaded on another."""
-    cpu = platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        cpu += next((line for line in cpuinfo.read_text().splitlines() if line.startswith(("flags", "Features"))), "")
-    return cpu
+    return platform.machine() + cpu_flags_line()
 
 
 def build_name(cflags: list[str]) -> str:

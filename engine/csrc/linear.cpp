@@ -76,16 +76,6 @@ template <int R, int M>
   for (; o < end; o++) block<1, M>(W, X, b, Y, in, out, o);
 }
 
-// `rows` for m <= M input rows, M chosen at compile time; a streaming pass caps R at STREAM_WEIGHT_ROWS.
-template <int M, bool STREAM>
-static void pass(int64_t m, const float* W, const float* X, const float* b, float* Y, int64_t in, int64_t out,
-                 int64_t begin, int64_t end) {
-  if constexpr (M > 1) {
-    if (m < M) return pass<M - 1, STREAM>(m, W, X, b, Y, in, out, begin, end);
-  }
-  rows<weight_rows_for(M, STREAM ? STREAM_WEIGHT_ROWS : MAX_WEIGHT_ROWS), M>(W, X, b, Y, in, out, begin, end);
-}
-
 // Each chunk of weight rows is streamed from memory once, by a pass of up to MAX_STREAM_ROWS input rows (all of a
 // decode batch or a speculative verify); the rest (a big batch, a tree, prefill) go in compute-bound passes over the
 // chunk while it sits in L1/L2 (a one-weight-row block of 16 inputs loads as many vectors as it multiplies).
@@ -96,11 +86,13 @@ static void gemm_rows(const float* W, const float* X, const float* b, float* Y, 
     for (int64_t o = begin; o < end; o += ROWS_PER_CHUNK) {
       int64_t oe = std::min(end, o + ROWS_PER_CHUNK);
       int64_t m = std::min<int64_t>(n, MAX_STREAM_ROWS);
-      pass<MAX_STREAM_ROWS, true>(m, W, X, b, Y, in, out, o, oe);
-      for (; m < n; m += per_pass) {
-        int64_t rows_now = std::min<int64_t>(per_pass, n - m);
-        pass<per_pass, false>(rows_now, W, X + m * in, b, Y + m * out, in, out, o, oe);
-      }
+      with_rows<MAX_STREAM_ROWS>(m, [&]<int M>() {
+        rows<weight_rows_for(M, STREAM_WEIGHT_ROWS), M>(W, X, b, Y, in, out, o, oe);
+      });
+      for (; m < n; m += per_pass)
+        with_rows<per_pass>(std::min<int64_t>(per_pass, n - m), [&]<int M>() {
+          rows<weight_rows_for(M), M>(W, X + m * in, b, Y + m * out, in, out, o, oe);
+        });
     }
   });
 }

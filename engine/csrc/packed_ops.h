@@ -4,23 +4,8 @@
 
 #include <ATen/ATen.h>
 
-#include <algorithm>
 #include <optional>
 #include <vector>
-
-// f.template operator()<M>(i) for each block of M <= MAX input rows [i, i + M) of m, in order: the kernels' row-block
-// templates are instantiated for 1 to MAX rows (their registers hold MAX rows' accumulators).
-template <int MAX, class F>
-inline void row_block(int64_t rows, int64_t i, F& f) {
-  if constexpr (MAX > 1) {
-    if (rows < MAX) return row_block<MAX - 1>(rows, i, f);
-  }
-  f.template operator()<MAX>(i);
-}
-template <int MAX = 4, class F>
-inline void for_row_blocks(int64_t m, F&& f) {
-  for (int64_t i = 0; i < m; i += MAX) row_block<MAX>(std::min<int64_t>(MAX, m - i), i, f);
-}
 
 // `act_format` -1: x as it is; else x is first quantized as that format's activations with `act_scale`. `pre_scale`
 // [k] (SmoothQuant, AWQ): x is multiplied by it first.

@@ -2,6 +2,7 @@
 // AVX-512 (16 lanes, 32 vector registers) or GCC vector extensions of 8 lanes (AVX2: 16 registers).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #if defined(__AVX2__) || defined(__FMA__)
@@ -85,6 +86,21 @@ static inline vf vset(float a) { return vzero() + a; }
 // STREAM_ROWS input rows share it.
 constexpr bool STREAM_ONE_WEIGHT_ROW = NUM_VREGS < 32;
 constexpr int STREAM_ROWS = 8;
+// f.template operator()<M>() with M = m, for 1 <= m <= MAX: the kernels' row loops are templates over their
+// input rows (registers hold M rows' accumulators), instantiated for 1 to MAX rows.
+template <int MAX, class F>
+inline void with_rows(int64_t m, F&& f) {
+  if constexpr (MAX > 1) {
+    if (m < MAX) return with_rows<MAX - 1>(m, f);
+  }
+  f.template operator()<MAX>();
+}
+// f.template operator()<M>(i) for each block of M <= MAX input rows [i, i + M) of m, in order.
+template <int MAX = 4, class F>
+inline void for_row_blocks(int64_t m, F&& f) {
+  for (int64_t i = 0; i < m; i += MAX)
+    with_rows<MAX>(std::min<int64_t>(MAX, m - i), [&]<int M>() { f.template operator()<M>(i); });
+}
 // Bytes [p, p + n) asked into the cache, a line at a time (a prefetch never faults: past the end is harmless).
 static inline void prefetch_lines(const void* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 64) prefetch(static_cast<const char*>(p) + i);

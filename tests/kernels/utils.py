@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+
+from optiserve.engine.ops import cpu_flags
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 # This CPU's packed-kernel build without AMX tiles (`packed_linear.build(NO_AMX)`): where the CPU has AMX-INT8, the
@@ -14,12 +14,6 @@ NO_AMX = ["-O3", "-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf
 # An AVX2 build (run where the CPU also has AVX-512), tuned for AMD Zen: GCC's Zen tuning splits multiply-add chains
 # that the source leaves to contraction, which once gave many-row calls other bits than 1-row calls on Zen CPUs alone.
 AVX2 = ["-O3", "-march=haswell", "-mtune=znver2", "-fopenmp"]
-
-
-def cpu_flags() -> set[str]:
-    cpuinfo = Path("/proc/cpuinfo")
-    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
-    return set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
 
 
 # `AVX2` is a build of its own only where the CPU has AVX-512 too (on an AVX2-only CPU the native build is it).
