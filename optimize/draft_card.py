@@ -43,10 +43,18 @@ def teacher_note(summary: dict) -> str:
             "(`--teacher-probs`), not against its argmax alone.")
 
 
+def warm_note(summary: dict) -> str:
+    """`--init-head`: the head went on training from another, whose data it learned first."""
+    if not summary.get("init_from"):
+        return ""
+    return (f"\nFine-tuned from the head in `{summary['init_from']}` (its vocabulary and weights): that head's "
+            "training data came first (its model card).")
+
+
 def write_model_card(out: Path, summary: dict) -> None:
     """README.md beside the head: what it is, what data (and licenses) it was trained on, how to reproduce it."""
     data = "\n".join(f"- `{f}`: {DATA_LICENSES.get(Path(f).name, UNKNOWN_LICENSE)}" for f in summary["data"])
-    data += answers_note(summary)
+    data += answers_note(summary) + warm_note(summary)
     cfg = summary["config"]
     command = summary.get("command") or (
         f"optiserve train-draft --model {summary['model']} --data {' '.join(summary['data'])} --output DIR "

@@ -55,6 +55,12 @@ class DraftTrainConfig:
             raise ValueError("eval_every must be >= 0, patience and max_steps >= 1")
 
 
+def native_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16). Elsewhere autocast converts every
+    operand and runs slower than fp32: a training step 47 s against 2.6 s on an AVX2-only CPU."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
 def pack_index(lengths: list[int], row_len: int) -> list[list[int]]:
     """Greedy packing of sequences (truncated to `row_len`) into rows: the sequence indices of each row."""
     rows, cur, used = [], [], 0

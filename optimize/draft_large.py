@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from optiserve.engine.spec.draft_head import DraftConfig
+from optiserve.engine.spec.draft_head import DraftConfig, DraftHead, load_draft_head
 
 from .draft_card import write_model_card
 from .draft_corpus import AnswerJob, store_answers, store_references, store_text
@@ -98,7 +98,8 @@ def vocabulary(reader: StoreReader, size: int, path: Path) -> torch.Tensor:
     return torch.load(path)
 
 
-def train_large(model: str, data: LargeDataConfig, output: str, cfg: DraftTrainConfig, compare_steps: int) -> dict:
+def train_large(model: str, data: LargeDataConfig, output: str, cfg: DraftTrainConfig, compare_steps: int,
+                init_from: str | None = None) -> dict:
     from optiserve.engine.config import EngineConfig
     from optiserve.engine.llm_engine import LLMEngine
 
@@ -112,17 +113,20 @@ def train_large(model: str, data: LargeDataConfig, output: str, cfg: DraftTrainC
     head_cfg = DraftConfig.for_target(engine.model_config, cfg.draft_vocab_size)
     build_stores(engine, target, data, cfg, out, head_cfg.target_layers)
     train_store, held_store = StoreReader(out / "store-train"), StoreReader(out / "store-heldout")
-    d2t = vocabulary(train_store, cfg.draft_vocab_size, out / "d2t.pt")
+    warm = warm_start(target, init_from) if init_from else None
+    d2t = warm.d2t.clone() if warm else vocabulary(train_store, cfg.draft_vocab_size, out / "d2t.pt")
     t2d = inverse_vocab(d2t, head_cfg.target_vocab_size)
     rows = StoreRows(train_store, t2d, cfg.row_len)
     held = pack([held_store.sample(i) for i in range(len(held_store))], t2d, cfg.row_len)
     print(f"training on {train_store.tokens} tokens ({len(rows)} rows), held-out {held_store.tokens}", flush=True)
     baseline = shipped_baseline(target, held_store, cfg)
     print(f"shipped head on the held-out answers: {baseline}", flush=True)
-    comparison = compare_inits(target, head_cfg, d2t, rows, held, cfg, out, compare_steps)
-    best_init = max(comparison, key=lambda k: comparison[k]["tau"])
-    cfg.fresh_lm_head = INITS[best_init]
-    head = init_head(target, head_cfg, d2t, cfg.fresh_lm_head)
+    if warm:
+        comparison, head = {}, warm
+    else:
+        comparison = compare_inits(target, head_cfg, d2t, rows, held, cfg, out, compare_steps)
+        cfg.fresh_lm_head = INITS[max(comparison, key=lambda k: comparison[k]["tau"])]
+        head = init_head(target, head_cfg, d2t, cfg.fresh_lm_head)
     fit_info = fit(head, rows, cfg, out / "train", held)
     step_acc = evaluate_head(head, held, cfg.ttt_steps)
     summary = {
@@ -132,11 +136,12 @@ def train_large(model: str, data: LargeDataConfig, output: str, cfg: DraftTrainC
         "target_layers": list(head_cfg.target_layers), "heldout_sequences": len(held_store),
         "heldout_step_accuracy": [round(a, 4) for a in step_acc],
         f"heldout_expected_tau_chain{cfg.draft_len}": round(expected_accept_length(step_acc, cfg.draft_len), 3),
-        "init_comparison": comparison, "shipped_head_heldout": baseline, "steps": fit_info["steps"], "rows": len(rows),
+        "init_comparison": comparison, "init_from": init_from and str(init_from), "shipped_head_heldout": baseline,
+        "steps": fit_info["steps"], "rows": len(rows),
         "minutes": round((time.monotonic() - began) / 60, 1),
         "heldout_draft_vocab_coverage": vocab_coverage(held_store.all_labels(), t2d),
         "bytes_per_token": bytes_per_token(3 * head_cfg.hidden_size, data.teacher_top_k),
-        "command": large_command(model, data, cfg, compare_steps),
+        "command": large_command(model, data, cfg, compare_steps, init_from),
     }
     final = out / "head"
     head.save(final, {"training": summary})
@@ -146,7 +151,8 @@ def train_large(model: str, data: LargeDataConfig, output: str, cfg: DraftTrainC
     return summary
 
 
-def large_command(model: str, data: LargeDataConfig, cfg: DraftTrainConfig, compare_steps: int) -> str:
+def large_command(model: str, data: LargeDataConfig, cfg: DraftTrainConfig, compare_steps: int,
+                  init_from: str | None = None) -> str:
     """The command line that reproduces a run (for its model card)."""
     def words(xs) -> str:
         return " ".join(map(str, xs))
@@ -159,13 +165,21 @@ def large_command(model: str, data: LargeDataConfig, cfg: DraftTrainConfig, comp
             f"--generate-quant {data.generate_quant} --teacher-top-k {data.teacher_top_k} "
             f"--target-tokens {data.target_tokens}{steps} --lr {cfg.lr} "
             f"--eval-every {cfg.eval_every} --patience {cfg.patience} --compare-steps {compare_steps}"
-            + ("" if cfg.bf16_autocast else " --no-bf16-autocast") + (" --teacher-probs" if cfg.teacher_probs else ""))
+            + (" --bf16-autocast" if cfg.bf16_autocast else " --no-bf16-autocast")
+            + (" --teacher-probs" if cfg.teacher_probs else "") + (f" --init-head {init_from}" if init_from else ""))
+
+
+def warm_start(target, path: str) -> DraftHead:
+    """A saved head to go on training (its vocabulary, its weights), in fp32 and trainable."""
+    head = load_draft_head(path).attach(target)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    return head
 
 
 def shipped_baseline(target, held_store: StoreReader, cfg: DraftTrainConfig) -> dict:
     """The shipped head's held-out step accuracy and τ on the same held-out answers (what a new head must beat)."""
     from optiserve.engine.spec.decoder import shipped_head_dir
-    from optiserve.engine.spec.draft_head import load_draft_head
 
     head = load_draft_head(shipped_head_dir()).attach(target)
     t2d = inverse_vocab(head.d2t, head.cfg.target_vocab_size)

@@ -99,9 +99,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     tl.add_argument("--eval-every", type=int, default=250, help="steps between held-out tau evaluations")
     tl.add_argument("--patience", type=int, default=4, help="evaluations without improvement before stopping")
     tl.add_argument("--compare-steps", type=int, default=300, help="steps per LM-head init in the comparison")
-    tl.add_argument("--no-bf16-autocast", dest="bf16_autocast", action="store_false",
-                    help="train in fp32 (default: matmuls in bf16 with fp32 master weights, faster where the CPU "
-                    "has AMX or AVX512-BF16)")
+    tl.add_argument("--bf16-autocast", action=argparse.BooleanOptionalAction, default=None,
+                    help="training matmuls in bf16 with fp32 master weights (default: where the CPU has AMX or "
+                    "AVX512-BF16; elsewhere bf16 is emulated, far slower than fp32)")
+    tl.add_argument("--init-head", default=None,
+                    help="fine-tune this saved head (its vocabulary and weights) instead of training a new one")
     tl.set_defaults(run=run_train_draft_large)
 
 
@@ -153,7 +155,7 @@ def run_train_draft(args: argparse.Namespace) -> None:
 
 
 def run_train_draft_large(args: argparse.Namespace) -> None:
-    from optiserve.optimize.draft_fit import DraftTrainConfig
+    from optiserve.optimize.draft_fit import DraftTrainConfig, native_bf16_matmul
     from optiserve.optimize.draft_large import LargeDataConfig, train_large
 
     data = LargeDataConfig(args.instructions, args.texts, args.train_rows, args.heldout_rows, args.temperatures,
@@ -161,8 +163,9 @@ def run_train_draft_large(args: argparse.Namespace) -> None:
                            args.teacher_top_k)
     cfg = DraftTrainConfig(epochs=args.epochs, lr=args.lr, max_answer_tokens=args.max_answer_tokens,
                            max_steps=args.max_steps, eval_every=args.eval_every, patience=args.patience,
-                           bf16_autocast=args.bf16_autocast, teacher_probs=args.teacher_probs)
-    train_large(args.model, data, args.output, cfg, args.compare_steps)
+                           bf16_autocast=native_bf16_matmul() if args.bf16_autocast is None else args.bf16_autocast,
+                           teacher_probs=args.teacher_probs)
+    train_large(args.model, data, args.output, cfg, args.compare_steps, args.init_head)
 
 
 def eval_args(args: argparse.Namespace) -> dict:

@@ -1,7 +1,8 @@
 """The draft-head feature store: shards round-trip (with the target's top-k), a killed writer leaves a readable
 prefix that a rerun continues, the stored top-k is the target's own distribution, training streams rows from the
-store equal to rows packed in memory (and resumes from its checkpoint), learning from the top-k is learning from
-the argmax when the target is sure, and answers generated in a PTQ format carry the unquantized target's labels."""
+store equal to rows packed in memory (and resumes from its checkpoint, or goes on training a saved head), learning
+from the top-k is learning from the argmax when the target is sure, and answers generated in a PTQ format carry
+the unquantized target's labels."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from optiserve.engine.spec.draft_head import DraftConfig
 from optiserve.optimize.draft_corpus import AnswerJob, load_prompts, store_answers
 from optiserve.optimize.draft_data import DraftSample, label_sequence, text_chunks
 from optiserve.optimize.draft_fit import DraftTrainConfig, StoreRows, fit, pack
-from optiserve.optimize.draft_large import serve_generator
+from optiserve.optimize.draft_large import serve_generator, warm_start
 from optiserve.optimize.draft_store import MANIFEST, StoreReader, StoreWriter
 from optiserve.optimize.draft_train import draft_vocabulary, init_head
 from optiserve.optimize.draft_ttt import PackedBatch, ttt_losses
@@ -158,7 +159,7 @@ def test_learning_the_top_k_of_a_sure_target_is_learning_its_argmax(engine, labe
         assert abs(float(spread - h)) > 1e-3
 
 
-def test_training_streams_from_the_store_and_resumes(engine, labelled, tmp_path):
+def test_training_streams_from_the_store_resumes_and_goes_on_from_a_saved_head(engine, labelled, tmp_path):
     writer = StoreWriter(tmp_path / "store", labelled[0].features.shape[1], shard_tokens=200, top_k=TOP_K)
     for i, s in enumerate(labelled):
         writer.add("text", i + 1, [s])
@@ -180,10 +181,19 @@ def test_training_streams_from_the_store_and_resumes(engine, labelled, tmp_path)
     assert first["steps"] == 2 and len(first["history"]) == 2
     assert (tmp_path / "run" / "best" / "best.pt").is_file()
     cfg.max_steps = 3
-    resumed = fit(init_head(engine.runner.model, head_cfg, d2t, fresh_lm_head=True), rows, cfg, tmp_path / "run",
-                  held)
+    head = init_head(engine.runner.model, head_cfg, d2t, fresh_lm_head=True)
+    resumed = fit(head, rows, cfg, tmp_path / "run", held)
     assert resumed["steps"] == 3 and [h["step"] for h in resumed["history"]] == [1, 2, 3]
     assert resumed["best_tau"] >= first["best_tau"] > 1.0
+    head.save(tmp_path / "saved")  # `--init-head`: fine-tuning starts from the saved head, as saved (bf16)
+    warm = warm_start(engine.runner.model, tmp_path / "saved")
+    saved = {k: v.bfloat16().float() if v.is_floating_point() else v for k, v in head.state_dict().items()}
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in warm.parameters())
+    assert saved.keys() == warm.state_dict().keys()
+    assert all(torch.equal(v, saved[k]) for k, v in warm.state_dict().items())
+    cfg.max_steps = 1
+    fit(warm, rows, cfg, tmp_path / "warm", held)
+    assert torch.equal(warm.d2t, d2t) and not torch.equal(warm.fc.weight_t, saved["fc.weight_t"])
 
 
 def test_answers_of_a_quantized_generator_are_labelled_by_the_unquantized_target(tmp_path):
