@@ -73,6 +73,7 @@ class SpecDecoder:
 
     def step(self, seqs: list[Sequence]) -> list[Accepted]:
         budget = self._budget(seqs)
+        steady = self.drafter.steady(seqs)  # before proposing: that reads the backlog
         t0 = self.clock()
         proposals = self.drafter.propose(seqs, budget) if budget else [Proposal([], None) for _ in seqs]
         t1 = self.clock()
@@ -81,7 +82,7 @@ class SpecDecoder:
         if self.policy:  # a tree counts as a chain as deep as its deepest node: nodes drafted, path kept
             self.policy.observe(StepRecord(budget, [len(p.tokens) for p in proposals],
                                            [len(r.tokens) - 1 for r in results], self.clock() - t0,
-                                           [draft_depth(p) for p in proposals]))
+                                           [draft_depth(p) for p in proposals], steady))
         return results
 
     def _budget(self, seqs: list[Sequence]) -> int:

@@ -36,6 +36,9 @@ class NgramDrafter:
     def on_prefill(self, seq: Sequence, features: torch.Tensor | None) -> None:
         pass
 
+    def steady(self, seqs: list[Sequence]) -> bool:
+        return True  # nothing to catch up on
+
     def propose(self, seqs: list[Sequence], num_draft_tokens: int | None = None) -> list[Proposal]:
         k = self.k if num_draft_tokens is None else min(num_draft_tokens, self.k)
         return [Proposal(propose_ngram(s.token_ids, k) if k else [], None) for s in seqs]
@@ -48,10 +51,12 @@ class NgramDrafter:
 class EagleState:
     """Target features not yet run through the head (positions draft_len..), as the pieces [m, 3H] they arrived in
     (joined only when the head reads them: steps that draft nothing would otherwise copy the backlog each step),
-    and the head's cache length."""
+    the head's cache length, and a tree's last n-gram lookup (match length, tokens, sequence length then) until it is
+    scored."""
 
     pending: list[torch.Tensor]
     draft_len: int = 0
+    lookup: tuple[int, list[int], int] | None = None
 
     def take_pending(self) -> torch.Tensor:
         """The pending features [n, 3H], joined; nothing is pending afterwards."""
@@ -83,6 +88,11 @@ class EagleDrafter:
         proposal that failed part-way (its batch retried without drafts) may have left some unread."""
         state = seq.draft_state
         state.pending = [*state.pending, features]  # a new list: the engine's pre-step copy must not see it
+
+    def steady(self, seqs: list[Sequence]) -> bool:
+        """Whether the head has read each sequence's positions up to the last verify's: drafting now costs what
+        it costs every step, with no backlog (a prompt, or steps that drafted nothing) to catch up on first."""
+        return all(s.draft_state.draft_len > 0 and len(s.draft_state.pending) <= 1 for s in seqs)
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], num_draft_tokens: int | None = None) -> list[Proposal]:

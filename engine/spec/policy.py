@@ -46,13 +46,16 @@ class PolicyConfig:
 class StepRecord:
     """One speculative (or plain) step as it happened: the budget asked, per sequence the drafts proposed, how
     many of them were accepted and how deep they went (a chain: its length; a tree: its deepest node; None: the
-    drafts are chains), and the step's wall time (drafting + verifying)."""
+    drafts are chains), the step's wall time (drafting + verifying), and whether that time is a steady step's: a
+    drafter first catching up on a backlog (a new prompt, or the steps that drafted nothing) pays once what the
+    steps after it do not, so such a step teaches acceptance but not the cost of a draft."""
 
     budget: int
     drafted: list[int]
     accepted: list[int]
     seconds: float
     depths: list[int] | None = None
+    timed: bool = True
 
 
 @dataclass
@@ -133,7 +136,7 @@ class AdaptivePolicy:
             return
         self.steps_drafted += 1
         cost.since_draft = 0
-        if cost.plain_s is not None:
+        if cost.plain_s is not None and rec.timed:
             cost.per_draft = self._ema(cost.per_draft, max(rec.seconds / cost.plain_s - 1.0, 0.0) / width)
         for depth, accepted in zip(rec.depths or rec.drafted, rec.accepted, strict=True):
             for i in range(min(accepted + 1, depth)):  # positions tried: up to the first rejection

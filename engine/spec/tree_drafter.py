@@ -10,8 +10,10 @@ re-reads the accepted positions with the target's features (as the chain does), 
 compacting.
 
 Beyond EAGLE (`ngram_branch`): the n-gram lookup's continuation (engine/spec/ngram.py) enters the same tree as
-an extra branch from the root, sharing the nodes it agrees with, so one verify scores both; it takes at most half
-the node budget, the head's best nodes the rest. Chat answers repeat their prompt, where the head is weakest.
+an extra branch from the root, sharing the nodes it agrees with, so one verify scores both. Its tokens compete with
+the head's for the node budget, ranked by the lookup's accuracy learned online per match length (a 5-token match
+that the answer keeps repeating earns a deep branch, a 1-token match rarely a node). Chat answers repeat their
+prompt and themselves, where the head is weakest.
 
 Sampled requests get the chain (exact rejection sampling over one path); a batch with any sampled request
 drafts chains for all its sequences.
@@ -25,8 +27,8 @@ from ..kv_cache import SlotTables
 from ..runner import tree_mask
 from ..sequence import Sequence
 from .draft_head import DraftHead
-from .drafters import EagleDrafter, Proposal
-from .ngram import propose_ngram
+from .drafters import EagleDrafter, EagleState, Proposal
+from .ngram import LookupAccuracy, lookup_ngram
 
 
 class EagleTreeDrafter(EagleDrafter):
@@ -35,6 +37,7 @@ class EagleTreeDrafter(EagleDrafter):
         super().__init__(head, num_steps, tables, dtype)
         self.topk, self.num_draft_tokens, self.ngram_branch = topk, num_draft_tokens, ngram_branch
         self.max_draft_tokens = num_draft_tokens
+        self.lookup_accuracy = LookupAccuracy()
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], num_draft_tokens: int | None = None) -> list[Proposal]:
@@ -46,9 +49,19 @@ class EagleTreeDrafter(EagleDrafter):
             return super().propose(seqs, min(budget, self.k))
         h, ends = self._catch_up(seqs)  # [B, 1, H], [B]
         scores, tokens, parents = self._expand(h, ends, min(self.k, budget))  # candidates [B, N] each
-        lookups = [propose_ngram(s.token_ids, min(self.k, budget // 2)) if self.ngram_branch else [] for s in seqs]
-        return [with_branch(self._best_subtree(scores[b], tokens[b], parents[b], budget - len(lookups[b])),
-                            lookups[b]) for b in range(len(seqs))]
+        lookups = [self._lookup(s, budget) if self.ngram_branch else ([], []) for s in seqs]
+        return [self._best_subtree(scores[b], tokens[b], parents[b], budget, lookups[b]) for b in range(len(seqs))]
+
+    def _lookup(self, seq: Sequence, k: int) -> tuple[list[int], list[float]]:
+        """The n-gram lookup's branch for `seq` (up to k tokens) and its log-probabilities of being right, after
+        scoring the sequence's previous lookup against the tokens that followed it."""
+        state: EagleState = seq.draft_state
+        if state.lookup is not None:
+            n, chain, start = state.lookup
+            self.lookup_accuracy.observe(n, chain, seq.token_ids[start:])
+        n, chain = lookup_ngram(seq.token_ids, k, max_n=LOOKUP_MAX_N)
+        state.lookup = (n, chain, len(seq.token_ids)) if chain else None
+        return chain, self.lookup_accuracy.log_probs(n, len(chain))
 
     def _expand(self, h: torch.Tensor, ends: torch.Tensor, num_steps: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,33 +105,41 @@ class EagleTreeDrafter(EagleDrafter):
         mask = tree_mask(write_at, ends, ancestors, attn_len, self.group, self.unmasked_decode)
         return self.head.step(tokens, hidden, positions, self.cache, mask, with_logits=True)
 
-    def _best_subtree(self, scores: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
-                      budget: int) -> Proposal:
-        """The `budget` best candidates whose parents are kept too, parents first, as target ids."""
-        parent_of = parents.tolist()
+    def _best_subtree(self, scores: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor, budget: int,
+                      branch: tuple[list[int], list[float]] = ([], [])) -> Proposal:
+        """The `budget` likeliest candidates whose parents are kept too, parents first, as target ids; with a
+        `branch` (tokens, their cumulative log-probabilities) merged in from the root, competing for the budget."""
+        cand_scores, ids, parent_of = scores.tolist(), self.head.d2t[tokens].tolist(), parents.tolist()
+        add_branch(cand_scores, ids, parent_of, *branch)
         kept: set[int] = set()
-        for c in sorted(range(len(parent_of)), key=lambda c: (-scores[c].item(), c)):
+        for c in sorted(range(len(ids)), key=lambda c: (-cand_scores[c], c)):
             if parent_of[c] < 0 or parent_of[c] in kept:
                 kept.add(c)
                 if len(kept) == budget:
                     break
         order = sorted(kept)  # candidate ids number parents before children
         index = {c: i for i, c in enumerate(order)}
-        ids = self.head.d2t[tokens[order]].tolist()
-        return Proposal(ids, None, [index.get(parent_of[c], -1) for c in order])
+        return Proposal([ids[c] for c in order], None, [index.get(parent_of[c], -1) for c in order])
 
 
-def with_branch(tree: Proposal, chain: list[int]) -> Proposal:
-    """`tree` with `chain` merged in from the root: where a node with the chain's next token already hangs from the
-    current one, the chain follows it; else it adds a node (so parents still come first)."""
-    tokens, parents = list(tree.tokens), list(tree.parents or [])
+# Longer matches predict better, and the lookup's accuracy is learned per match length.
+LOOKUP_MAX_N = 5
+
+
+def add_branch(scores: list[float], ids: list[int], parents: list[int], chain: list[int],
+               chain_scores: list[float]) -> None:
+    """Merges `chain` (with its cumulative log-probabilities, non-increasing) into the candidates from the root, in
+    place: where a candidate with the chain's next token hangs from the current one, the chain follows it (its
+    score becomes the likelier of the two); else it adds a candidate. A candidate never scores above its parent, so
+    the budget's best stay a connected subtree."""
     at = -1
-    for token in chain:
-        same = [i for i, (t, p) in enumerate(zip(tokens, parents, strict=True)) if p == at and t == token]
-        if same:
-            at = same[0]
-        else:
-            tokens.append(token)
+    for token, score in zip(chain, chain_scores, strict=True):
+        same = next((c for c, (t, p) in enumerate(zip(ids, parents, strict=True)) if p == at and t == token), None)
+        if same is None:
+            ids.append(token)
             parents.append(at)
-            at = len(tokens) - 1
-    return Proposal(tokens, None, parents)
+            scores.append(score)
+            at = len(ids) - 1
+        else:
+            scores[same] = max(scores[same], score)
+            at = same

@@ -41,8 +41,8 @@ def add_spec_args(p: argparse.ArgumentParser, default: str = "none") -> None:
                    help="the draft head's weights (bfloat16: as it is saved; int8: per-channel, half the bytes a "
                         "draft step reads)")
     p.add_argument("--speculative-ngram-branch", action="store_true",
-                   help="n-gram lookup candidates join the head's draft tree as an extra branch (at most half "
-                        "the nodes)")
+                   help="n-gram lookup candidates join the head's draft tree as an extra branch, competing for "
+                        "its nodes by their accuracy learned online")
 
 
 SPEC_FIELDS = ("speculative_num_steps", "speculative_eagle_topk", "speculative_num_draft_tokens",

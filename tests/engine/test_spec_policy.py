@@ -127,6 +127,18 @@ def test_a_tree_is_drafted_whole_or_not_at_all():
     assert interval == off.cfg.max_probe_every  # a probe costs ~2.4 plain steps here: as rare as allowed
 
 
+def test_a_step_that_first_catches_up_on_a_backlog_teaches_acceptance_not_cost():
+    """The head's first draft after a prompt, or after steps that drafted nothing (a probe), reads that whole
+    backlog first: its time is not what a draft costs each step, and counting it kept `int8` trees off (10 of 678
+    steps drafted where the full tree ran 1.30x plain)."""
+    policy = policy_after(1, [0.7, 0.7, 0.7, 0.7, 0.7], 1.5, whole=True)
+    r, c1 = policy.per_draft(1), policy.acceptance[0]
+    policy.observe(StepRecord(K, [K], [K], 6.0 * PLAIN_S, [K], timed=False))
+    assert policy.per_draft(1) == r and policy.acceptance[0] > c1
+    policy.observe(StepRecord(K, [K], [K], 6.0 * PLAIN_S, [K]))
+    assert policy.per_draft(1) > r
+
+
 class WrongTokenDrafter(NgramDrafter):
     """A drafter whose acceptance is ~0 by construction: it always proposes the last vocabulary id, a token
     the chat model never emits. It stands for a head that does not match its target."""

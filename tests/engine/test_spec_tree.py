@@ -2,6 +2,7 @@
 keeping the accepted path leaves the cache as if only it was written, and greedy output with trees equals plain
 decoding (fp32 and a packed weight format)."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -13,8 +14,8 @@ from optiserve.engine.kv_cache import SlotTables
 from optiserve.engine.llm_engine import LLMEngine, WeightSet
 from optiserve.engine.spec.decoder import draft_depth, shipped_head_dir
 from optiserve.engine.spec.draft_head import DraftHead, load_draft_head, with_serving_linears
-from optiserve.engine.spec.drafters import EagleState, Proposal
-from optiserve.engine.spec.tree_drafter import EagleTreeDrafter, with_branch
+from optiserve.engine.spec.drafters import EagleState
+from optiserve.engine.spec.tree_drafter import EagleTreeDrafter, add_branch
 from optiserve.engine.tree_attention import ancestor_matrix, depths
 from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
 
@@ -212,8 +213,58 @@ def test_the_draft_heads_kernel_step_gives_the_modules_results_bit_for_bit(base,
         assert torch.equal(a, b)
 
 
+def test_the_head_is_steady_once_it_read_all_but_the_last_verify(base, chat_prompt_ids):
+    """`steady`: drafting costs a steady step's time only when the head's backlog is the last verify's positions
+    (not a prompt, not the positions of steps that drafted nothing)."""
+    drafter, features, seq = tree_drafter_after(base, chat_prompt_ids[2], "bfloat16")
+    seq.draft_state = EagleState([features])
+    assert not drafter.steady([seq])  # the prompt is unread
+    drafter._catch_up([seq])
+    assert drafter.steady([seq])
+    drafter.on_verify(seq, features[:2])
+    assert drafter.steady([seq])  # one verify's positions: every step reads those
+    drafter.on_verify(seq, features[:1])
+    assert not drafter.steady([seq])  # a step that drafted nothing left its position too
+
+
 def test_ngram_branch_shares_the_nodes_it_agrees_with():
-    tree = Proposal([5, 6, 7, 8], None, [-1, 0, -1, 1])  # 5 -> 6 -> 8, and 7
-    merged = with_branch(tree, [5, 6, 9, 4])  # follows 5 -> 6, then adds 9 -> 4 under 6
-    assert (merged.tokens, merged.parents) == ([5, 6, 7, 8, 9, 4], [-1, 0, -1, 1, 1, 4])
-    assert with_branch(tree, []).tokens == tree.tokens
+    scores, ids, parents = [-0.1, -0.5, -0.6, -0.9], [5, 6, 7, 8], [-1, 0, -1, 1]  # 5 -> 6 -> 8, and 7
+    add_branch(scores, ids, parents, [5, 6, 9, 4], [-0.2, -0.3, -0.4, -0.5])  # follows 5 -> 6, adds 9 -> 4 under 6
+    assert (ids, parents) == ([5, 6, 7, 8, 9, 4], [-1, 0, -1, 1, 1, 4])
+    assert scores == [-0.1, -0.3, -0.6, -0.9, -0.4, -0.5]  # a shared node keeps the likelier score
+    assert all(p < 0 or scores[c] <= scores[p] for c, p in enumerate(parents))  # no child above its parent
+    unchanged = ([-0.1], [5], [-1])
+    add_branch(*unchanged, [], [])
+    assert unchanged == ([-0.1], [5], [-1])
+
+
+def paths(tokens: list[int], parents: list[int]) -> list[tuple[int, ...]]:
+    """Each node's tokens from the root, parents first."""
+    out: list[tuple[int, ...]] = []
+    for token, parent in zip(tokens, parents, strict=True):
+        out.append((*(out[parent] if parent >= 0 else ()), token))
+    return out
+
+
+@pytest.mark.parametrize("budget", [3, 7])
+def test_the_lookup_competes_with_the_heads_nodes_for_the_budget(base, chat_prompt_ids, budget):
+    """With a lookup the tree still has `budget` connected nodes, each no less likely than any candidate left out
+    whose parent is in; a likelier lookup keeps at least as many of its nodes."""
+    drafter, features, seq = tree_drafter_after(base, chat_prompt_ids[2], "bfloat16")
+    seq.draft_state = EagleState([features])
+    h, ends = drafter._catch_up([seq])
+    scores, tokens, parents = (c[0] for c in drafter._expand(h, ends, 4))
+    chain = [t for t in range(1000, 1100) if t not in drafter.head.d2t[tokens].tolist()][:budget]
+    kept_of_chain = []
+    for first in (0.2, 0.6, 0.95):  # a lookup the learned accuracy trusts more and more
+        chain_scores = [math.log(first) + j * math.log(0.8) for j in range(len(chain))]
+        tree = drafter._best_subtree(scores, tokens, parents, budget, (chain, chain_scores))
+        assert len(tree.tokens) == budget and all(p < i for i, p in enumerate(tree.parents))
+        cand_scores, ids, parent_of = scores.tolist(), drafter.head.d2t[tokens].tolist(), parents.tolist()
+        add_branch(cand_scores, ids, parent_of, chain, chain_scores)
+        path_of = paths(ids, parent_of)  # a node is known by its path: a token may hang from two parents
+        kept = {path_of.index(p) for p in paths(tree.tokens, tree.parents)}
+        left_out = [c for c in range(len(ids)) if c not in kept and (parent_of[c] < 0 or parent_of[c] in kept)]
+        assert min(cand_scores[c] for c in kept) >= max(cand_scores[c] for c in left_out)
+        kept_of_chain.append(sum(t in chain for t in tree.tokens))
+    assert kept_of_chain == sorted(kept_of_chain)

@@ -1,12 +1,14 @@
 """Acceptance rules on synthetic distributions: greedy picks the target's argmax chain; rejection sampling
 reproduces the target's distribution exactly (chi-square over many draws), whatever the draft distribution."""
 
+import math
+
 import torch
 from scipy.stats import chisquare
 
 from optiserve.engine.sequence import SpecStats
 from optiserve.engine.spec.bench import conditional_acceptance
-from optiserve.engine.spec.ngram import propose_ngram
+from optiserve.engine.spec.ngram import LookupAccuracy, lookup_ngram, propose_ngram
 from optiserve.engine.spec.verify import accept_greedy, accept_sampled
 
 VOCAB = 6
@@ -53,6 +55,22 @@ def test_ngram_proposes_what_followed_the_latest_match():
     history = [1, 2, 3, 4, 9, 1, 2, 3, 5, 7, 1, 2, 3]
     assert propose_ngram(history, 2) == [5, 7]  # the latest earlier "1 2 3" was followed by 5 7
     assert propose_ngram([1, 2, 3], 4) == []
+    assert lookup_ngram(history, 2, max_n=5) == (3, [5, 7])  # no earlier "7 1 2 3": the longest match is 3 tokens
+    assert lookup_ngram([4, 1, 2, 6, 1, 2], 3) == (2, [6, 1, 2])
+
+
+def test_lookup_accuracy_learns_per_match_length_from_what_followed():
+    acc = LookupAccuracy(ema=0.5, prior_first=0.5, prior_then=0.5)
+    acc.observe(3, [7, 8, 9, 4], [7, 8, 5])  # first right, second right, third wrong, fourth not known
+    assert (acc.first, acc.then) == ({3: 0.75}, {3: 0.375})  # then: 0.5 -> 0.75 (8 right) -> 0.375 (9 wrong)
+    acc.observe(1, [7, 8], [6])  # wrong at once: nothing said of later positions
+    assert acc.first[1] == 0.25 and 1 not in acc.then
+    acc.observe(2, [7, 8], [7])  # right so far, the rest not known yet
+    assert acc.first[2] == 0.75 and 2 not in acc.then
+    acc.observe(2, [7, 8], [])  # nothing followed yet: nothing learned
+    assert acc.first[2] == 0.75
+    logp = acc.log_probs(3, 3)
+    assert logp == sorted(logp, reverse=True) and math.isclose(math.exp(logp[1]), 0.75 * 0.375)
 
 
 def test_conditional_acceptance_divides_each_position_by_the_one_before():
