@@ -28,6 +28,7 @@ from functools import cache
 
 import torch
 
+from optiserve.kernels.common import divide_exactly
 from optiserve.kernels.formats import E2M1_MAX, NVFP4_BLOCK_SIZE, NVFP4_KV_SCALE_FACTORS
 from optiserve.kernels.fp8 import dequantize_fp8_reference, quantize_fp8_reference
 from optiserve.kernels.nvfp4 import dequantize_nvfp4_reference, quantize_nvfp4_reference
@@ -205,7 +206,7 @@ def kv_scale_to_modelopt(fmt: str, scale: torch.Tensor) -> torch.Tensor:
 def kv_scale_from_modelopt(fmt: str, scale: torch.Tensor) -> torch.Tensor:
     """ModelOpt's `k_scale`/`v_scale` (amax / 448) -> our per-layer KV scale, as a runtime forms it (NVFP4: / 6)."""
     scale, ratio = scale.float().reshape(()), KV_CACHE_FORMATS[fmt].modelopt_scale_ratio
-    return scale if ratio == 1.0 else scale / ratio
+    return scale if ratio == 1.0 else divide_exactly(scale, ratio)
 
 
 @cache

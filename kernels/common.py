@@ -19,6 +19,12 @@ try:  # the interpreter class moved between Triton versions; only its type is ne
 except ImportError:  # pragma: no cover
     InterpretedFunction = ()  # type: ignore[assignment,misc]
 
+def divide_exactly(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """x / divisor, one correctly rounded division on every device. Torch on CUDA multiplies by the reciprocal of a
+    Python-number divisor (1 ulp off at times), so the divisor goes in as a tensor on x's device."""
+    return x / torch.tensor(divisor, dtype=x.dtype, device=x.device)
+
+
 # Rounding modes for `round_to_mode`: what precision a value is rounded to before it is used again.
 MODE_FP32: int = 0
 MODE_BF16: int = 1
@@ -122,7 +128,8 @@ def e4m3_decode(b):
     mag = tl.where(exp == 0, man.to(tl.float32) * 0.001953125, normal)
     nan = (b * 0 + 0x7FC00000).to(tl.float32, bitcast=True)
     mag = tl.where((b & 0x7F) == 0x7F, nan, mag)
-    return tl.where((b & 0x80) != 0, -mag, mag)
+    # The sign bit set directly: compiled Triton spells `-mag` as `0 - mag`, which loses the sign of zero.
+    return (mag.to(tl.int32, bitcast=True) | ((b & 0x80) << 24)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

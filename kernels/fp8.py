@@ -22,6 +22,7 @@ import triton.language as tl
 from .common import (
     check_float_input,
     clamp_keep_nan,
+    divide_exactly,
     e4m3_decode,
     e4m3_encode,
     elementwise_grid,
@@ -37,7 +38,7 @@ BLOCK = 1024  # elements per Triton program
 
 def fp8_per_tensor_scale(amax: torch.Tensor | float) -> torch.Tensor:
     """FP32 per-tensor scale amax / 448 (1.0 for amax == 0)."""
-    scale = torch.as_tensor(amax).float().reshape(()) / FP8_E4M3_MAX
+    scale = divide_exactly(torch.as_tensor(amax).float().reshape(()), FP8_E4M3_MAX)
     return torch.where(scale == 0, torch.full_like(scale, ZERO_AMAX_SCALE), scale)
 
 

@@ -22,7 +22,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import check_float_input, clamp_keep_nan, round_half_even, round_to_mode, rounding_mode, use_triton
+from .common import (
+    check_float_input,
+    clamp_keep_nan,
+    divide_exactly,
+    round_half_even,
+    round_to_mode,
+    rounding_mode,
+    use_triton,
+)
 from .formats import INT4_GROUP_SIZE, INT4_MAX, INT4_MAXBOUND, INT4_MIN, ZERO_AMAX_SCALE
 
 PAIRS_PER_PROGRAM = 16  # row pairs handled by one Triton program (times one group of columns)
@@ -30,7 +38,7 @@ PAIRS_PER_PROGRAM = 16  # row pairs handled by one Triton program (times one gro
 
 def int4_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """Group amax (measured, or clipped by AWQ's search) -> fp32 INT4 scales amax / 7 (0 -> 1.0)."""
-    scale = amax.float() / INT4_MAXBOUND
+    scale = divide_exactly(amax.float(), INT4_MAXBOUND)
     return torch.where(scale == 0, torch.full_like(scale, ZERO_AMAX_SCALE), scale)
 
 

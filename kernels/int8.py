@@ -22,6 +22,7 @@ from .common import (
     MODE_FP32,
     check_float_input,
     clamp_keep_nan,
+    divide_exactly,
     elementwise_grid,
     round_half_even,
     round_to_mode,
@@ -35,7 +36,7 @@ BLOCK = 1024  # elements per Triton program
 
 def int8_scale(amax: torch.Tensor) -> torch.Tensor:
     """amax (any shape) -> fp32 scale amax / 127, with 1.0 where amax is 0."""
-    scale = amax.float() / INT8_MAXBOUND
+    scale = divide_exactly(amax.float(), INT8_MAXBOUND)
     return torch.where(scale == 0, torch.full_like(scale, ZERO_AMAX_SCALE), scale)
 
 

@@ -26,6 +26,7 @@ import triton.language as tl
 from .common import (
     check_float_input,
     clamp_keep_nan,
+    divide_exactly,
     e4m3_decode,
     e4m3_encode,
     round_to_mode,
@@ -51,7 +52,7 @@ BLOCKS_PER_PROGRAM = 64  # 16-element blocks handled by one Triton program
 def nvfp4_per_tensor_scale(amax: torch.Tensor | float) -> torch.Tensor:
     """The FP32 per-tensor scale s2 = amax / (6 * 448) for a (calibrated or measured) amax; 1.0 if amax is 0."""
     amax = torch.as_tensor(amax).float().reshape(())
-    s2 = amax / NVFP4_GLOBAL_DIVISOR
+    s2 = divide_exactly(amax, NVFP4_GLOBAL_DIVISOR)
     return torch.where(s2 == 0, torch.ones_like(s2), s2)
 
 

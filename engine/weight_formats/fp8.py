@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from optiserve.kernels.common import divide_exactly
 from optiserve.kernels.formats import FP8_E4M3_MAX
 from optiserve.kernels.fp8 import FP8Tensor, fp8_per_tensor_scale
 
@@ -12,7 +13,7 @@ from .record import ActivationQuant, CpuKernel, Tensors, WeightFormat, expect_dt
 
 FP8_ACTIVATIONS = ActivationQuant(
     kind="fp8 per tensor",
-    scale_from_amax=lambda amax: amax / FP8_E4M3_MAX,
+    scale_from_amax=lambda amax: divide_exactly(amax, FP8_E4M3_MAX),
     quantize=lambda x, scale, use_kernel: FP8Tensor.from_float(x, scale, use_kernel=use_kernel),
 )
 

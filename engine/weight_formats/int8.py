@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from optiserve.kernels.common import divide_exactly
 from optiserve.kernels.formats import INT8_MAXBOUND
 from optiserve.kernels.int8 import Int8Tensor
 
@@ -15,7 +16,7 @@ CUBLAS_INT8_MIN_ROWS = 17  # cuBLAS's int8 GEMM (`torch._int_mm` on CUDA) wants 
 
 INT8_ACTIVATIONS = ActivationQuant(
     kind="int8 per tensor",
-    scale_from_amax=lambda amax: amax / INT8_MAXBOUND,
+    scale_from_amax=lambda amax: divide_exactly(amax, INT8_MAXBOUND),
     quantize=lambda x, scale, use_kernel: Int8Tensor.from_float(x, per_channel=False, scale=scale,
                                                                 use_kernel=use_kernel),
 )
