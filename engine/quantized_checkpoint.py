@@ -162,7 +162,7 @@ def _pop_projection(model_dir: Path, state: dict[str, torch.Tensor], key: str, f
 def _quant_linears(base: Transformer, fmt: str, layers: dict[str, Packed], device: str) -> dict[str, QuantLinear]:
     """`QuantLinear`s on `device` in `base`'s dtype, each with the bias of the module it replaces in `base`."""
     dtype = base.embed.weight.dtype
-    return {name: QuantLinear(fmt, [_to_device(s, device) for s in shards], base.get_submodule(name).bias,
+    return {name: QuantLinear(fmt, [packed_to_device(s, device) for s in shards], base.get_submodule(name).bias,
                               _opt(input_scale, device),
                               None if pqs is None else pqs.to(device=device, dtype=torch.float32), dtype)
             for name, (shards, input_scale, pqs) in layers.items()}
@@ -206,7 +206,8 @@ def _opt(t: torch.Tensor | None, device: str) -> torch.Tensor | None:
     return None if t is None else t.to(device)
 
 
-def _to_device(p: PackedWeight, device: str) -> PackedWeight:
+def packed_to_device(p: PackedWeight, device: str) -> PackedWeight:
+    """`p` with its tensors on `device` (a CPU-quantized weight served on a GPU)."""
     if device == "cpu":
         return p
     fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(p).items()}

@@ -18,29 +18,21 @@ from optiserve.engine.chat import CHAT_INSTRUCTIONS, chat_prompt_ids
 from optiserve.engine.config import EngineConfig, SamplingParams
 from optiserve.engine.llm_engine import LLMEngine, run_to_completion
 from optiserve.engine.quant import QuantLinear, quantize_weight, weight_bytes
-from optiserve.engine.quantized_checkpoint import load_quantized_layers
+from optiserve.engine.quantized_checkpoint import load_quantized_layers, packed_to_device
 from optiserve.engine.runner import ModelRunner
 from optiserve.kernels import FP8Tensor, Int4Tensor, Int8Tensor, NVFP4Tensor, int4_linear, nvfp4_linear
 from optiserve.kernels.gemm import linear_reference
 from optiserve.kernels.nvfp4_kv import quantize_nvfp4_kv
 from optiserve.optimize.ptq_pipeline import QuantRequest, cache_key, prepare_quantized, ptq_cache_dir
+from tests.kernels.test_packed_compute import ACTIVATION_DIVISOR, FORMATS
 from tests.kernels.utils import assert_bits_equal, wide_range
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here; CI has none)")
 
-CUDA = torch.device("cuda")
+CUDA = "cuda"
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-FORMATS = ["fp8", "int8", "nvfp4", "nvfp4-w4a16", "int4", "int4-w4a8"]
 WEIGHT_ONLY = {"nvfp4-w4a16", "int4"}  # no activation code can flip between summation orders
-ACTIVATION_DIVISOR = {"fp8": 448.0, "int8": 127.0, "nvfp4": 6 * 448.0}  # amax -> the calibrated input_scale
 MODEL = os.environ.get("OPTISERVE_GPU_MODEL", "default")
-
-
-def on(t, device):
-    """A quantized tensor (a dataclass of tensors) with every tensor field moved to `device`."""
-    moved = {f.name: getattr(t, f.name).to(device) for f in dataclasses.fields(t)
-             if isinstance(getattr(t, f.name), torch.Tensor)}
-    return dataclasses.replace(t, **moved)
 
 
 def assert_same_bits(gpu, cpu) -> None:
@@ -106,7 +98,7 @@ def test_compiled_dequant_gemms_match_the_reference(mnk, dtype):
     x, w = torch.randn(m, k, generator=g).to(dtype), torch.randn(n, k, generator=g) * 0.05
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for qw, fn in ((NVFP4Tensor.from_float(w), nvfp4_linear), (Int4Tensor.from_float(w), int4_linear)):
-        y = fn(x.to(CUDA), on(qw, CUDA), use_kernel=True).cpu()
+        y = fn(x.to(CUDA), packed_to_device(qw, CUDA), use_kernel=True).cpu()
         ref = linear_reference(x.float(), qw)
         assert y.dtype == dtype and y.shape == (m, n)
         torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
@@ -123,8 +115,8 @@ def test_packed_gpu_linear_matches_the_cpu_compute_copy(fmt):
     bias, pre = torch.randn(96, generator=g), torch.rand(576, generator=g) + 0.5
     shards = [quantize_weight(fmt, w_q), quantize_weight(fmt, w_k)]
     copy = QuantLinear(fmt, shards, bias, input_scale, pre, torch.float32, compute="copy")
-    packed = QuantLinear(fmt, [on(s, CUDA) for s in shards], bias.to(CUDA), input_scale.to(CUDA), pre.to(CUDA),
-                         torch.float32)
+    on_gpu = [packed_to_device(s, CUDA) for s in shards]
+    packed = QuantLinear(fmt, on_gpu, bias.to(CUDA), input_scale.to(CUDA), pre.to(CUDA), torch.float32)
     assert packed.compute == "packed" and not hasattr(packed, "weight_t")
     y, y_ref = packed(x.to(CUDA)).cpu(), copy(x)
     # FP8 tensor cores accumulate with less than fp32's precision (Hopper): ~2.5e-4 of the range seen
