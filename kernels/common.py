@@ -6,6 +6,8 @@ Bit-exactness notes (why the helpers below do rounding by hand):
     integer bit operations, which give the same bits on a GPU and in the interpreter.
   * Divisions use `tl.math.div_rn` (IEEE round-to-nearest), the same as torch's `/`; plain `/` may lower to an
     approximate divide on GPUs.
+  * Scales formed in torch divide by a tensor, not a Python number (`divide_exactly`): torch on CUDA turns the
+    latter into a multiply by the reciprocal, so a GPU's scales would differ from the CPU's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ try:  # the interpreter class moved between Triton versions; only its type is ne
     from triton.runtime.interpreter import InterpretedFunction
 except ImportError:  # pragma: no cover
     InterpretedFunction = ()  # type: ignore[assignment,misc]
+
 
 def divide_exactly(x: torch.Tensor, divisor: float) -> torch.Tensor:
     """x / divisor, one correctly rounded division on every device. Torch on CUDA multiplies by the reciprocal of a
