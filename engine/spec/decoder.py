@@ -72,10 +72,14 @@ class SpecDecoder:
         return logits
 
     def step(self, seqs: list[Sequence]) -> list[Accepted]:
-        budget = self._budget(seqs)
-        steady = self.drafter.steady(seqs)  # before proposing: that reads the backlog
+        budget, probing = self._budget(seqs)
+        rows = self._drafting_rows(seqs, probing) if budget else []
+        # Before proposing (that reads the backlog); a step where only some draft is no draft's cost either.
+        steady = self.drafter.steady(seqs) and len(rows) == len(seqs)
         t0 = self.clock()
-        proposals = self.drafter.propose(seqs, budget) if budget else [Proposal([], None) for _ in seqs]
+        proposals = [Proposal([], None) for _ in seqs]
+        for b, prop in zip(rows, self.drafter.propose([seqs[b] for b in rows], budget) if rows else [], strict=True):
+            proposals[b] = prop
         t1 = self.clock()
         verify = self._verify_tree if any(p.parents is not None for p in proposals) else self._verify_chain
         results = verify(seqs, proposals, t1 - t0)
@@ -85,12 +89,21 @@ class SpecDecoder:
                                            [draft_depth(p) for p in proposals], steady))
         return results
 
-    def _budget(self, seqs: list[Sequence]) -> int:
-        """Draft tokens per sequence this step. A seeded sampled request must repeat run to run, and its rejection
-        sampling draws per draft: the number of drafts may not depend on measured timings, so a batch holding one
-        drafts the full budget."""
+    def _budget(self, seqs: list[Sequence]) -> tuple[int, bool]:
+        """Draft tokens per sequence this step, and whether the policy asks them as a probe. A seeded sampled
+        request must repeat run to run, and its rejection sampling draws per draft: the number of drafts may not
+        depend on measured timings, so a batch holding one drafts the full budget."""
         seeded = any(s.params.seed is not None and not s.params.greedy for s in seqs)
-        return self.policy.budget(seqs) if self.policy and not seeded else self.drafter.max_draft_tokens
+        if self.policy is None or seeded:
+            return self.drafter.max_draft_tokens, False
+        return self.policy.budget(seqs), self.policy.probing
+
+    def _drafting_rows(self, seqs: list[Sequence], probing: bool) -> list[int]:
+        """Which sequences draft this step: all, or on a probe the one with the least backlog: the head's catch-up
+        on skipped steps is most of a probe's cost at batch > 1, and one sequence's acceptance is what it measures."""
+        if not probing:
+            return list(range(len(seqs)))
+        return [min(range(len(seqs)), key=lambda b: self.drafter.backlog(seqs[b]))]
 
     def _verify_chain(self, seqs: list[Sequence], proposals: list[Proposal], draft_s: float) -> list[Accepted]:
         """Verify draft chains (last token + drafts, zero-padded) in one target forward; keep each accepted prefix."""

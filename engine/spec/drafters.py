@@ -39,6 +39,9 @@ class NgramDrafter:
     def steady(self, seqs: list[Sequence]) -> bool:
         return True  # nothing to catch up on
 
+    def backlog(self, seq: Sequence) -> int:
+        return 0
+
     def propose(self, seqs: list[Sequence], num_draft_tokens: int | None = None) -> list[Proposal]:
         k = self.k if num_draft_tokens is None else min(num_draft_tokens, self.k)
         return [Proposal(propose_ngram(s.token_ids, k) if k else [], None) for s in seqs]
@@ -94,10 +97,14 @@ class EagleDrafter:
         it costs every step, with no backlog (a prompt, or steps that drafted nothing) to catch up on first."""
         return all(s.draft_state.draft_len > 0 and len(s.draft_state.pending) <= 1 for s in seqs)
 
+    def backlog(self, seq: Sequence) -> int:
+        """Positions the head must read before it drafts for `seq`."""
+        return sum(len(f) for f in seq.draft_state.pending)
+
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], num_draft_tokens: int | None = None) -> list[Proposal]:
-        """Catch the head up on the pending features (one forward), then k-1 one-token steps; seqs in slots [0, B).
-        `num_draft_tokens` (<= k) shortens the chain for this step."""
+        """Catch the head up on the pending features (one forward), then k-1 one-token steps, each sequence in its
+        own slot (any of the batch's: a probe drafts for one). `num_draft_tokens` (<= k) shortens the chain."""
         k = self.k if num_draft_tokens is None else min(num_draft_tokens, self.k)
         if k == 0:
             return [Proposal([], None) for _ in seqs]
@@ -109,7 +116,7 @@ class EagleDrafter:
             drafted.append(d)
             probs.append(q)
             if j + 1 < k:  # the head embeds target ids, as in training: map the draft id back
-                h, logits = self._run(self.head.d2t[d].unsqueeze(1), h, (ends + j).unsqueeze(1), with_logits=True)
+                h, logits = self._run(seqs, self.head.d2t[d].unsqueeze(1), h, (ends + j).unsqueeze(1), True)
                 logits = logits[:, 0]
         target_ids = self.head.d2t[torch.stack(drafted, dim=1)].tolist()  # [B, k]
         return [Proposal(ids, None if probs[0][b] is None else torch.stack([q[b] for q in probs]))
@@ -128,18 +135,18 @@ class EagleDrafter:
             tokens[b, :n] = torch.tensor(seq.token_ids[st.draft_len + 1 : st.draft_len + 1 + n])
             feats[b, :n] = pending[b]
         starts = torch.tensor([st.draft_len for st in states])
-        h, _ = self._run(tokens, self.head.fuse(feats), starts[:, None] + torch.arange(S))  # [B, S, H]
+        h, _ = self._run(seqs, tokens, self.head.fuse(feats), starts[:, None] + torch.arange(S))  # [B, S, H]
         h = h[torch.arange(len(seqs)), torch.tensor(counts) - 1].unsqueeze(1)  # each row's last real pair
         for st, n in zip(states, counts, strict=True):
             st.draft_len += n
         return h, torch.tensor([st.draft_len for st in states])
 
-    def _run(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+    def _run(self, seqs: list[Sequence], tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
              with_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The head over `tokens` [B, S] at `positions` [B, S] in cache slots [0, B): output states [B, S, H] and
-        (`with_logits`) their draft logits [B, S, Vd]."""
+        """The head over `tokens` [B, S] at `positions` [B, S] in the sequences' slots: output states [B, S, H]
+        and (`with_logits`) their draft logits [B, S, Vd]."""
         lengths = (positions.amax(1) + 1).tolist()  # [B]
-        self.cache.begin(0, lengths)
+        self.cache.begin_rows([s.slot for s in seqs], lengths)
         attn_len = max(lengths)
         mask = mask_unless_kernel(positions, attn_len, self.group, None, self.unmasked_decode)
         return self.head.step(tokens, hidden, positions, self.cache, mask, with_logits)

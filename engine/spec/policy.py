@@ -8,10 +8,11 @@ turns off under load unless acceptance is high. A batch size not measured yet bo
 (the prior only before any). Budget 0 is a plain decode step; it also refreshes the plain-step time. While off, a
 one-token probe keeps c_1 and r current, every `probe_every` steps or less often where a probe costs more (at batch
 8 a draft row costs compute): its extra cost r_B stays within `probe_overhead` of the steps between (up to
-`max_probe_every`). A row that accepts its whole chain says nothing of the next position: its estimate drifts back
-toward the prior, so a chain that shrank can grow again. A draft tree is drafted whole or not at all (`whole`): a
-smaller node budget makes it narrower as well as shallower, so the acceptance measured on the whole tree does not
-tell what a smaller one would get; its probe is the whole tree.
+`max_probe_every`). At batch > 1 a probe drafts for one sequence (the decoder picks it): the head then catches up on
+that sequence's skipped steps alone, not on every sequence's. A row that accepts its whole chain says nothing of the
+next position: its estimate drifts back toward the prior, so a chain that shrank can grow again. A draft tree is
+drafted whole or not at all (`whole`): a smaller node budget makes it narrower as well as shallower, so the
+acceptance measured on the whole tree does not tell what a smaller one would get; its probe is the whole tree.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class AdaptivePolicy:
     costs: dict[int, BatchCost] = field(default_factory=dict)
     steps_drafted: int = 0
     steps_skipped: int = 0
+    probing: bool = False  # whether the last budget was a probe's
 
     def __post_init__(self) -> None:
         if not self.acceptance:
@@ -119,9 +121,11 @@ class AdaptivePolicy:
         cost.since_plain += 1
         cost.since_draft += 1
         k = self.best_budget(len(seqs))
+        self.probing = False
         if cost.plain_s is None or (k and cost.since_plain > self.cfg.probe_every):
             return 0  # time a plain step first, and re-time it now and then: context length and load drift
         if k == 0 and cost.since_draft > self.probe_interval(len(seqs)):
+            self.probing = True
             return self.probe_size  # it measures c_1 and r, so drafting can come back
         return k
 

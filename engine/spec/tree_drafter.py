@@ -41,14 +41,14 @@ class EagleTreeDrafter(EagleDrafter):
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], num_draft_tokens: int | None = None) -> list[Proposal]:
-        """A draft tree of up to `num_draft_tokens` (<= the configured number) nodes per sequence in slots [0, B).
+        """A draft tree of up to `num_draft_tokens` (<= the configured number) nodes per sequence, in its slot.
         A smaller budget also expands fewer depths: b connected nodes reach depth b at most, and the candidates
         above that depth do not depend on the expansion below it (so the tree is the full expansion's b best)."""
         budget = self.num_draft_tokens if num_draft_tokens is None else min(num_draft_tokens, self.num_draft_tokens)
         if budget == 0 or not all(s.params.greedy for s in seqs):
             return super().propose(seqs, min(budget, self.k))
         h, ends = self._catch_up(seqs)  # [B, 1, H], [B]
-        scores, tokens, parents = self._expand(h, ends, min(self.k, budget))  # candidates [B, N] each
+        scores, tokens, parents = self._expand(seqs, h, ends, min(self.k, budget))  # candidates [B, N] each
         lookups = [self._lookup(s, budget) if self.ngram_branch else ([], []) for s in seqs]
         return [self._best_subtree(scores[b], tokens[b], parents[b], budget, lookups[b]) for b in range(len(seqs))]
 
@@ -63,7 +63,7 @@ class EagleTreeDrafter(EagleDrafter):
         state.lookup = (n, chain, len(seq.token_ids)) if chain else None
         return chain, self.lookup_accuracy.log_probs(n, len(chain))
 
-    def _expand(self, h: torch.Tensor, ends: torch.Tensor, num_steps: int
+    def _expand(self, seqs: list[Sequence], h: torch.Tensor, ends: torch.Tensor, num_steps: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All candidate nodes of `num_steps` depths: cumulative log-probs, draft ids and parent candidate ids (-1:
         root), [B, N] each, numbered so that a parent comes before its children."""
@@ -77,7 +77,7 @@ class EagleTreeDrafter(EagleDrafter):
         for depth in range(1, num_steps):
             slots = (depth - 1) * K + torch.arange(K)  # this depth's rows, relative to `ends`
             ancestors[:, torch.arange(K), slots] = True  # each row attends itself
-            out, logits = self._run_tree(self.head.d2t[tok], hidden, ends, depth - 1, slots, ancestors)
+            out, logits = self._run_tree(seqs, self.head.d2t[tok], hidden, ends, depth - 1, slots, ancestors)
             child_score, child_tok = logits.log_softmax(-1).topk(K, -1)  # [B, K, K]
             child_score = (score[..., None] + child_score).flatten(1)  # [B, K*K] cumulative
             child_tok = child_tok.flatten(1)
@@ -92,15 +92,15 @@ class EagleTreeDrafter(EagleDrafter):
             num_cand += K * K
         return torch.cat(cand_score, 1), torch.cat(cand_tok, 1), torch.cat(cand_parent, 1)
 
-    def _run_tree(self, tokens: torch.Tensor, hidden: torch.Tensor, ends: torch.Tensor, depth: int,
-                  slots: torch.Tensor, ancestors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_tree(self, seqs: list[Sequence], tokens: torch.Tensor, hidden: torch.Tensor, ends: torch.Tensor,
+                  depth: int, slots: torch.Tensor, ancestors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The head over frontier `tokens` [B, K] (target ids) at position ends + depth, rows written at
         ends + slots, attending the prefix [0, ends) and their `ancestors` [B, K, T]: output states [B, K, H] and
         their draft logits [B, K, Vd]."""
         positions = (ends + depth)[:, None].expand_as(tokens)  # [B, K] a tree depth is one position
         write_at = ends[:, None] + slots  # [B, K]
         lengths = (ends + ancestors.shape[-1]).tolist()  # [B] the prefix and the tree slots
-        self.cache.begin(0, lengths)
+        self.cache.begin_rows([s.slot for s in seqs], lengths)
         attn_len = max(lengths)
         mask = tree_mask(write_at, ends, ancestors, attn_len, self.group, self.unmasked_decode)
         return self.head.step(tokens, hidden, positions, self.cache, mask, with_logits=True)

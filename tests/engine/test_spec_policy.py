@@ -143,11 +143,13 @@ class WrongTokenDrafter(NgramDrafter):
     """A drafter whose acceptance is ~0 by construction: it always proposes the last vocabulary id, a token
     the chat model never emits. It stands for a head that does not match its target."""
 
-    def __init__(self, k: int, token: int):
+    def __init__(self, k: int, token: int, policy: AdaptivePolicy):
         super().__init__(k)
-        self.token = token
+        self.token, self.policy = token, policy
+        self.calls: list[tuple[int, bool]] = []  # per proposal: sequences drafting, whether the policy probes
 
     def propose(self, seqs, k=None):
+        self.calls.append((len(seqs), self.policy.probing))
         return [Proposal([self.token] * (k or self.k), None) for _ in seqs]
 
 
@@ -180,7 +182,8 @@ def test_wrong_drafts_turn_drafting_off_and_output_stays_identical(engine, adapt
     prompts = chat_prompt_ids[:4]
     ref = generate(engine, prompts, GREEDY, at_once=True)
     ngram = adaptive_ngram.spec.drafter
-    adaptive_ngram.spec.drafter = WrongTokenDrafter(K, adaptive_ngram.model_config.vocab_size - 1)
+    wrong = WrongTokenDrafter(K, adaptive_ngram.model_config.vocab_size - 1, adaptive_ngram.spec.policy)
+    adaptive_ngram.spec.drafter = wrong
     try:
         got = generate(adaptive_ngram, prompts, GREEDY, at_once=True)
     finally:
@@ -189,6 +192,9 @@ def test_wrong_drafts_turn_drafting_off_and_output_stays_identical(engine, adapt
     total = totals(got)
     assert total.accepted_tokens == 0
     assert total.skipped_steps > 3 * total.drafts  # probes only
+    # The batch drafts until it learns; then each probe drafts for one sequence: a head would catch up on one.
+    assert wrong.calls[0] == (4, False)
+    assert {n for n, probing in wrong.calls if probing} == {1}
 
 
 def test_repetitive_text_keeps_ngram_drafting_on(engine, adaptive_ngram):

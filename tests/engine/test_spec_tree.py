@@ -14,7 +14,7 @@ from optiserve.engine.kv_cache import SlotTables
 from optiserve.engine.llm_engine import LLMEngine, WeightSet
 from optiserve.engine.spec.decoder import draft_depth, shipped_head_dir
 from optiserve.engine.spec.draft_head import DraftHead, load_draft_head, with_serving_linears
-from optiserve.engine.spec.drafters import EagleState
+from optiserve.engine.spec.drafters import EagleDrafter, EagleState
 from optiserve.engine.spec.tree_drafter import EagleTreeDrafter, add_branch
 from optiserve.engine.tree_attention import ancestor_matrix, depths
 from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
@@ -165,7 +165,7 @@ def tree_drafter_after(base, prompt: list[int], dtype: str):
     _, features = base.runner.prefill_features(0, prompt, capture=drafter.capture)
     tables.admit(0, prompt, lookup=False)
     return drafter, features, SimpleNamespace(token_ids=prompt + [0], params=SamplingParams(temperature=0),
-                                              draft_state=None)
+                                              draft_state=None, slot=0)
 
 
 def test_a_smaller_budget_drafts_the_full_trees_best_nodes_from_fewer_depths(base, chat_prompt_ids):
@@ -184,7 +184,7 @@ def test_a_smaller_budget_drafts_the_full_trees_best_nodes_from_fewer_depths(bas
     for budget in (8, 4, 2, 1):
         seq.draft_state = EagleState([features])  # the same prefix to catch up on for every budget
         h, ends = drafter._catch_up([seq])
-        full = [c[0] for c in drafter._expand(h, ends, 4)]
+        full = [c[0] for c in drafter._expand([seq], h, ends, 4)]
         seq.draft_state, runs[:] = EagleState([features]), []
         got = drafter.propose([seq], budget)[0]
         want = drafter._best_subtree(*full, budget)
@@ -203,7 +203,8 @@ def test_the_draft_heads_kernel_step_gives_the_modules_results_bit_for_bit(base,
     def drafts() -> tuple[torch.Tensor, ...]:
         seq.draft_state = EagleState([features])
         h, ends = drafter._catch_up([seq])  # every prompt position, then a tree of 4 depths, then a chain step
-        return h, *drafter._expand(h, ends, 4), *drafter._run(torch.tensor([[17]]), h, ends[:, None], True)
+        chain_step = drafter._run([seq], torch.tensor([[17]]), h, ends[:, None], True)
+        return h, *drafter._expand([seq], h, ends, 4), *chain_step
 
     stacked = watch(DraftHead, "head_stack")
     fused = drafts()
@@ -211,6 +212,32 @@ def test_the_draft_heads_kernel_step_gives_the_modules_results_bit_for_bit(base,
     refuse(DraftHead, "head_stack")
     for a, b in zip(fused, drafts(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("tree", [True, False], ids=["tree", "chain"])
+def test_a_sequence_drafts_alone_what_it_drafts_beside_the_others(base, chat_prompt_ids, tree):
+    """A probe at batch > 1 drafts for one sequence (the head catches up on its backlog alone): the head must read
+    and write that sequence's own cache slot, so the drafts of the sequence in slot 1 alone are those it gets in
+    the batch of slots 0 and 1."""
+    head = with_serving_linears(load_draft_head(shipped_head_dir()), "bfloat16").attach(base.runner.model)
+    tables = SlotTables(BlockPool(128, 16), 2, 1024)
+    args = (head, 4, 3, 8, tables, torch.float32) if tree else (head, 4, tables, torch.float32)
+    drafter = EagleTreeDrafter(*args) if tree else EagleDrafter(*args)
+    seqs, features = [], []
+    for slot, prompt in enumerate(chat_prompt_ids[1:3]):
+        base.runner.cache.truncate(slot, 0)
+        features.append(base.runner.prefill_features(slot, prompt, capture=drafter.capture)[1])
+        tables.admit(slot, prompt, lookup=False)
+        seqs.append(SimpleNamespace(token_ids=prompt + [0], params=SamplingParams(temperature=0), slot=slot))
+
+    def drafts(batch):
+        for seq, f in zip(seqs, features, strict=True):
+            seq.draft_state = EagleState([f])
+        return [(p.tokens, p.parents) for p in drafter.propose(batch)]
+
+    together, alone = drafts(seqs), drafts(seqs[1:])
+    assert alone == together[1:] and together[0] != together[1] and all(t for t, _ in together)
+    assert drafter.backlog(seqs[0]) == len(features[0])  # the sequence left out still has its prompt to read
 
 
 def test_the_head_is_steady_once_it_read_all_but_the_last_verify(base, chat_prompt_ids):
@@ -253,7 +280,7 @@ def test_the_lookup_competes_with_the_heads_nodes_for_the_budget(base, chat_prom
     drafter, features, seq = tree_drafter_after(base, chat_prompt_ids[2], "bfloat16")
     seq.draft_state = EagleState([features])
     h, ends = drafter._catch_up([seq])
-    scores, tokens, parents = (c[0] for c in drafter._expand(h, ends, 4))
+    scores, tokens, parents = (c[0] for c in drafter._expand([seq], h, ends, 4))
     chain = [t for t in range(1000, 1100) if t not in drafter.head.d2t[tokens].tolist()][:budget]
     kept_of_chain = []
     for first in (0.2, 0.6, 0.95):  # a lookup the learned accuracy trusts more and more

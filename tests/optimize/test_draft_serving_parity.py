@@ -66,7 +66,7 @@ def serving_predictions(drafter: EagleDrafter, tokens: list[int], features: torc
     d2t = drafter.head.d2t
     t2d = torch.full((drafter.head.cfg.target_vocab_size,), -1, dtype=torch.long)
     t2d[d2t] = torch.arange(len(d2t))
-    seq = SimpleNamespace(token_ids=tokens[: first + 2], draft_state=None)
+    seq = SimpleNamespace(token_ids=tokens[: first + 2], draft_state=None, slot=0)
     drafter.on_prefill(seq, features[: first + 1])
     got: dict[tuple[int, int], int] = {}
     for t in range(first, len(tokens) - 1 - STEPS):
