@@ -8,7 +8,8 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl fastapi starlette pydantic pydantic_core annotated_types \
 #     typing_inspection typing_extensions uvicorn gguf annotated-doc opentelemetry-api   # versions: constraints.txt
-#   mkdir -p .gpu/tok && (cd ~/.cache/optiserve/models/SmolLM2-135M-Instruct && cp config.json generation_config.json tokenizer*.json chat_template.jinja "$OLDPWD/.gpu/tok/")
+#   mkdir -p .gpu/tok && (cd ~/.cache/optiserve/models/SmolLM2-135M-Instruct && \
+#     cp config.json generation_config.json tokenizer*.json chat_template.jinja "$OLDPWD/.gpu/tok/")
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
