@@ -4,7 +4,7 @@
 # .gpu/tok/ gets random weights of its shapes when the real weights cannot travel. Runs tests/gpu with Triton
 # compiling, then `optiserve serve --device cuda --quant nvfp4` with a chat, a streamed chat and a metrics scrape.
 # Logs go to $OUT (default /tmp/gpu-check).
-# Prepared on the machine that sends the tree (both folders git-ignored through .git/info/exclude):
+# Prepared on the machine that sends the tree (both folders git-ignored; a device call carries them):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl fastapi starlette pydantic pydantic_core annotated_types \
 #     typing_inspection typing_extensions uvicorn gguf annotated-doc opentelemetry-api   # versions: constraints.txt
