@@ -22,12 +22,6 @@ except ImportError:  # pragma: no cover
     InterpretedFunction = ()  # type: ignore[assignment,misc]
 
 
-def divide_exactly(x: torch.Tensor, divisor: float) -> torch.Tensor:
-    """x / divisor, one correctly rounded division on every device. Torch on CUDA multiplies by the reciprocal of a
-    Python-number divisor (1 ulp off at times), so the divisor goes in as a tensor on x's device."""
-    return x / torch.tensor(divisor, dtype=x.dtype, device=x.device)
-
-
 # Rounding modes for `round_to_mode`: what precision a value is rounded to before it is used again.
 MODE_FP32: int = 0
 MODE_BF16: int = 1
@@ -74,6 +68,12 @@ def check_float_input(x: torch.Tensor, name: str = "x") -> None:
 def scalar_scale(scale: torch.Tensor | float, device: torch.device) -> torch.Tensor:
     """A per-tensor scale as a 0-dim float32 tensor on `device`."""
     return torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(())
+
+
+def divide_exactly(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """x / divisor, one correctly rounded division on every device. Torch on CUDA multiplies by the reciprocal of a
+    Python-number divisor (1 ulp off at times), so the divisor goes in as a tensor on x's device (fp32, as x is)."""
+    return x / scalar_scale(divisor, x.device)
 
 
 def elementwise_grid(n: int, block: int) -> tuple[int]:

@@ -24,13 +24,13 @@ from optiserve.kernels import FP8Tensor, Int4Tensor, Int8Tensor, NVFP4Tensor, in
 from optiserve.kernels.gemm import linear_reference
 from optiserve.kernels.nvfp4_kv import quantize_nvfp4_kv
 from optiserve.optimize.ptq_pipeline import QuantRequest, cache_key, prepare_quantized, ptq_cache_dir
+from tests.kernels.test_kernel_vs_reference import DTYPES
 from tests.kernels.test_packed_compute import ACTIVATION_DIVISOR, FORMATS
 from tests.kernels.utils import assert_bits_equal, wide_range
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here; CI has none)")
 
 CUDA = "cuda"
-DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 WEIGHT_ONLY = {"nvfp4-w4a16", "int4"}  # no activation code can flip between summation orders
 MODEL = os.environ.get("OPTISERVE_GPU_MODEL", "default")
 
