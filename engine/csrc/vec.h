@@ -72,12 +72,54 @@ static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 #else
 static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
 #endif
+#if defined(__AVX2__)
+// The sum of the 8 lanes in a fixed tree, ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)), which `hsums` takes for
+// 8 vectors at once: a lane-by-lane chain cost an 8-row verify's attention more than its multiply-adds.
+static inline float hsum(vf v) {
+  const __m256 p = _mm256_hadd_ps(v, v);
+  const __m256 q = _mm256_hadd_ps(p, p);
+  return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1)));
+}
+// Lane t = hsum(a[t]): pairs, then pairs of pairs (a[t]'s halves in lane t of each 128-bit half), then the halves.
+static inline vf hsums(const vf (&a)[V]) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#else
 static inline float hsum(vf v) { float s = 0; for (int k = 0; k < V; k++) s += v[k]; return s; }
 static inline vf hsums(const vf (&a)[V]) { vf s; for (int t = 0; t < V; t++) s[t] = hsum(a[t]); return s; }
+#endif
 static inline vf vmax(vf m, vf x) { return x > m ? x : m; }
 static inline float hmax(vf v) { float m = v[0]; for (int k = 1; k < V; k++) m = v[k] > m ? v[k] : m; return m; }
 static inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+#if defined(__AVX2__) && defined(__FMA__)
+// e^x by the AVX-512 vexp's operations (the same bits; a lane of scalar std::exp cost 5-7 ns, most of an 8-row
+// verify's SiLU and softmax). AVX2 has no scalef: 2^n (n in [-150, 128] after the clamp) is applied in two
+// halves, each a normal power of two, so only the second multiply rounds, as scalef's one rounding does.
+static inline vf vexp(vf x) {
+  auto c = [](float v) { return _mm256_set1_ps(v); };
+  x = _mm256_max_ps(_mm256_min_ps(x, c(88.72f)), c(-104.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, c(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, c(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, c(-2.12194440e-4f), r);
+  __m256 p = c(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, c(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, c(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, c(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, c(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, c(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, c(1.0f)));
+  const __m256i ni = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(ni, 1);
+  auto pow2 = [](__m256i k) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
+  };
+  return _mm256_mul_ps(_mm256_mul_ps(p, pow2(half)), pow2(_mm256_sub_epi32(ni, half)));
+}
+#else
 static inline vf vexp(vf x) { for (int k = 0; k < V; k++) x[k] = std::exp(x[k]); return x; }
+#endif
 #endif
 static inline vf vset(float a) { return vzero() + a; }
 // A pass that streams the weights from memory (a decode batch's or a verify's rows): with 16 vector registers (AVX2)
