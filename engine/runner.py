@@ -102,9 +102,15 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, last_tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each of the sequences in slots [0, B); returns logits [B, V]."""
+        return self.decode_features(last_tokens, positions)[0]
+
+    @torch.inference_mode()
+    def decode_features(self, last_tokens: list[int], positions: list[int],
+                        capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`decode`, also returning the outputs of the `capture` layers [B, 1, n*H]."""
         tokens = torch.tensor([[t] for t in last_tokens], device=self.device)  # [B, 1]
         pos = torch.tensor([[p] for p in positions], device=self.device)  # [B, 1]
-        return self._forward(0, tokens, pos, all_logits=False)[0]
+        return self._forward(0, tokens, pos, all_logits=False, capture=capture)
 
     @torch.inference_mode()
     def decode_at(self, slot: int, token: int, position: int,

@@ -150,15 +150,15 @@ def test_a_step_that_fails_part_way_leaves_each_drafts_backlog_as_before(chat_pr
     steps where features pile up between proposals."""
     engine = LLMEngine(EngineConfig(max_batch=2, max_model_len=1024, speculative="auto"))
     engine.spec.policy.budget = lambda seqs: 0
-    truncate, second_rows = engine.runner.cache.truncate, []
+    on_verify, second_rows = engine.spec.drafter.on_verify, []
 
-    def fails_once(slot, *args):
-        second_rows.append(slot) if slot == 1 else None
-        if slot == 1 and len(second_rows) == 3:  # after the first sequence of the third step took its features
+    def fails_once(seq, features):
+        second_rows.append(seq.slot) if seq.slot == 1 else None
+        if seq.slot == 1 and len(second_rows) == 3:  # after the first sequence of the third step took its features
             raise RuntimeError("injected failure")
-        return truncate(slot, *args)
+        return on_verify(seq, features)
 
-    engine.runner.cache.truncate = fails_once
+    engine.spec.drafter.on_verify = fails_once
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     for i, prompt in enumerate(chat_prompt_ids[:2]):
         engine.add_request(Request(str(i), prompt, params, lambda out: None))
