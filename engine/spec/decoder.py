@@ -89,7 +89,7 @@ class SpecDecoder:
         if self.policy:  # a tree counts as a chain as deep as its deepest node: nodes drafted, path kept
             self.policy.observe(StepRecord(budget, [len(p.tokens) for p in proposals],
                                            [len(r.tokens) - 1 for r in results], self.clock() - t0,
-                                           [draft_depth(p) for p in proposals], steady))
+                                           [draft_depth(p) for p in proposals], steady, probing))
         return results
 
     def _budget(self, seqs: list[Sequence]) -> tuple[int, bool]:

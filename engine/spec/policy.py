@@ -7,9 +7,11 @@ nearly free at batch 1 (the weights are read once) and cost compute at batch 8, 
 turns off under load unless acceptance is high. A batch size not measured yet borrows r from the nearest one that is
 (the prior only before any). Budget 0 is a plain decode step; it also refreshes the plain-step time. While off, a
 one-token probe keeps c_1 and r current, every `probe_every` steps or less often where a probe costs more (at batch
-8 a draft row costs compute): its extra cost r_B stays within `probe_overhead` of the steps between (up to
-`max_probe_every`). At batch > 1 a probe drafts for one sequence (the decoder picks it): the head then catches up on
-that sequence's skipped steps alone, not on every sequence's. A row that accepts its whole chain says nothing of the
+8 a draft row costs compute): its extra cost stays within `probe_overhead` of the steps between (up to
+`max_probe_every`), as measured on the probes themselves once there are some (their catch-up on skipped steps and,
+at batch > 1, verify rows padded for every sequence: costs that a steady draft step's r_B does not show). At batch >
+1 a probe drafts for one sequence (the decoder picks it): the head then catches up on that sequence's skipped steps
+alone, not on every sequence's. A row that accepts its whole chain says nothing of the
 next position: its estimate drifts back toward the prior, so a chain that shrank can grow again. A draft tree is
 drafted whole or not at all (`whole`): a smaller node budget makes it narrower as well as shallower, so the
 acceptance measured on the whole tree does not tell what a smaller one would get; its probe is the whole tree.
@@ -47,9 +49,10 @@ class PolicyConfig:
 class StepRecord:
     """One speculative (or plain) step as it happened: the budget asked, per sequence the drafts proposed, how
     many of them were accepted and how deep they went (a chain: its length; a tree: its deepest node; None: the
-    drafts are chains), the step's wall time (drafting + verifying), and whether that time is a steady step's: a
-    drafter first catching up on a backlog (a new prompt, or the steps that drafted nothing) pays once what the
-    steps after it do not, so such a step teaches acceptance but not the cost of a draft."""
+    drafts are chains), the step's wall time (drafting + verifying), whether that time is a steady step's (a
+    drafter first catching up on a backlog, a new prompt or the steps that drafted nothing, pays once what the
+    steps after it do not, so such a step teaches acceptance but not the cost of a draft), and whether the step was
+    the policy's probe (its time is what probing costs)."""
 
     budget: int
     drafted: list[int]
@@ -57,14 +60,17 @@ class StepRecord:
     seconds: float
     depths: list[int] | None = None
     timed: bool = True
+    probe: bool = False
 
 
 @dataclass
 class BatchCost:
-    """Per batch size: seconds of a plain step, and extra cost per draft token relative to it (EMAs)."""
+    """Per batch size: seconds of a plain step, and extra costs relative to it, per draft token of a steady step
+    and of a whole probe step (EMAs)."""
 
     plain_s: float | None = None
     per_draft: float | None = None
+    probe_extra: float | None = None
     since_plain: int = 0  # steps since the plain-step time was last measured
     since_draft: int = 0  # steps since the last drafting step
 
@@ -102,7 +108,10 @@ class AdaptivePolicy:
 
     def probe_interval(self, batch: int) -> int:
         """Steps between probes while off at `batch`."""
-        wanted = math.ceil(self.per_draft(batch) * self.probe_size / self.cfg.probe_overhead)
+        extra = self._cost(batch).probe_extra
+        if extra is None:
+            extra = self.per_draft(batch) * self.probe_size
+        wanted = math.ceil(extra / self.cfg.probe_overhead)
         return min(max(self.cfg.probe_every, wanted), self.cfg.max_probe_every)
 
     @property
@@ -140,6 +149,8 @@ class AdaptivePolicy:
             return
         self.steps_drafted += 1
         cost.since_draft = 0
+        if cost.plain_s is not None and rec.probe:
+            cost.probe_extra = self._ema(cost.probe_extra, max(rec.seconds / cost.plain_s - 1.0, 0.0))
         if cost.plain_s is not None and rec.timed:
             cost.per_draft = self._ema(cost.per_draft, max(rec.seconds / cost.plain_s - 1.0, 0.0) / width)
         for depth, accepted in zip(rec.depths or rec.drafted, rec.accepted, strict=True):

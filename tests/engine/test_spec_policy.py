@@ -127,6 +127,22 @@ def test_a_tree_is_drafted_whole_or_not_at_all():
     assert interval == off.cfg.max_probe_every  # a probe costs ~2.4 plain steps here: as rare as allowed
 
 
+def test_probes_are_as_rare_as_their_own_measured_cost_says():
+    """A probe catches the head up on the skipped steps and, at batch > 1, pads every sequence's verify rows: costs
+    that a steady draft's r_B does not show, and a probe's time is untimed for r_B. At batch 8 (`int8` tree, bench
+    spec) r_B stayed at its prior, so a probe costing ~3 plain steps came every 25: 0.94x plain. The interval now
+    follows the probes' own measured cost: here as rare as allowed."""
+    policy, budgets = AdaptivePolicy(PolicyConfig(K, whole=True)), []
+    for _ in range(400):
+        budgets.append(k := policy.budget([None] * 8))
+        drafted = [k] * (1 if policy.probing else 8) + [0] * (7 if policy.probing else 0)
+        policy.observe(StepRecord(k, drafted, [0] * 8, (3.0 if k else 1.0) * PLAIN_S, timed=False,
+                                  probe=policy.probing))
+    assert policy.per_draft(8) == policy.cfg.prior_cost_per_draft  # never timed
+    assert policy.probe_interval(8) == policy.cfg.max_probe_every
+    assert 2 <= sum(1 for k in budgets[-256:] if k) <= 256 // policy.cfg.max_probe_every + 1
+
+
 def test_a_step_that_first_catches_up_on_a_backlog_teaches_acceptance_not_cost():
     """The head's first draft after a prompt, or after steps that drafted nothing (a probe), reads that whole
     backlog first: its time is not what a draft costs each step, and counting it kept `int8` trees off (10 of 678
