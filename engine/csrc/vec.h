@@ -44,21 +44,6 @@ static inline vf hsums(const vf (&a)[V]) {
 static inline vf vmax(vf m, vf x) { return _mm512_max_ps(x, m); }
 static inline float hmax(vf v) { return _mm512_reduce_max_ps(v); }
 static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
-// e^x, Cephes expf polynomial (~1 ulp) with AVX-512 scalef for the 2^n part.
-static inline vf vexp(vf x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.72f)), _mm512_set1_ps(-104.0f));
-  vf n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-  vf r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  vf p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
 #else
 constexpr int64_t V = 8;
 constexpr int NUM_VREGS = 16;
@@ -93,35 +78,40 @@ static inline vf hsums(const vf (&a)[V]) { vf s; for (int t = 0; t < V; t++) s[t
 static inline vf vmax(vf m, vf x) { return x > m ? x : m; }
 static inline float hmax(vf v) { float m = v[0]; for (int k = 1; k < V; k++) m = v[k] > m ? v[k] : m; return m; }
 static inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
-#if defined(__AVX2__) && defined(__FMA__)
-// e^x by the AVX-512 vexp's operations (the same bits; a lane of scalar std::exp cost 5-7 ns, most of an 8-row
-// verify's SiLU and softmax). AVX2 has no scalef: 2^n (n in [-150, 128] after the clamp) is applied in two
-// halves, each a normal power of two, so only the second multiply rounds, as scalef's one rounding does.
+#endif
+static inline vf vset(float a) { return vzero() + a; }
+// e^x, Cephes expf (~1 ulp): x = n ln2 + r (ln2 in two parts), e^r ~ 1 + r + r^2 P(r), times 2^n. AVX-512 applies
+// 2^n with scalef; AVX2 has none, so 2^n (n in [-150, 128] after the clamp) goes in two halves, each a normal power
+// of two: only the second multiply rounds, as scalef's one rounding does. Scalar std::exp cost 5-7 ns a lane, most
+// of an 8-row verify's SiLU and softmax on AVX2.
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+static inline vf exp_reduced(vf x, vf n) {
+  const vf r = vfma(n, vset(2.12194440e-4f), vfma(n, vset(-0.693359375f), x));
+  vf p = vset(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = vfma(p, r, vset(c));
+  return vfma(p, r * r, r + vset(1.0f));
+}
+#endif
+#if defined(__AVX512F__)
 static inline vf vexp(vf x) {
-  auto c = [](float v) { return _mm256_set1_ps(v); };
-  x = _mm256_max_ps(_mm256_min_ps(x, c(88.72f)), c(-104.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, c(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, c(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, c(-2.12194440e-4f), r);
-  __m256 p = c(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, c(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, c(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, c(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, c(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, c(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, c(1.0f)));
+  x = _mm512_max_ps(_mm512_min_ps(x, vset(88.72f)), vset(-104.0f));
+  const vf n = _mm512_roundscale_ps(x * vset(1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT);
+  return _mm512_scalef_ps(exp_reduced(x, n), n);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline vf vexp(vf x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, vset(88.72f)), vset(-104.0f));
+  const vf n = _mm256_round_ps(x * vset(1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256i ni = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(ni, 1);
   auto pow2 = [](__m256i k) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
   };
-  return _mm256_mul_ps(_mm256_mul_ps(p, pow2(half)), pow2(_mm256_sub_epi32(ni, half)));
+  return exp_reduced(x, n) * pow2(half) * pow2(_mm256_sub_epi32(ni, half));
 }
 #else
 static inline vf vexp(vf x) { for (int k = 0; k < V; k++) x[k] = std::exp(x[k]); return x; }
 #endif
-#endif
-static inline vf vset(float a) { return vzero() + a; }
 // A pass that streams the weights from memory (a decode batch's or a verify's rows): with 16 vector registers (AVX2)
 // a block holds one weight row, so the pass reads the weights as one sequential stream that the hardware prefetcher
 // keeps ahead of (blocks of 2-4 interleaved rows made a 6-row verify cost 1.4x one row on a Zen 2), and up to
