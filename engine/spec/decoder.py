@@ -87,9 +87,10 @@ class SpecDecoder:
             verify = self._verify_tree if any(p.parents is not None for p in proposals) else self._verify_chain
             results = verify(seqs, proposals, t1 - t0)
         if self.policy:  # a tree counts as a chain as deep as its deepest node: nodes drafted, path kept
+            t2 = self.clock()
             self.policy.observe(StepRecord(budget, [len(p.tokens) for p in proposals],
-                                           [len(r.tokens) - 1 for r in results], self.clock() - t0,
-                                           [draft_depth(p) for p in proposals], steady, probing))
+                                           [len(r.tokens) - 1 for r in results], t2 - t0,
+                                           [draft_depth(p) for p in proposals], steady, probing, t2 - t1))
         return results
 
     def _budget(self, seqs: list[Sequence]) -> tuple[int, bool]:

@@ -5,16 +5,18 @@ position i accepted | position i-1 accepted). Its cost, relative to a plain deco
 * k, with r_B the EMA of the measured extra cost per draft token (drafting + verify rows) at batch B. Rows are
 nearly free at batch 1 (the weights are read once) and cost compute at batch 8, so r_B grows with B and drafting
 turns off under load unless acceptance is high. A batch size not measured yet borrows r from the nearest one that is
-(the prior only before any). Budget 0 is a plain decode step; it also refreshes the plain-step time. While off, a
-one-token probe keeps c_1 and r current, every `probe_every` steps or less often where a probe costs more (at batch
-8 a draft row costs compute): its extra cost stays within `probe_overhead` of the steps between (up to
-`max_probe_every`), as measured on the probes themselves once there are some (their catch-up on skipped steps and,
-at batch > 1, verify rows padded for every sequence: costs that a steady draft step's r_B does not show). At batch >
-1 a probe drafts for one sequence (the decoder picks it): the head then catches up on that sequence's skipped steps
-alone, not on every sequence's. A row that accepts its whole chain says nothing of the
-next position: its estimate drifts back toward the prior, so a chain that shrank can grow again. A draft tree is
-drafted whole or not at all (`whole`): a smaller node budget makes it narrower as well as shallower, so the
-acceptance measured on the whole tree does not tell what a smaller one would get; its probe is the whole tree.
+(before any, the prior times B: at batch 8 a first tree at r_8 = 0.1 cost 6-14 plain steps). A step that first
+catches the drafter up on a backlog is not timed for r, but its verify alone is a floor: r rises to it. Budget 0 is
+a plain decode step; it also refreshes the plain-step time. While off, a one-token probe keeps c_1 and r current,
+every `probe_every` steps or less often where a probe costs more (at batch 8 a draft row costs compute): its extra
+cost stays within `probe_overhead` of the steps between (up to `max_probe_every`), as measured on the probes
+themselves once there are some (their catch-up on skipped steps and, at batch > 1, verify rows padded for every
+sequence: costs that a steady draft step's r_B does not show). At batch > 1 a probe drafts for one sequence (the
+decoder picks it): the head then catches up on that sequence's skipped steps alone, not on every sequence's. A row
+that accepts its whole chain says nothing of the next position: its estimate drifts back toward the prior, so a
+chain that shrank can grow again. A draft tree is drafted whole or not at all (`whole`): a smaller node budget makes
+it narrower as well as shallower, so the acceptance measured on the whole tree does not tell what a smaller one
+would get; its probe is the whole tree.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class PolicyConfig:
     probe_overhead: float = 0.02  # a probe's extra cost over the plain steps between probes, at most
     max_probe_every: int = 64  # ... but never rarer: one noisy timing must not keep drafting off for long
     prior_acceptance: float = 0.5  # c_i before any observation: optimistic enough to try drafting
-    prior_cost_per_draft: float = 0.1  # r_B before any observation
+    prior_cost_per_draft: float = 0.1  # r_1 before any observation (r_B: B times it)
     whole: bool = False  # a draft tree: budgets are max_budget or 0
 
     def __post_init__(self) -> None:
@@ -51,8 +53,8 @@ class StepRecord:
     many of them were accepted and how deep they went (a chain: its length; a tree: its deepest node; None: the
     drafts are chains), the step's wall time (drafting + verifying), whether that time is a steady step's (a
     drafter first catching up on a backlog, a new prompt or the steps that drafted nothing, pays once what the
-    steps after it do not, so such a step teaches acceptance but not the cost of a draft), and whether the step was
-    the policy's probe (its time is what probing costs)."""
+    steps after it do not, so such a step teaches acceptance and, by its verify's seconds alone, a floor of the
+    cost of a draft), and whether the step was the policy's probe (its time is what probing costs)."""
 
     budget: int
     drafted: list[int]
@@ -61,6 +63,7 @@ class StepRecord:
     depths: list[int] | None = None
     timed: bool = True
     probe: bool = False
+    verify_seconds: float | None = None
 
 
 @dataclass
@@ -103,7 +106,7 @@ class AdaptivePolicy:
         """r at `batch`, else at the nearest measured batch size (the larger on a tie: cost grows with B)."""
         known = {b: c.per_draft for b, c in self.costs.items() if c.per_draft is not None}
         if not known:
-            return self.cfg.prior_cost_per_draft
+            return self.cfg.prior_cost_per_draft * batch  # verify rows cost compute in proportion to the batch
         return known[min(known, key=lambda b: (abs(b - batch), -b))]  # batch itself when measured
 
     def probe_interval(self, batch: int) -> int:
@@ -149,15 +152,22 @@ class AdaptivePolicy:
             return
         self.steps_drafted += 1
         cost.since_draft = 0
-        if cost.plain_s is not None and rec.probe:
-            cost.probe_extra = self._ema(cost.probe_extra, max(rec.seconds / cost.plain_s - 1.0, 0.0))
-        if cost.plain_s is not None and rec.timed:
-            cost.per_draft = self._ema(cost.per_draft, max(rec.seconds / cost.plain_s - 1.0, 0.0) / width)
+        if cost.plain_s is not None:
+            self._learn_costs(cost, rec, width)
         for depth, accepted in zip(rec.depths or rec.drafted, rec.accepted, strict=True):
             for i in range(min(accepted + 1, depth)):  # positions tried: up to the first rejection
                 self.acceptance[i] = self._ema(self.acceptance[i], float(i < accepted))
             if 0 < depth == accepted < self.cfg.max_budget:  # the next position was never tried
                 self.acceptance[depth] = self._ema(self.acceptance[depth], self.cfg.prior_acceptance)
+
+    def _learn_costs(self, cost: BatchCost, rec: StepRecord, width: int) -> None:
+        extra = lambda seconds: max(seconds / cost.plain_s - 1.0, 0.0)  # noqa: E731 (beyond a plain step)
+        if rec.probe:
+            cost.probe_extra = self._ema(cost.probe_extra, extra(rec.seconds))
+        if rec.timed:
+            cost.per_draft = self._ema(cost.per_draft, extra(rec.seconds) / width)
+        elif rec.verify_seconds is not None and extra(rec.verify_seconds) / width > (cost.per_draft or 0.0):
+            cost.per_draft = self._ema(cost.per_draft, extra(rec.verify_seconds) / width)
 
     def _cost(self, batch: int) -> BatchCost:
         return self.costs.setdefault(batch, BatchCost())

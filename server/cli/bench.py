@@ -104,18 +104,15 @@ def run_bench_spec(args: argparse.Namespace) -> None:
     if args.speculative == "none":
         raise ValueError("bench spec compares against speculation: give --speculative auto|ngram|DIR")
     req = quant_request(args)
-    # Plain decoding, the full chain every step, and the adaptive budget: three engines, one process.
-    modes = [("none", False), (args.speculative, False), (args.speculative, True)]
-    # Every mode prefills whole prompts (speculation cannot chunk), so only the decoding differs between them.
-    engines = [LLMEngine(engine_config(args, max_batch=args.batch, speculative=s, speculative_adaptive=a,
-                                       max_num_batched_tokens=0)) for s, a in modes]
-    for engine in engines:
-        apply_quant(engine, req)
-    prompts = chat_prompt_ids(engines[0].tokenizer, load_prompt_file(args.prompts, args.offset, args.num_prompts))
+    # One engine decodes plainly, with the full draft and with the adaptive budget (engine/spec/bench.py); every
+    # mode prefills whole prompts (speculation cannot chunk), so only the decoding differs between them.
+    engine = LLMEngine(engine_config(args, max_batch=args.batch, speculative_adaptive=True, max_num_batched_tokens=0))
+    apply_quant(engine, req)
+    prompts = chat_prompt_ids(engine.tokenizer, load_prompt_file(args.prompts, args.offset, args.num_prompts))
     label = {"model": args.model, "quant": req.quant, "kv_cache": req.kv_cache, "speculative": args.speculative,
-             **{k: getattr(engines[1].cfg, k) for k in ("num_speculative_tokens", *SPEC_FIELDS)},
+             **{k: getattr(engine.cfg, k) for k in ("num_speculative_tokens", *SPEC_FIELDS)},
              "prompts_file": args.prompts, "offset": args.offset, "batch": args.batch}
-    bench_spec(engines, prompts, args.max_tokens, label, args.json, args.batch)
+    bench_spec(engine, prompts, args.max_tokens, label, args.json, args.batch)
 
 
 def run_bench_load(args: argparse.Namespace) -> None:

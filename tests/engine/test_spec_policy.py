@@ -138,9 +138,16 @@ def test_probes_are_as_rare_as_their_own_measured_cost_says():
         drafted = [k] * (1 if policy.probing else 8) + [0] * (7 if policy.probing else 0)
         policy.observe(StepRecord(k, drafted, [0] * 8, (3.0 if k else 1.0) * PLAIN_S, timed=False,
                                   probe=policy.probing))
-    assert policy.per_draft(8) == policy.cfg.prior_cost_per_draft  # never timed
+    assert policy.per_draft(8) == 8 * policy.cfg.prior_cost_per_draft  # never timed
     assert policy.probe_interval(8) == policy.cfg.max_probe_every
     assert 2 <= sum(1 for k in budgets[-256:] if k) <= 256 // policy.cfg.max_probe_every + 1
+
+
+def test_before_any_measurement_a_large_batch_does_not_draft():
+    """The prior r grows with the batch: a fresh policy drafts its whole tree at batch 1 and nothing at batch 8,
+    where the first full-batch tree (the head catching up on 8 prompts, 48 verify rows) cost 6-14 plain steps."""
+    policy = AdaptivePolicy(PolicyConfig(K, whole=True))
+    assert policy.best_budget(1) == K and policy.best_budget(8) == 0
 
 
 def test_a_step_that_first_catches_up_on_a_backlog_teaches_acceptance_not_cost():
@@ -151,6 +158,11 @@ def test_a_step_that_first_catches_up_on_a_backlog_teaches_acceptance_not_cost()
     r, c1 = policy.per_draft(1), policy.acceptance[0]
     policy.observe(StepRecord(K, [K], [K], 6.0 * PLAIN_S, [K], timed=False))
     assert policy.per_draft(1) == r and policy.acceptance[0] > c1
+    policy.observe(StepRecord(K, [K], [K], 6.0 * PLAIN_S, [K], timed=False, verify_seconds=1.1 * PLAIN_S))
+    assert policy.per_draft(1) == r  # its verify alone cost less than r says a draft does: no news
+    policy.observe(StepRecord(K, [K], [K], 6.0 * PLAIN_S, [K], timed=False, verify_seconds=4.0 * PLAIN_S))
+    assert policy.per_draft(1) > r  # ... more: a draft costs at least that
+    r = policy.per_draft(1)
     policy.observe(StepRecord(K, [K], [K], 6.0 * PLAIN_S, [K]))
     assert policy.per_draft(1) > r
 
