@@ -161,7 +161,9 @@ class AdaptivePolicy:
                 self.acceptance[depth] = self._ema(self.acceptance[depth], self.cfg.prior_acceptance)
 
     def _learn_costs(self, cost: BatchCost, rec: StepRecord, width: int) -> None:
-        extra = lambda seconds: max(seconds / cost.plain_s - 1.0, 0.0)  # noqa: E731 (beyond a plain step)
+        def extra(seconds: float) -> float:  # beyond a plain step, in plain steps
+            return max(seconds / cost.plain_s - 1.0, 0.0)
+
         if rec.probe:
             cost.probe_extra = self._ema(cost.probe_extra, extra(rec.seconds))
         if rec.timed:
