@@ -10,7 +10,7 @@ from . import ops
 from .kv_cache import CacheShape, KVCache, blocks_for_memory
 from .kv_quant import kv_bytes_per_element
 from .model import Transformer
-from .tree_attention import TreeMask, dense_tree_mask
+from .tree_attention import TreeMask, ancestor_matrix, dense_tree_mask, depths
 
 # Draft-tree rows per sequence up to which the decode-attention kernel reads the tree mask (config.MAX_TREE_NODES
 # keeps trees within it). Decode, verify and prefill rows of any number run in the kernel where it is built: each
@@ -162,6 +162,37 @@ class ModelRunner:
         mask = self.tree_mask(slots, base, ancestors.to(self.device), attn_len)
         x, captured = self.model.hidden_states(tok, positions, self.cache, mask, capture)
         return self.model.logits(x), torch.cat(captured, dim=-1) if captured else None
+
+    @torch.inference_mode()
+    def verify_ragged(self, tokens: list[list[int]], starts: list[int], parents: list[list[int]],
+                      capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`verify_tree` for trees of different sizes (one that drafts nothing: its root alone), one row per node
+        and none of padding: at batch 8 a probe that drafts for one sequence verifies 6 + 7 rows, not 8 x 6. Rows
+        are sequence 0's nodes, then sequence 1's, ... Returns logits [T, V] and captured features [T, n*H]."""
+        width = max(len(t) for t in tokens)
+        slots, cache_rows, positions, bases, masks, lengths = [], [], [], [], [], []
+        for b, (toks, start, par) in enumerate(zip(tokens, starts, parents, strict=True)):
+            n = len(toks)
+            # Every row's mask spans `width` cache indices from its base (the kernel's one [T, S, W] layout): a
+            # smaller tree's base moves back over its prefix, whose keys it attends in full.
+            base = max(0, start + n - width)
+            mask = torch.zeros(n, width, dtype=torch.bool)  # [n, W] over cache indices base + [0, W)
+            mask[:, : start - base] = True
+            mask[:, start - base : start - base + n] = ancestor_matrix(par)
+            slots += [b] * n
+            cache_rows += range(start, start + n)
+            positions += [start + d for d in depths(par)]
+            bases += [base] * n
+            masks.append(mask)
+            lengths += [start + n] * n
+        self.cache.begin_rows(slots, lengths)
+        tok = torch.tensor(sum(tokens, []), device=self.device)[:, None]  # [T, 1]
+        pos = torch.tensor(positions, device=self.device)[:, None]  # [T, 1]
+        rows = torch.tensor(cache_rows, device=self.device)[:, None]  # [T, 1]
+        mask = self.tree_mask(rows, torch.tensor(bases, device=self.device),
+                              torch.cat(masks)[:, None].to(self.device), max(lengths))  # ancestors [T, 1, W]
+        x, captured = self.model.hidden_states(tok, pos, self.cache, mask, capture)  # [T, 1, H]
+        return self.model.logits(x[:, 0]), torch.cat(captured, dim=-1)[:, 0] if captured else None
 
     def tree_mask(self, slots: torch.Tensor, base: torch.Tensor, ancestors: torch.Tensor, attn_len: int) -> TreeMask:
         return tree_mask(slots, base, ancestors, attn_len, self.model.cfg.group_size, self.unmasked_decode)

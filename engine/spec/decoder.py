@@ -84,7 +84,7 @@ class SpecDecoder:
         if not rows:
             results = self._decode(seqs)
         else:
-            verify = self._verify_tree if any(p.parents is not None for p in proposals) else self._verify_chain
+            verify = self._verify_tree if self._as_trees(proposals) else self._verify_chain
             results = verify(seqs, proposals, t1 - t0)
         if self.policy:  # a tree counts as a chain as deep as its deepest node: nodes drafted, path kept
             t2 = self.clock()
@@ -146,37 +146,59 @@ class SpecDecoder:
             results.append(Accepted(new, logits[b, :kept]))
         return results
 
+    def _as_trees(self, proposals: list[Proposal]) -> bool:
+        """Whether to verify as trees: drafted as trees, or chains of different lengths (a probe drafts for one
+        sequence) that a ragged verify scores without padding rows."""
+        return any(p.parents is not None for p in proposals) or (
+            len({len(p.tokens) for p in proposals}) > 1 and self._ragged())
+
+    def _ragged(self) -> bool:
+        """Whether trees of different sizes are verified one row per node: where the attention kernel reads the
+        cache in place (elsewhere each row would gather its sequence's cache) and the model has no sliding window
+        (tree masks have none)."""
+        return self.runner.unmasked_decode and not self.runner.model.cfg.sliding_window
+
     def _verify_tree(self, seqs: list[Sequence], proposals: list[Proposal], draft_s: float) -> list[Accepted]:
         """Verify draft trees (root + nodes) in one target forward with a tree mask, keep each accepted path."""
         t0 = self.clock()
         trees = [VerifyTree.of(s.token_ids[-1], p) for s, p in zip(seqs, proposals, strict=True)]
-        width = max(len(t.tokens) for t in trees)
-        for t in trees:
-            t.pad(width)
         starts = [len(s.token_ids) - 1 for s in seqs]
-        ancestors = torch.stack([ancestor_matrix(t.parents) for t in trees])  # [B, W, W]
-        logits, features = self.runner.verify_tree([t.tokens for t in trees], starts,
-                                                   [depths(t.parents) for t in trees], ancestors,
-                                                   self.drafter.capture)  # [B, W, V], [B, W, 3H]
-        self.timing.add(draft_s, self.clock() - t0, width - 1)
+        logits, features = self._score_trees(trees, starts)  # per sequence [W_b, V], [W_b, 3H] or None
+        self.timing.add(draft_s, self.clock() - t0, max(len(t.tokens) for t in trees) - 1)
         results = []
         for b, (seq, prop, tree) in enumerate(zip(seqs, proposals, trees, strict=True)):
             if seq.params.greedy:
                 new, path = accept_tree_greedy(tree.tokens, tree.parents, logits[b])
             else:  # the tree drafter gives sampled requests a chain: rows 0..k in order
-                new = accept(prop.tokens, prop.probs, logits[b, : len(prop.tokens) + 1], seq.params, seq.generator)
+                new = accept(prop.tokens, prop.probs, logits[b][: len(prop.tokens) + 1], seq.params, seq.generator)
                 path = list(range(len(new)))
-            self.runner.cache.keep_path(b, starts[b], path, starts[b] + width)
-            self.drafter.on_verify(seq, None if features is None else features[b, path])
+            self.runner.cache.keep_path(b, starts[b], path, starts[b] + len(tree.tokens))
+            self.drafter.on_verify(seq, None if features[b] is None else features[b][path])
             seq.request.spec.record(len(prop.tokens), len(path) - 1)
-            results.append(Accepted(new, logits[b, path]))
+            results.append(Accepted(new, logits[b][path]))
         return results
+
+    def _score_trees(self, trees: list[VerifyTree], starts: list[int]) -> tuple[list, list]:
+        """Each tree's logits and captured features from one target forward: one row per node where sizes differ
+        and `_ragged` allows, else as a [B, W] batch padded to the widest."""
+        sizes = [len(t.tokens) for t in trees]
+        capture = self.drafter.capture
+        if len(set(sizes)) > 1 and self._ragged():
+            logits, features = self.runner.verify_ragged([t.tokens for t in trees], starts,
+                                                         [t.parents for t in trees], capture)  # [T, V], [T, 3H]
+            return list(logits.split(sizes)), [None] * len(trees) if features is None else list(features.split(sizes))
+        trees = [t.padded(max(sizes)) for t in trees]
+        ancestors = torch.stack([ancestor_matrix(t.parents) for t in trees])  # [B, W, W]
+        logits, features = self.runner.verify_tree([t.tokens for t in trees], starts,
+                                                   [depths(t.parents) for t in trees], ancestors,
+                                                   capture)  # [B, W, V], [B, W, 3H]
+        return list(logits), [None] * len(trees) if features is None else list(features)
 
 
 @dataclass
 class VerifyTree:
-    """One sequence's verify rows: the root (its last token) then the draft nodes; `parents` index rows (-1:
-    none), padding rows attend only the prefix and themselves."""
+    """One sequence's verify rows: the root (its last token) then the draft nodes; `parents` index rows (-1: the
+    root's)."""
 
     tokens: list[int]
     parents: list[int]
@@ -186,11 +208,10 @@ class VerifyTree:
         node_parents = prop.parents if prop.parents is not None else list(range(-1, len(prop.tokens) - 1))
         return cls([last_token, *prop.tokens], [-1, *(p + 1 for p in node_parents)])
 
-    def pad(self, width: int) -> None:
+    def padded(self, width: int) -> VerifyTree:
+        """Padded to `width` rows with roots of their own (a padding row attends the prefix and itself)."""
         n = width - len(self.tokens)
-        self.tokens += [0] * n
-        self.parents += [-1] * n
-
+        return VerifyTree(self.tokens + [0] * n, self.parents + [-1] * n)
 
 
 def draft_depth(prop: Proposal) -> int:

@@ -5,8 +5,9 @@ position i accepted | position i-1 accepted). Its cost, relative to a plain deco
 * k, with r_B the EMA of the measured extra cost per draft token (drafting + verify rows) at batch B. Rows are
 nearly free at batch 1 (the weights are read once) and cost compute at batch 8, so r_B grows with B and drafting
 turns off under load unless acceptance is high. A batch size not measured yet borrows r from the nearest one that is
-(before any, the prior times B: at batch 8 a first tree at r_8 = 0.1 cost 6-14 plain steps). A step that first
-catches the drafter up on a backlog is not timed for r, but its verify alone is a floor: r rises to it. Budget 0 is
+scaled in proportion to the batch (before any, the prior times B: at batch 8 a first tree at r_8 = 0.1 cost 6-14
+plain steps). A step that first catches the drafter up on a backlog is not timed for r, but its verify alone
+(scaled to the whole batch where only some sequences drafted) is a floor: r rises to it. Budget 0 is
 a plain decode step; it also refreshes the plain-step time. While off, a one-token probe keeps c_1 and r current,
 every `probe_every` steps or less often where a probe costs more (at batch 8 a draft row costs compute): its extra
 cost stays within `probe_overhead` of the steps between (up to `max_probe_every`), as measured on the probes
@@ -103,11 +104,14 @@ class AdaptivePolicy:
         return 1.0 + self.per_draft(batch) * k
 
     def per_draft(self, batch: int) -> float:
-        """r at `batch`, else at the nearest measured batch size (the larger on a tie: cost grows with B)."""
+        """r at `batch`, else the nearest measured batch size's (the larger on a tie) scaled to `batch`: verify rows
+        cost compute in proportion to the batch (the prior's rule), so r_6 = 0.3 must not let batch 8 try a
+        full-batch tree that costs 15 plain steps."""
         known = {b: c.per_draft for b, c in self.costs.items() if c.per_draft is not None}
         if not known:
-            return self.cfg.prior_cost_per_draft * batch  # verify rows cost compute in proportion to the batch
-        return known[min(known, key=lambda b: (abs(b - batch), -b))]  # batch itself when measured
+            return self.cfg.prior_cost_per_draft * batch
+        nearest = min(known, key=lambda b: (abs(b - batch), -b))  # batch itself when measured
+        return known[nearest] * batch / nearest
 
     def probe_interval(self, batch: int) -> int:
         """Steps between probes while off at `batch`."""
@@ -168,8 +172,15 @@ class AdaptivePolicy:
             cost.probe_extra = self._ema(cost.probe_extra, extra(rec.seconds))
         if rec.timed:
             cost.per_draft = self._ema(cost.per_draft, extra(rec.seconds) / width)
-        elif rec.verify_seconds is not None and extra(rec.verify_seconds) / width > (cost.per_draft or 0.0):
-            cost.per_draft = self._ema(cost.per_draft, extra(rec.verify_seconds) / width)
+            return
+        if rec.verify_seconds is None:
+            return
+        # Where only some sequences drafted (a probe), the others' rows were not verified: r is per draft of
+        # every sequence, and rows cost compute, so the floor scales to the whole batch.
+        drafting = sum(1 for d in rec.drafted if d)
+        floor = extra(rec.verify_seconds) / width * len(rec.drafted) / drafting
+        if floor > (cost.per_draft or 0.0):
+            cost.per_draft = self._ema(cost.per_draft, floor)
 
     def _cost(self, batch: int) -> BatchCost:
         return self.costs.setdefault(batch, BatchCost())

@@ -1,8 +1,6 @@
 """The adaptive draft budget: decisions on recorded figures, and on the real model (lossless, off when drafts
 are always wrong, on when they are mostly right)."""
 
-import time
-
 import pytest
 
 from optiserve.engine.chat import chat_prompt_ids
@@ -166,6 +164,27 @@ def test_a_step_that_first_catches_up_on_a_backlog_teaches_acceptance_not_cost()
     assert policy.per_draft(1) > r
 
 
+
+def test_a_probes_verify_floors_r_for_the_whole_batch():
+    """At batch 8 a probe drafts for one sequence and its verify takes that sequence's rows alone: a 6-row tree
+    beside 7 decode rows cost 1.6 plain steps, where the whole batch's 48 rows cost ~8 times the extra. Taken as
+    r_8 as it was (0.12), it let the next full-batch tree run at 15-17 plain steps."""
+    policy = AdaptivePolicy(PolicyConfig(K, whole=True))
+    policy.observe(StepRecord(0, [0] * 8, [0] * 8, PLAIN_S))
+    probe = StepRecord(K, [K] + [0] * 7, [3] + [0] * 7, 2.3 * PLAIN_S, [3] + [0] * 7, timed=False, probe=True,
+                       verify_seconds=1.6 * PLAIN_S)
+    policy.observe(probe)
+    assert policy.per_draft(8) == pytest.approx(0.6 / K * 8)
+    assert policy.best_budget(8) == 0
+
+
+def test_a_batch_size_not_measured_scales_the_nearest_measured_r():
+    """Sequences finishing leave batch 6, then 5, ...; batch 8 borrowing batch 6's r as it was let the first
+    full-batch tree at 8 run at 15 plain steps."""
+    policy = policy_after(6, [0.7] * K, 2.5, whole=True)
+    r6 = policy.per_draft(6)
+    assert policy.per_draft(8) == pytest.approx(r6 * 8 / 6) and policy.per_draft(3) == pytest.approx(r6 / 2)
+
 class WrongTokenDrafter(NgramDrafter):
     """A drafter whose acceptance is ~0 by construction: it always proposes the last vocabulary id, a token
     the chat model never emits. It stands for a head that does not match its target."""
@@ -188,14 +207,35 @@ def adaptive_ngram():
     return LLMEngine(EngineConfig(max_batch=8, max_model_len=1024, speculative="ngram"))
 
 
+class ForwardClock:
+    """A clock that the target's forwards advance, each by a fixed cost plus one per row (a CPU step reads the
+    weights once, a row costs compute): in these tests the policy sees what a step would cost on a quiet machine,
+    whatever else shares the cores (with wall or CPU time, OpenMP's spin-waiting under load made one step's time
+    5-10x another's and a plain step timed low turned drafting off)."""
+
+    def __init__(self, step_s: float = 0.020, row_s: float = 0.002):
+        self.now, self.step_s, self.row_s = 0.0, step_s, row_s
+
+    def __call__(self) -> float:
+        return self.now
+
+    def wrap(self, forward):
+        def timed(tokens, *args, **kwargs):
+            self.now += self.step_s + self.row_s * tokens.numel()
+            return forward(tokens, *args, **kwargs)
+
+        return timed
+
+
 @pytest.fixture(autouse=True)
-def fresh_policy(request):
+def fresh_policy(request, monkeypatch):
     """Each engine test starts from the priors (the policy learns across requests: one test's drafter must not
-    leave its estimates to the next). Steps are timed in this process's CPU time: the work a step did, which
-    another process on a shared machine does not stretch (a slow moment must not turn drafting off here)."""
+    leave its estimates to the next), timed by a `ForwardClock` over the engine's own forwards."""
     if "adaptive_ngram" in request.fixturenames:
-        spec = request.getfixturevalue("adaptive_ngram").spec
-        spec.policy, spec.clock = AdaptivePolicy(PolicyConfig(K)), time.process_time
+        engine = request.getfixturevalue("adaptive_ngram")
+        clock, model = ForwardClock(), engine.runner.model
+        monkeypatch.setattr(model, "hidden_states", clock.wrap(model.hidden_states))
+        engine.spec.policy, engine.spec.clock = AdaptivePolicy(PolicyConfig(K)), clock
 
 
 def totals(results) -> SpecStats:

@@ -91,6 +91,50 @@ def test_keeping_a_path_leaves_the_cache_as_if_only_it_was_written(base, chat_pr
         torch.testing.assert_close(k_kept, k_chain, rtol=1e-4, atol=1e-4)
 
 
+# Trees of different sizes in one verify: the PARENTS tree, a sequence drafting nothing, a 3-token chain.
+RAGGED = [PARENTS, [-1], [-1, 0, 1, 2]]
+RAGGED_PATHS = [path_to(9), [0], [0, 1, 2]]
+
+
+def verify_trees(runner, prompts: list[list[int]], ragged: bool) -> list:
+    """Verify RAGGED's trees (tokens random but for each root, its prompt's last) for `prompts` in slots 0..2,
+    one row per node or padded to [B, W]; keep RAGGED_PATHS. Per sequence: logits, captured features and the
+    cache K/V after keeping its path."""
+    for b, prompt in enumerate(prompts):
+        runner.cache.truncate(b, 0)
+        runner.prefill(b, prompt[:-1])
+    starts = [len(p) - 1 for p in prompts]
+    tokens = [[p[-1], *random_tree_tokens(b)[1 : len(par)]]
+              for b, (p, par) in enumerate(zip(prompts, RAGGED, strict=True))]
+    sizes, width = [len(t) for t in tokens], len(PARENTS)
+    if ragged:
+        logits, feats = runner.verify_ragged(tokens, starts, RAGGED, capture=(3,))
+        logits, feats = logits.split(sizes), feats.split(sizes)
+    else:
+        padded = [t + [0] * (width - len(t)) for t in tokens]
+        parents = [par + [-1] * (width - len(par)) for par in RAGGED]
+        ancestors = torch.stack([ancestor_matrix(par) for par in parents])
+        logits, feats = runner.verify_tree(padded, starts, [depths(par) for par in parents], ancestors, capture=(3,))
+        logits, feats = ([x[:n] for x, n in zip(rows, sizes, strict=True)] for rows in (logits, feats))
+    out = []
+    for b, (start, path) in enumerate(zip(starts, RAGGED_PATHS, strict=True)):
+        runner.cache.keep_path(b, start, path, start + width)
+        out.append((logits[b], feats[b], *runner.cache.read(b, start + len(path))))
+        runner.cache.truncate(b, 0)
+    return out
+
+
+@pytest.mark.skipif(not EXACT, reason="ragged verify runs where the CPU attention kernel does")
+def test_ragged_verify_equals_the_padded_verify(base, chat_prompt_ids):
+    """Trees of different sizes scored one row per node (no padding rows) give every row's logits and features,
+    and the kept paths' cache, exactly as the padded [B, W] tree verify does."""
+    prompts = chat_prompt_ids[:3]
+    ragged, padded = verify_trees(base.runner, prompts, True), verify_trees(base.runner, prompts, False)
+    for got, want in zip(ragged, padded, strict=True):
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
+
+
 @pytest.mark.parametrize("kv", ["fp8", "nvfp4"])
 def test_tree_rows_and_kept_paths_on_a_quantized_kv_cache(base, chat_prompt_ids, kv):
     """The same two claims with packed KV pools: the kernel reads codes for tree and chain rows alike, and keeping
