@@ -21,6 +21,12 @@ MIN_BATCHED_TOKENS = 64
 # up to max(this, max_num_batched_tokens) tokens: few streams wait on it, and prompt tokens cost less in fewer,
 # larger steps (SGLang's max-prefill-tokens; the ratio is TGI's waiting-served ratio).
 MAX_PREFILL_TOKENS = 2048
+# The draft shape of `--speculative auto|DIR` when none is given: the one that decoded fastest at batch 1 with the
+# shipped head, 1.65x (README, session 29), and within 5% of plain decoding at batch 8 (its adaptive policy).
+DEFAULT_TREE = {"speculative_num_steps": 4, "speculative_eagle_topk": 3, "speculative_num_draft_tokens": 5,
+                "speculative_ngram_branch": True}
+# ... and where any of them is given (or for n-gram lookup): a chain.
+DEFAULT_CHAIN = {"num_speculative_tokens": 5, "speculative_eagle_topk": 1, "speculative_ngram_branch": False}
 LM_HEAD_DTYPES = ("float32", "bfloat16", "int8", "fp8")  # what the LM head's weights may be held in (lm_head.py)
 
 
@@ -149,13 +155,15 @@ class EngineConfig:
     max_model_len: int = 2048
     seed: int = 0
     speculative: str = "none"  # none | auto (the shipped/adjacent draft head) | ngram | a draft head dir
-    num_speculative_tokens: int = 5  # draft chain length; the default of speculative_num_steps
+    num_speculative_tokens: int | None = None  # draft chain length; the default of speculative_num_steps
     # A dynamic draft tree (EAGLE-2, SGLang's names): `num_steps` depths, the top-k children of each frontier node,
-    # the best `num_draft_tokens` nodes verified. topk 1 is the chain of num_steps tokens.
+    # the best `num_draft_tokens` nodes verified. topk 1 is the chain of num_steps tokens. A draft head with none
+    # of these five set drafts DEFAULT_TREE (as SGLang chooses them when unset); else unset ones give a chain of
+    # DEFAULT_CHAIN tokens.
     speculative_num_steps: int | None = None
-    speculative_eagle_topk: int = 1
+    speculative_eagle_topk: int | None = None
     speculative_num_draft_tokens: int | None = None
-    speculative_ngram_branch: bool = False  # n-gram lookup candidates enter the head's tree as an extra branch
+    speculative_ngram_branch: bool | None = None  # n-gram lookup candidates enter the head's tree as an extra branch
     speculative_adaptive: bool = True  # per step, draft only as much as pays (engine/spec/policy.py)
     speculative_draft_dtype: str = "int8"  # the draft head's linears (spec/draft_head.with_serving_linears)
     lm_head_dtype: str = "float32"  # the served LM head's weights (engine/lm_head.py); the master keeps fp32
@@ -171,13 +179,12 @@ class EngineConfig:
     # With chunked prefill, tokens a step computes while prompts waiting for a first token outnumber the streams;
     # None: the larger of MAX_PREFILL_TOKENS and max_num_batched_tokens.
     max_prefill_tokens: int | None = None
+    default_tree: bool = field(default=False, init=False)  # whether the draft shape is DEFAULT_TREE, unasked
 
     def __post_init__(self) -> None:
         check_lm_head_dtype(self.lm_head_dtype)
         check_lm_head_dtype(self.speculative_draft_dtype, "speculative_draft_dtype")
-        if self.speculative_num_steps is None:
-            self.speculative_num_steps = self.num_speculative_tokens
-        self.num_speculative_tokens = self.speculative_num_steps  # one chain length, whichever name set it
+        self._choose_draft_shape()
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError("num_speculative_tokens (speculative_num_steps) must be in [1, 16]")
         self._check_tree()
@@ -218,6 +225,18 @@ class EngineConfig:
         if self.max_num_batched_tokens and self.speculative != "none":
             raise ValueError("chunked prefill (max_num_batched_tokens) works with --speculative none so far: "
                              "speculative steps verify whole drafts and a draft head reads every prompt position")
+
+    def _choose_draft_shape(self) -> None:
+        """Fill the unset draft-shape fields: DEFAULT_TREE for a draft head given none of them (`default_tree`:
+        a model with a sliding window then gets the chain, spec/decoder.py), else the chain's defaults."""
+        shape = {name: getattr(self, name) for name in (*DEFAULT_TREE, "num_speculative_tokens")}
+        self.default_tree = self.speculative not in ("none", "ngram") and all(v is None for v in shape.values())
+        for name, value in (DEFAULT_TREE if self.default_tree else DEFAULT_CHAIN).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.speculative_num_steps is None:
+            self.speculative_num_steps = self.num_speculative_tokens
+        self.num_speculative_tokens = self.speculative_num_steps  # one chain length, whichever name set it
 
     def _check_tree(self) -> None:
         steps, topk = self.speculative_num_steps, self.speculative_eagle_topk

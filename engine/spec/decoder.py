@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import EngineConfig, ModelLoadError
+from ..config import DEFAULT_CHAIN, EngineConfig, ModelLoadError
 from ..runner import ModelRunner
 from ..sampler import argmax
 from ..sequence import Sequence
@@ -259,7 +259,10 @@ def make_spec_decoder(cfg: EngineConfig, runner: ModelRunner, model_dir: Path) -
     head = load_draft_head(path, dtype).to(runner.device)
     head = with_serving_linears(head, cfg.speculative_draft_dtype).attach(runner.model)
     tables = runner.cache.tables
-    if not cfg.tree:
+    if runner.model.cfg.sliding_window and cfg.default_tree:  # tree masks have no window: the chain's default
+        k = DEFAULT_CHAIN["num_speculative_tokens"]
+        drafter = EagleDrafter(head, k, tables, dtype)
+    elif not cfg.tree:
         drafter = EagleDrafter(head, k, tables, dtype)
     elif runner.model.cfg.sliding_window:
         raise ModelLoadError("a draft tree needs a model without a sliding window; use --speculative-eagle-topk 1")

@@ -27,10 +27,10 @@ def add_spec_args(p: argparse.ArgumentParser, default: str = "none") -> None:
     p.add_argument("--speculative", default=default,
                    help="none | auto (the shipped draft head for the default model, or DIR/draft_head) | ngram | "
                         "a draft head dir from `optiserve train-draft`")
-    p.add_argument("--num-speculative-tokens", type=int, default=5,
-                   help="draft chain length (the default of --speculative-num-steps)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="draft chain length (the default of --speculative-num-steps; 5)")
     p.add_argument("--speculative-num-steps", type=int, default=None, help="draft depth (chain or tree)")
-    p.add_argument("--speculative-eagle-topk", type=int, default=1,
+    p.add_argument("--speculative-eagle-topk", type=int, default=None,
                    help="children expanded per frontier node of the draft tree; 1: a chain")
     p.add_argument("--speculative-num-draft-tokens", type=int, default=None,
                    help="tree nodes verified per step (at most 15; default min(15, steps x topk))")
@@ -40,9 +40,12 @@ def add_spec_args(p: argparse.ArgumentParser, default: str = "none") -> None:
     p.add_argument("--speculative-draft-dtype", default=EngineConfig.speculative_draft_dtype, choices=LM_HEAD_DTYPES,
                    help="the draft head's weights (bfloat16: as it is saved; int8: per-channel, half the bytes a "
                         "draft step reads)")
-    p.add_argument("--speculative-ngram-branch", action="store_true",
+    p.add_argument("--speculative-ngram-branch", action=argparse.BooleanOptionalAction, default=None,
                    help="n-gram lookup candidates join the head's draft tree as an extra branch, competing for "
-                        "its nodes by their accuracy learned online")
+                        "its nodes by their accuracy learned online. With a draft head and none of the five "
+                        "draft-shape options given: --speculative-num-steps 4 --speculative-eagle-topk 3 "
+                        "--speculative-num-draft-tokens 5 --speculative-ngram-branch (a chain where the model has "
+                        "a sliding window); given any: a chain of 5 unless they say otherwise")
 
 
 SPEC_FIELDS = ("speculative_num_steps", "speculative_eagle_topk", "speculative_num_draft_tokens",

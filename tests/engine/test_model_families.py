@@ -6,9 +6,12 @@ import sys
 import pytest
 import torch
 
-from optiserve.engine.config import ModelLoadError
+from optiserve.engine.config import EngineConfig, ModelLoadError
 from optiserve.engine.kv_cache import CacheShape, KVCache
-from optiserve.engine.runner import attention_mask
+from optiserve.engine.runner import ModelRunner, attention_mask
+from optiserve.engine.spec.decoder import make_spec_decoder
+from optiserve.engine.spec.draft_head import DraftConfig, DraftHead
+from optiserve.engine.spec.drafters import EagleDrafter
 from optiserve.engine.weights import load_model, resolve_model_dir
 
 COMMON = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -71,3 +74,19 @@ def test_serve_cli_reports_bad_model_in_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1].startswith("optiserve: error:")
+
+
+def test_a_sliding_window_model_drafts_a_chain_unless_a_tree_is_asked(tmp_path):
+    """A draft head's default shape is a tree, whose masks have no sliding window: a Mistral target gets the
+    chain instead; a tree asked for explicitly is refused with the reason."""
+    make_checkpoint(tmp_path, "mistral")
+    model = load_model(resolve_model_dir(str(tmp_path)), max_len=64, dtype=torch.float32)
+    cfg = model.cfg
+    head = DraftConfig(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+                       cfg.rms_norm_eps, cfg.vocab_size, cfg.vocab_size, (0, 1, 1))
+    DraftHead(head).save(tmp_path / "head")
+    runner = ModelRunner(model, 1, 64, torch.float32)
+    spec = make_spec_decoder(EngineConfig(speculative=str(tmp_path / "head")), runner, tmp_path)
+    assert isinstance(spec.drafter, EagleDrafter) and spec.drafter.max_draft_tokens == 5
+    with pytest.raises(ModelLoadError, match="sliding window"):
+        make_spec_decoder(EngineConfig(speculative=str(tmp_path / "head"), speculative_eagle_topk=3), runner, tmp_path)

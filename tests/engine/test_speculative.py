@@ -56,10 +56,12 @@ def base():
     return LLMEngine(EngineConfig(max_batch=4, max_model_len=1024))
 
 
-@pytest.fixture(scope="module", params=["auto", "ngram"])
+@pytest.fixture(scope="module", params=["auto", "chain", "ngram"])
 def speculative(request):
-    # The full chain every step (no adaptive policy): what these tests check is drafting and verifying.
-    return LLMEngine(EngineConfig(max_batch=4, max_model_len=1024, speculative=request.param,
+    # The full draft every step (no adaptive policy): what these tests check is drafting and verifying. "auto":
+    # the head's default tree; "chain": the head's 5-token chain.
+    shape = {"speculative": "auto", "num_speculative_tokens": 5} if request.param == "chain" else {}
+    return LLMEngine(EngineConfig(max_batch=4, max_model_len=1024, **{"speculative": request.param, **shape},
                                   speculative_adaptive=False))
 
 

@@ -14,7 +14,8 @@ MODEL = "SmolLM2-135M-Instruct"
 
 @pytest.fixture(scope="module")
 def spec_server(tmp_path_factory):
-    # The full 5-token chain every step, so the counts below are exact (the adaptive budget is in test_spec_policy).
+    # The full draft every step (the default 5-node tree; a chain for sampled requests), so the counts below are
+    # exact (the adaptive budget is in test_spec_policy).
     proc = ServerProcess(tmp_path_factory.mktemp("spec"), "--max-batch", "4", "--speculative", "auto",
                          "--no-speculative-adaptive")
     yield proc.url
