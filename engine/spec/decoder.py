@@ -259,13 +259,11 @@ def make_spec_decoder(cfg: EngineConfig, runner: ModelRunner, model_dir: Path) -
     head = load_draft_head(path, dtype).to(runner.device)
     head = with_serving_linears(head, cfg.speculative_draft_dtype).attach(runner.model)
     tables = runner.cache.tables
-    if runner.model.cfg.sliding_window and cfg.default_tree:  # tree masks have no window: the chain's default
-        k = DEFAULT_CHAIN["num_speculative_tokens"]
-        drafter = EagleDrafter(head, k, tables, dtype)
-    elif not cfg.tree:
-        drafter = EagleDrafter(head, k, tables, dtype)
-    elif runner.model.cfg.sliding_window:
+    window = runner.model.cfg.sliding_window
+    if cfg.tree and window and not cfg.default_tree:
         raise ModelLoadError("a draft tree needs a model without a sliding window; use --speculative-eagle-topk 1")
+    if not cfg.tree or window:  # tree masks have no window: the default tree becomes the default chain
+        drafter = EagleDrafter(head, DEFAULT_CHAIN["num_speculative_tokens"] if cfg.tree else k, tables, dtype)
     else:
         drafter = EagleTreeDrafter(head, k, cfg.speculative_eagle_topk, cfg.speculative_num_draft_tokens, tables,
                                    dtype, cfg.speculative_ngram_branch)
