@@ -18,8 +18,9 @@ constexpr int MAX_WEIGHT_ROWS = 4;
 constexpr int64_t ROWS_PER_CHUNK = 16;  // weight rows kept in L1 while every pass of x goes over them
 constexpr int64_t PREFETCH = 256;       // floats ahead along each weight row
 // Input rows that share the pass streaming each weight row from memory (vec.h), and weight rows a block there: with
-// AVX-512 9 rows in blocks of up to 4 weight rows.
-constexpr int MAX_STREAM_ROWS = STREAM_ONE_WEIGHT_ROW ? STREAM_ROWS : 9;
+// AVX-512 9 rows in blocks of up to 4 weight rows; with AVX2 12 rows against one weight row (12 accumulators, the
+// weight and x fit its 16 registers), so a verify of up to 12 rows (a tree of 11 nodes) makes no second pass.
+constexpr int MAX_STREAM_ROWS = STREAM_ONE_WEIGHT_ROW ? 12 : 9;
 constexpr int STREAM_WEIGHT_ROWS = STREAM_ONE_WEIGHT_ROW ? 1 : MAX_WEIGHT_ROWS;
 
 // Weight rows per block for M input rows: the most whose R*M accumulators and R weights fit the registers.
