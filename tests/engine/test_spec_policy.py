@@ -164,7 +164,6 @@ def test_a_step_that_first_catches_up_on_a_backlog_teaches_acceptance_not_cost()
     assert policy.per_draft(1) > r
 
 
-
 def test_a_probes_verify_floors_r_for_the_whole_batch():
     """At batch 8 a probe drafts for one sequence and its verify takes that sequence's rows alone: a 6-row tree
     beside 7 decode rows cost 1.6 plain steps, where the whole batch's 48 rows cost ~8 times the extra. Taken as
@@ -184,6 +183,7 @@ def test_a_batch_size_not_measured_scales_the_nearest_measured_r():
     policy = policy_after(6, [0.7] * K, 2.5, whole=True)
     r6 = policy.per_draft(6)
     assert policy.per_draft(8) == pytest.approx(r6 * 8 / 6) and policy.per_draft(3) == pytest.approx(r6 / 2)
+
 
 class WrongTokenDrafter(NgramDrafter):
     """A drafter whose acceptance is ~0 by construction: it always proposes the last vocabulary id, a token
