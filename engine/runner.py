@@ -146,20 +146,21 @@ class ModelRunner:
         return self._forward(0, tok, pos, all_logits=True, capture=capture)
 
     @torch.inference_mode()
-    def verify_tree(self, tokens: list[list[int]], starts: list[int], depths: list[list[int]],
-                    ancestors: torch.Tensor, capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Score a draft tree per sequence in slots [0, B) in one forward: row b's S tokens (root first) written at
-        cache indices starts[b] + [0, S), at positions starts[b] + depths[b], each attending the prefix and its
-        ancestors (`ancestors` [B, S, S] bool). Returns logits [B, S, V] and captured features [B, S, n*H]; the
-        caller keeps the accepted path (`KVCache.keep_path`)."""
+    def verify_tree(self, tokens: list[list[int]], starts: list[int], parents: list[list[int]],
+                    capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Score a draft tree per sequence in slots [0, B) in one forward: row b's S tokens (root first, `parents`
+        listed parents-first, -1 for a root) written at cache indices starts[b] + [0, S), at positions starts[b] +
+        their depths, each attending the prefix, its ancestors and itself. Returns logits [B, S, V] and captured
+        features [B, S, n*H]; the caller keeps the accepted path (`KVCache.keep_path`)."""
         tok = torch.tensor(tokens, device=self.device)  # [B, S]
         base = torch.tensor(starts, device=self.device)  # [B]
         slots = base[:, None] + torch.arange(tok.shape[1], device=self.device)  # [B, S]
-        positions = base[:, None] + torch.tensor(depths, device=self.device)  # [B, S]
+        positions = base[:, None] + torch.tensor([depths(p) for p in parents], device=self.device)  # [B, S]
         lengths = (slots.amax(1) + 1).tolist()  # [B]
         self.cache.begin(0, lengths)
         attn_len = max(lengths)
-        mask = self.tree_mask(slots, base, ancestors.to(self.device), attn_len)
+        ancestors = torch.stack([ancestor_matrix(p) for p in parents]).to(self.device)  # [B, S, S]
+        mask = self.tree_mask(slots, base, ancestors, attn_len)
         x, captured = self.model.hidden_states(tok, positions, self.cache, mask, capture)
         return self.model.logits(x), torch.cat(captured, dim=-1) if captured else None
 

@@ -13,7 +13,7 @@ from ..config import DEFAULT_CHAIN, EngineConfig, ModelLoadError
 from ..runner import ModelRunner
 from ..sampler import argmax
 from ..sequence import Sequence
-from ..tree_attention import ancestor_matrix, depths
+from ..tree_attention import depths
 from .draft_head import is_draft_dir, load_draft_head, with_serving_linears
 from .drafters import EagleDrafter, NgramDrafter, Proposal
 from .policy import AdaptivePolicy, PolicyConfig, StepRecord
@@ -188,9 +188,7 @@ class SpecDecoder:
                                                          [t.parents for t in trees], capture)  # [T, V], [T, 3H]
             return list(logits.split(sizes)), [None] * len(trees) if features is None else list(features.split(sizes))
         trees = [t.padded(max(sizes)) for t in trees]
-        ancestors = torch.stack([ancestor_matrix(t.parents) for t in trees])  # [B, W, W]
-        logits, features = self.runner.verify_tree([t.tokens for t in trees], starts,
-                                                   [depths(t.parents) for t in trees], ancestors,
+        logits, features = self.runner.verify_tree([t.tokens for t in trees], starts, [t.parents for t in trees],
                                                    capture)  # [B, W, V], [B, W, 3H]
         return list(logits), [None] * len(trees) if features is None else list(features)
 

@@ -16,7 +16,6 @@ from optiserve.engine.spec.decoder import draft_depth, shipped_head_dir
 from optiserve.engine.spec.draft_head import DraftHead, load_draft_head, with_serving_linears
 from optiserve.engine.spec.drafters import EagleDrafter, EagleState
 from optiserve.engine.spec.tree_drafter import EagleTreeDrafter, add_branch
-from optiserve.engine.tree_attention import ancestor_matrix, depths
 from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
 
 from .test_speculative import EXACT, GREEDY, assert_same_greedy, generate
@@ -44,7 +43,7 @@ def verify_tree(runner, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     runner.cache.truncate(0, 0)
     runner.prefill(0, prompt[:-1])
     start = len(prompt) - 1
-    logits, _ = runner.verify_tree([tokens], [start], [depths(PARENTS)], ancestor_matrix(PARENTS)[None])
+    logits, _ = runner.verify_tree([tokens], [start], [PARENTS])
     return logits[0]
 
 
@@ -113,8 +112,7 @@ def verify_trees(runner, prompts: list[list[int]], ragged: bool) -> list:
     else:
         padded = [t + [0] * (width - len(t)) for t in tokens]
         parents = [par + [-1] * (width - len(par)) for par in RAGGED]
-        ancestors = torch.stack([ancestor_matrix(par) for par in parents])
-        logits, feats = runner.verify_tree(padded, starts, [depths(par) for par in parents], ancestors, capture=(3,))
+        logits, feats = runner.verify_tree(padded, starts, parents, capture=(3,))
         logits, feats = ([x[:n] for x, n in zip(rows, sizes, strict=True)] for rows in (logits, feats))
     out = []
     for b, (start, path) in enumerate(zip(starts, RAGGED_PATHS, strict=True)):

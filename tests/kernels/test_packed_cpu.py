@@ -15,7 +15,6 @@ from optiserve.engine import packed_linear as pl
 from optiserve.engine.model import Transformer
 from optiserve.engine.quant import QuantLinear, quantize_fused, quantize_weight, weight_bytes
 from optiserve.engine.runner import ModelRunner
-from optiserve.engine.tree_attention import ancestor_matrix, depths
 from optiserve.engine.weight_formats import weight_format
 from tests.engine.test_speculative import assert_verify_equals_decode_steps
 from tests.kernels.test_packed_compute import quantized_default_model
@@ -214,7 +213,7 @@ def test_fused_layer_steps_give_the_modules_results_bit_for_bit(engine, chat_pro
         verify = runner.verify([prompt[start:]], [start])[0]  # 5 rows through the attention kernel
         decode = runner.decode([prompt[-1]], [len(prompt)])
         parents = [-1, 0, 0, 1, 2]  # a draft tree over the same slots: two branches of two
-        tree = runner.verify_tree([prompt[start:]], [start], [depths(parents)], ancestor_matrix(parents)[None])[0]
+        tree = runner.verify_tree([prompt[start:]], [start], [parents])[0]
         return prefill, verify, decode, tree
 
     stacked = watch(Transformer, "layer_stack")
