@@ -24,7 +24,7 @@ from .draft_card import write_model_card
 from .draft_corpus import AnswerJob, store_answers, store_references, store_text
 from .draft_fit import DraftTrainConfig, StoreRows, evaluate_head, fit, pack
 from .draft_store import StoreReader, StoreWriter, bytes_per_token
-from .draft_train import draft_vocabulary, init_head, inverse_vocab, vocab_coverage
+from .draft_train import draft_vocabulary, init_head, inverse_vocab, vocab_coverage, widen_vocab
 from .draft_ttt import expected_accept_length
 
 INITS = {"target_rows": False, "fresh": True}  # name -> fresh_lm_head
@@ -91,10 +91,11 @@ def build_stores(engine, target, data: LargeDataConfig, cfg: DraftTrainConfig, o
         print(f"stored {train.tokens} training tokens ({gb:.1f} GB)", flush=True)
 
 
-def vocabulary(reader: StoreReader, size: int, path: Path) -> torch.Tensor:
-    """d2t from the training store's labels, computed once and kept (a resumed run must not change it)."""
+def vocabulary(reader: StoreReader, size: int, path: Path, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """d2t from the training store's labels (after `keep`'s tokens), computed once and kept (a resumed run must not
+    change it)."""
     if not path.is_file():
-        torch.save(draft_vocabulary(reader.all_labels(), size), path)
+        torch.save(draft_vocabulary(reader.all_labels(), size, keep), path)
     return torch.load(path)
 
 
@@ -113,8 +114,9 @@ def train_large(model: str, data: LargeDataConfig, output: str, cfg: DraftTrainC
     head_cfg = DraftConfig.for_target(engine.model_config, cfg.draft_vocab_size)
     build_stores(engine, target, data, cfg, out, head_cfg.target_layers)
     train_store, held_store = StoreReader(out / "store-train"), StoreReader(out / "store-heldout")
-    warm = warm_start(target, init_from) if init_from else None
+    warm = warm_start(target, init_from, train_store, cfg.draft_vocab_size, out / "d2t.pt") if init_from else None
     d2t = warm.d2t.clone() if warm else vocabulary(train_store, cfg.draft_vocab_size, out / "d2t.pt")
+    cfg.draft_vocab_size = len(d2t)  # a warm head's, as trained (the model card and command say it)
     t2d = inverse_vocab(d2t, head_cfg.target_vocab_size)
     rows = StoreRows(train_store, t2d, cfg.row_len)
     held = pack([held_store.sample(i) for i in range(len(held_store))], t2d, cfg.row_len)
@@ -163,15 +165,19 @@ def large_command(model: str, data: LargeDataConfig, cfg: DraftTrainConfig, comp
             f"--train-rows {words(data.train_rows)} --heldout-rows {words(data.heldout_rows)} "
             f"--temperatures {words(data.temperatures)} --max-samples {data.max_samples} --max-batch {data.max_batch} "
             f"--generate-quant {data.generate_quant} --teacher-top-k {data.teacher_top_k} "
+            f"--draft-vocab-size {cfg.draft_vocab_size} "
             f"--target-tokens {data.target_tokens}{steps} --lr {cfg.lr} "
             f"--eval-every {cfg.eval_every} --patience {cfg.patience} --compare-steps {compare_steps}"
             + (" --bf16-autocast" if cfg.bf16_autocast else " --no-bf16-autocast")
             + (" --teacher-probs" if cfg.teacher_probs else "") + (f" --init-head {init_from}" if init_from else ""))
 
 
-def warm_start(target, path: str) -> DraftHead:
-    """A saved head to go on training (its vocabulary, its weights), in fp32 and trainable."""
+def warm_start(target, path: str, reader: StoreReader, size: int, vocab_path: Path) -> DraftHead:
+    """A saved head to go on training (its weights; its vocabulary, widened to `size` tokens if that is larger),
+    in fp32 and trainable."""
     head = load_draft_head(path).attach(target)
+    if size > head.cfg.draft_vocab_size:
+        head = widen_vocab(head, vocabulary(reader, size, vocab_path, keep=head.d2t))
     for p in head.parameters():
         p.requires_grad_(True)
     return head

@@ -8,7 +8,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -59,12 +59,15 @@ def cached_samples(engine, files: list[str], cfg: DraftTrainConfig, out: Path, l
     return samples
 
 
-def draft_vocabulary(labels: Iterable[torch.Tensor], size: int) -> torch.Tensor:
-    """The `size` target tokens the target emits most often in the data (d2t), most frequent first."""
+def draft_vocabulary(labels: Iterable[torch.Tensor], size: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """d2t of `size` target tokens: `keep`'s (in its order) first, then the others the target emits most often in
+    the data, most frequent first."""
+    ids = [] if keep is None else keep.tolist()
     counts = Counter()
     for lab in labels:
         counts.update(lab[lab != IGNORE].tolist())
-    ids = [t for t, _ in counts.most_common(size)]
+    seen = set(ids)
+    ids += [t for t, _ in counts.most_common(size + len(ids)) if t not in seen][: size - len(ids)]
     seen = set(ids)
     rest = [t for t in range(size * 2) if t not in seen]  # pad a small data set up to `size`
     return torch.tensor((ids + rest)[:size])
@@ -84,6 +87,25 @@ def vocab_coverage(labels: Iterable[torch.Tensor], t2d: torch.Tensor) -> float:
         lab = lab[lab >= 0]
         hit, total = hit + int((t2d[lab] >= 0).sum()), total + len(lab)
     return round(hit / max(1, total), 4)
+
+
+def widen_vocab(head: DraftHead, d2t: torch.Tensor) -> DraftHead:
+    """A copy of `head` over the larger vocabulary `d2t`, which starts with the head's own. Its LM-head rows are
+    kept; a new token's row starts as the target's row for it mapped into the head's output space by the linear
+    map that best takes the target's rows of the head's tokens to the head's rows (least squares)."""
+    old = head.cfg.draft_vocab_size
+    if len(d2t) < old or not torch.equal(d2t[:old], head.d2t):
+        raise ValueError("the wider vocabulary must start with the head's own")
+    wide = DraftHead(replace(head.cfg, draft_vocab_size=len(d2t)))
+    state = {k: v for k, v in head.state_dict().items() if k not in ("lm_head.weight_t", "d2t")}
+    assert set(wide.load_state_dict(state, strict=False).missing_keys) == {"lm_head.weight_t", "d2t"}
+    with torch.no_grad():
+        target_rows = head.target.lm_head.weight_t.float()  # [H, V_target]
+        fit = torch.linalg.lstsq(target_rows[:, head.d2t].T, head.lm_head.weight_t.float().T).solution  # [H, H]
+        new_rows = target_rows[:, d2t[old:]].T @ fit  # [V_new, H]
+        wide.lm_head.weight_t.copy_(torch.cat([head.lm_head.weight_t.float(), new_rows.T], dim=1))
+        wide.d2t.copy_(d2t)
+    return wide.attach(head.target)
 
 
 def init_head(target: Transformer, cfg: DraftConfig, d2t: torch.Tensor, fresh_lm_head: bool = False) -> DraftHead:

@@ -69,7 +69,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     td.add_argument("--max-prompts", type=int, default=None, help="use the first N rows of each jsonl")
     td.add_argument("--max-answer-tokens", type=int, default=256)
     td.add_argument("--text-tokens", type=int, default=100_000, help="tokens used from each text file")
-    td.add_argument("--draft-vocab-size", type=int, default=4096)
+    add_draft_vocab_arg(td)
     td.add_argument("--ttt-steps", type=int, default=3, help="training-time-test depth")
     td.add_argument("--epochs", type=float, default=2.0)
     td.add_argument("--lr", type=float, default=1e-3)
@@ -93,6 +93,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     tl.add_argument("--teacher-probs", action="store_true",
                     help="train on the stored top-k distribution (cross-entropy against it) instead of the argmax")
     tl.add_argument("--max-answer-tokens", type=int, default=256)
+    add_draft_vocab_arg(tl)
     tl.add_argument("--epochs", type=float, default=4.0)
     tl.add_argument("--max-steps", type=int, default=None)
     tl.add_argument("--lr", type=float, default=5e-4)
@@ -103,7 +104,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     help="training matmuls in bf16 with fp32 master weights (default: where the CPU has AMX or "
                     "AVX512-BF16; elsewhere bf16 is emulated, far slower than fp32)")
     tl.add_argument("--init-head", default=None,
-                    help="fine-tune this saved head (its vocabulary and weights) instead of training a new one")
+                    help="fine-tune this saved head (its weights and vocabulary, widened to --draft-vocab-size "
+                    "if that is larger) instead of training a new one")
     tl.set_defaults(run=run_train_draft_large)
 
 
@@ -137,6 +139,11 @@ def run_qat(args: argparse.Namespace) -> None:
         run_qat(args.model, quant_request(args), args.data, args.output, train_config(args), loss, **eval_args(args))
 
 
+def add_draft_vocab_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--draft-vocab-size", type=int, default=4096,
+                        help="target tokens the head predicts, the most frequent in the data")
+
+
 def run_distill(args: argparse.Namespace) -> None:
     from optiserve.optimize.distill import DistillLoss, run_distill
 
@@ -161,7 +168,8 @@ def run_train_draft_large(args: argparse.Namespace) -> None:
     data = LargeDataConfig(args.instructions, args.texts, args.train_rows, args.heldout_rows, args.temperatures,
                            args.max_samples, args.target_tokens, args.max_batch, args.generate_quant,
                            args.teacher_top_k)
-    cfg = DraftTrainConfig(epochs=args.epochs, lr=args.lr, max_answer_tokens=args.max_answer_tokens,
+    cfg = DraftTrainConfig(args.draft_vocab_size, epochs=args.epochs, lr=args.lr,
+                           max_answer_tokens=args.max_answer_tokens,
                            max_steps=args.max_steps, eval_every=args.eval_every, patience=args.patience,
                            bf16_autocast=native_bf16_matmul() if args.bf16_autocast is None else args.bf16_autocast,
                            teacher_probs=args.teacher_probs)

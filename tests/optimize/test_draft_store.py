@@ -186,7 +186,7 @@ def test_training_streams_from_the_store_resumes_and_goes_on_from_a_saved_head(e
     assert resumed["steps"] == 3 and [h["step"] for h in resumed["history"]] == [1, 2, 3]
     assert resumed["best_tau"] >= first["best_tau"] > 1.0
     head.save(tmp_path / "saved")  # `--init-head`: fine-tuning starts from the saved head, as saved (bf16)
-    warm = warm_start(engine.runner.model, tmp_path / "saved")
+    warm = warm_start(engine.runner.model, tmp_path / "saved", reader, 512, tmp_path / "d2t.pt")
     saved = {k: v.bfloat16().float() if v.is_floating_point() else v for k, v in head.state_dict().items()}
     assert all(p.requires_grad and p.dtype == torch.float32 for p in warm.parameters())
     assert saved.keys() == warm.state_dict().keys()
@@ -194,6 +194,33 @@ def test_training_streams_from_the_store_resumes_and_goes_on_from_a_saved_head(e
     cfg.max_steps = 1
     fit(warm, rows, cfg, tmp_path / "warm", held)
     assert torch.equal(warm.d2t, d2t) and not torch.equal(warm.fc.weight_t, saved["fc.weight_t"])
+
+
+def test_a_saved_head_widened_to_a_larger_vocabulary_keeps_its_predictions(engine, labelled, tmp_path):
+    """`--init-head` with a larger `--draft-vocab-size`: the head's tokens come first with their rows as saved (its
+    logits over them unchanged), then the data's most frequent others, whose rows are the target's mapped into the
+    head's output space: a head whose rows are the target's own (an identity map, fit over more tokens than the
+    hidden size) gets the target's rows for them."""
+    writer = StoreWriter(tmp_path / "store", labelled[0].features.shape[1], top_k=TOP_K)
+    for i, s in enumerate(labelled):
+        writer.add("text", i + 1, [s])
+    writer.flush()
+    reader, target = StoreReader(tmp_path / "store"), engine.runner.model
+    d2t = draft_vocabulary(reader.all_labels(), 640)
+    head = init_head(target, DraftConfig.for_target(engine.model_config, 640), d2t)
+    head.save(tmp_path / "saved")
+    warm = warm_start(target, tmp_path / "saved", reader, 768, tmp_path / "d2t.pt")
+    assert warm.cfg.draft_vocab_size == 768 and torch.equal(warm.d2t[:640], d2t)
+    assert torch.equal(warm.d2t[640:], draft_vocabulary(reader.all_labels(), 768)[640:])  # the next most frequent
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in warm.parameters())
+    saved = warm_start(target, tmp_path / "saved", reader, 640, tmp_path / "unused.pt")
+    h = torch.randn(5, engine.model_config.hidden_size)
+    torch.testing.assert_close(warm.logits(h)[:, :640], saved.logits(h), rtol=1e-6, atol=1e-5)
+    want = target.lm_head.weight_t[:, warm.d2t[640:]]
+    error = (warm.lm_head.weight_t[:, 640:] - want).norm() / want.norm()
+    assert error < 0.01  # the saved rows are bf16 (relative rounding up to 0.4%): the map fit to them is near I
+    again = warm_start(target, tmp_path / "saved", reader, 768, tmp_path / "d2t.pt")  # a resumed run
+    assert torch.equal(again.d2t, warm.d2t)
 
 
 def test_answers_of_a_quantized_generator_are_labelled_by_the_unquantized_target(tmp_path):
