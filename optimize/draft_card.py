@@ -73,7 +73,8 @@ Trained tokens: {summary["train_tokens"]} ({summary["train_labelled_tokens"]} wi
 minutes on the machine that trained it.{disk_budget(summary)}
 
 ## Held-out results ({summary["heldout_sequences"]} answers not trained on)
-- top-1 agreement with the target at draft steps 1..{cfg["ttt_steps"]}: {summary["heldout_step_accuracy"]}
+- top-1 agreement with the target at draft steps 1..{cfg["ttt_steps"]} (a token outside the draft vocabulary is a
+  miss): {summary["heldout_step_accuracy"]}
 - draft-vocabulary coverage of the target's tokens: {summary["heldout_draft_vocab_coverage"]}
 - τ expected for a {cfg["draft_len"]}-token chain: {summary[f"heldout_expected_tau_chain{cfg['draft_len']}"]}
   (measured τ and speed: `optiserve bench spec`, see the project README)

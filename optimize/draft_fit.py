@@ -16,7 +16,7 @@ from optiserve.engine.spec.draft_head import DraftHead
 
 from .draft_data import DraftSample
 from .draft_store import StoreReader
-from .draft_ttt import IGNORE, PackedBatch, expected_accept_length, ttt_losses
+from .draft_ttt import IGNORE, OUT_OF_VOCAB, PackedBatch, expected_accept_length, ttt_losses
 
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_DIR = "best"
@@ -80,7 +80,8 @@ def make_row(samples: list[DraftSample], t2d: torch.Tensor, row_len: int) -> Pac
     pad = row_len - sum(len(s.tokens) for s in samples)
     tokens = torch.cat([s.tokens for s in samples] + [torch.zeros(pad, dtype=torch.long)])
     labels = torch.cat([s.labels for s in samples] + [torch.full((pad,), IGNORE)])
-    labels = torch.where(labels >= 0, t2d[labels.clamp(min=0)], IGNORE)  # target -> draft ids, IGNORE if absent
+    drafted = t2d[labels.clamp(min=0)]  # target -> draft ids
+    labels = torch.where(labels < 0, IGNORE, torch.where(drafted >= 0, drafted, OUT_OF_VOCAB))
     width = samples[0].features.shape[1]
     feats = torch.cat([s.features for s in samples] + [samples[0].features.new_zeros(pad, width)])
     segs = torch.cat([torch.full((len(s.tokens),), i) for i, s in enumerate(samples)] + [torch.full((pad,), -1)])

@@ -19,6 +19,7 @@ from optiserve.engine.runner import fold_groups
 from optiserve.engine.spec.draft_head import DraftHead
 
 IGNORE = -100
+OUT_OF_VOCAB = -1  # a label the draft vocabulary lacks: no loss, but a miss when the head is scored
 
 
 class StepKeys:
@@ -42,7 +43,8 @@ class PackedBatch:
     optionally the target's top-k next tokens `top_ids` (draft ids, 0 where absent) with `top_probs` [B, T, K]
     (0 where absent, or where the target's token has no draft id).
 
-    `labels` are draft-vocabulary ids (IGNORE where none); `segments` tell packed sequences apart (-1 = padding)."""
+    `labels` are draft-vocabulary ids (OUT_OF_VOCAB where the target's token has none, IGNORE where there is no
+    token to predict); `segments` tell packed sequences apart (-1 = padding)."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
@@ -98,13 +100,15 @@ def teacher_cross_entropy(logits: torch.Tensor, top_ids: torch.Tensor, top_probs
 def ttt_losses(head: DraftHead, batch: PackedBatch, steps: int, teacher_probs: bool = False
                ) -> tuple[list[torch.Tensor], list[int], list[int]]:
     """Per step: the loss (cross-entropy against the target's argmax, or against its top-k distribution with
-    `teacher_probs` where the batch has it), the correct top-1 predictions and the number of valid positions."""
+    `teacher_probs` where the batch has it) over the positions whose token the draft vocabulary holds, the correct
+    top-1 predictions, and the number of positions scored: every one with a token, so a token outside the draft
+    vocabulary counts as a miss (as it is when serving) and heads with different vocabularies compare fairly."""
     soft = teacher_probs and batch.top_ids is not None
     losses, correct, counted = [], [], []
     for k, hidden in enumerate(ttt_states(head, batch, steps)):
         logits = head.logits(hidden)  # [B, T, Vd]
         labels = step_labels(batch, k)
-        valid = labels != IGNORE
+        valid = labels >= 0
         if not valid.any():
             losses.append(logits.sum() * 0)
         elif soft:
@@ -113,7 +117,7 @@ def ttt_losses(head: DraftHead, batch: PackedBatch, steps: int, teacher_probs: b
         else:
             losses.append(F.cross_entropy(logits[valid], labels[valid]))
         correct.append(int((logits[valid].argmax(-1) == labels[valid]).sum()))
-        counted.append(int(valid.sum()))
+        counted.append(int((labels != IGNORE).sum()))
     return losses, correct, counted
 
 

@@ -24,8 +24,8 @@ from optiserve.optimize.draft_data import DraftSample, label_sequence, text_chun
 from optiserve.optimize.draft_fit import DraftTrainConfig, StoreRows, fit, pack
 from optiserve.optimize.draft_large import serve_generator, warm_start
 from optiserve.optimize.draft_store import MANIFEST, StoreReader, StoreWriter
-from optiserve.optimize.draft_train import draft_vocabulary, init_head
-from optiserve.optimize.draft_ttt import PackedBatch, ttt_losses
+from optiserve.optimize.draft_train import draft_vocabulary, init_head, inverse_vocab
+from optiserve.optimize.draft_ttt import PackedBatch, step_labels, ttt_losses
 
 WIDTH = 12
 GENERATOR = "nvfp4"  # the format whose greedy answers stray furthest from the unquantized target's
@@ -157,6 +157,23 @@ def test_learning_the_top_k_of_a_sure_target_is_learning_its_argmax(engine, labe
     for h, s, spread in zip(hard, soft_sure, soft, strict=True):
         torch.testing.assert_close(s, h)
         assert abs(float(spread - h)) > 1e-3
+
+
+def test_a_token_outside_the_draft_vocabulary_is_scored_as_a_miss(engine, labelled):
+    """Held-out scoring counts every position with a target token, drafted-able or not (as serving meets them), so
+    a smaller vocabulary does not score higher by leaving its hardest positions out; the loss skips those."""
+    scored = {}
+    for size in (32, 512):
+        d2t = draft_vocabulary([s.labels for s in labelled], size)
+        row = pack(labelled[:2], inverse_vocab(d2t, 49152), 200)[0]
+        head = init_head(engine.runner.model, DraftConfig.for_target(engine.model_config, size), d2t)
+        with torch.no_grad():
+            losses, hits, counted = ttt_losses(head, row, 2)
+        in_vocab = [int((step_labels(row, k) >= 0).sum()) for k in range(2)]
+        assert all(torch.isfinite(x) for x in losses) and hits[0] <= in_vocab[0]
+        scored[size] = counted, in_vocab
+    assert scored[32][0] == scored[512][0]  # the same positions scored
+    assert all(a < b for a, b in zip(scored[32][1], scored[512][1], strict=True))  # fewer of them in vocabulary
 
 
 def test_training_streams_from_the_store_resumes_and_goes_on_from_a_saved_head(engine, labelled, tmp_path):
