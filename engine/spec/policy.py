@@ -12,8 +12,8 @@ a plain decode step; it also refreshes the plain-step time. While off, a one-tok
 every `probe_every` steps or less often where a probe costs more (at batch 8 a draft row costs compute): its extra
 cost stays within `probe_overhead` of the steps between (up to `max_probe_every`), as measured on the probes
 themselves once there are some (their catch-up on skipped steps: a cost that a steady draft step's r_B does not
-show). At batch > 1 a probe drafts for one sequence (the
-decoder picks it): the head then catches up on that sequence's skipped steps alone, not on every sequence's. A row
+show). At batch > 1 a probe drafts for one sequence (the decoder picks it): the head then catches up on that
+sequence's skipped steps alone, not on every sequence's. A row
 that accepts its whole chain says nothing of the next position: its estimate drifts back toward the prior, so a
 chain that shrank can grow again. A draft tree is drafted whole or not at all (`whole`): a smaller node budget makes
 it narrower as well as shallower, so the acceptance measured on the whole tree does not tell what a smaller one
