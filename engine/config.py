@@ -24,9 +24,10 @@ MAX_PREFILL_TOKENS = 2048
 # The draft shape of `--speculative auto|DIR` when none is given: the one that decoded fastest at batch 1 with the
 # shipped head, 1.65x (README, session 29), and within 5% of plain decoding at batch 8 (its adaptive policy).
 DEFAULT_TREE = {"speculative_num_steps": 4, "speculative_eagle_topk": 3, "speculative_num_draft_tokens": 5,
-                "speculative_ngram_branch": True}
+                "speculative_ngram_branch": True, "speculative_min_prob": 0.0}
 # ... and where any of them is given (or for n-gram lookup): a chain.
-DEFAULT_CHAIN = {"num_speculative_tokens": 5, "speculative_eagle_topk": 1, "speculative_ngram_branch": False}
+DEFAULT_CHAIN = {"num_speculative_tokens": 5, "speculative_eagle_topk": 1, "speculative_ngram_branch": False,
+                 "speculative_min_prob": 0.0}
 LM_HEAD_DTYPES = ("float32", "bfloat16", "int8", "fp8")  # what the LM head's weights may be held in (lm_head.py)
 
 
@@ -164,6 +165,10 @@ class EngineConfig:
     speculative_eagle_topk: int | None = None
     speculative_num_draft_tokens: int | None = None
     speculative_ngram_branch: bool | None = None  # n-gram lookup candidates enter the head's tree as an extra branch
+    # A tree keeps only nodes this likely (the head's cumulative probability, the n-gram branch's learned accuracy),
+    # up to num_draft_tokens, and expands no depth whose best candidate is below it: the head's probabilities are
+    # calibrated (README), so a node adds its probability in expected tokens for one verify row. 0: EAGLE-2's tree.
+    speculative_min_prob: float | None = None
     speculative_adaptive: bool = True  # per step, draft only as much as pays (engine/spec/policy.py)
     speculative_draft_dtype: str = "int8"  # the draft head's linears (spec/draft_head.with_serving_linears)
     lm_head_dtype: str = "float32"  # the served LM head's weights (engine/lm_head.py); the master keeps fp32
@@ -229,7 +234,8 @@ class EngineConfig:
     def _choose_draft_shape(self) -> None:
         """Fill the unset draft-shape fields: DEFAULT_TREE for a draft head given none of them (`default_tree`:
         a model with a sliding window then gets the chain, spec/decoder.py), else the chain's defaults."""
-        shape = {name: getattr(self, name) for name in (*DEFAULT_TREE, "num_speculative_tokens")}
+        shape = {name: getattr(self, name) for name in (*DEFAULT_TREE, "num_speculative_tokens")
+                 if name != "speculative_min_prob"}  # a pruning threshold alone keeps the default tree
         self.default_tree = self.speculative not in ("none", "ngram") and all(v is None for v in shape.values())
         for name, value in (DEFAULT_TREE if self.default_tree else DEFAULT_CHAIN).items():
             if getattr(self, name) is None:
@@ -250,6 +256,11 @@ class EngineConfig:
                              f"not {n}")
         if topk > 1 and not 1 <= n <= MAX_TREE_NODES:
             raise ValueError(f"speculative_num_draft_tokens must be in [1, {MAX_TREE_NODES}] for a tree")
+        if not 0.0 <= self.speculative_min_prob < 1.0:
+            raise ValueError("speculative_min_prob must be in [0, 1)")
+        if self.speculative_min_prob and not self.tree:
+            raise ValueError("speculative_min_prob prunes a draft tree: give --speculative-eagle-topk > 1 or "
+                             "--speculative-ngram-branch")
         if (topk > 1 or self.speculative_ngram_branch) and self.speculative == "ngram":
             raise ValueError("a draft tree needs a draft head: --speculative-eagle-topk > 1 with --speculative "
                              "auto|DIR")

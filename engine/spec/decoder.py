@@ -264,6 +264,6 @@ def make_spec_decoder(cfg: EngineConfig, runner: ModelRunner, model_dir: Path) -
         drafter = EagleDrafter(head, DEFAULT_CHAIN["num_speculative_tokens"] if cfg.tree else k, tables, dtype)
     else:
         drafter = EagleTreeDrafter(head, k, cfg.speculative_eagle_topk, cfg.speculative_num_draft_tokens, tables,
-                                   dtype, cfg.speculative_ngram_branch)
+                                   dtype, cfg.speculative_ngram_branch, cfg.speculative_min_prob)
     return SpecDecoder(runner, drafter, adaptive_policy(cfg, drafter))
 

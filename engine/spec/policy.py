@@ -17,7 +17,10 @@ sequence's skipped steps alone, not on every sequence's. A row
 that accepts its whole chain says nothing of the next position: its estimate drifts back toward the prior, so a
 chain that shrank can grow again. A draft tree is drafted whole or not at all (`whole`): a smaller node budget makes
 it narrower as well as shallower, so the acceptance measured on the whole tree does not tell what a smaller one
-would get; its probe is the whole tree.
+would get; its probe is the whole tree. A tree pruned to its likely nodes (`--speculative-min-prob`) drafts fewer
+than the budget, none where nothing is likely: its r is per node it drafts on average (each step's extra cost over
+that average, so r times it is a step's mean extra cost), and a sequence given no node is a rejection at position
+1 (its step emits one token).
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class AdaptivePolicy:
     costs: dict[int, BatchCost] = field(default_factory=dict)
     steps_drafted: int = 0
     steps_skipped: int = 0
+    tree_nodes: float | None = None  # a whole tree's nodes per sequence, on average (EMA; a pruned tree has fewer)
     probing: bool = False  # whether the last budget was a probe's
 
     def __post_init__(self) -> None:
@@ -101,7 +105,14 @@ class AdaptivePolicy:
         return total
 
     def relative_cost(self, batch: int, k: int) -> float:
-        return 1.0 + self.per_draft(batch) * k
+        """A step asking k drafts, in plain steps: r_B per draft it gets (a whole tree: per node on average)."""
+        return 1.0 + self.per_draft(batch) * (self.tree_width if self.cfg.whole and k else k)
+
+    @property
+    def tree_width(self) -> float:
+        """The nodes a whole tree's cost is counted in: its average (at least 1: a tree pruned to nothing still
+        costs its drafting), the budget before any is measured."""
+        return max(self.cfg.max_budget if self.tree_nodes is None else self.tree_nodes, 1.0)
 
     def per_draft(self, batch: int) -> float:
         """r at `batch`, else the nearest measured batch size's (the larger on a tie) scaled to `batch`: verify rows
@@ -117,7 +128,7 @@ class AdaptivePolicy:
         """Steps between probes while off at `batch`."""
         extra = self._cost(batch).probe_extra
         if extra is None:
-            extra = self.per_draft(batch) * self.probe_size
+            extra = self.relative_cost(batch, self.probe_size) - 1.0
         wanted = math.ceil(extra / self.cfg.probe_overhead)
         return min(max(self.cfg.probe_every, wanted), self.cfg.max_probe_every)
 
@@ -149,13 +160,16 @@ class AdaptivePolicy:
         """Fold one step's acceptance and timing into the estimates."""
         cost = self._cost(len(rec.drafted))
         width = max(rec.drafted, default=0)
-        if rec.budget == 0 or width == 0:
+        if rec.budget == 0 or (width == 0 and not self.cfg.whole):
             self.steps_skipped += rec.budget == 0
             cost.plain_s = self._ema(cost.plain_s, rec.seconds)
             cost.since_plain = 0
             return
         self.steps_drafted += 1
         cost.since_draft = 0
+        if self.cfg.whole:
+            self._observe_tree_nodes(rec)
+            width = self.tree_width  # steps of pruned trees of any size teach one cost per average node
         if cost.plain_s is not None:
             self._learn_costs(cost, rec, width)
         for depth, accepted in zip(rec.depths or rec.drafted, rec.accepted, strict=True):
@@ -164,7 +178,17 @@ class AdaptivePolicy:
             if 0 < depth == accepted < self.cfg.max_budget:  # the next position was never tried
                 self.acceptance[depth] = self._ema(self.acceptance[depth], self.cfg.prior_acceptance)
 
-    def _learn_costs(self, cost: BatchCost, rec: StepRecord, width: int) -> None:
+    def _observe_tree_nodes(self, rec: StepRecord) -> None:
+        """A whole tree's average node count; a sequence given none was rejected at position 1 (its step emits the
+        target's token alone). Not from a probe: it drafts for one sequence of the batch."""
+        if rec.probe:
+            return
+        self.tree_nodes = self._ema(self.tree_nodes, sum(rec.drafted) / len(rec.drafted))
+        for drafted in rec.drafted:
+            if drafted == 0:
+                self.acceptance[0] = self._ema(self.acceptance[0], 0.0)
+
+    def _learn_costs(self, cost: BatchCost, rec: StepRecord, width: float) -> None:
         def extra(seconds: float) -> float:  # beyond a plain step, in plain steps
             return max(seconds / cost.plain_s - 1.0, 0.0)
 
@@ -177,7 +201,7 @@ class AdaptivePolicy:
             return
         # Where only some sequences drafted (a probe), the others' rows were not verified: r is per draft of
         # every sequence, and rows cost compute, so the floor scales to the whole batch.
-        drafting = sum(1 for d in rec.drafted if d)
+        drafting = max(1, sum(1 for d in rec.drafted if d))
         floor = extra(rec.verify_seconds) / width * len(rec.drafted) / drafting
         if floor > (cost.per_draft or 0.0):
             cost.per_draft = self._ema(cost.per_draft, floor)

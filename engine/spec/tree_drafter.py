@@ -15,11 +15,18 @@ the head's for the node budget, ranked by the lookup's accuracy learned online p
 that the answer keeps repeating earns a deep branch, a 1-token match rarely a node). Chat answers repeat their
 prompt and themselves, where the head is weakest.
 
+Pruned (`min_prob`): only nodes at least that likely are drafted, up to the budget, and no depth is expanded once
+its best candidate is below it. The head's cumulative probabilities are calibrated (a node scored p is accepted
+about p of the time; README), so a node is worth p tokens against one verify row: where the head is sure the tree
+stays full, where it is unsure the step verifies a few rows or decodes plainly, and drafts fewer depths.
+
 Sampled requests get the chain (exact rejection sampling over one path); a batch with any sampled request
 drafts chains for all its sequences.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -33,9 +40,10 @@ from .ngram import LookupAccuracy, lookup_ngram
 
 class EagleTreeDrafter(EagleDrafter):
     def __init__(self, head: DraftHead, num_steps: int, topk: int, num_draft_tokens: int, tables: SlotTables,
-                 dtype: torch.dtype, ngram_branch: bool = False):
+                 dtype: torch.dtype, ngram_branch: bool = False, min_prob: float = 0.0):
         super().__init__(head, num_steps, tables, dtype)
         self.topk, self.num_draft_tokens, self.ngram_branch = topk, num_draft_tokens, ngram_branch
+        self.min_score = math.log(min_prob) if min_prob > 0 else -math.inf  # nodes below it are not drafted
         self.max_draft_tokens = num_draft_tokens
         self.lookup_accuracy = LookupAccuracy()
 
@@ -75,6 +83,8 @@ class EagleTreeDrafter(EagleDrafter):
         ancestors = torch.zeros(B, K, num_steps * K, dtype=torch.bool)  # over the head cache's tree slots
         num_cand = K
         for depth in range(1, num_steps):
+            if score.max() < self.min_score:
+                break  # a child never scores above its parent: nothing deeper is likely enough to draft
             slots = (depth - 1) * K + torch.arange(K)  # this depth's rows, relative to `ends`
             ancestors[:, torch.arange(K), slots] = True  # each row attends itself
             out, logits = self._run_tree(seqs, self.head.d2t[tok], hidden, ends, depth - 1, slots, ancestors)
@@ -107,12 +117,15 @@ class EagleTreeDrafter(EagleDrafter):
 
     def _best_subtree(self, scores: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor, budget: int,
                       branch: tuple[list[int], list[float]] = ([], [])) -> Proposal:
-        """The `budget` likeliest candidates whose parents are kept too, parents first, as target ids; with a
-        `branch` (tokens, their cumulative log-probabilities) merged in from the root, competing for the budget."""
+        """The `budget` likeliest candidates whose parents are kept too (none below `min_score`), parents first, as
+        target ids; with a `branch` (tokens, their cumulative log-probabilities) merged in from the root, competing
+        for the budget."""
         cand_scores, ids, parent_of = scores.tolist(), self.head.d2t[tokens].tolist(), parents.tolist()
         add_branch(cand_scores, ids, parent_of, *branch)
         kept: set[int] = set()
         for c in sorted(range(len(ids)), key=lambda c: (-cand_scores[c], c)):
+            if cand_scores[c] < self.min_score:
+                break
             if parent_of[c] < 0 or parent_of[c] in kept:
                 kept.add(c)
                 if len(kept) == budget:

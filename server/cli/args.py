@@ -34,6 +34,10 @@ def add_spec_args(p: argparse.ArgumentParser, default: str = "none") -> None:
                    help="children expanded per frontier node of the draft tree; 1: a chain")
     p.add_argument("--speculative-num-draft-tokens", type=int, default=None,
                    help="tree nodes verified per step (at most 15; default min(15, steps x topk))")
+    p.add_argument("--speculative-min-prob", type=float, default=None,
+                   help="a draft tree keeps only nodes at least this likely (the head's cumulative probability; "
+                        "the n-gram branch's learned accuracy), up to --speculative-num-draft-tokens, and stops "
+                        "expanding below it; 0 verifies the budget's best nodes however unlikely (EAGLE-2)")
     p.add_argument("--speculative-adaptive", action=argparse.BooleanOptionalAction, default=True,
                    help="each step, draft as many tokens as the measured acceptance and step costs say pay (0: a "
                         "plain decode step); --no-speculative-adaptive always drafts the full chain or tree")
@@ -49,7 +53,7 @@ def add_spec_args(p: argparse.ArgumentParser, default: str = "none") -> None:
 
 
 SPEC_FIELDS = ("speculative_num_steps", "speculative_eagle_topk", "speculative_num_draft_tokens",
-               "speculative_ngram_branch", "speculative_draft_dtype")
+               "speculative_ngram_branch", "speculative_min_prob", "speculative_draft_dtype")
 
 
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:

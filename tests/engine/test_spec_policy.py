@@ -125,6 +125,24 @@ def test_a_tree_is_drafted_whole_or_not_at_all():
     assert interval == off.cfg.max_probe_every  # a probe costs ~2.4 plain steps here: as rare as allowed
 
 
+def test_a_pruned_tree_costs_the_nodes_it_drafts_and_nothing_drafted_is_a_rejection():
+    """A tree pruned to its likely nodes (budget 12) drafts 3 on average, at r = 0.1 a node: its steps cost 1.3
+    plain steps, not 1 + 12 r, so 1.8 tokens a step keep it on. A sequence pruned to nothing is a rejection at
+    position 1, and such steps cost their drafting alone (not a plain step's time): the cost follows them."""
+    policy = AdaptivePolicy(PolicyConfig(12, ema=0.05, whole=True))
+    policy.observe(StepRecord(0, [0], [0], PLAIN_S))
+    for step in range(200):
+        accepted = [1] if step % 5 else [0]  # 80% of the steps accept their first node, none deeper
+        policy.observe(StepRecord(12, [3], accepted, 1.3 * PLAIN_S, [1]))
+    assert policy.tree_nodes == pytest.approx(3) and policy.per_draft(1) == pytest.approx(0.1)
+    assert policy.relative_cost(1, 12) == pytest.approx(1.3) and policy.best_budget(1) == 12
+    first, plain_s = policy.acceptance[0], policy.costs[1].plain_s
+    for _ in range(200):
+        policy.observe(StepRecord(12, [0], [0], 1.1 * PLAIN_S, [0]))
+    assert policy.acceptance[0] < first / 100 and policy.tree_nodes < 0.01 and policy.costs[1].plain_s == plain_s
+    assert policy.relative_cost(1, 12) == pytest.approx(1.1, abs=0.01) and policy.best_budget(1) == 0
+
+
 def test_probes_are_as_rare_as_their_own_measured_cost_says():
     """A probe catches the head up on the skipped steps and, at batch > 1, pads every sequence's verify rows: costs
     that a steady draft's r_B does not show, and a probe's time is untimed for r_B, which stays at its prior. The

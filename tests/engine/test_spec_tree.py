@@ -160,6 +160,20 @@ def test_greedy_identical_with_trees(base, tree_engine, chat_prompt_ids):
     assert sum(s.draft_tokens for s in spec) > 4 * sum(s.drafts for s in spec)  # trees, not single drafts
 
 
+def test_greedy_identical_with_pruned_trees(base, tree_engine, chat_prompt_ids):
+    """Pruned to nodes at least 10% likely: fewer nodes, some steps with none, and still the plain greedy tokens."""
+    drafter = tree_engine.spec.drafter
+    drafter.min_score = math.log(0.1)
+    try:
+        got = generate(tree_engine, chat_prompt_ids[:4], GREEDY, at_once=True)
+    finally:
+        drafter.min_score = -math.inf
+    assert_same_greedy(generate(base, chat_prompt_ids[:4], GREEDY, at_once=False), got)
+    spec = [s for *_, s in got]
+    assert sum(s.draft_tokens for s in spec) < 8 * sum(s.drafts for s in spec)
+    assert sum(s.skipped_steps for s in spec) > 0  # pruned to nothing: the step decodes the target's token alone
+
+
 def test_greedy_identical_with_trees_on_a_packed_format(base, tree_engine, chat_prompt_ids):
     req = QuantRequest("int4", "none", calib_samples=4, calib_seq_len=128)
     for engine in (base, tree_engine):
@@ -185,10 +199,18 @@ def test_sampled_requests_draft_chains_and_stay_seeded(tree_engine, chat_prompt_
     {"speculative_eagle_topk": 0},
     {"speculative": "ngram", "speculative_eagle_topk": 2},
     {"speculative_draft_dtype": "int4"},  # the draft head's linears take the LM head's dtypes
+    {"speculative_min_prob": 1.0},
+    {"speculative_min_prob": -0.1},
+    {"speculative_eagle_topk": 1, "speculative_min_prob": 0.1},  # a chain: nothing to prune
 ])
 def test_tree_settings_are_checked(fields):
     with pytest.raises(ValueError):
         EngineConfig(**{"speculative": "auto", **fields})
+
+
+def test_a_pruning_threshold_alone_keeps_the_default_tree():
+    cfg = EngineConfig(speculative="auto", speculative_min_prob=0.1)
+    assert cfg.default_tree and cfg.tree and cfg.speculative_min_prob == 0.1
 
 
 def test_chain_length_alias():
@@ -232,6 +254,36 @@ def test_a_smaller_budget_drafts_the_full_trees_best_nodes_from_fewer_depths(bas
         want = drafter._best_subtree(*full, budget)
         assert (got.tokens, got.parents) == (want.tokens, want.parents)
         assert len(runs) == min(budget, 4) and draft_depth(got) <= min(budget, 4)
+
+
+def test_a_pruned_tree_keeps_the_likely_nodes_and_expands_no_deeper_than_them(base, chat_prompt_ids):
+    """`min_prob`: the tree is the unpruned tree's nodes at least that likely (cumulative probability), and no
+    depth is expanded once its best candidate is below it (a child never scores above its parent): fewer head
+    forwards where the head is unsure."""
+    drafter, features, seq = tree_drafter_after(base, chat_prompt_ids[3], "bfloat16")
+    runs, head_steps = [], drafter.head.step
+
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return head_steps(*args, **kwargs)
+
+    drafter.head.step = counted
+    seq.draft_state = EagleState([features])
+    h, ends = drafter._catch_up([seq])
+    scores, tokens, parents = (c[0] for c in drafter._expand([seq], h, ends, 4))
+    score_of = dict(zip(paths(drafter.head.d2t[tokens].tolist(), parents.tolist()), scores.tolist(), strict=True))
+    seq.draft_state = EagleState([features])
+    full = drafter.propose([seq])[0]
+    unpruned = paths(full.tokens, full.parents)
+    ranked = sorted(score_of.values(), reverse=True)
+    for kept in (3, 7, 0):
+        drafter.min_score = (ranked[kept - 1] + ranked[kept]) / 2 if kept else ranked[0] + 1e-3
+        seq.draft_state, runs[:] = EagleState([features]), []
+        prop = drafter.propose([seq])[0]
+        got = paths(prop.tokens, prop.parents)
+        assert got == [p for p in unpruned if score_of[p] >= drafter.min_score] and len(got) == kept
+        deepest = max((len(p) for p, sc in score_of.items() if sc >= drafter.min_score), default=0)
+        assert len(runs) == 1 + min(deepest, 3)  # the catch-up, then a forward per depth worth expanding
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
