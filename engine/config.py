@@ -24,10 +24,9 @@ MAX_PREFILL_TOKENS = 2048
 # The draft shape of `--speculative auto|DIR` when none is given: the one that decoded fastest at batch 1 with the
 # shipped head, 1.65x (README, session 29), and within 5% of plain decoding at batch 8 (its adaptive policy).
 DEFAULT_TREE = {"speculative_num_steps": 4, "speculative_eagle_topk": 3, "speculative_num_draft_tokens": 5,
-                "speculative_ngram_branch": True, "speculative_min_prob": 0.0}
+                "speculative_ngram_branch": True}
 # ... and where any of them is given (or for n-gram lookup): a chain.
-DEFAULT_CHAIN = {"num_speculative_tokens": 5, "speculative_eagle_topk": 1, "speculative_ngram_branch": False,
-                 "speculative_min_prob": 0.0}
+DEFAULT_CHAIN = {"num_speculative_tokens": 5, "speculative_eagle_topk": 1, "speculative_ngram_branch": False}
 LM_HEAD_DTYPES = ("float32", "bfloat16", "int8", "fp8")  # what the LM head's weights may be held in (lm_head.py)
 
 
@@ -168,7 +167,8 @@ class EngineConfig:
     # A tree keeps only nodes this likely (the head's cumulative probability, the n-gram branch's learned accuracy),
     # up to num_draft_tokens, and expands no depth whose best candidate is below it: the head's probabilities are
     # calibrated (README), so a node adds its probability in expected tokens for one verify row. 0: EAGLE-2's tree.
-    speculative_min_prob: float | None = None
+    # Not a shape field: given alone it keeps the default tree.
+    speculative_min_prob: float = 0.0
     speculative_adaptive: bool = True  # per step, draft only as much as pays (engine/spec/policy.py)
     speculative_draft_dtype: str = "int8"  # the draft head's linears (spec/draft_head.with_serving_linears)
     lm_head_dtype: str = "float32"  # the served LM head's weights (engine/lm_head.py); the master keeps fp32
@@ -234,8 +234,7 @@ class EngineConfig:
     def _choose_draft_shape(self) -> None:
         """Fill the unset draft-shape fields: DEFAULT_TREE for a draft head given none of them (`default_tree`:
         a model with a sliding window then gets the chain, spec/decoder.py), else the chain's defaults."""
-        shape = {name: getattr(self, name) for name in (*DEFAULT_TREE, "num_speculative_tokens")
-                 if name != "speculative_min_prob"}  # a pruning threshold alone keeps the default tree
+        shape = {name: getattr(self, name) for name in (*DEFAULT_TREE, "num_speculative_tokens")}
         self.default_tree = self.speculative not in ("none", "ngram") and all(v is None for v in shape.values())
         for name, value in (DEFAULT_TREE if self.default_tree else DEFAULT_CHAIN).items():
             if getattr(self, name) is None:

@@ -77,6 +77,13 @@ class SpecStats:
         """Tokens emitted per verification, the target's own token included (EAGLE's τ)."""
         return 1 + self.accepted_tokens / self.drafts if self.drafts else 0.0
 
+    @property
+    def tokens_per_forward(self) -> float:
+        """Tokens emitted per target forward over every step, those that drafted nothing included (τ counts only the
+        steps that drafted: a tree pruned to nothing, or the policy saying no, is a one-token step)."""
+        forwards = self.drafts + self.skipped_steps
+        return (forwards + self.accepted_tokens) / max(forwards, 1)
+
 
 @dataclass
 class SeqOutput:

@@ -56,18 +56,11 @@ def conditional_acceptance(stats: SpecStats) -> list[float]:
     return [round(n / max(prev, 1), 4) for prev, n in zip(reached, reached[1:], strict=False)]
 
 
-def tokens_per_forward(stats: SpecStats) -> float:
-    """Tokens emitted per target forward over every step, those that drafted nothing included (τ counts only the
-    steps that drafted: a tree pruned to nothing, or the policy saying no, is a one-token step)."""
-    forwards = stats.drafts + stats.skipped_steps
-    return (forwards + stats.accepted_tokens) / max(forwards, 1)
-
-
 def spec_figures(stats: SpecStats, timing: SpecTiming, base_step: float) -> dict:
     """Acceptance and draft/verify costs of one speculative mode (costs relative to a plain step)."""
     return {
         "mean_acceptance_length": round(stats.mean_acceptance_length, 3),
-        "tokens_per_target_forward": round(tokens_per_forward(stats), 3),
+        "tokens_per_target_forward": round(stats.tokens_per_forward, 3),
         "acceptance_rate": round(stats.acceptance_rate, 4),
         "accepted_per_position": [round(n / max(stats.drafts, 1), 4) for n in stats.accepted_per_pos],
         "conditional_acceptance_per_position": conditional_acceptance(stats),

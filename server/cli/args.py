@@ -34,7 +34,7 @@ def add_spec_args(p: argparse.ArgumentParser, default: str = "none") -> None:
                    help="children expanded per frontier node of the draft tree; 1: a chain")
     p.add_argument("--speculative-num-draft-tokens", type=int, default=None,
                    help="tree nodes verified per step (at most 15; default min(15, steps x topk))")
-    p.add_argument("--speculative-min-prob", type=float, default=None,
+    p.add_argument("--speculative-min-prob", type=float, default=EngineConfig.speculative_min_prob,
                    help="a draft tree keeps only nodes at least this likely (the head's cumulative probability; "
                         "the n-gram branch's learned accuracy), up to --speculative-num-draft-tokens, and stops "
                         "expanding below it; 0 verifies the budget's best nodes however unlikely (EAGLE-2)")
