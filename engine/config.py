@@ -10,8 +10,8 @@ import torch
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 GREEDY_TEMPERATURE = 1e-5
-# Draft-tree nodes verified per step: with the root, 16 rows, what the CPU linear and attention kernels take in
-# one pass (runner.KERNEL_ROWS).
+# Draft-tree nodes verified per step: with the root, 16 rows, the query rows the CPU decode-attention kernel takes per
+# sequence (runner.KERNEL_ROWS; the linear kernels read each weight from memory once for any number of rows).
 MAX_TREE_NODES = 15
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit seed, as OpenAI and vLLM take it
 # Tokens a chunked-prefill step computes by default: max(this, 2 x max_batch), so prompts get at least as many rows

@@ -1,6 +1,6 @@
 """The dynamic draft tree on the real model: tree-mask verify equals a forward over each root-to-node path,
 keeping the accepted path leaves the cache as if only it was written, and greedy output with trees equals plain
-decoding (fp32 and a packed weight format)."""
+decoding (fp32 and every weight and KV format)."""
 
 import math
 from types import SimpleNamespace
@@ -16,6 +16,7 @@ from optiserve.engine.spec.decoder import draft_depth, shipped_head_dir
 from optiserve.engine.spec.draft_head import DraftHead, load_draft_head, with_serving_linears
 from optiserve.engine.spec.drafters import EagleDrafter, EagleState
 from optiserve.engine.spec.tree_drafter import EagleTreeDrafter, add_branch
+from optiserve.engine.weight_formats import weight_format
 from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
 
 from .test_speculative import EXACT, GREEDY, assert_same_greedy, generate
@@ -174,8 +175,15 @@ def test_greedy_identical_with_pruned_trees(base, tree_engine, chat_prompt_ids):
     assert sum(s.skipped_steps for s in spec) > 0  # pruned to nothing: the step decodes the target's token alone
 
 
-def test_greedy_identical_with_trees_on_a_packed_format(base, tree_engine, chat_prompt_ids):
-    req = QuantRequest("int4", "none", calib_samples=4, calib_seq_len=128)
+@pytest.mark.parametrize("quant,kv", [("int4", "none"), ("int8", "fp8"), ("fp8", "none"), ("int4-w4a8", "none"),
+                                     ("nvfp4-w4a16", "nvfp4")])
+def test_greedy_identical_with_trees_on_every_format(base, tree_engine, chat_prompt_ids, quant, kv):
+    """Every weight format and both quantized KV caches (fp32 above; nvfp4 W4A4 with an nvfp4 cache in
+    test_speculative). Formats that round activations flip a rounding at any last-bit difference between the tree's
+    rows and the decode steps: they are a claim about the CPU kernels."""
+    if weight_format(quant).quantizes_activations and not EXACT:
+        pytest.skip("activations rounded: identity needs the CPU kernels' bit-identical rows")
+    req = QuantRequest(quant, kv, calib_samples=4, calib_seq_len=128)
     for engine in (base, tree_engine):
         engine.use_weights(prepare_quantized(engine.model_dir, engine.master, engine.tokenizer, req))
     try:
@@ -191,6 +199,8 @@ def test_sampled_requests_draft_chains_and_stay_seeded(tree_engine, chat_prompt_
     first = generate(tree_engine, chat_prompt_ids[:2], params, at_once=True)
     again = generate(tree_engine, chat_prompt_ids[:2], params, at_once=True)
     assert [ids for ids, *_ in first] == [ids for ids, *_ in again] and all(ids for ids, *_ in first)
+    chain = tree_engine.cfg.speculative_num_steps  # 4 tokens a step at most, where a tree drafts 8 nodes
+    assert all(s.drafts > 0 and s.draft_tokens <= chain * s.drafts for *_, s in first)
 
 
 @pytest.mark.parametrize("fields", [

@@ -9,7 +9,7 @@ from scipy.stats import chisquare
 from optiserve.engine.sequence import SpecStats
 from optiserve.engine.spec.bench import conditional_acceptance
 from optiserve.engine.spec.ngram import LookupAccuracy, lookup_ngram, propose_ngram
-from optiserve.engine.spec.verify import accept_greedy, accept_sampled
+from optiserve.engine.spec.verify import accept_greedy, accept_sampled, accept_tree_greedy
 
 VOCAB = 6
 DRAWS = 20_000
@@ -22,6 +22,19 @@ def test_greedy_accepts_the_matching_prefix_plus_the_target_token():
     assert accept_greedy([2, 5, 0], logits) == [2, 5, 1]  # third draft rejected: the target's 1 instead
     assert accept_greedy([2, 5, 1], logits) == [2, 5, 1, 3]  # all accepted: plus the bonus token
     assert accept_greedy([4, 5, 1], logits) == [2]
+
+
+def test_greedy_follows_the_tree_branch_the_target_agrees_with():
+    """Root 0 with children 1 (token 4) and 2 (token 2); 2 has children 3 (token 0) and 4 (token 5); 5 (token 5)
+    hangs under 1. The target's argmax per row: 2 at the root, 5 under row 2, 3 under row 4: the path root, 2, 4
+    is kept and 3 follows as the bonus; a sibling holding the right token deeper elsewhere (row 5) is not."""
+    tokens, parents = [9, 4, 2, 0, 5, 5], [-1, 0, 0, 2, 2, 1]
+    logits = torch.full((6, VOCAB), -1.0)
+    for row, best in enumerate([2, 1, 5, 0, 3, 1]):
+        logits[row, best] = 1.0
+    assert accept_tree_greedy(tokens, parents, logits) == ([2, 5, 3], [0, 2, 4])
+    logits[0] = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, 0.0])  # no child of the root holds 3: the root's token only
+    assert accept_tree_greedy(tokens, parents, logits) == ([3], [0])
 
 
 def emitted_pairs(p: torch.Tensor, q: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
