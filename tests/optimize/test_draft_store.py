@@ -213,6 +213,18 @@ def test_training_streams_from_the_store_resumes_and_goes_on_from_a_saved_head(e
     assert torch.equal(warm.d2t, d2t) and not torch.equal(warm.fc.weight_t, saved["fc.weight_t"])
 
 
+def test_training_stops_after_patience_evaluations_without_a_better_tau(engine, labelled, tmp_path):
+    """A learning rate too small to move any weight: the first evaluation stays the best, and `patience` (2) more
+    evaluations without a better held-out τ end the run at step 3 of 10, the head restored to the best."""
+    cfg = DraftTrainConfig(draft_vocab_size=512, row_len=200, rows_per_step=2, max_steps=10, warmup_steps=1,
+                           eval_every=1, ttt_steps=2, patience=2, lr=1e-30)
+    d2t = draft_vocabulary(torch.cat([s.labels for s in labelled]), cfg.draft_vocab_size)
+    rows = pack(labelled, inverse_vocab(d2t, 49152), cfg.row_len)
+    head = init_head(engine.runner.model, DraftConfig.for_target(engine.model_config, cfg.draft_vocab_size), d2t)
+    run = fit(head, rows, cfg, tmp_path / "run", rows[-1:])
+    assert run["steps"] == 3 and [h["tau"] for h in run["history"]] == [round(run["best_tau"], 4)] * 3
+
+
 def test_a_saved_head_widened_to_a_larger_vocabulary_keeps_its_predictions(engine, labelled, tmp_path):
     """`--init-head` with a larger `--draft-vocab-size`: the head's tokens come first with their rows as saved (its
     logits over them unchanged), then the data's most frequent others, whose rows are the target's mapped into the
