@@ -215,7 +215,7 @@ def test_training_streams_from_the_store_resumes_and_goes_on_from_a_saved_head(e
 
 def test_training_stops_after_patience_evaluations_without_a_better_tau(engine, labelled, tmp_path):
     """A learning rate too small to move any weight: the first evaluation stays the best, and `patience` (2) more
-    evaluations without a better held-out τ end the run at step 3 of 10, the head restored to the best."""
+    evaluations without a better held-out τ end the run at step 3 of 10."""
     cfg = DraftTrainConfig(draft_vocab_size=512, row_len=200, rows_per_step=2, max_steps=10, warmup_steps=1,
                            eval_every=1, ttt_steps=2, patience=2, lr=1e-30)
     d2t = draft_vocabulary(torch.cat([s.labels for s in labelled]), cfg.draft_vocab_size)
