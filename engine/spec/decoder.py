@@ -74,6 +74,8 @@ class SpecDecoder:
     def step(self, seqs: list[Sequence]) -> list[Accepted]:
         budget, probing = self._budget(seqs)
         rows = self._drafting_rows(seqs, probing) if budget else []
+        t_backlog = self.clock()  # the head reading a backlog: a cost of having skipped, not of this step's draft
+        backlog_s = self.clock() - t_backlog if self.drafter.read_backlog([seqs[b] for b in rows]) else 0.0
         # Before proposing (that reads the backlog); a step where only some draft is no draft's cost either.
         steady = self.drafter.steady(seqs) and len(rows) == len(seqs)
         t0 = self.clock()
@@ -90,7 +92,8 @@ class SpecDecoder:
             t2 = self.clock()
             self.policy.observe(StepRecord(budget, [len(p.tokens) for p in proposals],
                                            [len(r.tokens) - 1 for r in results], t2 - t0,
-                                           [draft_depth(p) for p in proposals], steady, probing, t2 - t1))
+                                           [draft_depth(p) for p in proposals], steady, probing, t2 - t1,
+                                           backlog_s))
         return results
 
     def _budget(self, seqs: list[Sequence]) -> tuple[int, bool]:

@@ -42,6 +42,9 @@ class NgramDrafter:
     def backlog(self, seq: Sequence) -> int:
         return 0
 
+    def read_backlog(self, seqs: list[Sequence]) -> bool:
+        return False
+
     def propose(self, seqs: list[Sequence], num_draft_tokens: int | None = None) -> list[Proposal]:
         k = self.k if num_draft_tokens is None else min(num_draft_tokens, self.k)
         return [Proposal(propose_ngram(s.token_ids, k) if k else [], None) for s in seqs]
@@ -100,6 +103,24 @@ class EagleDrafter:
     def backlog(self, seq: Sequence) -> int:
         """Positions the head must read before it drafts for `seq`."""
         return sum(len(f) for f in seq.draft_state.pending)
+
+    @torch.inference_mode()
+    def read_backlog(self, seqs: list[Sequence]) -> bool:
+        """Where a sequence is not steady (a prompt, or steps that drafted nothing), run the head over its pending
+        features but the last position (one forward), so that the proposal after it reads one position, as a
+        steady step does: the backlog is then timed apart from the step (the policy learns a draft's cost from the
+        step, whatever came before it). Whether there was any."""
+        behind = [s for s in seqs if not self.steady([s]) and self.backlog(s) > 1]
+        if not behind:
+            return False
+        lasts = []
+        for seq in behind:
+            features = seq.draft_state.take_pending()  # [n, 3H]
+            seq.draft_state.pending, lasts = [features[:-1]], [*lasts, features[-1:]]
+        self._catch_up(behind)
+        for seq, last in zip(behind, lasts, strict=True):
+            seq.draft_state.pending = [last]
+        return True
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], num_draft_tokens: int | None = None) -> list[Proposal]:

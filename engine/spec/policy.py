@@ -6,8 +6,11 @@ position i accepted | position i-1 accepted). Its cost, relative to a plain deco
 nearly free at batch 1 (the weights are read once) and cost compute at batch 8, so r_B grows with B and drafting
 turns off under load unless acceptance is high. A batch size not measured yet borrows r from the nearest one that is
 scaled in proportion to the batch (before any, the prior times B: at batch 8 a first tree at r_8 = 0.1 cost 6-14
-plain steps). A step that first catches the drafter up on a backlog is not timed for r, but its verify alone
-(scaled to the whole batch where only some sequences drafted) is a floor: r rises to it. Budget 0 is
+plain steps). The head reads a backlog (a prompt, skipped steps) before a step, timed apart, so every step where
+all sequences draft teaches r, whether drafting was on before it or not (were those steps untimed, r could only
+rise while drafting is off, and one slow step could keep it off). A step where only some sequences drafted (a
+probe at batch > 1) is not timed for r, but its verify alone, scaled to the whole batch, is a floor: r rises to
+it. Budget 0 is
 a plain decode step; it also refreshes the plain-step time. While off, a one-token probe keeps c_1 and r current,
 every `probe_every` steps or less often where a probe costs more (at batch 8 a draft row costs compute): its extra
 cost stays within `probe_overhead` of the steps between (up to `max_probe_every`), as measured on the probes
@@ -55,10 +58,11 @@ class PolicyConfig:
 class StepRecord:
     """One speculative (or plain) step as it happened: the budget asked, per sequence the drafts proposed, how
     many of them were accepted and how deep they went (a chain: its length; a tree: its deepest node; None: the
-    drafts are chains), the step's wall time (drafting + verifying), whether that time is a steady step's (a
-    drafter first catching up on a backlog, a new prompt or the steps that drafted nothing, pays once what the
-    steps after it do not, so such a step teaches acceptance and, by its verify's seconds alone, a floor of the
-    cost of a draft), and whether the step was the policy's probe (its time is what probing costs)."""
+    drafts are chains), the step's wall time (drafting + verifying; a backlog the head read first, a new prompt
+    or the steps that drafted nothing, is timed apart: it is paid once, not by the steps after it), whether that
+    time is a steady step's (one where only some sequences drafted, a probe at batch > 1, teaches acceptance and,
+    by its verify's seconds alone, a floor of the cost of a draft), and whether the step was the policy's probe
+    (its time, backlog included, is what probing costs)."""
 
     budget: int
     drafted: list[int]
@@ -68,6 +72,7 @@ class StepRecord:
     timed: bool = True
     probe: bool = False
     verify_seconds: float | None = None
+    backlog_seconds: float = 0.0  # the head reading a backlog before the step (not in `seconds`)
 
 
 @dataclass
@@ -192,8 +197,8 @@ class AdaptivePolicy:
         def extra(seconds: float) -> float:  # beyond a plain step, in plain steps
             return max(seconds / cost.plain_s - 1.0, 0.0)
 
-        if rec.probe:
-            cost.probe_extra = self._ema(cost.probe_extra, extra(rec.seconds))
+        if rec.probe:  # its backlog is part of what a probe costs
+            cost.probe_extra = self._ema(cost.probe_extra, extra(rec.seconds + rec.backlog_seconds))
         if rec.timed:
             cost.per_draft = self._ema(cost.per_draft, extra(rec.seconds) / width)
             return

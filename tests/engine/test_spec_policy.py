@@ -301,3 +301,25 @@ def test_seeded_sampled_requests_repeat_whatever_the_policy_learned(adaptive_ngr
     adaptive_ngram.spec.policy = AdaptivePolicy(PolicyConfig(K, prior_acceptance=0.01, prior_cost_per_draft=5.0))
     again = generate(adaptive_ngram, chat_prompt_ids[:2], params, at_once=True)
     assert [ids for ids, *_ in first] == [ids for ids, *_ in again] and all(ids for ids, *_ in first)
+
+
+def test_a_step_after_skipped_steps_reads_the_backlog_apart_and_is_timed(engine, chat_prompt_ids, monkeypatch):
+    """The head reads a backlog (the prompt, then steps that drafted nothing) before the step that drafts, timed
+    apart: that step is a steady one, timed for r, so r can fall again after drafting went off (untimed, it could
+    only rise while off). Steps that follow a drafting step have no backlog; the output is the plain one."""
+    spec = LLMEngine(EngineConfig(max_batch=2, max_model_len=1024, speculative="auto"))
+    policy, records, asked = spec.spec.policy, [], []
+
+    def scripted(seqs):  # plain steps 1-5 and 9-12, the whole tree otherwise
+        asked.append(len(seqs))
+        return 0 if len(asked) <= 5 or 9 <= len(asked) <= 12 else policy.cfg.max_budget
+
+    monkeypatch.setattr(policy, "budget", scripted)
+    monkeypatch.setattr(policy, "observe", records.append)
+    prompts = chat_prompt_ids[:2]
+    got = generate(spec, prompts, GREEDY, at_once=True)
+    assert [ids for ids, *_ in got] == [ids for ids, *_ in generate(engine, prompts, GREEDY, at_once=True)]
+    drafting = [(i, r) for i, r in enumerate(records) if r.budget]
+    after_skips = [r for i, r in drafting if records[i - 1].budget == 0]
+    assert len(after_skips) == 2 and all(r.timed and r.backlog_seconds > 0 for r in after_skips)
+    assert all(r.timed and r.backlog_seconds == 0 for i, r in drafting if records[i - 1].budget)
