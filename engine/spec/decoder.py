@@ -74,8 +74,9 @@ class SpecDecoder:
     def step(self, seqs: list[Sequence]) -> list[Accepted]:
         budget, probing = self._budget(seqs)
         rows = self._drafting_rows(seqs, probing) if budget else []
-        t_backlog = self.clock()  # the head reading a backlog: a cost of having skipped, not of this step's draft
-        backlog_s = self.clock() - t_backlog if self.drafter.read_backlog([seqs[b] for b in rows]) else 0.0
+        t_backlog = self.clock()
+        read = self.drafter.read_backlog([seqs[b] for b in rows])  # a cost of having skipped, not of this draft's
+        backlog_s = self.clock() - t_backlog if read else 0.0
         # Before proposing (that reads the backlog); a step where only some draft is no draft's cost either.
         steady = self.drafter.steady(seqs) and len(rows) == len(seqs)
         t0 = self.clock()
