@@ -116,7 +116,8 @@ class EagleDrafter:
         lasts = []
         for seq in behind:
             features = seq.draft_state.take_pending()  # [n, 3H]
-            seq.draft_state.pending, lasts = [features[:-1]], [*lasts, features[-1:]]
+            seq.draft_state.pending = [features[:-1]]
+            lasts.append(features[-1:])
         self._catch_up(behind)
         for seq, last in zip(behind, lasts, strict=True):
             seq.draft_state.pending = [last]
