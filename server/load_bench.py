@@ -101,12 +101,20 @@ async def sse_chunks(response: httpx.Response) -> AsyncIterator[dict]:
             yield json.loads(line[6:])
 
 
+async def scrape(client: httpx.AsyncClient) -> dict[str, float]:
+    """The server's /metrics, a value per series name summed over its label sets (one model per server)."""
+    values: dict[str, float] = {}
+    for line in (await client.get("/metrics")).text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            name = series.split("{")[0]
+            values[name] = values.get(name, 0.0) + float(value)
+    return values
+
+
 async def resident_bytes(client: httpx.AsyncClient) -> float | None:
     """The server's resident memory from its /metrics (process collector)."""
-    for line in (await client.get("/metrics")).text.splitlines():
-        if line.startswith("process_resident_memory_bytes "):
-            return float(line.split()[1])
-    return None
+    return (await scrape(client)).get("process_resident_memory_bytes")
 
 
 async def run_swaps(client: httpx.AsyncClient, cfg: LoadConfig, start: float) -> list[dict]:

@@ -2,7 +2,8 @@
 
 Starts `optiserve serve` on a free loopback port, sends streaming greedy chat completions (`ignore_eos`, so every
 answer has `max_tokens` tokens) at each concurrency, and reports throughput, time to first token, inter-token
-latency and each request's decode rate (tokens after the first over the time between first and last chunk).
+latency and each request's decode rate (tokens after the first over the time between first and last chunk), with
+what the server's /metrics say meanwhile (peak running / waiting / KV usage, preemptions, prefix-cache hit rate).
 Then it stops the server and, with `engine` given, runs the same requests one at a time through an in-process
 engine built with the same arguments, so the HTTP-to-engine ratio comes from one run.
 """
@@ -10,6 +11,7 @@ engine built with the same arguments, so the HTTP-to-engine ratio comes from one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import socket
@@ -27,7 +29,8 @@ import httpx
 
 from optiserve.engine.threads import on_own_thread
 
-from .load_bench import percentiles, sse_chunks
+from .load_bench import percentiles, scrape, sse_chunks
+from .metrics import PREFIX
 
 FILLER = ("Context: the committee met on Tuesday to review the quarterly figures, the hiring plan and the "
           "schedule for the new office, and agreed to meet again next month. ")
@@ -112,9 +115,38 @@ async def run_level(url: str, model: str, prompts: list[list[dict]], concurrency
                 timing = await stream_one(client, model, messages, max_tokens)
                 timings.append(dataclasses.replace(timing, sent=sent))
 
+        done = asyncio.Event()
+        watch = asyncio.create_task(watch_server(client, done))
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    return summarize_level(concurrency, timings, elapsed)
+        done.set()
+        server = await watch
+    return summarize_level(concurrency, timings, elapsed) | {"server": server}
+
+
+PEAK_GAUGES = {"running": "num_requests_running", "waiting": "num_requests_waiting",
+               "kv_cache_usage": "kv_cache_usage_perc"}
+
+
+async def watch_server(client: httpx.AsyncClient, done: asyncio.Event, every_s: float = 0.25) -> dict:
+    """The server's side of a level from its /metrics: its gauges' peaks (sampled every `every_s` until `done`)
+    and what its counters added: preemptions and the prefix cache's hit rate (prompt tokens, vLLM's names)."""
+    before = await scrape(client)
+    peaks = dict.fromkeys(PEAK_GAUGES, 0.0)
+    while not done.is_set():
+        now = await scrape(client)
+        for key, name in PEAK_GAUGES.items():
+            peaks[key] = max(peaks[key], now.get(PREFIX + name, 0.0))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), every_s)
+    after = await scrape(client)
+
+    def added(counter: str) -> float:
+        return after.get(f"{PREFIX}{counter}_total", 0.0) - before.get(f"{PREFIX}{counter}_total", 0.0)
+
+    queries = added("prefix_cache_queries")
+    return {**{f"peak_{key}": value for key, value in peaks.items()}, "preemptions": int(added("num_preemptions")),
+            "prefix_cache_hit_rate": added("prefix_cache_hits") / queries if queries else None}
 
 
 def summarize_level(concurrency: int, timings: list[StreamTiming], elapsed: float) -> dict:
@@ -262,4 +294,11 @@ def format_level(lvl: dict) -> str:
             f"p99 {ms(lvl['ttft_s']['p99'])}, ITL p50 {ms(lvl['itl_s']['p50'])} p99 {ms(lvl['itl_s']['p99'])}; "
             f"after the first wave ({lvl['steady_requests']} requests) TTFT p99 {ms(lvl['ttft_s_steady']['p99'])}, "
             f"ITL p99 {ms(lvl['itl_s_steady']['p99'])}; first request's TTFT {ms(lvl['ttft_first_s'])}, later "
-            f"ones' p50 {ms(lvl['ttft_later_p50_s'])}")
+            f"ones' p50 {ms(lvl['ttft_later_p50_s'])}\n  {format_server(lvl['server'])}")
+
+
+def format_server(server: dict) -> str:
+    hits = server["prefix_cache_hit_rate"]
+    return (f"server: peak {server['peak_running']:.0f} running, {server['peak_waiting']:.0f} waiting, KV cache "
+            f"{server['peak_kv_cache_usage']:.0%} used; {server['preemptions']} preemptions; prefix-cache hits "
+            f"{'n/a (off)' if hits is None else f'{hits:.1%}'} of prompt tokens")

@@ -36,7 +36,8 @@ def test_soak_mix_bad_requests_get_4xx_and_good_ones_all_succeed(server, tmp_pat
 
 def test_bench_serve_reports_http_beside_the_engine(tmp_path):
     """`bench serve` starts its own server (here with chunked prefill and prefix caching behind a shared system
-    prompt), streams at two concurrencies, then times the engine on the same requests: every figure comes back."""
+    prompt), streams at two concurrencies while it reads the server's /metrics, then times the engine on the same
+    requests: every figure comes back."""
     out = tmp_path / "serve.json"
     cmd = [sys.executable, "-m", "optiserve.server.cli", "bench", "serve", "--concurrency", "1,2", "--requests", "4",
            "--max-tokens", "8", "--prompt-tokens", "64", "--shared-prefix-tokens", "64", "--json", str(out), "--",
@@ -50,5 +51,9 @@ def test_bench_serve_reports_http_beside_the_engine(tmp_path):
         assert lvl["steady_requests"] == 4 - lvl["concurrency"] and lvl["itl_s_steady"]["p99"] > 0
         assert lvl["itl_samples"] == 4 * (8 - 1)  # a gap per token after the first, special tokens included
         assert lvl["ttft_first_s"] > 0 and lvl["ttft_later_p50_s"] > 0
+        server = lvl["server"]  # from the server's /metrics, sampled while the level ran
+        assert 1 <= server["peak_running"] <= lvl["concurrency"] and server["peak_waiting"] >= 0
+        assert 0 < server["peak_kv_cache_usage"] < 1 and server["preemptions"] == 0
+        assert 0 < server["prefix_cache_hit_rate"] < 1  # the shared system prompt's full blocks
     assert result["engine_decode_tok_s_median"] > 0 and result["http_vs_engine"] > 0
     assert result["batch_decode_step_s"] > 0 and result["itl_p99_vs_decode_step"] > 0
