@@ -3,7 +3,7 @@
 Failures stay with the request they happened on: an exception while taking a request in, prefilling it,
 sampling for it, detokenizing or reporting it fails that request alone (its caller gets an output with
 `error` set) and the batch goes on. A batched forward that raises is retried one sequence at a time, so
-the sequence at fault fails alone there too.
+the sequence at fault fails alone there too (`engine/outputs.py` reports and fails requests).
 """
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ from dataclasses import dataclass
 import torch
 
 from .config import EngineConfig, ModelConfig, SamplingParams
-from .detokenize import append_tokens, take_output
-from .faults import EngineDeadError, check_injected_fault, fail_request, fault_seed_from_env
+from .faults import EngineDeadError, fail_request, fault_seed_from_env
 from .lm_head import with_lm_head
 from .model import Transformer
+from .outputs import Outputs
 from .quant import weight_bytes
 from .quantized_checkpoint import is_modelopt_checkpoint, load_quantized_checkpoint
 from .ragged import RaggedBatch, add_prompt_logprobs, wants_prompt_logprobs
 from .request_checks import RequestError, check_lengths
 from .runner import ModelRunner
-from .sampler import make_generator, sample_each
+from .sampler import make_generator
 from .scheduler import Chunk, Scheduler
 from .sequence import Request, RequestOutput, Sequence
 from .spec.decoder import Accepted, make_spec_decoder
@@ -85,6 +85,8 @@ class LLMEngine:
         self.scheduler = Scheduler(cfg.max_batch, self.runner.cache.tables, cfg.spec_cache_room,
                                    cfg.max_num_batched_tokens, cfg.max_prefill_tokens)
         self.eos_ids = set(self.model_config.eos_token_ids) | {self.tokenizer.eos_token_id} - {None}
+        self.outputs = Outputs(self.scheduler, self.tokenizer, self.eos_ids, self.max_model_len, fault_seed_from_env(),
+                               self.spec is not None)
         self._new: queue.SimpleQueue[Request] = queue.SimpleQueue()  # filled by callers, drained by the loop
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._swaps = SwapQueue()
@@ -92,7 +94,6 @@ class LLMEngine:
         self.switcher = WeightSwitcher(self.runner, self.spec, self._run_prefill)
         if quantized is not None:
             self._apply_weights(quantized)
-        self.fault_seed = fault_seed_from_env()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -139,7 +140,8 @@ class LLMEngine:
     def _apply_weights(self, weights: WeightSet) -> None:
         # Every weight set serves with the configured LM head (formed here, so swaps and checkpoints keep it).
         weights = dataclasses.replace(weights, model=with_lm_head(weights.model, self.cfg.lm_head_dtype))
-        self.switcher.switch(self.weights, weights, self.scheduler.running, lambda seq, e: self._fail(seq.request, e))
+        fail = self.outputs.fail
+        self.switcher.switch(self.weights, weights, self.scheduler.running, lambda seq, e: fail(seq.request, e))
         old, self.weights = self.weights, weights
         del old
         release_freed_memory()
@@ -195,7 +197,7 @@ class LLMEngine:
         self._swaps.run_pending(self._apply_weights)
         while not self._new.empty():
             request = self._new.get_nowait()
-            self._guard(request, self._enqueue, request)
+            self.outputs.guard(request, self._enqueue, request)
         while not self._aborts.empty():
             for seq in self.scheduler.sequences_of(self._aborts.get_nowait()):
                 self.scheduler.release(seq)
@@ -208,20 +210,7 @@ class LLMEngine:
         for seq in seqs:  # all or none: a failure above leaves nothing queued
             self.scheduler.add(seq)
 
-    # ---- failing one request -------------------------------------------------------------------------
-    def _guard(self, request: Request, fn, *args) -> bool:
-        """Run `fn(*args)`, work that belongs to `request` alone; if it raises, fail that request. True if ok."""
-        try:
-            fn(*args)
-            return True
-        except Exception as e:
-            self._fail(request, e)
-            return False
-
-    def _fail(self, request: Request, exc: Exception) -> None:
-        log.error("request %s failed in the engine", request.request_id, exc_info=exc)
-        fail_request(self.scheduler, request, f"the engine failed while processing this request ({type(exc).__name__})")
-
+    # ---- failing every request ---------------------------------------------------------------------------
     def _fail_in_flight(self, message: str) -> None:
         """Fail every queued and running request (the engine cannot go on with them)."""
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
@@ -245,12 +234,12 @@ class LLMEngine:
     def _step_whole(self) -> None:
         for seq in self.scheduler.admit():
             if seq.finish_reason is None:  # not failed with a sibling already
-                self._guard(seq.request, self._prefill, seq)
+                self.outputs.guard(seq.request, self._prefill, seq)
                 self.scheduler.commit([seq])  # its prompt's blocks are findable by the next one admitted
         self._release_finished()  # so the running sequences are exactly slots [0, B)
         running = self.scheduler.running
         if running:
-            self._append(running, self._forward(running))
+            self.outputs.append(running, self._forward(running))
             self.scheduler.commit(running)
 
     def _step_chunks(self) -> None:
@@ -265,16 +254,16 @@ class LLMEngine:
                 continue
             seq.num_computed = chunk.end
             if wants_prompt_logprobs(seq, chunk.start):
-                self._guard(seq.request, add_prompt_logprobs, seq.request, logits, chunk.start)
+                self.outputs.guard(seq.request, add_prompt_logprobs, seq.request, logits, chunk.start)
             if not chunk.samples or seq.finish_reason is not None:
                 continue
             if seq.max_tokens == 0:
-                self._guard(seq.request, self._finish_echo, seq)
+                self.outputs.guard(seq.request, self.outputs.finish_echo, seq)
             else:
                 sampling.append(seq)
                 rows.append(logits[-1])
         if sampling:
-            self._append(sampling, self._sample(sampling, torch.stack(rows)))
+            self.outputs.append(sampling, self.outputs.sample(sampling, torch.stack(rows)))
 
     def _forward_chunks(self, chunks: list[Chunk]) -> list[torch.Tensor | None]:
         """Each chunk's logits: every row when prompt logprobs are wanted, its last row when it samples, else none
@@ -289,7 +278,7 @@ class LLMEngine:
             try:
                 results += self._run_chunks([chunk])
             except Exception as e:
-                self._fail(chunk.seq.request, e)
+                self.outputs.fail(chunk.seq.request, e)
                 results.append(None)
         return results
 
@@ -308,7 +297,7 @@ class LLMEngine:
                 return self.spec.step(running)
             logits = self.runner.decode([s.token_ids[-1] for s in running], [len(s.token_ids) - 1 for s in running])
             # On a GPU too: seeded requests draw from per-sequence CPU generators, so samples repeat across devices
-            return self._sample(running, logits.cpu())
+            return self.outputs.sample(running, logits.cpu())
         except Exception:
             log.exception("a batched forward of %d sequences failed; retrying them one at a time", len(running))
             for seq, state in zip(running, draft_states, strict=True):
@@ -325,9 +314,9 @@ class LLMEngine:
             if self.spec:
                 self.spec.drafter.on_verify(seq, None if features is None else features[0])
         except Exception as e:
-            self._fail(seq.request, e)
+            self.outputs.fail(seq.request, e)
             return None
-        return self._sample([seq], logits.cpu())[0]
+        return self.outputs.sample([seq], logits.cpu())[0]
 
     def _release_finished(self) -> None:
         for seq in [s for s in self.scheduler.running if s.finish_reason is not None]:
@@ -347,42 +336,10 @@ class LLMEngine:
             add_prompt_logprobs(seq.request, logits, 0)
             logits = logits[-1]
         if seq.max_tokens == 0:
-            self._finish_echo(seq)
+            self.outputs.finish_echo(seq)
         else:
-            self._append([seq], self._sample([seq], logits.unsqueeze(0)))
+            self.outputs.append([seq], self.outputs.sample([seq], logits.unsqueeze(0)))
 
-    def _finish_echo(self, seq: Sequence) -> None:
-        """A scoring request (max_tokens 0) generates nothing: it finishes once its prompt is computed."""
-        seq.finish_reason = "length"
-        self._emit(seq.request, [seq])
-
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Accepted | None]:
-        tokens = sample_each(logits, seqs, lambda seq, e: self._fail(seq.request, e))
-        return [None if t is None else Accepted([t], logits[row : row + 1]) for row, t in enumerate(tokens)]
-
-    def _append(self, seqs: list[Sequence], results: list[Accepted | None]) -> None:
-        """Append each sequence's new tokens up to the first stop, update text, report per request."""
-        by_request: dict[str, list[tuple[Sequence, Accepted]]] = {}
-        for seq, res in zip(seqs, results, strict=True):
-            if res is not None and seq.finish_reason is None:
-                by_request.setdefault(seq.request.request_id, []).append((seq, res))
-        for group in by_request.values():
-            req = group[0][0].request
-            self._guard(req, self._append_request, req, group)
-
-    def _append_request(self, req: Request, group: list[tuple[Sequence, Accepted]]) -> None:
-        for seq, res in group:
-            check_injected_fault(seq, self.fault_seed)
-            append_tokens(seq, res.tokens, res.logits, self.eos_ids, self.max_model_len, self.tokenizer)
-            seq.num_computed = len(seq.token_ids) - 1  # the newest token's KV is written by the next step
-        self._emit(req, [seq for seq, _ in group])
-
-    def _emit(self, req: Request, seqs: list[Sequence]) -> None:
-        outs = [take_output(seq) for seq in seqs]
-        req.num_finished += sum(o.finish_reason is not None for o in outs)
-        spec = req.spec.snapshot() if self.spec else None
-        req.emit(RequestOutput(req.request_id, outs, req.prompt_ids, req.prompt_logprobs,
-                               req.num_finished == req.params.n, spec=spec))
 
 
 def run_to_completion(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
