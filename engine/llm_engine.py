@@ -341,7 +341,6 @@ class LLMEngine:
             self.outputs.append([seq], self.outputs.sample([seq], logits.unsqueeze(0)))
 
 
-
 def run_to_completion(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
     """Generate for all prompts at once on the calling thread (benchmarks, tests); returns new token ids."""
     results: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}

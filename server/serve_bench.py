@@ -117,9 +117,11 @@ async def run_level(url: str, model: str, prompts: list[list[dict]], concurrency
 
         done = asyncio.Event()
         watch = asyncio.create_task(watch_server(client, done))
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-        done.set()
+        try:
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            elapsed = time.perf_counter() - start
+        finally:
+            done.set()  # the watch ends with the level, whether it completed or not
         server = await watch
     return summarize_level(concurrency, timings, elapsed) | {"server": server}
 
