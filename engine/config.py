@@ -173,7 +173,9 @@ class EngineConfig:
     speculative_draft_dtype: str = "int8"  # the draft head's linears (spec/draft_head.with_serving_linears)
     lm_head_dtype: str = "float32"  # the served LM head's weights (engine/lm_head.py); the master keeps fp32
     kv_block_size: int = 16  # tokens per KV block; 0: one block of the whole context per sequence (unpaged)
-    kv_cache_memory: int | None = None  # bytes of KV blocks (the target's); None: max_batch full-length sequences
+    # Bytes of KV blocks (the target's), or a fraction in (0, 1) of the device's memory; None: max_batch full-length
+    # sequences.
+    kv_cache_memory: float | None = None
     kv_cache_format: str = "none"  # the KV format kv_cache_memory is counted in (the one served from start-up)
     # Full prompt blocks reused across requests by content (block_manager.py); None: on where it works
     # (--speculative none or ngram), as it never changes an output (tests/engine/test_paged.py).
@@ -201,8 +203,8 @@ class EngineConfig:
             raise ValueError("max_model_len must be >= 16")
         if self.kv_block_size < 0:
             raise ValueError("kv_block_size must be >= 0 (0: one block per sequence)")
-        if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
-            raise ValueError("kv_cache_memory must be a positive number of bytes")
+        if self.kv_cache_memory is not None and not self.kv_cache_memory > 0:  # NaN too
+            raise ValueError("kv_cache_memory must be bytes (>= 1) or a fraction of the device's memory (0-1)")
         self._resolve_batching()
         if self.device != "cpu" and self.speculative != "none":
             raise ValueError("speculative decoding runs on the CPU engine only so far; drop --speculative on a GPU")

@@ -15,6 +15,7 @@ Positions past a slot's length hold stale values; nothing reads them (attention 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,18 @@ class CacheShape:
     def elements_per_token(self) -> int:
         """Elements of K and V for one token across all layers (times an element's bytes: the bytes)."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+
+def kv_memory_bytes(amount: float, device: torch.device) -> int:
+    """`--kv-cache-memory` in bytes: an amount >= 1 is bytes; one in (0, 1) is that fraction of the device's memory
+    (a GPU's total memory, the host's physical memory for the CPU), as vLLM's and SGLang's memory fractions count."""
+    if amount >= 1:
+        return int(amount)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(amount * total)
 
 
 def blocks_for_memory(nbytes: int, block_size: int, bytes_per_token: int) -> int:

@@ -7,7 +7,7 @@ import math
 import torch
 
 from . import ops
-from .kv_cache import CacheShape, KVCache, blocks_for_memory
+from .kv_cache import CacheShape, KVCache, blocks_for_memory, kv_memory_bytes
 from .kv_quant import kv_bytes_per_element
 from .model import Transformer
 from .tree_attention import TreeMask, ancestor_matrix, dense_tree_mask, depths
@@ -53,10 +53,11 @@ class ModelRunner:
     """Owns the model and its KV cache; every forward goes through here."""
 
     def __init__(self, model: Transformer, num_slots: int, max_len: int, dtype: torch.dtype, block_size: int = 16,
-                 kv_cache_memory: int | None = None, prefix_caching: bool = False, kv_format: str = "none"):
-        """`block_size` 0: one block of max_len per slot; `kv_cache_memory` (bytes, of K/V stored in `kv_format`)
-        sizes the block pool (default: every slot at max_len); `prefix_caching` keeps full prompt blocks findable
-        for reuse. The pool keeps its block count when the KV format changes later (its bytes follow the format)."""
+                 kv_cache_memory: float | None = None, prefix_caching: bool = False, kv_format: str = "none"):
+        """`block_size` 0: one block of max_len per slot; `kv_cache_memory` (bytes of K/V stored in `kv_format`, or
+        a fraction of the device's memory) sizes the block pool (default: every slot at max_len); `prefix_caching`
+        keeps full prompt blocks findable for reuse. The pool keeps its block count when the KV format changes
+        later (its bytes follow the format)."""
         self.model = model
         cfg = model.cfg
         self.max_len = max_len
@@ -64,7 +65,8 @@ class ModelRunner:
         shape = CacheShape(cfg.num_layers, num_slots, cfg.num_kv_heads, max_len, cfg.head_dim, block_size)
         if kv_cache_memory is not None:
             bytes_per_token = math.ceil(shape.elements_per_token * kv_bytes_per_element(kv_format, dtype))
-            shape.num_blocks = blocks_for_memory(kv_cache_memory, shape.block_size, bytes_per_token)
+            nbytes = kv_memory_bytes(kv_cache_memory, self.device)
+            shape.num_blocks = blocks_for_memory(nbytes, shape.block_size, bytes_per_token)
         self.cache = KVCache(shape, dtype, self.device, prefix_caching=prefix_caching)
         self.unmasked_decode = ops.decode_attention_available(dtype, self.device)
 

@@ -37,9 +37,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV slots)")
     p.add_argument("--max-model-len", type=int, default=2048, help="context length per sequence")
-    p.add_argument("--kv-cache-memory", type=int, default=None,
-                   help="bytes of KV-cache blocks in the --kv-cache format (default: --max-batch sequences of "
-                        "--max-model-len)")
+    p.add_argument("--kv-cache-memory", type=float, default=None,
+                   help="bytes of KV-cache blocks in the --kv-cache format, or a fraction (0-1) of the device's "
+                        "memory (default: --max-batch sequences of --max-model-len)")
     p.add_argument("--kv-block-size", type=int, default=EngineConfig.kv_block_size,
                    help="tokens per KV-cache block (0: one block of the whole context per sequence, unpaged)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,

@@ -3,6 +3,8 @@ prefill and prefix caching) and with one block per sequence (the unpaged layout,
 time and 8 at once, on every KV format and in bf16; admission waits for free
 blocks; prefix caching reuses a shared system prompt without changing outputs; every block goes back."""
 
+import os
+
 import pytest
 from prometheus_client import generate_latest
 
@@ -11,6 +13,8 @@ from optiserve.engine.config import EngineConfig, SamplingParams
 from optiserve.engine.llm_engine import LLMEngine, RequestError, WeightSet, run_to_completion
 from optiserve.engine.sequence import Request, TokenLogprob
 from optiserve.optimize.ptq_pipeline import QuantRequest, prepare_quantized
+from optiserve.server.cli.args import engine_config
+from optiserve.server.cli.main import build_parser
 from optiserve.server.metrics import ServerMetrics
 
 GREEDY = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
@@ -133,6 +137,23 @@ def test_the_memory_of_8_full_contexts_runs_32_short_chats_at_once(engine, chat_
         chats.abort(str(i))
     chats.step()
     assert_every_block_free(chats)
+
+
+def test_kv_cache_memory_may_be_a_fraction_of_the_device_memory(chat_prompt_ids):
+    """`--kv-cache-memory 0.01`: a hundredth of the host's RAM (the CPU's device memory) in blocks, which serve; zero
+    or less is refused."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    small = LLMEngine(EngineConfig(max_batch=2, max_model_len=256, kv_cache_memory=0.01))
+    cache = small.runner.cache
+    assert cache.tables.pool.num_blocks == int(0.01 * ram) // (16 * cache.bytes_per_token) > 0
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    assert [len(out) for out in run_to_completion(small, chat_prompt_ids[:2], params)] == [4, 4]
+    assert_every_block_free(small)
+    for flag, amount in (("0.01", 0.01), ("754974720", 754974720)):  # as `serve` parses it
+        assert engine_config(build_parser().parse_args(["serve", "--kv-cache-memory", flag])).kv_cache_memory == amount
+    for amount in (0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="fraction of the device's memory"):
+            EngineConfig(kv_cache_memory=amount)
 
 
 BF16_TIE = 0.25  # two bf16 steps of a logprob near 0 (its logits round to 1/16-1/8): a near-tie in bf16
