@@ -79,6 +79,18 @@ def plain_engine(engine) -> LLMEngine:
                                   max_num_batched_tokens=0, enable_prefix_caching=False))
 
 
+@pytest.fixture(autouse=True)
+def session_engines_end_with_every_block_free(request) -> Iterator[None]:
+    """After each test that used a session engine, its KV pool holds no block: a test (or the code) that leaves
+    blocks held fails here, not in a later test that finds the pool short."""
+    yield
+    for name in ("engine", "plain_engine"):
+        if name in request.fixturenames:
+            pool = request.getfixturevalue(name).runner.cache.tables.pool
+            held = pool.num_blocks - pool.num_free
+            assert held == 0, f"{request.node.name} left {held} KV blocks held in the session's `{name}`"
+
+
 @pytest.fixture(scope="session")
 def hf_model(engine):
     from transformers import AutoModelForCausalLM
