@@ -140,12 +140,13 @@ def test_the_memory_of_8_full_contexts_runs_32_short_chats_at_once(engine, chat_
 
 
 def test_kv_cache_memory_may_be_a_fraction_of_the_device_memory(chat_prompt_ids):
-    """`--kv-cache-memory 0.01`: a hundredth of the host's RAM (the CPU's device memory) in blocks, which serve; zero
-    or less is refused."""
+    """`--kv-cache-memory` below 1: that fraction of the host's RAM (the CPU's device memory) in blocks, which serve;
+    zero or less is refused."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    small = LLMEngine(EngineConfig(max_batch=2, max_model_len=256, kv_cache_memory=0.01))
+    fraction = 2**26 / ram  # 64 MiB on any machine
+    small = LLMEngine(EngineConfig(max_batch=2, max_model_len=256, kv_cache_memory=fraction))
     cache = small.runner.cache
-    assert cache.tables.pool.num_blocks == int(0.01 * ram) // (16 * cache.bytes_per_token) > 0
+    assert cache.tables.pool.num_blocks == int(fraction * ram) // (16 * cache.bytes_per_token) > 0
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     assert [len(out) for out in run_to_completion(small, chat_prompt_ids[:2], params)] == [4, 4]
     assert_every_block_free(small)
@@ -159,16 +160,19 @@ def test_kv_cache_memory_may_be_a_fraction_of_the_device_memory(chat_prompt_ids)
 BF16_TIE = 0.25  # two bf16 steps of a logprob near 0 (its logits round to 1/16-1/8): a near-tie in bf16
 
 
-def test_bf16_pages_and_caches_prefixes_exactly_and_chunks_up_to_its_rounding(chat_prompt_ids):
-    """A bf16 model (SDPA over a window gathered from the blocks): 16-token blocks with prefix caching give the
-    unpaged engine's tokens exactly, one prompt at a time and 8 at once. Chunked prefill does not: ATen's bf16
-    matmuls round a row differently at other row counts (as batch 8 against batch 1 does), so its tokens may part
-    from whole prefill's only where the reference's top two are within BF16_TIE, with logprobs that close before."""
-    bf16 = {"max_batch": 8, "max_model_len": 1024, "dtype": "bfloat16"}
-    unpaged = LLMEngine(EngineConfig(**bf16, kv_block_size=0, max_num_batched_tokens=0, enable_prefix_caching=False))
-    paged = LLMEngine(EngineConfig(**bf16, max_num_batched_tokens=0, enable_prefix_caching=True))
-    chunked = LLMEngine(EngineConfig(**bf16))  # the defaults: 16-token blocks, chunks, prefix caching
-    assert chunked.cfg.max_num_batched_tokens > 0 and paged.runner.cache.shape.block_size == 16
+def test_bf16_pages_exactly_and_chunks_and_caches_prefixes_up_to_its_rounding(chat_prompt_ids):
+    """A bf16 model (SDPA over a window gathered from the blocks): 16-token blocks give the unpaged engine's tokens
+    exactly, one prompt at a time and 8 at once. Chunked prefill and prefix caching compute a prompt in other row
+    counts, which ATen's bf16 matmuls round differently (as batch 8 against batch 1 does), so with them (the
+    defaults) tokens may part from the reference's only where its top two are within BF16_TIE, with logprobs that
+    close before."""
+    whole = {"max_batch": 8, "max_model_len": 1024, "dtype": "bfloat16", "max_num_batched_tokens": 0,
+             "enable_prefix_caching": False}
+    unpaged = LLMEngine(EngineConfig(**whole, kv_block_size=0))
+    paged = LLMEngine(EngineConfig(**whole))
+    chunked = LLMEngine(EngineConfig(max_batch=8, max_model_len=1024, dtype="bfloat16"))  # chunks, prefix caching
+    assert chunked.cfg.max_num_batched_tokens > 0 and chunked.cfg.enable_prefix_caching
+    assert paged.runner.cache.shape.block_size == 16
     for at_once in (False, True):
         ref = generate_logprobs(unpaged, chat_prompt_ids, at_once)
         assert [tokens(r) for r in generate_logprobs(paged, chat_prompt_ids, at_once)] == [tokens(r) for r in ref]
@@ -182,6 +186,7 @@ def assert_parts_only_at_a_near_tie(want: list[TokenLogprob], got: list[TokenLog
     if same < len(want):
         top = sorted(want[same].top.values(), reverse=True)
         assert top[0] - top[1] < BF16_TIE, f"parted at token {same} with top-2 gap {top[0] - top[1]}"
+
 
 def generate_logprobs(engine: LLMEngine, prompts: list[list[int]], at_once: bool) -> list[list[TokenLogprob]]:
     """Each prompt's greedy tokens with their top-2 logprobs (all queued together, or one at a time)."""
