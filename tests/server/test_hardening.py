@@ -8,8 +8,6 @@ import time
 import httpx
 import pytest
 
-from optiserve.engine.config import ModelConfig
-from optiserve.engine.weights import resolve_model_dir
 from optiserve.server import security
 from tests.conftest import ServerProcess
 
@@ -124,13 +122,12 @@ def test_sigterm_drains_running_request_then_exits(tmp_path):
     assert proc.proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after draining
 
 
-def test_a_request_the_kv_pool_could_never_hold_is_a_400_up_front(tmp_path):
+def test_a_request_the_kv_pool_could_never_hold_is_a_400_up_front(tmp_path, engine):
     """A pool of 4 blocks (64 tokens) under a 1,024-token context: a chat whose prompt + max_tokens needs more
     blocks is refused before any work with an OpenAI-style 400 naming `max_tokens`, streaming or not, and one that
     fits is answered before and after."""
-    cfg = ModelConfig.from_dir(resolve_model_dir("default"))
-    bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4  # K and V in fp32
-    proc = ServerProcess(tmp_path, "--max-batch", "2", "--kv-cache-memory", str(4 * 16 * bytes_per_token))
+    block_bytes = 16 * engine.runner.cache.bytes_per_token  # the default model's fp32 K and V, as the server holds
+    proc = ServerProcess(tmp_path, "--max-batch", "2", "--kv-cache-memory", str(4 * block_bytes))
     try:
         url = f"{proc.url}/v1/chat/completions"
         assert httpx.post(url, json=CHAT, timeout=60).status_code == 200
